@@ -1,0 +1,37 @@
+# The README's two commands: `make test` and `make bench`.
+# Python: the current python3 when it already imports torch (the GPU machine, itself a venv, no network);
+# otherwise a local .venv with torch==2.13.0 (the CPU wheel on this machine's disk) and the test tools.
+SYSTEM_PY := python3
+HAVE_TORCH := $(shell $(SYSTEM_PY) -c "import torch" >/dev/null 2>&1 && echo yes)
+ifeq ($(HAVE_TORCH),yes)
+PY := $(SYSTEM_PY)
+ENV_STAMP :=
+else
+PY := .venv/bin/python
+ENV_STAMP := .venv/.installed
+endif
+export MAX_JOBS ?= 2
+PYTEST_ARGS ?=
+
+.PHONY: test bench build clean cuda-check
+
+test: build
+	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+bench: build
+	PYTHONUNBUFFERED=1 $(PY) benchmarks/bench.py $(BENCH_ARGS)
+
+build: $(ENV_STAMP)
+	$(PY) setup.py -q build_ext --inplace
+
+.venv/.installed:
+	$(SYSTEM_PY) -m venv --system-site-packages .venv
+	.venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install -q torch==2.13.0
+	.venv/bin/pip install -q numpy pytest pybind11 ninja setuptools expecttest scikit-learn matplotlib
+	touch $@
+
+cuda-check:
+	.ci/cuda_compile_check.sh
+
+clean:
+	rm -rf build bnfused/_C*.so .cuda_check

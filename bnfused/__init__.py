@@ -1,0 +1,25 @@
+"""bnfused: fused BatchNorm -> ReLU -> Dropout for PyTorch (C++/CUDA kernels, forward and backward).
+
+    block = bnfused.BatchNormReLUDropout2d(64, p=0.1)     # == Dropout(ReLU(BatchNorm2d(x)))
+    y = bnfused.bn_relu_dropout(x, running_mean, running_var, weight, bias, training=True, p=0.1)
+    model = bnfused.convert(model)                         # swap BN -> ReLU (-> Dropout) chains in place
+"""
+from . import ops  # noqa: F401  (loads the extension and registers the ops' fake impls)
+from ._extension import CPU_CAPABILITY, WITH_CUDA
+from .autograd import BNReLUDropoutFunction
+from .convert import convert
+from .functional import bn_relu_dropout
+from .modules import BatchNormReLUDropout1d, BatchNormReLUDropout2d, BatchNormReLUDropout3d
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BNReLUDropoutFunction",
+    "BatchNormReLUDropout1d",
+    "BatchNormReLUDropout2d",
+    "BatchNormReLUDropout3d",
+    "CPU_CAPABILITY",
+    "WITH_CUDA",
+    "bn_relu_dropout",
+    "convert",
+]

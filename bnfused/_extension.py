@@ -1,0 +1,13 @@
+"""Loads the compiled extension (bnfused._C), which registers the torch.ops.bnfused.* operators."""
+
+try:
+    from . import _C  # noqa: F401  (import registers TORCH_LIBRARY(bnfused))
+except ImportError as exc:  # pragma: no cover - exercised only on a broken install
+    raise ImportError(
+        "bnfused's compiled extension (bnfused._C) is not built or does not match the installed torch. "
+        "Build it with `make build` (or `python setup.py build_ext --inplace`, or "
+        "`pip install --no-build-isolation -e .`) in the bnfused checkout. Original error: " + str(exc)
+    ) from exc
+
+WITH_CUDA: bool = bool(_C.with_cuda)
+CPU_CAPABILITY: str = str(_C.cpu_capability)

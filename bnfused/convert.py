@@ -1,0 +1,61 @@
+"""convert(): swap BatchNormXd -> ReLU (-> Dropout) chains inside nn.Sequential for the fused module."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .modules import BatchNormReLUDropout1d, BatchNormReLUDropout2d, BatchNormReLUDropout3d
+
+_FUSED_FOR = {
+    nn.BatchNorm1d: BatchNormReLUDropout1d,
+    nn.BatchNorm2d: BatchNormReLUDropout2d,
+    nn.BatchNorm3d: BatchNormReLUDropout3d,
+}
+
+
+def fused_from_batchnorm(bn: nn.modules.batchnorm._BatchNorm, p: float, fused_cls=None) -> nn.Module:
+    """A fused module with bn's configuration, parameters, buffers and train/eval mode."""
+    cls = fused_cls or _FUSED_FOR[type(bn)]
+    ref = bn.weight if bn.weight is not None else bn.running_mean
+    fused = cls(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
+                track_running_stats=bn.track_running_stats,
+                device=ref.device if ref is not None else None, dtype=ref.dtype if ref is not None else None, p=p)
+    with torch.no_grad():
+        fused.load_state_dict(bn.state_dict())
+    if bn.weight is not None:
+        fused.weight.requires_grad_(bn.weight.requires_grad)
+        fused.bias.requires_grad_(bn.bias.requires_grad)
+    fused.train(bn.training)
+    return fused
+
+
+def _convert_sequential(seq: nn.Sequential) -> None:
+    names = list(seq._modules.keys())
+    i = 0
+    while i < len(names):
+        bn = seq._modules[names[i]]
+        nxt = seq._modules[names[i + 1]] if i + 1 < len(names) else None
+        if type(bn) in _FUSED_FOR and type(nxt) is nn.ReLU:
+            drop = seq._modules[names[i + 2]] if i + 2 < len(names) else None
+            has_dropout = type(drop) is nn.Dropout  # element-wise only; Dropout2d/3d drop whole channels
+            p = drop.p if has_dropout else 0.0
+            # Keep indices (and so state_dict keys) stable: the fused block takes BN's slot, the rest become Identity.
+            seq._modules[names[i]] = fused_from_batchnorm(bn, p)
+            seq._modules[names[i + 1]] = nn.Identity()
+            if has_dropout:
+                seq._modules[names[i + 2]] = nn.Identity()
+            i += 3 if has_dropout else 2
+        else:
+            i += 1
+
+
+def convert(module: nn.Module) -> nn.Module:
+    """Replace, in place, every nn.BatchNormXd -> nn.ReLU -> nn.Dropout (and nn.BatchNormXd -> nn.ReLU, p = 0)
+    chain inside an nn.Sequential (at any depth) by the fused module, copying parameters, buffers and mode.
+
+    Returns ``module``. Only exact nn.BatchNorm1d/2d/3d, nn.ReLU and element-wise nn.Dropout are matched.
+    """
+    for child in module.modules():
+        if isinstance(child, nn.Sequential):
+            _convert_sequential(child)
+    return module

@@ -1,0 +1,132 @@
+"""bn_relu_dropout(): the functional form, mirroring F.batch_norm plus dropout's p and generator.
+
+All argument checks run before any running statistic changes; errors have PyTorch's types and wording.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _extension, ops
+from .autograd import BNReLUDropoutFunction  # noqa: F401  (importing registers the op's autograd)
+
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def check_p(p: float) -> None:
+    if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+
+
+def check_eps(eps: float) -> None:
+    if not eps > 0 or math.isinf(eps):
+        raise ValueError(f"bn_relu_dropout eps must be a positive finite number, but got {eps}")
+
+
+def check_inputs(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                 weight: Optional[Tensor], bias: Optional[Tensor], training: bool, momentum: float, eps: float,
+                 p: float) -> None:
+    """Every check of the fused op, raising what PyTorch raises for the unfused layers."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"bn_relu_dropout(): input must be a Tensor, got {type(input).__name__}")
+    if input.dtype not in _FLOAT_DTYPES:
+        raise NotImplementedError(f"\"bn_relu_dropout\" not implemented for '{str(input.dtype).replace('torch.', '')}'"
+                                  " (expected float32, float64, float16 or bfloat16 input)")
+    if input.dim() < 2:
+        raise ValueError(f"bn_relu_dropout(): expected input with at least 2 dims (N, C, ...), got {input.dim()}D input")
+    check_p(p)
+    check_eps(eps)
+    if momentum is not None and not isinstance(momentum, (int, float)):
+        raise TypeError(f"momentum must be a float, got {type(momentum).__name__}")
+    if input.is_cuda and not _extension.WITH_CUDA:
+        raise RuntimeError("bn_relu_dropout(): input is a CUDA tensor but bnfused was built without CUDA kernels "
+                           "(CPU-only torch or no nvcc at build time); rebuild it on a CUDA machine")
+    if input.device.type not in ("cpu", "cuda", "meta"):
+        raise RuntimeError(f"bn_relu_dropout(): unsupported device {input.device}")
+    channels = input.shape[1]
+    for name, t, may_be_none in (("running_mean", running_mean, True), ("running_var", running_var, True),
+                                 ("weight", weight, True), ("bias", bias, True)):
+        if t is None:
+            continue
+        if t.dim() != 1 or t.shape[0] != channels:
+            raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}"
+                               + ("" if t.dim() == 1 else f" (expected a 1-D tensor, got shape {tuple(t.shape)})"))
+        if t.device != input.device:
+            raise RuntimeError(f"Expected all tensors to be on the same device, but {name} is on {t.device} and "
+                               f"input is on {input.device}")
+        if not t.is_floating_point():
+            raise RuntimeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if t.dtype not in (input.dtype, ops.acc_dtype(input.dtype)):
+            raise RuntimeError(f"mixed dtype: {name} is {t.dtype} but input is {input.dtype}; expected {input.dtype}"
+                               + (" or float32" if input.dtype in (torch.float16, torch.bfloat16) else ""))
+    if (running_mean is None) != (running_var is None):
+        raise RuntimeError("running_mean and running_var must be given together (or both be None)")
+    if not training and running_mean is None:
+        raise RuntimeError("running_mean must be defined in evaluation mode")
+    if training:
+        size_prods = input.shape[0]
+        for d in input.shape[2:]:
+            size_prods *= d
+        if size_prods == 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
+
+
+def _empty_batch(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+    # As torch.batch_norm on a zero-size batch: an empty result still connected to the graph, no stat update.
+    out = input.clone()
+    if weight is not None:
+        out = out * weight[0]
+    if bias is not None:
+        out = out + bias[0]
+    return out
+
+
+def bn_relu_dropout_unchecked(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                              weight: Optional[Tensor], bias: Optional[Tensor], training: bool, momentum: float,
+                              eps: float, p: float, generator: Optional[torch.Generator] = None,
+                              seed: Optional[int] = None, dropout_training: Optional[bool] = None) -> Tensor:
+    """bn_relu_dropout() after check_inputs(): the module calls this once its own checks have run."""
+    if input.numel() == 0:
+        return _empty_batch(input, weight, bias)
+    drop = training if dropout_training is None else dropout_training
+    p_eff = float(p) if drop else 0.0
+    acc = ops.acc_dtype(input.dtype)
+    if training:
+        mean, var = ops.batch_stats(input.detach())
+        rstd = torch.rsqrt(var + eps)
+        if running_mean is not None and running_var is not None:
+            count = input.numel() // input.shape[1]
+            with torch.no_grad():
+                unbiased = var * (count / (count - 1)) if count > 1 else var
+                running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+                running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+    else:
+        mean = running_mean.detach().to(acc)
+        rstd = torch.rsqrt(running_var.detach().to(acc) + eps)
+    if p_eff > 0.0:
+        key = ops.philox_key(input.device, generator, seed)
+    else:
+        key = torch.zeros(2, dtype=torch.int64, device=input.device)
+    return ops.forward(input, mean, rstd, weight, bias, key, p_eff, bool(training))
+
+
+def bn_relu_dropout(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                    weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False,
+                    momentum: float = 0.1, eps: float = 1e-5, p: float = 0.5,
+                    generator: Optional[torch.Generator] = None, *, seed: Optional[int] = None,
+                    dropout_training: Optional[bool] = None) -> Tensor:
+    """Fused ``F.dropout(F.relu(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
+    eps)), p, training)``.
+
+    * ``training`` has F.batch_norm's meaning: use (and update, when given) batch statistics.
+    * Dropout is applied when ``dropout_training`` (default: ``training``) is true and p > 0. The mask comes from
+      Philox keyed by a (seed, offset) drawn from ``generator`` (the input device's default generator when None),
+      or by ``(seed, 0)`` when ``seed`` is given: the same seed gives the same mask on CPU and CUDA.
+    * running_mean/running_var are updated in place with ``momentum`` (running_var with the unbiased variance).
+    """
+    check_inputs(input, running_mean, running_var, weight, bias, training, momentum, eps, p)
+    return bn_relu_dropout_unchecked(input, running_mean, running_var, weight, bias, training, momentum, eps, p,
+                                     generator, seed, dropout_training)

@@ -1,0 +1,106 @@
+"""Typed wrappers over torch.ops.bnfused.* and their fake (meta) implementations for torch.compile/export.
+
+The C++ schemas live in csrc/ops.cpp; DESIGN.md ("Ops") describes them.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import _extension  # noqa: F401  (registers the ops)
+
+_ops = torch.ops.bnfused
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of statistics and accumulation for an input dtype (float64 stays float64, else float32)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def kernel_memory_format(x: Tensor) -> torch.memory_format:
+    """Memory format of the kernels' output for input x (mirrors kernel_memory_format in csrc/ops.cpp)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    if x.is_contiguous():
+        return torch.contiguous_format
+    suggested = torch._prims_common.suggest_memory_format(x)
+    if (suggested == torch.channels_last and x.dim() == 4) or (suggested == torch.channels_last_3d and x.dim() == 5):
+        return suggested
+    return torch.contiguous_format
+
+
+def philox_key(device: torch.device, generator: Optional[torch.Generator] = None, seed: Optional[int] = None) -> Tensor:
+    """The int64[2] (seed, offset) key of one dropout mask, on `device`.
+
+    With `seed`, the key is (seed, 0) on every device (same seed -> same mask on CPU and CUDA). Otherwise it is
+    drawn from `generator` (the device's default generator when None), so torch.manual_seed reproduces it and
+    CUDA graph replays draw a fresh one on the device.
+    """
+    if seed is not None:
+        if not -(2**63) <= seed < 2**64:
+            raise ValueError(f"seed must fit in 64 bits, got {seed}")
+        if seed >= 2**63:
+            seed -= 2**64
+        return torch.tensor([seed, 0], dtype=torch.int64, device=device)
+    return torch.randint(0, 2**62, (2,), dtype=torch.int64, device=device, generator=generator)
+
+
+def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel (mean, biased variance) over every dim but 1."""
+    return _ops.batch_stats.default(x)
+
+
+def forward(x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], key: Tensor,
+            p: float, batch_stats: bool) -> Tensor:
+    return _ops.forward.default(x, mean, rstd, weight, bias, key, p, batch_stats)
+
+
+def backward_reduce(grad_out: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor],
+                    bias: Optional[Tensor], key: Tensor, p: float) -> tuple[Tensor, Tensor]:
+    return _ops.backward_reduce.default(grad_out, x, mean, rstd, weight, bias, key, p)
+
+
+def backward_input(grad_out: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor],
+                   bias: Optional[Tensor], key: Tensor, p: float, mean_g: Optional[Tensor],
+                   mean_g_xhat: Optional[Tensor]) -> Tensor:
+    return _ops.backward_input.default(grad_out, x, mean, rstd, weight, bias, key, p, mean_g, mean_g_xhat)
+
+
+def dropout_mask(key: Tensor, shape: Sequence[int], p: float) -> Tensor:
+    """Bool keep pattern the fused kernels use for a tensor of `shape` (logical NC... order), on key's device."""
+    return _ops.dropout_mask.default(key, list(shape), p)
+
+
+# ---- fake implementations: shapes, dtypes, strides and devices of every op's outputs ----
+
+@torch.library.register_fake("bnfused::batch_stats")
+def _batch_stats_fake(x):
+    c = x.shape[1]
+    dt = acc_dtype(x.dtype)
+    return x.new_empty((c,), dtype=dt), x.new_empty((c,), dtype=dt)
+
+
+@torch.library.register_fake("bnfused::forward")
+def _forward_fake(x, mean, rstd, weight, bias, key, p, batch_stats):
+    return torch.empty_like(x, memory_format=kernel_memory_format(x))
+
+
+@torch.library.register_fake("bnfused::backward_reduce")
+def _backward_reduce_fake(grad_out, x, mean, rstd, weight, bias, key, p):
+    c = x.shape[1]
+    dt = acc_dtype(x.dtype)
+    return x.new_empty((c,), dtype=dt), x.new_empty((c,), dtype=dt)
+
+
+@torch.library.register_fake("bnfused::backward_input")
+def _backward_input_fake(grad_out, x, mean, rstd, weight, bias, key, p, mean_g, mean_g_xhat):
+    return torch.empty_like(x, memory_format=kernel_memory_format(x))
+
+
+@torch.library.register_fake("bnfused::dropout_mask")
+def _dropout_mask_fake(key, shape, p):
+    return key.new_empty(shape, dtype=torch.bool)

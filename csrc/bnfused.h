@@ -1,0 +1,65 @@
+// Declarations shared by the op layer (ops.cpp) and the CPU/CUDA backends.
+//
+// Kernel view of an input of shape (N, C, *spatial): S = prod(spatial), and the memory is either
+//   ChannelsFirst: contiguous N, C, S   (torch.contiguous_format)
+//   ChannelsLast : contiguous N, S, C   (channels_last, channels_last_3d, and every 2-d (N, C) input)
+// The op layer makes any other input contiguous once, in the format PyTorch suggests for it.
+// Per-channel tensors (mean, rstd, weight, bias, sums) reach the backends contiguous and in the
+// accumulation dtype: float64 for float64 input, float32 otherwise.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <tuple>
+
+#include "philox.h"
+
+namespace bnfused {
+
+enum class Layout { ChannelsFirst, ChannelsLast };
+
+struct Geometry {
+  int64_t N;
+  int64_t C;
+  int64_t S;
+  Layout layout;
+};
+
+// Geometry of a tensor already in one of the two kernel layouts.
+Geometry geometry_of(const at::Tensor& x);
+// The memory format the kernels use for x (and give the output).
+at::MemoryFormat kernel_memory_format(const at::Tensor& x);
+
+using OptTensor = std::optional<at::Tensor>;
+
+// ---- CPU backend (csrc/cpu) ----
+std::tuple<at::Tensor, at::Tensor> batch_stats_cpu(const at::Tensor& x);
+void forward_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd, const OptTensor& weight,
+                 const OptTensor& bias, PhiloxKey key, double p, at::Tensor& out);
+std::tuple<at::Tensor, at::Tensor> backward_reduce_cpu(const at::Tensor& dy, const at::Tensor& x,
+                                                       const at::Tensor& mean, const at::Tensor& rstd,
+                                                       const OptTensor& weight, const OptTensor& bias,
+                                                       PhiloxKey key, double p);
+void backward_input_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
+                        const OptTensor& weight, const OptTensor& bias, PhiloxKey key, double p,
+                        const OptTensor& mean_g, const OptTensor& mean_g_xhat, at::Tensor& dx);
+void dropout_mask_cpu(PhiloxKey key, double p, at::Tensor& keep);
+
+#ifdef BNFUSED_WITH_CUDA
+// ---- CUDA backend (csrc/cuda) ----
+// The key lives in device memory (int64[2]: seed, offset) so CUDA graph replays read a fresh one.
+std::tuple<at::Tensor, at::Tensor> batch_stats_cuda(const at::Tensor& x);
+void forward_cuda(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd, const OptTensor& weight,
+                  const OptTensor& bias, const at::Tensor& key, double p, at::Tensor& out);
+std::tuple<at::Tensor, at::Tensor> backward_reduce_cuda(const at::Tensor& dy, const at::Tensor& x,
+                                                        const at::Tensor& mean, const at::Tensor& rstd,
+                                                        const OptTensor& weight, const OptTensor& bias,
+                                                        const at::Tensor& key, double p);
+void backward_input_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
+                         const at::Tensor& rstd, const OptTensor& weight, const OptTensor& bias,
+                         const at::Tensor& key, double p, const OptTensor& mean_g, const OptTensor& mean_g_xhat,
+                         at::Tensor& dx);
+void dropout_mask_cuda(const at::Tensor& key, double p, at::Tensor& keep);
+#endif
+
+}  // namespace bnfused

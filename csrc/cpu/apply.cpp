@@ -1,0 +1,214 @@
+// Elementwise CPU passes: forward (BN -> ReLU -> dropout), input gradient, and the dropout keep mask.
+// Each pass reads its inputs once; the dropout multipliers of a chunk are generated into an L1 buffer from
+// Philox and consumed right away, so no mask tensor is ever written.
+#include "cpu/row_tiles.h"
+
+namespace bnfused {
+namespace {
+
+using cpu::kChunk;
+
+template <typename acc>
+struct VecAffine {
+  at::vec::Vectorized<acc> a, b;
+};
+
+// y = max(fma(x, a, b), 0) [* mult] over n elements.
+template <typename acc>
+inline void forward_run(const acc* x, const acc* a, const acc* b, const acc* mult, acc* y, int64_t n,
+                        bool per_element_affine) {
+  using Vec = at::vec::Vectorized<acc>;
+  const Vec zero(0);
+  const Vec va0(a[0]), vb0(b[0]);
+  cpu::vec_loop<acc>(n, [&](int64_t i, int cnt) {
+    const Vec va = per_element_affine ? cpu::load(a + i, cnt) : va0;
+    const Vec vb = per_element_affine ? cpu::load(b + i, cnt) : vb0;
+    Vec r = at::vec::maximum(at::vec::fmadd(cpu::load(x + i, cnt), va, vb), zero);
+    if (mult) r = r * cpu::load(mult + i, cnt);
+    cpu::store(r, y + i, cnt);
+  });
+}
+
+template <typename scalar_t>
+void forward_kernel(const at::Tensor& x, const cpu::ChannelParams<cpu::acc_t<scalar_t>>& prm,
+                    const cpu::DropoutParams<cpu::acc_t<scalar_t>>& dp, at::Tensor& out) {
+  using acc = cpu::acc_t<scalar_t>;
+  const Geometry g = geometry_of(x);
+  const scalar_t* xd = x.const_data_ptr<scalar_t>();
+  scalar_t* yd = out.data_ptr<scalar_t>();
+  std::vector<acc> a(g.C), b(g.C);
+  for (int64_t c = 0; c < g.C; ++c) {
+    const auto ab = prm.affine(c);
+    a[c] = ab.a;
+    b[c] = ab.b;
+  }
+  if (g.layout == Layout::ChannelsFirst) {
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(g.S, 1));
+    at::parallel_for(0, g.N * g.C, grain, [&](int64_t begin, int64_t end) {
+      std::vector<acc> xbuf(kChunk), ybuf(kChunk), mult(kChunk);
+      for (int64_t plane = begin; plane < end; ++plane) {
+        const int64_t c = plane % g.C;
+        for (int64_t s0 = 0; s0 < g.S; s0 += kChunk) {
+          const int64_t n = std::min(kChunk, g.S - s0), off = plane * g.S + s0;
+          if (dp.active) cpu::fill_dropout_mult(dp.key, off, n, dp.threshold, dp.scale, mult.data());
+          acc* y = cpu::out_acc(yd + off, ybuf.data());
+          forward_run<acc>(cpu::as_acc(xd + off, n, xbuf.data()), &a[c], &b[c], dp.active ? mult.data() : nullptr, y,
+                           n, false);
+          cpu::store_from(y, yd + off, n);
+        }
+      }
+    });
+    return;
+  }
+  const cpu::RowTiles tiles(g);
+  at::parallel_for(0, tiles.count(), 1, [&](int64_t begin, int64_t end) {
+    const int64_t tile_elems = tiles.rows_per_tile * g.C;
+    std::vector<acc> xbuf(g.C), ybuf(g.C), mult(dp.active ? tile_elems : 0);
+    for (int64_t ti = begin; ti < end; ++ti) {
+      const auto t = tiles.tile(ti);
+      if (dp.active) tiles.fill_mult(t, dp, mult.data());
+      for (int64_t r = 0; r < t.rows; ++r) {
+        const int64_t off = (t.row0 + r) * g.C;
+        acc* y = cpu::out_acc(yd + off, ybuf.data());
+        forward_run<acc>(cpu::as_acc(xd + off, g.C, xbuf.data()), a.data(), b.data(),
+                         dp.active ? mult.data() + r * g.C : nullptr, y, g.C, true);
+        cpu::store_from(y, yd + off, g.C);
+      }
+    }
+  });
+}
+
+// Per-channel coefficient arrays of the input gradient (structure of arrays for vector loads).
+template <typename acc>
+struct GradCoefs {
+  std::vector<acc> a, b, A, C, K, mean;
+};
+
+// dx over n elements; per_element selects per-lane coefficients (ChannelsLast rows) or lane 0's (a plane).
+template <typename acc, bool kBatchStats>
+inline void grad_input_run(const acc* dy, const acc* x, const acc* mult, const GradCoefs<acc>& k, int64_t c0,
+                           acc* dx, int64_t n, bool per_element) {
+  using Vec = at::vec::Vectorized<acc>;
+  const Vec zero(0);
+  auto coef = [&](const std::vector<acc>& v, int64_t i, int cnt) {
+    return per_element ? cpu::load(v.data() + c0 + i, cnt) : Vec(v[c0]);
+  };
+  cpu::vec_loop<acc>(n, [&](int64_t i, int cnt) {
+    const Vec xv = cpu::load(x + i, cnt);
+    const Vec z = at::vec::fmadd(xv, coef(k.a, i, cnt), coef(k.b, i, cnt));
+    Vec gm = cpu::load(dy + i, cnt);
+    if (mult) gm = gm * cpu::load(mult + i, cnt);
+    const Vec grad = Vec::blendv(zero, gm, z > zero);
+    Vec out;
+    if constexpr (kBatchStats)
+      out = at::vec::fmadd(grad, coef(k.A, i, cnt), coef(k.C, i, cnt) - (xv - coef(k.mean, i, cnt)) * coef(k.K, i, cnt));
+    else
+      out = grad * coef(k.A, i, cnt);
+    cpu::store(out, dx + i, cnt);
+  });
+}
+
+template <typename scalar_t, bool kBatchStats>
+void backward_input_kernel(const at::Tensor& dy_t, const at::Tensor& x, const GradCoefs<cpu::acc_t<scalar_t>>& k,
+                           const cpu::DropoutParams<cpu::acc_t<scalar_t>>& dp, at::Tensor& dx_t) {
+  using acc = cpu::acc_t<scalar_t>;
+  const Geometry g = geometry_of(x);
+  const scalar_t* xd = x.const_data_ptr<scalar_t>();
+  const scalar_t* dyd = dy_t.const_data_ptr<scalar_t>();
+  scalar_t* dxd = dx_t.data_ptr<scalar_t>();
+  if (g.layout == Layout::ChannelsFirst) {
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(g.S, 1));
+    at::parallel_for(0, g.N * g.C, grain, [&](int64_t begin, int64_t end) {
+      std::vector<acc> xbuf(kChunk), dybuf(kChunk), outbuf(kChunk), mult(kChunk);
+      for (int64_t plane = begin; plane < end; ++plane) {
+        const int64_t c = plane % g.C;
+        for (int64_t s0 = 0; s0 < g.S; s0 += kChunk) {
+          const int64_t n = std::min(kChunk, g.S - s0), off = plane * g.S + s0;
+          if (dp.active) cpu::fill_dropout_mult(dp.key, off, n, dp.threshold, dp.scale, mult.data());
+          acc* out = cpu::out_acc(dxd + off, outbuf.data());
+          grad_input_run<acc, kBatchStats>(cpu::as_acc(dyd + off, n, dybuf.data()),
+                                           cpu::as_acc(xd + off, n, xbuf.data()), dp.active ? mult.data() : nullptr,
+                                           k, c, out, n, false);
+          cpu::store_from(out, dxd + off, n);
+        }
+      }
+    });
+    return;
+  }
+  const cpu::RowTiles tiles(g);
+  at::parallel_for(0, tiles.count(), 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc> xbuf(g.C), dybuf(g.C), outbuf(g.C), mult(dp.active ? tiles.rows_per_tile * g.C : 0);
+    for (int64_t ti = begin; ti < end; ++ti) {
+      const auto t = tiles.tile(ti);
+      if (dp.active) tiles.fill_mult(t, dp, mult.data());
+      for (int64_t r = 0; r < t.rows; ++r) {
+        const int64_t off = (t.row0 + r) * g.C;
+        acc* out = cpu::out_acc(dxd + off, outbuf.data());
+        grad_input_run<acc, kBatchStats>(cpu::as_acc(dyd + off, g.C, dybuf.data()),
+                                         cpu::as_acc(xd + off, g.C, xbuf.data()),
+                                         dp.active ? mult.data() + r * g.C : nullptr, k, 0, out, g.C, true);
+        cpu::store_from(out, dxd + off, g.C);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void forward_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd, const OptTensor& weight,
+                 const OptTensor& bias, PhiloxKey key, double p, at::Tensor& out) {
+  if (x.numel() == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnfused_forward_cpu", [&] {
+    using acc = cpu::acc_t<scalar_t>;
+    forward_kernel<scalar_t>(x, cpu::channel_params<acc>(mean, rstd, weight, bias), cpu::dropout_params<acc>(key, p),
+                             out);
+  });
+}
+
+void backward_input_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
+                        const OptTensor& weight, const OptTensor& bias, PhiloxKey key, double p,
+                        const OptTensor& mean_g, const OptTensor& mean_g_xhat, at::Tensor& dx) {
+  if (x.numel() == 0) return;
+  const bool batch_stats = mean_g.has_value();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnfused_backward_input_cpu", [&] {
+    using acc = cpu::acc_t<scalar_t>;
+    const auto prm = cpu::channel_params<acc>(mean, rstd, weight, bias);
+    const int64_t C = x.size(1);
+    GradCoefs<acc> k{std::vector<acc>(C), std::vector<acc>(C), std::vector<acc>(C),
+                     std::vector<acc>(C), std::vector<acc>(C), std::vector<acc>(C)};
+    const acc* mg = batch_stats ? mean_g->data_ptr<acc>() : nullptr;
+    const acc* mgx = batch_stats ? mean_g_xhat->data_ptr<acc>() : nullptr;
+    for (int64_t c = 0; c < C; ++c) {
+      const auto ab = prm.affine(c);
+      const auto bc = backward_coef<acc>(prm.mean[c], prm.rstd[c], prm.w(c), batch_stats, mg ? mg[c] : acc(0),
+                                         mgx ? mgx[c] : acc(0));
+      k.a[c] = ab.a;
+      k.b[c] = ab.b;
+      k.A[c] = bc.A;
+      k.C[c] = bc.C;
+      k.K[c] = bc.K;
+      k.mean[c] = bc.mean;
+    }
+    const auto dp = cpu::dropout_params<acc>(key, p);
+    if (batch_stats)
+      backward_input_kernel<scalar_t, true>(dy, x, k, dp, dx);
+    else
+      backward_input_kernel<scalar_t, false>(dy, x, k, dp, dx);
+  });
+}
+
+void dropout_mask_cpu(PhiloxKey key, double p, at::Tensor& keep) {
+  const int64_t n = keep.numel();
+  bool* out = keep.data_ptr<bool>();
+  const uint32_t threshold = threshold16(p);
+  at::parallel_for(0, (n + kChunk - 1) / kChunk, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> mult(kChunk);
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      const int64_t off = chunk * kChunk, len = std::min(kChunk, n - off);
+      cpu::fill_dropout_mult<float>(key, off, len, threshold, 1.0f, mult.data());
+      for (int64_t i = 0; i < len; ++i) out[off + i] = mult[i] != 0.0f;
+    }
+  });
+}
+
+}  // namespace bnfused

@@ -1,0 +1,151 @@
+// Per-channel reductions of the backward pass on the CPU: sum_g = Σ g and sum_g_xhat = Σ g·x̂, where
+// g = dy · mult · [z > 0] with the dropout multipliers regenerated from Philox. One read of dy and x.
+// Σ g·(x − mean) is accumulated (then × rstd) so a large common offset in x does not cancel; partial sums are
+// float per L1 chunk and double across chunks, merged in a fixed order (thread-count independent).
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/zeros.h>
+
+#include "cpu/row_tiles.h"
+
+namespace bnfused {
+namespace {
+
+using cpu::kChunk;
+
+// Adds Σ g and Σ g·(x − mean) over n elements into sg/sgx (vectors), per lane.
+template <typename acc>
+inline void reduce_run(const acc* dy, const acc* x, const acc* mult, const acc* a, const acc* b, const acc* mean,
+                       int64_t n, bool per_element, acc* sg, acc* sgx) {
+  using Vec = at::vec::Vectorized<acc>;
+  const Vec zero(0);
+  cpu::vec_loop<acc>(n, [&](int64_t i, int cnt) {
+    const int64_t ci = per_element ? i : 0;
+    const Vec va = per_element ? cpu::load(a + ci, cnt) : Vec(a[0]);
+    const Vec vb = per_element ? cpu::load(b + ci, cnt) : Vec(b[0]);
+    const Vec vm = per_element ? cpu::load(mean + ci, cnt) : Vec(mean[0]);
+    const Vec xv = cpu::load(x + i, cnt);
+    const Vec z = at::vec::fmadd(xv, va, vb);
+    Vec gm = cpu::load(dy + i, cnt);
+    if (mult) gm = gm * cpu::load(mult + i, cnt);
+    const Vec grad = Vec::blendv(zero, gm, z > zero);  // partial loads give x = dy = 0 => g = 0 in unused lanes
+    const int64_t o = per_element ? i : 0;
+    cpu::store(cpu::load(sg + o, cnt) + grad, sg + o, cnt);
+    cpu::store(at::vec::fmadd(grad, xv - vm, cpu::load(sgx + o, cnt)), sgx + o, cnt);
+  });
+}
+
+template <typename scalar_t>
+void reduce_kernel(const at::Tensor& dy_t, const at::Tensor& x, const cpu::ChannelParams<cpu::acc_t<scalar_t>>& prm,
+                   const cpu::DropoutParams<cpu::acc_t<scalar_t>>& dp, double* sum_g, double* sum_gx) {
+  using acc = cpu::acc_t<scalar_t>;
+  using Vec = at::vec::Vectorized<acc>;
+  const Geometry g = geometry_of(x);
+  const scalar_t* xd = x.const_data_ptr<scalar_t>();
+  const scalar_t* dyd = dy_t.const_data_ptr<scalar_t>();
+  std::vector<acc> a(g.C), b(g.C), mean(g.C);
+  for (int64_t c = 0; c < g.C; ++c) {
+    const auto ab = prm.affine(c);
+    a[c] = ab.a;
+    b[c] = ab.b;
+    mean[c] = prm.mean[c];
+  }
+  auto hsum = [](const acc* v) {
+    return at::vec::vec_reduce_all<acc>([](Vec& p, Vec& q) { return p + q; }, Vec::loadu(v));
+  };
+  if (g.layout == Layout::ChannelsFirst) {
+    std::vector<double> plane_g(g.N * g.C), plane_gx(g.N * g.C);
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(g.S, 1));
+    at::parallel_for(0, g.N * g.C, grain, [&](int64_t begin, int64_t end) {
+      std::vector<acc> xbuf(kChunk), dybuf(kChunk), mult(kChunk);
+      alignas(64) acc sg[Vec::size()], sgx[Vec::size()];
+      for (int64_t plane = begin; plane < end; ++plane) {
+        const int64_t c = plane % g.C;
+        double tg = 0, tgx = 0;
+        for (int64_t s0 = 0; s0 < g.S; s0 += kChunk) {
+          const int64_t n = std::min(kChunk, g.S - s0), off = plane * g.S + s0;
+          if (dp.active) cpu::fill_dropout_mult(dp.key, off, n, dp.threshold, dp.scale, mult.data());
+          Vec(0).store(sg);
+          Vec(0).store(sgx);
+          reduce_run<acc>(cpu::as_acc(dyd + off, n, dybuf.data()), cpu::as_acc(xd + off, n, xbuf.data()),
+                          dp.active ? mult.data() : nullptr, &a[c], &b[c], &mean[c], n, false, sg, sgx);
+          tg += hsum(sg);
+          tgx += hsum(sgx);
+        }
+        plane_g[plane] = tg;
+        plane_gx[plane] = tgx;
+      }
+    });
+    for (int64_t c = 0; c < g.C; ++c) {
+      double tg = 0, tgx = 0;
+      for (int64_t n = 0; n < g.N; ++n) {
+        tg += plane_g[n * g.C + c];
+        tgx += plane_gx[n * g.C + c];
+      }
+      sum_g[c] = tg;
+      sum_gx[c] = tgx;
+    }
+    return;
+  }
+  // ChannelsLast: a fixed number of groups of row tiles, each with per-column double accumulators.
+  const cpu::RowTiles tiles(g);
+  const int64_t n_tiles = tiles.count();
+  const int64_t n_groups = std::min<int64_t>(n_tiles, 64);
+  std::vector<double> part_g(n_groups * g.C, 0.0), part_gx(n_groups * g.C, 0.0);
+  at::parallel_for(0, n_groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc> xbuf(g.C), dybuf(g.C), sg(g.C), sgx(g.C), mult(dp.active ? tiles.rows_per_tile * g.C : 0);
+    for (int64_t grp = begin; grp < end; ++grp) {
+      double* pg = part_g.data() + grp * g.C;
+      double* pgx = part_gx.data() + grp * g.C;
+      for (int64_t ti = grp * n_tiles / n_groups; ti < (grp + 1) * n_tiles / n_groups; ++ti) {
+        const auto t = tiles.tile(ti);
+        if (dp.active) tiles.fill_mult(t, dp, mult.data());
+        std::fill(sg.begin(), sg.end(), acc(0));
+        std::fill(sgx.begin(), sgx.end(), acc(0));
+        for (int64_t r = 0; r < t.rows; ++r) {
+          const int64_t off = (t.row0 + r) * g.C;
+          reduce_run<acc>(cpu::as_acc(dyd + off, g.C, dybuf.data()), cpu::as_acc(xd + off, g.C, xbuf.data()),
+                          dp.active ? mult.data() + r * g.C : nullptr, a.data(), b.data(), mean.data(), g.C, true,
+                          sg.data(), sgx.data());
+        }
+        for (int64_t c = 0; c < g.C; ++c) {
+          pg[c] += sg[c];
+          pgx[c] += sgx[c];
+        }
+      }
+    }
+  });
+  for (int64_t c = 0; c < g.C; ++c) {
+    double tg = 0, tgx = 0;
+    for (int64_t grp = 0; grp < n_groups; ++grp) {
+      tg += part_g[grp * g.C + c];
+      tgx += part_gx[grp * g.C + c];
+    }
+    sum_g[c] = tg;
+    sum_gx[c] = tgx;
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> backward_reduce_cpu(const at::Tensor& dy, const at::Tensor& x,
+                                                       const at::Tensor& mean, const at::Tensor& rstd,
+                                                       const OptTensor& weight, const OptTensor& bias,
+                                                       PhiloxKey key, double p) {
+  const int64_t C = x.size(1);
+  const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto sum_g = at::zeros({C}, x.options().dtype(at::kDouble));
+  auto sum_gx = at::zeros({C}, x.options().dtype(at::kDouble));
+  if (x.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnfused_backward_reduce_cpu", [&] {
+      using acc = cpu::acc_t<scalar_t>;
+      reduce_kernel<scalar_t>(dy, x, cpu::channel_params<acc>(mean, rstd, weight, bias),
+                              cpu::dropout_params<acc>(key, p), sum_g.data_ptr<double>(), sum_gx.data_ptr<double>());
+    });
+  }
+  // Σ g·x̂ = rstd · Σ g·(x − mean)
+  auto sum_g_xhat = at::mul(sum_gx, rstd.to(at::kDouble));
+  return {sum_g.to(acc_dtype), sum_g_xhat.to(acc_dtype)};
+}
+
+}  // namespace bnfused

@@ -1,0 +1,140 @@
+// Building blocks shared by the CPU kernels: accumulation types, chunked load/store with dtype conversion,
+// vectorised loops that handle the tail with partial loads so every element takes the same code path
+// (forward and backward then agree bit for bit on [z > 0]).
+#pragma once
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <type_traits>
+
+#include "bnfused.h"
+#include "math.h"
+
+namespace bnfused::cpu {
+
+template <typename scalar_t>
+using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// Elements per chunk: small enough that a chunk of x, dy and multipliers stays in L1.
+constexpr int64_t kChunk = 2048;
+
+// Pointer to n elements of src as acc_type: src itself when no conversion is needed, else buf.
+template <typename scalar_t, typename acc_type>
+const acc_type* as_acc(const scalar_t* src, int64_t n, acc_type* buf) {
+  if constexpr (std::is_same_v<scalar_t, acc_type>) {
+    return src;
+  } else {
+    at::vec::convert(src, buf, n);
+    return buf;
+  }
+}
+
+// Where to compute n output values: dst itself when no conversion is needed, else buf (then store_from).
+template <typename scalar_t, typename acc_type>
+acc_type* out_acc(scalar_t* dst, acc_type* buf) {
+  if constexpr (std::is_same_v<scalar_t, acc_type>) {
+    return dst;
+  } else {
+    return buf;
+  }
+}
+
+template <typename scalar_t, typename acc_type>
+void store_from(const acc_type* buf, scalar_t* dst, int64_t n) {
+  if constexpr (!std::is_same_v<scalar_t, acc_type>) at::vec::convert(buf, dst, n);
+}
+
+// f(Vec, offset, count) over [0, n) in vector steps; the last step is partial (count < Vec::size()).
+template <typename acc_type, typename F>
+inline void vec_loop(int64_t n, F f) {
+  using Vec = at::vec::Vectorized<acc_type>;
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) f(i, static_cast<int>(Vec::size()));
+  if (i < n) f(i, static_cast<int>(n - i));
+}
+
+template <typename acc_type>
+inline at::vec::Vectorized<acc_type> load(const acc_type* p, int count) {
+  using Vec = at::vec::Vectorized<acc_type>;
+  return count == Vec::size() ? Vec::loadu(p) : Vec::loadu(p, count);
+}
+
+template <typename acc_type>
+inline void store(const at::vec::Vectorized<acc_type>& v, acc_type* p, int count) {
+  using Vec = at::vec::Vectorized<acc_type>;
+  if (count == Vec::size())
+    v.store(p);
+  else
+    v.store(p, count);
+}
+
+// Welford triple of n values (two passes over a chunk that sits in L1: sum, then squared deviations).
+template <typename acc_type>
+Welford<double> chunk_welford(const acc_type* x, int64_t n) {
+  using Vec = at::vec::Vectorized<acc_type>;
+  Vec s0(0), s1(0);
+  int64_t i = 0;
+  for (; i + 2 * Vec::size() <= n; i += 2 * Vec::size()) {
+    s0 += Vec::loadu(x + i);
+    s1 += Vec::loadu(x + i + Vec::size());
+  }
+  for (; i < n; i += Vec::size()) s0 += load(x + i, static_cast<int>(std::min<int64_t>(Vec::size(), n - i)));
+  const acc_type mean = at::vec::vec_reduce_all<acc_type>([](Vec& a, Vec& b) { return a + b; }, s0 + s1) /
+                        static_cast<acc_type>(n);
+  const Vec vmean(mean);
+  Vec q0(0), q1(0);
+  i = 0;
+  for (; i + 2 * Vec::size() <= n; i += 2 * Vec::size()) {
+    const Vec d0 = Vec::loadu(x + i) - vmean, d1 = Vec::loadu(x + i + Vec::size()) - vmean;
+    q0 += d0 * d0;
+    q1 += d1 * d1;
+  }
+  for (; i < n; i += Vec::size()) {
+    const int count = static_cast<int>(std::min<int64_t>(Vec::size(), n - i));
+    // Partial loads zero the missing lanes; mask their deviation out.
+    const Vec d = load(x + i, count) - vmean;
+    const Vec valid = Vec::set(Vec(0), Vec(1), count);
+    q0 += d * d * valid;
+  }
+  const acc_type m2 = at::vec::vec_reduce_all<acc_type>([](Vec& a, Vec& b) { return a + b; }, q0 + q1);
+  return Welford<double>{static_cast<double>(n), static_cast<double>(mean), static_cast<double>(m2)};
+}
+
+// Read the per-channel tensors (accumulation dtype, contiguous) into plain arrays.
+template <typename acc_type>
+struct ChannelParams {
+  const acc_type* mean;
+  const acc_type* rstd;
+  const acc_type* weight;  // nullptr => 1
+  const acc_type* bias;    // nullptr => 0
+  acc_type w(int64_t c) const { return weight ? weight[c] : acc_type(1); }
+  acc_type b(int64_t c) const { return bias ? bias[c] : acc_type(0); }
+  ChannelAffine<acc_type> affine(int64_t c) const { return channel_affine(mean[c], rstd[c], w(c), b(c)); }
+};
+
+template <typename acc_type>
+ChannelParams<acc_type> channel_params(const at::Tensor& mean, const at::Tensor& rstd, const OptTensor& weight,
+                                       const OptTensor& bias) {
+  return ChannelParams<acc_type>{mean.data_ptr<acc_type>(), rstd.data_ptr<acc_type>(),
+                                 weight ? weight->data_ptr<acc_type>() : nullptr,
+                                 bias ? bias->data_ptr<acc_type>() : nullptr};
+}
+
+// Dropout parameters derived once per call.
+template <typename acc_type>
+struct DropoutParams {
+  PhiloxKey key;
+  uint32_t threshold;
+  acc_type scale;
+  bool active;  // p > 0
+};
+
+template <typename acc_type>
+DropoutParams<acc_type> dropout_params(PhiloxKey key, double p) {
+  return DropoutParams<acc_type>{key, threshold16(p), dropout_scale<acc_type>(p), p > 0.0};
+}
+
+}  // namespace bnfused::cpu

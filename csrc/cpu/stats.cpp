@@ -1,0 +1,136 @@
+// Per-channel batch statistics (mean, biased variance) on the CPU.
+// One read of x: chunks of L1 size get a two-pass (sum, squared deviations) Welford triple, and triples are
+// merged in double with Chan's formula in a fixed order, so results do not depend on the thread count and
+// a large common offset (1e4) does not cancel the variance away.
+#include <ATen/ops/empty.h>
+
+#include <limits>
+#include <vector>
+
+#include "cpu/cpu_common.h"
+
+namespace bnfused {
+namespace {
+
+using cpu::kChunk;
+
+template <typename scalar_t>
+void stats_channels_first(const at::Tensor& x, const Geometry& g, double* mean_out, double* var_out) {
+  using acc = cpu::acc_t<scalar_t>;
+  const scalar_t* data = x.const_data_ptr<scalar_t>();
+  std::vector<Welford<double>> planes(g.N * g.C);
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(g.S, 1));
+  at::parallel_for(0, g.N * g.C, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc> buf(kChunk);
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const scalar_t* px = data + plane * g.S;
+      Welford<double> w{0, 0, 0};
+      for (int64_t s0 = 0; s0 < g.S; s0 += kChunk) {
+        const int64_t n = std::min(kChunk, g.S - s0);
+        w = welford_merge(w, cpu::chunk_welford(cpu::as_acc(px + s0, n, buf.data()), n));
+      }
+      planes[plane] = w;
+    }
+  });
+  at::parallel_for(0, g.C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      Welford<double> w{0, 0, 0};
+      for (int64_t n = 0; n < g.N; ++n) w = welford_merge(w, planes[n * g.C + c]);
+      mean_out[c] = w.mean;
+      var_out[c] = w.m2 / w.count;
+    }
+  });
+}
+
+// (N, S, C) memory: rows of C. Work is split into a fixed grid of row blocks x column tiles; each task keeps
+// per-column (mean, m2) for its rows, updated from sub-chunks of rows that fit in L1.
+template <typename scalar_t>
+void stats_channels_last(const at::Tensor& x, const Geometry& g, double* mean_out, double* var_out) {
+  using acc = cpu::acc_t<scalar_t>;
+  using Vec = at::vec::Vectorized<acc>;
+  const scalar_t* data = x.const_data_ptr<scalar_t>();
+  const int64_t R = g.N * g.S, C = g.C;
+  const int64_t tile = std::min<int64_t>(C, 512);
+  const int64_t n_tiles = (C + tile - 1) / tile;
+  const int64_t sub_rows = std::max<int64_t>(1, 4096 / tile);
+  int64_t block_rows = std::max<int64_t>(sub_rows, (R + 63) / 64);
+  block_rows = (block_rows + sub_rows - 1) / sub_rows * sub_rows;
+  const int64_t n_blocks = (R + block_rows - 1) / block_rows;
+
+  std::vector<double> part_mean(n_blocks * C), part_m2(n_blocks * C);
+  at::parallel_for(0, n_blocks * n_tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc> xbuf(sub_rows * tile), sum(tile), m2c(tile);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t rb = task / n_tiles, c0 = (task % n_tiles) * tile;
+      const int64_t width = std::min(tile, C - c0);
+      const int64_t r_begin = rb * block_rows, r_end = std::min(R, r_begin + block_rows);
+      double* bmean = part_mean.data() + rb * C + c0;
+      double* bm2 = part_m2.data() + rb * C + c0;
+      double count = 0;
+      for (int64_t r0 = r_begin; r0 < r_end; r0 += sub_rows) {
+        const int64_t rows = std::min(sub_rows, r_end - r0);
+        // Gather the sub-chunk as acc rows of `width` (a view when no conversion is needed).
+        const acc* rowp[64 * 64];
+        for (int64_t r = 0; r < rows; ++r)
+          rowp[r] = cpu::as_acc(data + (r0 + r) * C + c0, width, xbuf.data() + r * tile);
+        std::fill(sum.begin(), sum.begin() + width, acc(0));
+        std::fill(m2c.begin(), m2c.begin() + width, acc(0));
+        for (int64_t r = 0; r < rows; ++r)
+          cpu::vec_loop<acc>(width, [&](int64_t i, int cnt) {
+            cpu::store(cpu::load(sum.data() + i, cnt) + cpu::load(rowp[r] + i, cnt), sum.data() + i, cnt);
+          });
+        const Vec inv_rows(acc(1) / static_cast<acc>(rows));
+        cpu::vec_loop<acc>(width, [&](int64_t i, int cnt) {
+          cpu::store(cpu::load(sum.data() + i, cnt) * inv_rows, sum.data() + i, cnt);  // sum -> chunk mean
+        });
+        for (int64_t r = 0; r < rows; ++r)
+          cpu::vec_loop<acc>(width, [&](int64_t i, int cnt) {
+            const Vec d = cpu::load(rowp[r] + i, cnt) - cpu::load(sum.data() + i, cnt);
+            cpu::store(cpu::load(m2c.data() + i, cnt) + d * d, m2c.data() + i, cnt);
+          });
+        // Merge (rows, chunk mean, chunk m2) into the task's running triples; counts are equal per column.
+        const double total = count + rows, frac = rows / total, cross = count * frac;
+        for (int64_t c = 0; c < width; ++c) {
+          const double delta = static_cast<double>(sum[c]) - bmean[c];
+          bmean[c] = count == 0 ? static_cast<double>(sum[c]) : bmean[c] + delta * frac;
+          bm2[c] = (count == 0 ? 0.0 : bm2[c] + delta * delta * cross) + static_cast<double>(m2c[c]);
+        }
+        count = total;
+      }
+    }
+  });
+  at::parallel_for(0, C, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      Welford<double> w{0, 0, 0};
+      for (int64_t rb = 0; rb < n_blocks; ++rb) {
+        const double rows = static_cast<double>(std::min(block_rows, R - rb * block_rows));
+        w = welford_merge(w, Welford<double>{rows, part_mean[rb * C + c], part_m2[rb * C + c]});
+      }
+      mean_out[c] = w.mean;
+      var_out[c] = w.m2 / w.count;
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> batch_stats_cpu(const at::Tensor& x) {
+  const Geometry g = geometry_of(x);
+  const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto mean64 = at::empty({g.C}, x.options().dtype(at::kDouble));
+  auto var64 = at::empty({g.C}, x.options().dtype(at::kDouble));
+  if (x.numel() == 0) {
+    mean64.fill_(std::numeric_limits<double>::quiet_NaN());
+    var64.fill_(std::numeric_limits<double>::quiet_NaN());
+  } else {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnfused_batch_stats_cpu", [&] {
+      if (g.layout == Layout::ChannelsFirst)
+        stats_channels_first<scalar_t>(x, g, mean64.data_ptr<double>(), var64.data_ptr<double>());
+      else
+        stats_channels_last<scalar_t>(x, g, mean64.data_ptr<double>(), var64.data_ptr<double>());
+    });
+  }
+  return {mean64.to(acc_dtype), var64.to(acc_dtype)};
+}
+
+}  // namespace bnfused

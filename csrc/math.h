@@ -1,0 +1,129 @@
+// Per-element and per-channel math of BatchNorm -> ReLU -> Dropout, shared by the CPU and CUDA backends so
+// the two cannot drift. No torch includes; everything is __host__ __device__.
+//
+// Forward per element (a, b are per-channel, see channel_affine):
+//   z = fma(x, a, b)   r = max(z, 0)   y = r * mult      mult = keep ? 1/(1-p) : 0   (1 when no dropout)
+// Backward per element:
+//   g = (z > 0) ? dy * mult : 0
+//   training (batch stats): dx = A*g - A*mean_g - (x - mean) * K,  A = w*rstd, K = A*rstd*mean_g_xhat
+//   eval (running stats):   dx = A*g
+// Vectorised loops must evaluate z with a single fused multiply-add too, so [z > 0] is bit-identical
+// between forward and backward.
+#pragma once
+#include "philox.h"
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#include <cuda_runtime.h>
+#define BNFUSED_FMA(a, b, c) fma(a, b, c)
+#else
+#include <cmath>
+#define BNFUSED_FMA(a, b, c) std::fma(a, b, c)
+#endif
+
+namespace bnfused {
+
+// Running (count, mean, M2) of a set of values; merged with Chan et al.'s parallel formula.
+template <typename acc_t>
+struct Welford {
+  acc_t count;
+  acc_t mean;
+  acc_t m2;
+};
+
+template <typename acc_t>
+BNFUSED_HD Welford<acc_t> welford_merge(Welford<acc_t> a, Welford<acc_t> b) {
+  const acc_t count = a.count + b.count;
+  if (count == acc_t(0)) return a;
+  const acc_t delta = b.mean - a.mean;
+  const acc_t frac_b = b.count / count;
+  Welford<acc_t> out;
+  out.count = count;
+  out.mean = a.mean + delta * frac_b;
+  out.m2 = a.m2 + b.m2 + delta * delta * a.count * frac_b;
+  return out;
+}
+
+template <typename acc_t>
+BNFUSED_HD acc_t inverse_std(acc_t var, double eps) {
+#if defined(__CUDACC__) || defined(__HIPCC__)
+  return acc_t(1) / sqrt(var + static_cast<acc_t>(eps));
+#else
+  return acc_t(1) / std::sqrt(var + static_cast<acc_t>(eps));
+#endif
+}
+
+// Per-channel scale/shift so that z = fma(x, a, b) == (x - mean) * rstd * w + bias.
+template <typename acc_t>
+struct ChannelAffine {
+  acc_t a;
+  acc_t b;
+};
+
+template <typename acc_t>
+BNFUSED_HD ChannelAffine<acc_t> channel_affine(acc_t mean, acc_t rstd, acc_t weight, acc_t bias) {
+  ChannelAffine<acc_t> out;
+  out.a = rstd * weight;
+  out.b = bias - mean * out.a;
+  return out;
+}
+
+template <typename acc_t>
+BNFUSED_HD acc_t bn_preact(acc_t x, ChannelAffine<acc_t> ab) {
+  return BNFUSED_FMA(x, ab.a, ab.b);
+}
+
+// ReLU that propagates NaN like torch.relu.
+template <typename acc_t>
+BNFUSED_HD acc_t relu_nan(acc_t z) {
+  return (z < acc_t(0)) ? acc_t(0) : z;
+}
+
+template <typename acc_t>
+BNFUSED_HD acc_t forward_element(acc_t x, ChannelAffine<acc_t> ab, acc_t mult) {
+  return relu_nan(bn_preact(x, ab)) * mult;
+}
+
+template <typename acc_t>
+BNFUSED_HD acc_t grad_through_relu_dropout(acc_t dy, acc_t z, acc_t mult) {
+  return (z > acc_t(0)) ? dy * mult : acc_t(0);
+}
+
+// Per-channel coefficients of the input gradient.
+template <typename acc_t>
+struct BackwardCoef {
+  acc_t A;       // w * rstd
+  acc_t C;       // -A * mean_g            (0 in eval)
+  acc_t K;       // A * rstd * mean_g_xhat (0 in eval)
+  acc_t mean;    // channel mean used to centre x
+};
+
+template <typename acc_t>
+BNFUSED_HD BackwardCoef<acc_t> backward_coef(acc_t mean, acc_t rstd, acc_t weight, bool batch_stats,
+                                             acc_t mean_g, acc_t mean_g_xhat) {
+  BackwardCoef<acc_t> c;
+  c.A = weight * rstd;
+  c.mean = mean;
+  c.C = batch_stats ? -c.A * mean_g : acc_t(0);
+  c.K = batch_stats ? c.A * rstd * mean_g_xhat : acc_t(0);
+  return c;
+}
+
+// Training (batch statistics): the mean and variance depend on x, hence the two correction terms.
+template <typename acc_t>
+BNFUSED_HD acc_t grad_input_element(acc_t g, acc_t x, BackwardCoef<acc_t> c) {
+  return BNFUSED_FMA(g, c.A, c.C - (x - c.mean) * c.K);
+}
+
+// Eval (running statistics): the statistics are constants.
+template <typename acc_t>
+BNFUSED_HD acc_t grad_input_element_eval(acc_t g, BackwardCoef<acc_t> c) {
+  return g * c.A;
+}
+
+// Dropout multiplier of a kept element; the forward and backward use the same value.
+template <typename acc_t>
+BNFUSED_HD acc_t dropout_scale(double p) {
+  return (p >= 1.0) ? acc_t(0) : static_cast<acc_t>(1.0 / (1.0 - p));
+}
+
+}  // namespace bnfused

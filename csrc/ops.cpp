@@ -1,0 +1,273 @@
+// Op layer: schemas (TORCH_LIBRARY), argument checks shared by every backend, layout normalisation, and the
+// pybind11 module with build information and test helpers. Kernels live in cpu/ and cuda/.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "bnfused.h"
+
+namespace bnfused {
+
+at::MemoryFormat kernel_memory_format(const at::Tensor& x) {
+  if (x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast))
+    return at::MemoryFormat::ChannelsLast;
+  if (x.dim() == 5 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast3d))
+    return at::MemoryFormat::ChannelsLast3d;
+  if (x.is_contiguous()) return at::MemoryFormat::Contiguous;
+  // Neither layout: copy once into the format PyTorch suggests (keeps channels_last-like inputs NHWC).
+  const auto suggested = x.suggest_memory_format();
+  if ((suggested == at::MemoryFormat::ChannelsLast && x.dim() == 4) ||
+      (suggested == at::MemoryFormat::ChannelsLast3d && x.dim() == 5))
+    return suggested;
+  return at::MemoryFormat::Contiguous;
+}
+
+Geometry geometry_of(const at::Tensor& x) {
+  Geometry g;
+  g.N = x.size(0);
+  g.C = x.size(1);
+  g.S = 1;
+  for (int64_t d = 2; d < x.dim(); ++d) g.S *= x.size(d);
+  g.layout = (x.dim() == 2 || !x.is_contiguous()) ? Layout::ChannelsLast : Layout::ChannelsFirst;
+  return g;
+}
+
+namespace {
+
+at::ScalarType acc_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_input(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(x.dim() >= 2, op, ": expected input with at least 2 dims (N, C, ...), got ", x.dim(), "-d input of shape ",
+              x.sizes());
+  const auto t = x.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16, op,
+              ": expected a floating-point input (float32, float64, float16 or bfloat16), got ", t);
+#ifndef BNFUSED_WITH_CUDA
+  TORCH_CHECK(!x.is_cuda(), op,
+              ": got a CUDA tensor, but this bnfused build has no CUDA kernels (built with a CPU-only torch or "
+              "without nvcc); rebuild with `pip install --no-build-isolation -e .` on a CUDA machine");
+#endif
+  TORCH_CHECK(x.is_cpu() || x.is_cuda(), op, ": unsupported device ", x.device());
+}
+
+// A per-channel tensor: 1-d with C elements, on x's device, of the accumulation dtype or (for weight/bias)
+// the input dtype. Returns it contiguous in the accumulation dtype.
+at::Tensor channel_param(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
+  const int64_t C = x.size(1);
+  TORCH_CHECK(t.dim() == 1 && t.numel() == C, op, ": ", name, " should contain ", C, " elements (one per channel), got shape ",
+              t.sizes());
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but input is on ", x.device(),
+              "; expected all tensors to be on the same device");
+  TORCH_CHECK(t.is_floating_point(), op, ": ", name, " must be floating point, got ", t.scalar_type());
+  return t.to(acc_dtype(x)).contiguous();
+}
+
+OptTensor opt_channel_param(const OptTensor& t, const at::Tensor& x, const char* op, const char* name) {
+  if (!t.has_value() || !t->defined()) return std::nullopt;
+  return channel_param(*t, x, op, name);
+}
+
+void check_p(double p, const char* op) {
+  TORCH_CHECK(p >= 0.0 && p <= 1.0, op, ": dropout probability has to be between 0 and 1, but got ", p);
+}
+
+at::Tensor in_kernel_layout(const at::Tensor& x) {
+  return x.contiguous(kernel_memory_format(x));
+}
+
+// Gradient tensors follow the input's layout so one kernel walks both.
+at::Tensor like_input_layout(const at::Tensor& dy, const at::Tensor& x, const char* op) {
+  TORCH_CHECK(dy.sizes() == x.sizes(), op, ": grad_output shape ", dy.sizes(), " does not match input shape ", x.sizes());
+  TORCH_CHECK(dy.device() == x.device(), op, ": grad_output is on ", dy.device(), " but input is on ", x.device());
+  return dy.to(x.scalar_type()).contiguous(kernel_memory_format(x));
+}
+
+void check_key(const at::Tensor& key, const at::Tensor& x, const char* op) {
+  TORCH_CHECK(key.scalar_type() == at::kLong && key.numel() == 2, op,
+              ": philox key must be an int64 tensor of 2 elements (seed, offset), got ", key.scalar_type(), " with ",
+              key.numel(), " elements");
+  TORCH_CHECK(key.device() == x.device(), op, ": philox key is on ", key.device(), " but input is on ", x.device());
+}
+
+PhiloxKey host_key(const at::Tensor& key) {
+  const auto k = key.contiguous();
+  const int64_t* d = k.data_ptr<int64_t>();
+  return PhiloxKey{static_cast<uint64_t>(d[0]), static_cast<uint64_t>(d[1])};
+}
+
+// ---- op implementations (device-generic; the backend is picked from the input's device) ----
+
+std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& input) {
+  constexpr const char* op = "bnfused.batch_stats";
+  check_input(input, op);
+  const auto x = in_kernel_layout(input);
+#ifdef BNFUSED_WITH_CUDA
+  if (x.is_cuda()) return batch_stats_cuda(x);
+#endif
+  return batch_stats_cpu(x);
+}
+
+// batch_stats only tells autograd whether mean/rstd are this batch's statistics; the forward ignores it.
+at::Tensor forward(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& rstd, const OptTensor& weight,
+                   const OptTensor& bias, const at::Tensor& key, double p, bool /*batch_stats*/) {
+  constexpr const char* op = "bnfused.forward";
+  check_input(input, op);
+  check_p(p, op);
+  check_key(key, input, op);
+  const auto x = in_kernel_layout(input);
+  const auto m = channel_param(mean, x, op, "mean");
+  const auto r = channel_param(rstd, x, op, "rstd");
+  const auto w = opt_channel_param(weight, x, op, "weight");
+  const auto b = opt_channel_param(bias, x, op, "bias");
+  auto out = at::empty_like(x, x.options(), kernel_memory_format(x));
+#ifdef BNFUSED_WITH_CUDA
+  if (x.is_cuda()) {
+    forward_cuda(x, m, r, w, b, key, p, out);
+    return out;
+  }
+#endif
+  forward_cpu(x, m, r, w, b, host_key(key), p, out);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& grad_out, const at::Tensor& input,
+                                                   const at::Tensor& mean, const at::Tensor& rstd,
+                                                   const OptTensor& weight, const OptTensor& bias,
+                                                   const at::Tensor& key, double p) {
+  constexpr const char* op = "bnfused.backward_reduce";
+  check_input(input, op);
+  check_p(p, op);
+  check_key(key, input, op);
+  const auto x = in_kernel_layout(input);
+  const auto dy = like_input_layout(grad_out, x, op);
+  const auto m = channel_param(mean, x, op, "mean");
+  const auto r = channel_param(rstd, x, op, "rstd");
+  const auto w = opt_channel_param(weight, x, op, "weight");
+  const auto b = opt_channel_param(bias, x, op, "bias");
+#ifdef BNFUSED_WITH_CUDA
+  if (x.is_cuda()) return backward_reduce_cuda(dy, x, m, r, w, b, key, p);
+#endif
+  return backward_reduce_cpu(dy, x, m, r, w, b, host_key(key), p);
+}
+
+at::Tensor backward_input(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
+                          const at::Tensor& rstd, const OptTensor& weight, const OptTensor& bias,
+                          const at::Tensor& key, double p, const OptTensor& mean_g, const OptTensor& mean_g_xhat) {
+  constexpr const char* op = "bnfused.backward_input";
+  check_input(input, op);
+  check_p(p, op);
+  check_key(key, input, op);
+  const bool has_g = mean_g.has_value() && mean_g->defined();
+  const bool has_gx = mean_g_xhat.has_value() && mean_g_xhat->defined();
+  TORCH_CHECK(has_g == has_gx, op, ": mean_g and mean_g_xhat must be given together (batch statistics) or not at all");
+  const auto x = in_kernel_layout(input);
+  const auto dy = like_input_layout(grad_out, x, op);
+  const auto m = channel_param(mean, x, op, "mean");
+  const auto r = channel_param(rstd, x, op, "rstd");
+  const auto w = opt_channel_param(weight, x, op, "weight");
+  const auto b = opt_channel_param(bias, x, op, "bias");
+  const auto mg = opt_channel_param(mean_g, x, op, "mean_g");
+  const auto mgx = opt_channel_param(mean_g_xhat, x, op, "mean_g_xhat");
+  auto dx = at::empty_like(x, x.options(), kernel_memory_format(x));
+#ifdef BNFUSED_WITH_CUDA
+  if (x.is_cuda()) {
+    backward_input_cuda(dy, x, m, r, w, b, key, p, mg, mgx, dx);
+    return dx;
+  }
+#endif
+  backward_input_cpu(dy, x, m, r, w, b, host_key(key), p, mg, mgx, dx);
+  return dx;
+}
+
+at::Tensor dropout_mask(const at::Tensor& key, c10::SymIntArrayRef shape, double p) {
+  constexpr const char* op = "bnfused.dropout_mask";
+  check_p(p, op);
+  TORCH_CHECK(key.scalar_type() == at::kLong && key.numel() == 2, op,
+              ": philox key must be an int64 tensor of 2 elements (seed, offset)");
+  auto keep = at::empty_symint(shape, key.options().dtype(at::kBool));
+#ifdef BNFUSED_WITH_CUDA
+  if (key.is_cuda()) {
+    dropout_mask_cuda(key, p, keep);
+    return keep;
+  }
+#endif
+  TORCH_CHECK(key.is_cpu(), op, ": key on unsupported device ", key.device());
+  dropout_mask_cpu(host_key(key), p, keep);
+  return keep;
+}
+
+}  // namespace
+
+}  // namespace bnfused
+
+TORCH_LIBRARY(bnfused, m) {
+  // Per-channel mean and biased variance over (N, *spatial); float32 (float64 for float64 input).
+  m.def("batch_stats(Tensor input) -> (Tensor mean, Tensor var)");
+  // y = dropout(relu((x - mean) * rstd * weight + bias)); key = int64[2] (seed, offset); p = 0 skips the RNG.
+  // batch_stats: mean/rstd are this batch's statistics, so the backward differentiates through them.
+  m.def(
+      "forward(Tensor input, Tensor mean, Tensor rstd, Tensor? weight, Tensor? bias, Tensor key, float p, "
+      "bool batch_stats) -> Tensor");
+  // Per-channel sums of g and g * xhat, g = grad_out * keep / (1 - p) * [z > 0].
+  m.def(
+      "backward_reduce(Tensor grad_out, Tensor input, Tensor mean, Tensor rstd, Tensor? weight, Tensor? bias, "
+      "Tensor key, float p) -> (Tensor sum_g, Tensor sum_g_xhat)");
+  // grad_input; with mean_g/mean_g_xhat (sums divided by the global count) the statistics were batch statistics.
+  m.def(
+      "backward_input(Tensor grad_out, Tensor input, Tensor mean, Tensor rstd, Tensor? weight, Tensor? bias, "
+      "Tensor key, float p, Tensor? mean_g, Tensor? mean_g_xhat) -> Tensor");
+  // Keep pattern (bool) of the fused kernels for a tensor of `shape` in logical (NCHW) order, on key's device.
+  m.def("dropout_mask(Tensor key, SymInt[] shape, float p) -> Tensor");
+}
+
+// The same device-generic entry points serve both backends; they branch on the input's device.
+#define BNFUSED_REGISTER_BACKEND(m)                             \
+  m.impl("batch_stats", &bnfused::batch_stats);                 \
+  m.impl("forward", &bnfused::forward);                         \
+  m.impl("backward_reduce", &bnfused::backward_reduce);         \
+  m.impl("backward_input", &bnfused::backward_input);           \
+  m.impl("dropout_mask", &bnfused::dropout_mask);
+
+TORCH_LIBRARY_IMPL(bnfused, CPU, m) { BNFUSED_REGISTER_BACKEND(m) }
+#ifdef BNFUSED_WITH_CUDA
+TORCH_LIBRARY_IMPL(bnfused, CUDA, m) { BNFUSED_REGISTER_BACKEND(m) }
+#endif
+
+namespace {
+
+std::vector<uint32_t> philox_block(uint64_t seed, uint64_t offset, uint64_t block) {
+  const auto r = bnfused::mask_block(bnfused::PhiloxKey{seed, offset}, block);
+  return {r.x[0], r.x[1], r.x[2], r.x[3]};
+}
+
+std::vector<uint32_t> philox_raw(std::vector<uint32_t> ctr, std::vector<uint32_t> key) {
+  TORCH_CHECK(ctr.size() == 4 && key.size() == 2, "philox_raw: expected 4 counter words and 2 key words");
+  const auto r = bnfused::philox4x32_10(ctr[0], ctr[1], ctr[2], ctr[3], key[0], key[1]);
+  return {r.x[0], r.x[1], r.x[2], r.x[3]};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "bnfused C++/CUDA extension: fused BatchNorm -> ReLU -> Dropout kernels";
+#ifdef BNFUSED_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+  m.attr("torch_version") = TORCH_VERSION;
+#if defined(CPU_CAPABILITY_AVX512)
+  m.attr("cpu_capability") = "avx512";
+#elif defined(CPU_CAPABILITY_AVX2)
+  m.attr("cpu_capability") = "avx2";
+#else
+  m.attr("cpu_capability") = "default";
+#endif
+  m.def("philox4x32_10", &philox_raw, "Raw Philox4x32-10 of one counter (4 words) and key (2 words)",
+        pybind11::arg("counter"), pybind11::arg("key"));
+  m.def("philox_block", &philox_block, "Philox output used for mask block `block` (elements 8*block ... 8*block+7)",
+        pybind11::arg("seed"), pybind11::arg("offset"), pybind11::arg("block"));
+  m.def("threshold16", &bnfused::threshold16, "Drop threshold (out of 65536) the kernels use for probability p",
+        pybind11::arg("p"));
+}

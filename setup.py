@@ -1,0 +1,73 @@
+"""Build the bnfused extension (bnfused._C).
+
+CPU kernels always; CUDA kernels when the installed torch has CUDA and nvcc is found (CUDA_HOME).
+Environment knobs:
+  BNFUSED_CPU_CAPABILITY=default|avx2   vector ISA of the CPU kernels (default: avx2 when this CPU has avx2+fma)
+  BNFUSED_NO_CUDA=1                     build the CPU kernels only, even on a CUDA machine
+  BNFUSED_CUDA_ARCHS="80;90"            compute capabilities to build for
+"""
+import glob
+import os
+
+from setuptools import setup
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def cpu_has(*flags):
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read().split()
+    except OSError:
+        return False
+    return all(flag in info for flag in flags)
+
+
+def cpu_capability_flags():
+    choice = os.environ.get("BNFUSED_CPU_CAPABILITY")
+    if choice is None:
+        choice = "avx2" if cpu_has("avx2", "fma", "f16c") else "default"
+    if choice == "avx2":
+        # at::vec picks its AVX2 implementation from these macros (its namespace at::vec::AVX2).
+        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    if choice == "default":
+        return ["-DCPU_CAPABILITY=DEFAULT"]
+    raise ValueError(f"BNFUSED_CPU_CAPABILITY must be 'default' or 'avx2', got {choice!r}")
+
+
+def with_cuda():
+    import torch
+
+    if os.environ.get("BNFUSED_NO_CUDA") == "1":
+        return False
+    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+
+
+def extension():
+    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cxx = ["-O3", "-std=c++20", "-fno-math-errno", "-ffp-contract=off", "-Wno-unknown-pragmas"] + cpu_capability_flags()
+    define_macros = []
+    if with_cuda():
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        archs = os.environ.get("BNFUSED_CUDA_ARCHS", "80;90").split(";")
+        nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo", "-DBNFUSED_WITH_CUDA"]
+        nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+        define_macros.append(("BNFUSED_WITH_CUDA", None))
+        return cpp_extension.CUDAExtension(
+            "bnfused._C", sources, include_dirs=[os.path.join(ROOT, "csrc")], define_macros=define_macros,
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc})
+    return cpp_extension.CppExtension(
+        "bnfused._C", sources, include_dirs=[os.path.join(ROOT, "csrc")], extra_compile_args={"cxx": cxx})
+
+
+setup(
+    name="bnfused",
+    version="0.1.0",
+    description="Fused BatchNorm -> ReLU -> Dropout kernels (CPU and CUDA) for PyTorch",
+    packages=["bnfused"],
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4"],
+)
