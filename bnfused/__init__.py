@@ -8,6 +8,7 @@ from . import ops  # noqa: F401  (loads the extension and registers the ops' fak
 from ._extension import CPU_CAPABILITY, WITH_CUDA
 from .autograd import BNReLUDropoutFunction
 from .convert import convert
+from .fold import fold_eval
 from .functional import bn_relu_dropout
 from .modules import BatchNormReLUDropout1d, BatchNormReLUDropout2d, BatchNormReLUDropout3d
 
@@ -22,4 +23,5 @@ __all__ = [
     "WITH_CUDA",
     "bn_relu_dropout",
     "convert",
+    "fold_eval",
 ]

@@ -1,0 +1,92 @@
+"""bnfused.fold_eval: the folded conv/linear + ReLU equals the unfolded eval-mode layer -> fused block."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import bnfused
+
+# (layer factory, block class, input shape): every layer kind fold_eval accepts, with the block that follows it.
+CASES = {
+    "linear": (lambda bias: nn.Linear(5, 6, bias=bias), bnfused.BatchNormReLUDropout1d, (7, 5)),
+    "conv1d": (lambda bias: nn.Conv1d(3, 6, 3, bias=bias), bnfused.BatchNormReLUDropout1d, (4, 3, 9)),
+    "conv2d": (lambda bias: nn.Conv2d(4, 6, 3, groups=2, bias=bias), bnfused.BatchNormReLUDropout2d, (3, 4, 7, 6)),
+    "conv3d": (lambda bias: nn.Conv3d(3, 6, 2, bias=bias), bnfused.BatchNormReLUDropout3d, (2, 3, 4, 5, 3)),
+    "conv_transpose2d": (lambda bias: nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2, bias=bias),
+                         bnfused.BatchNormReLUDropout2d, (2, 4, 4, 5)),
+    "conv_transpose1d": (lambda bias: nn.ConvTranspose1d(3, 6, 2, bias=bias), bnfused.BatchNormReLUDropout1d,
+                         (3, 3, 5)),
+}
+
+
+def _eval_pair(kind, device, affine, bias, p=0.3):
+    make_layer, block_cls, shape = CASES[kind]
+    layer = make_layer(bias).to(device)
+    block = block_cls(6, eps=1e-3, affine=affine, p=p, device=device)
+    with torch.no_grad():  # running stats and affine parameters far from their defaults
+        block.running_mean.uniform_(-1.0, 1.0)
+        block.running_var.uniform_(0.2, 3.0)
+        if affine:
+            block.weight.uniform_(-2.0, 2.0)
+            block.bias.uniform_(-1.0, 1.0)
+    return layer.eval(), block.eval(), torch.randn(shape, device=device)
+
+
+@pytest.mark.parametrize("kind", list(CASES))
+@pytest.mark.parametrize("affine,bias", [(True, True), (False, False)])
+def test_fold_matches_unfolded_eval(device, kind, affine, bias):
+    layer, block, x = _eval_pair(kind, device, affine, bias)
+    layer_state = copy.deepcopy(layer.state_dict())
+    folded = bnfused.fold_eval(layer, block)
+    assert isinstance(folded, nn.Sequential) and len(folded) == 2
+    assert type(folded[0]) is type(layer) and isinstance(folded[1], nn.ReLU)
+    assert folded[0].bias is not None and folded[0].bias.dtype == layer.weight.dtype
+    with torch.no_grad():
+        expected = block(layer(x))
+        got = folded(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert (got == 0).any() and (got > 0).any(), "ReLU should clip part of the output"
+    for name, value in layer.state_dict().items():  # the input layer is untouched
+        assert torch.equal(value, layer_state[name]), name
+
+
+def test_fold_keeps_requires_grad_and_trains(device):
+    layer, block, x = _eval_pair("conv2d", device, affine=True, bias=False)
+    folded = bnfused.fold_eval(layer, block)
+    assert folded[0].weight.requires_grad and folded[0].bias.requires_grad
+    folded(x).sum().backward()
+    assert folded[0].weight.grad is not None and folded[0].bias.grad is not None
+
+
+def test_fold_float64(device):
+    layer, block, x = _eval_pair("conv1d", device, affine=True, bias=True)
+    layer, block, x = layer.double(), block.double(), x.double()
+    folded = bnfused.fold_eval(layer, block)
+    assert folded[0].weight.dtype == torch.float64
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), block(layer(x)), rtol=1e-12, atol=1e-12)
+
+
+def test_fold_rejects_training_mode():
+    layer, block, _ = _eval_pair("conv2d", "cpu", affine=True, bias=True)
+    with pytest.raises(AssertionError, match="Fusion only for eval"):
+        bnfused.fold_eval(layer, block.train())
+    with pytest.raises(AssertionError, match="Fusion only for eval"):
+        bnfused.fold_eval(layer.train(), block.eval())
+
+
+def test_fold_rejects_block_without_running_stats():
+    block = bnfused.BatchNormReLUDropout2d(6, track_running_stats=False).eval()
+    with pytest.raises(AssertionError, match="track_running_stats=False"):
+        bnfused.fold_eval(nn.Conv2d(3, 6, 1).eval(), block)
+
+
+def test_fold_rejects_channel_mismatch_and_wrong_types():
+    block = bnfused.BatchNormReLUDropout2d(6).eval()
+    with pytest.raises(AssertionError, match="num_features"):
+        bnfused.fold_eval(nn.Conv2d(3, 5, 1).eval(), block)
+    with pytest.raises(TypeError, match="BatchNormReLUDropoutXd"):
+        bnfused.fold_eval(nn.Conv2d(3, 6, 1).eval(), nn.BatchNorm2d(6).eval())
+    with pytest.raises(TypeError, match="Linear"):
+        bnfused.fold_eval(nn.Identity(), block)
