@@ -22,7 +22,8 @@ def check_p(p: float) -> None:
 
 
 def check_eps(eps: float) -> None:
-    if not eps > 0 or math.isinf(eps):
+    # Comparisons instead of math.isinf: under torch.compile(dynamic=True) eps may be a SymFloat.
+    if not 0.0 < eps < math.inf:
         raise ValueError(f"bn_relu_dropout eps must be a positive finite number, but got {eps}")
 
 
