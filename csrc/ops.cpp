@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "bnfused.h"
+#include "cpu/huge_page_allocator.h"
 
 namespace bnfused {
 
@@ -120,7 +121,7 @@ at::Tensor forward(const at::Tensor& input, const at::Tensor& mean, const at::Te
   const auto r = channel_param(rstd, x, op, "rstd");
   const auto w = opt_channel_param(weight, x, op, "weight");
   const auto b = opt_channel_param(bias, x, op, "bias");
-  auto out = at::empty_like(x, x.options(), kernel_memory_format(x));
+  auto out = cpu::empty_output(x, kernel_memory_format(x));
 #ifdef BNFUSED_WITH_CUDA
   if (x.is_cuda()) {
     forward_cuda(x, m, r, w, b, key, p, out);
@@ -169,7 +170,7 @@ at::Tensor backward_input(const at::Tensor& grad_out, const at::Tensor& input, c
   const auto b = opt_channel_param(bias, x, op, "bias");
   const auto mg = opt_channel_param(mean_g, x, op, "mean_g");
   const auto mgx = opt_channel_param(mean_g_xhat, x, op, "mean_g_xhat");
-  auto dx = at::empty_like(x, x.options(), kernel_memory_format(x));
+  auto dx = cpu::empty_output(x, kernel_memory_format(x));
 #ifdef BNFUSED_WITH_CUDA
   if (x.is_cuda()) {
     backward_input_cuda(dy, x, m, r, w, b, key, p, mg, mgx, dx);

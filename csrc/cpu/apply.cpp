@@ -63,10 +63,10 @@ void forward_kernel(const at::Tensor& x, const cpu::ChannelParams<cpu::acc_t<sca
   const cpu::RowTiles tiles(g);
   at::parallel_for(0, tiles.count(), 1, [&](int64_t begin, int64_t end) {
     const int64_t tile_elems = tiles.rows_per_tile * g.C;
-    std::vector<acc> xbuf(g.C), ybuf(g.C), mult(dp.active ? tile_elems : 0);
+    std::vector<acc> xbuf(g.C), ybuf(g.C), mult(dp.active ? tile_elems : 0), scratch(mult.size());
     for (int64_t ti = begin; ti < end; ++ti) {
       const auto t = tiles.tile(ti);
-      if (dp.active) tiles.fill_mult(t, dp, mult.data());
+      if (dp.active) tiles.fill_mult(t, dp, mult.data(), scratch.data());
       for (int64_t r = 0; r < t.rows; ++r) {
         const int64_t off = (t.row0 + r) * g.C;
         acc* y = cpu::out_acc(yd + off, ybuf.data());
@@ -137,10 +137,11 @@ void backward_input_kernel(const at::Tensor& dy_t, const at::Tensor& x, const Gr
   }
   const cpu::RowTiles tiles(g);
   at::parallel_for(0, tiles.count(), 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc> xbuf(g.C), dybuf(g.C), outbuf(g.C), mult(dp.active ? tiles.rows_per_tile * g.C : 0);
+    std::vector<acc> xbuf(g.C), dybuf(g.C), outbuf(g.C), mult(dp.active ? tiles.rows_per_tile * g.C : 0),
+        scratch(mult.size());
     for (int64_t ti = begin; ti < end; ++ti) {
       const auto t = tiles.tile(ti);
-      if (dp.active) tiles.fill_mult(t, dp, mult.data());
+      if (dp.active) tiles.fill_mult(t, dp, mult.data(), scratch.data());
       for (int64_t r = 0; r < t.rows; ++r) {
         const int64_t off = (t.row0 + r) * g.C;
         acc* out = cpu::out_acc(dxd + off, outbuf.data());

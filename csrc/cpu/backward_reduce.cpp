@@ -93,13 +93,14 @@ void reduce_kernel(const at::Tensor& dy_t, const at::Tensor& x, const cpu::Chann
   const int64_t n_groups = std::min<int64_t>(n_tiles, 64);
   std::vector<double> part_g(n_groups * g.C, 0.0), part_gx(n_groups * g.C, 0.0);
   at::parallel_for(0, n_groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc> xbuf(g.C), dybuf(g.C), sg(g.C), sgx(g.C), mult(dp.active ? tiles.rows_per_tile * g.C : 0);
+    std::vector<acc> xbuf(g.C), dybuf(g.C), sg(g.C), sgx(g.C), mult(dp.active ? tiles.rows_per_tile * g.C : 0),
+        scratch(mult.size());
     for (int64_t grp = begin; grp < end; ++grp) {
       double* pg = part_g.data() + grp * g.C;
       double* pgx = part_gx.data() + grp * g.C;
       for (int64_t ti = grp * n_tiles / n_groups; ti < (grp + 1) * n_tiles / n_groups; ++ti) {
         const auto t = tiles.tile(ti);
-        if (dp.active) tiles.fill_mult(t, dp, mult.data());
+        if (dp.active) tiles.fill_mult(t, dp, mult.data(), scratch.data());
         std::fill(sg.begin(), sg.end(), acc(0));
         std::fill(sgx.begin(), sgx.end(), acc(0));
         for (int64_t r = 0; r < t.rows; ++r) {

@@ -1,46 +1,104 @@
-// Dropout multipliers (keep ? 1/(1-p) : 0) for runs of logical indices, from the shared Philox definition.
-// Philox blocks are computed 8 at a time in plain loops over lanes that the compiler vectorises (vpmuludq);
-// the bits are identical to philox.h's scalar mask_block.
+// Dropout multipliers (keep ? 1/(1-p) : 0) for runs of logical indices, from the shared Philox definition in
+// philox.h. Philox blocks are computed 8 at a time (one per SIMD lane with AVX2, else a plain loop); the bits
+// are identical to philox.h's scalar mask_block, which tests check.
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
+
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#define BNFUSED_PHILOX_AVX2 1
+#endif
 
 #include "philox.h"
 
 namespace bnfused::cpu {
 
-constexpr int kPhiloxBatch = 8;  // Philox blocks per batch = 64 elements
+constexpr int kBlocksPerBatch = 16;                          // Philox calls per batch
+constexpr int kBatchElems = kBlocksPerBatch * kMaskLanes;    // 128 elements
 
-// Philox outputs of blocks block0 .. block0+7: words[w][j] = word w of block block0 + j.
-inline void philox_batch(PhiloxKey key, uint64_t block0, uint32_t words[4][kPhiloxBatch]) {
-  uint32_t c0[kPhiloxBatch], c1[kPhiloxBatch], c2[kPhiloxBatch], c3[kPhiloxBatch];
-  for (int j = 0; j < kPhiloxBatch; ++j) {
-    const uint64_t block = block0 + j;
-    c0[j] = static_cast<uint32_t>(block);
-    c1[j] = static_cast<uint32_t>(block >> 32);
-    c2[j] = static_cast<uint32_t>(key.offset);
-    c3[j] = static_cast<uint32_t>(key.offset >> 32);
-  }
+#ifdef BNFUSED_PHILOX_AVX2
+// Philox of blocks block0 .. block0+15, one block per 32-bit lane: w[h][k] lane j = word k of block
+// block0 + 8h + j. Two independent sets of 8 lanes are interleaved so the multiply latency chain of one hides
+// behind the other.
+inline void philox16(PhiloxKey key, uint64_t block0, __m256i w[2][4]) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i base = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(block0)));
+  __m256i c0[2] = {_mm256_add_epi32(base, lane), _mm256_add_epi32(base, _mm256_add_epi32(lane, _mm256_set1_epi32(8)))};
+  const __m256i hi = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(block0 >> 32)));
+  __m256i c1[2] = {hi, hi};
+  const __m256i off_lo = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(key.offset)));
+  const __m256i off_hi = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(key.offset >> 32)));
+  __m256i c2[2] = {off_lo, off_lo}, c3[2] = {off_hi, off_hi};
   uint32_t k0 = static_cast<uint32_t>(key.seed), k1 = static_cast<uint32_t>(key.seed >> 32);
+  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(kPhiloxM0));
+  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(kPhiloxM1));
   for (int round = 0; round < 10; ++round) {
-    for (int j = 0; j < kPhiloxBatch; ++j) {
-      const uint64_t p0 = static_cast<uint64_t>(kPhiloxM0) * c0[j];
-      const uint64_t p1 = static_cast<uint64_t>(kPhiloxM1) * c2[j];
-      const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1[j] ^ k0;
-      const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3[j] ^ k1;
-      c1[j] = static_cast<uint32_t>(p1);
-      c3[j] = static_cast<uint32_t>(p0);
-      c0[j] = n0;
-      c2[j] = n2;
+    const __m256i vk0 = _mm256_set1_epi32(static_cast<int>(k0)), vk1 = _mm256_set1_epi32(static_cast<int>(k1));
+    for (int h = 0; h < 2; ++h) {
+      // 32x32 -> 64-bit products of even and odd lanes, regrouped into hi/lo words per lane.
+      const __m256i p0e = _mm256_mul_epu32(c0[h], m0), p0o = _mm256_mul_epu32(_mm256_srli_epi64(c0[h], 32), m0);
+      const __m256i p1e = _mm256_mul_epu32(c2[h], m1), p1o = _mm256_mul_epu32(_mm256_srli_epi64(c2[h], 32), m1);
+      const __m256i lo0 = _mm256_blend_epi32(p0e, _mm256_slli_epi64(p0o, 32), 0xAA);
+      const __m256i hi0 = _mm256_blend_epi32(_mm256_srli_epi64(p0e, 32), p0o, 0xAA);
+      const __m256i lo1 = _mm256_blend_epi32(p1e, _mm256_slli_epi64(p1o, 32), 0xAA);
+      const __m256i hi1 = _mm256_blend_epi32(_mm256_srli_epi64(p1e, 32), p1o, 0xAA);
+      c0[h] = _mm256_xor_si256(_mm256_xor_si256(hi1, c1[h]), vk0);
+      c1[h] = lo1;
+      c2[h] = _mm256_xor_si256(_mm256_xor_si256(hi0, c3[h]), vk1);
+      c3[h] = lo0;
     }
     k0 += kPhiloxW0;
     k1 += kPhiloxW1;
   }
-  for (int j = 0; j < kPhiloxBatch; ++j) {
-    words[0][j] = c0[j];
-    words[1][j] = c1[j];
-    words[2][j] = c2[j];
-    words[3][j] = c3[j];
+  for (int h = 0; h < 2; ++h) {
+    w[h][0] = c0[h];
+    w[h][1] = c1[h];
+    w[h][2] = c2[h];
+    w[h][3] = c3[h];
+  }
+}
+
+// Float multipliers of the 128 elements of blocks block0 .. block0+15, in element order.
+inline void batch_mult(PhiloxKey key, uint64_t block0, uint32_t threshold, float scale, float* out) {
+  __m256i w[2][4];
+  philox16(key, block0, w);
+  const __m256i below = _mm256_set1_epi32(static_cast<int>(threshold) - 1);  // keep iff u16 > threshold - 1
+  const __m256 vscale = _mm256_set1_ps(scale);
+  for (int h = 0; h < 2; ++h) {
+    // 4x8 transpose of words: afterwards each 128-bit half holds one block's 8 u16 lanes in element order.
+    const __m256i a01lo = _mm256_unpacklo_epi32(w[h][0], w[h][1]), a01hi = _mm256_unpackhi_epi32(w[h][0], w[h][1]);
+    const __m256i a23lo = _mm256_unpacklo_epi32(w[h][2], w[h][3]), a23hi = _mm256_unpackhi_epi32(w[h][2], w[h][3]);
+    const __m256i t[4] = {_mm256_unpacklo_epi64(a01lo, a23lo), _mm256_unpackhi_epi64(a01lo, a23lo),
+                          _mm256_unpacklo_epi64(a01hi, a23hi), _mm256_unpackhi_epi64(a01hi, a23hi)};
+    for (int half = 0; half < 2; ++half) {
+      for (int k = 0; k < 4; ++k) {
+        const __m128i lanes = half ? _mm256_extracti128_si256(t[k], 1) : _mm256_castsi256_si128(t[k]);
+        const __m256i keep = _mm256_cmpgt_epi32(_mm256_cvtepu16_epi32(lanes), below);
+        _mm256_storeu_ps(out + (h * 8 + half * 4 + k) * kMaskLanes, _mm256_and_ps(_mm256_castsi256_ps(keep), vscale));
+      }
+    }
+  }
+}
+#else
+inline void batch_mult(PhiloxKey key, uint64_t block0, uint32_t threshold, float scale, float* out) {
+  for (int j = 0; j < kBlocksPerBatch; ++j) {
+    const Philox4 r = mask_block(key, block0 + j);
+    for (int lane = 0; lane < kMaskLanes; ++lane) *out++ = lane_u16(r, lane) >= threshold ? scale : 0.0f;
+  }
+}
+#endif
+
+// Multipliers of the kBatchElems elements of blocks block0 .. block0+kBlocksPerBatch-1 as acc_t (double gets an exact 1/(1-p)).
+template <typename acc_t>
+inline void batch_mult_acc(PhiloxKey key, uint64_t block0, uint32_t threshold, acc_t scale, acc_t* out) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    batch_mult(key, block0, threshold, scale, out);
+  } else {
+    float keep[kBatchElems];
+    batch_mult(key, block0, threshold, 1.0f, keep);
+    for (int i = 0; i < kBatchElems; ++i) out[i] = keep[i] != 0.0f ? scale : acc_t(0);
   }
 }
 
@@ -50,24 +108,33 @@ void fill_dropout_mult(PhiloxKey key, uint64_t start, int64_t n, uint32_t thresh
                        int64_t stride = 1) {
   uint64_t i = start;
   const uint64_t end = start + static_cast<uint64_t>(n);
-  // Partial leading block, one scalar Philox call.
+  // Partial leading block: one scalar Philox call.
   if ((i & 7) != 0 && i < end) {
     const Philox4 r = mask_block(key, i >> 3);
     for (int lane = static_cast<int>(i & 7); lane < 8 && i < end; ++lane, ++i, out += stride)
       *out = lane_u16(r, lane) >= threshold ? scale : acc_t(0);
   }
-  // Whole blocks, 8 Philox calls at a time.
-  uint32_t words[4][kPhiloxBatch];
+  // Whole blocks, kBlocksPerBatch Philox calls at a time (the last batch may be partly unused).
+  alignas(32) acc_t tmp[kBatchElems];
   while (end - i >= 8) {
-    const uint64_t blocks = std::min<uint64_t>((end - i) >> 3, kPhiloxBatch);
-    philox_batch(key, i >> 3, words);
-    for (uint64_t j = 0; j < blocks; ++j) {
-      for (int lane = 0; lane < 8; ++lane, out += stride) {
-        const uint32_t u16 = (words[lane >> 1][j] >> ((lane & 1) * 16)) & 0xFFFFu;
-        *out = u16 >= threshold ? scale : acc_t(0);
+    const uint64_t block0 = i >> 3;
+    const int64_t take = static_cast<int64_t>(std::min<uint64_t>((end - i) & ~uint64_t(7), kBatchElems));
+    if (static_cast<uint32_t>(block0) > 0xFFFFFFFFu - kBlocksPerBatch) {
+      // The low counter word would wrap inside the batch: scalar blocks keep the 64-bit counter exact.
+      for (int64_t b = 0; b < take / 8; ++b) {
+        const Philox4 r = mask_block(key, block0 + b);
+        for (int lane = 0; lane < 8; ++lane) tmp[b * 8 + lane] = lane_u16(r, lane) >= threshold ? scale : acc_t(0);
       }
+    } else if (stride == 1 && take == kBatchElems) {
+      batch_mult_acc(key, block0, threshold, scale, out);
+      out += kBatchElems;
+      i += kBatchElems;
+      continue;
+    } else {
+      batch_mult_acc(key, block0, threshold, scale, tmp);
     }
-    i += blocks * 8;
+    for (int64_t k = 0; k < take; ++k, out += stride) *out = tmp[k];
+    i += take;
   }
   // Partial trailing block.
   if (i < end) {

@@ -14,8 +14,9 @@ struct RowTiles {
   int64_t tiles_per_batch;  // S > 1 only
 
   explicit RowTiles(const Geometry& g) : N(g.N), S(g.S), C(g.C) {
-    // About 8K elements per tile: data, dy and multipliers of a tile stay in L1/L2.
-    rows_per_tile = std::max<int64_t>(1, std::min<int64_t>(64, 8192 / std::max<int64_t>(C, 1)));
+    // Up to 16K elements per tile (multipliers stay in L2), and up to kBatchElems rows so one Philox batch
+    // serves a whole channel run of the tile.
+    rows_per_tile = std::max<int64_t>(1, std::min<int64_t>(kBatchElems, 16384 / std::max<int64_t>(C, 1)));
     tiles_per_batch = S > 1 ? (S + rows_per_tile - 1) / rows_per_tile : 0;
   }
   int64_t count() const { return S > 1 ? N * tiles_per_batch : (N + rows_per_tile - 1) / rows_per_tile; }
@@ -34,16 +35,59 @@ struct RowTiles {
     return Tile{r0, std::min(rows_per_tile, N - r0), r0, 0};
   }
 
+  // Multipliers of tile t as mult[r * C + c]. For S > 1 each channel's run is generated contiguously into
+  // `scratch` (C * rows_per_tile values) and transposed, so the Philox batches are written with unit stride.
   template <typename acc_type>
-  void fill_mult(const Tile& t, const DropoutParams<acc_type>& dp, acc_type* mult) const {
-    if (S > 1) {
-      for (int64_t c = 0; c < C; ++c)
-        fill_dropout_mult(dp.key, static_cast<uint64_t>((t.n * C + c) * S + t.s0), t.rows, dp.threshold, dp.scale,
-                          mult + c, C);
-    } else {
+  void fill_mult(const Tile& t, const DropoutParams<acc_type>& dp, acc_type* mult, acc_type* scratch) const {
+    if (S == 1) {
       fill_dropout_mult(dp.key, static_cast<uint64_t>(t.row0 * C), t.rows * C, dp.threshold, dp.scale, mult);
+      return;
+    }
+    for (int64_t c = 0; c < C; ++c)
+      fill_dropout_mult(dp.key, static_cast<uint64_t>((t.n * C + c) * S + t.s0), t.rows, dp.threshold, dp.scale,
+                        scratch + c * t.rows);
+    transpose(scratch, C, t.rows, mult);
+  }
+
+  // out[r * cols + c] = in[c * rows + r]
+  template <typename acc_type>
+  static void transpose(const acc_type* in, int64_t cols, int64_t rows, acc_type* out) {
+    int64_t c0 = 0;
+#ifdef BNFUSED_PHILOX_AVX2
+    if constexpr (std::is_same_v<acc_type, float>) {
+      for (; c0 + 8 <= cols; c0 += 8) {
+        int64_t r0 = 0;
+        for (; r0 + 8 <= rows; r0 += 8) transpose8x8(in + c0 * rows + r0, rows, out + r0 * cols + c0, cols);
+        for (; r0 < rows; ++r0)
+          for (int64_t c = c0; c < c0 + 8; ++c) out[r0 * cols + c] = in[c * rows + r0];
+      }
+    }
+#endif
+    for (; c0 < cols; ++c0)
+      for (int64_t r = 0; r < rows; ++r) out[r * cols + c0] = in[c0 * rows + r];
+  }
+
+#ifdef BNFUSED_PHILOX_AVX2
+  // 8x8 float transpose: rows of `in` (stride in_stride) become columns of `out` (stride out_stride).
+  static void transpose8x8(const float* in, int64_t in_stride, float* out, int64_t out_stride) {
+    __m256 r[8], t[8];
+    for (int k = 0; k < 8; ++k) r[k] = _mm256_loadu_ps(in + k * in_stride);
+    for (int k = 0; k < 8; k += 2) {
+      t[k] = _mm256_unpacklo_ps(r[k], r[k + 1]);
+      t[k + 1] = _mm256_unpackhi_ps(r[k], r[k + 1]);
+    }
+    for (int k = 0; k < 8; k += 4) {
+      r[k] = _mm256_shuffle_ps(t[k], t[k + 2], _MM_SHUFFLE(1, 0, 1, 0));
+      r[k + 1] = _mm256_shuffle_ps(t[k], t[k + 2], _MM_SHUFFLE(3, 2, 3, 2));
+      r[k + 2] = _mm256_shuffle_ps(t[k + 1], t[k + 3], _MM_SHUFFLE(1, 0, 1, 0));
+      r[k + 3] = _mm256_shuffle_ps(t[k + 1], t[k + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int k = 0; k < 4; ++k) {
+      _mm256_storeu_ps(out + k * out_stride, _mm256_permute2f128_ps(r[k], r[k + 4], 0x20));
+      _mm256_storeu_ps(out + (k + 4) * out_stride, _mm256_permute2f128_ps(r[k], r[k + 4], 0x31));
     }
   }
+#endif
 };
 
 }  // namespace bnfused::cpu
