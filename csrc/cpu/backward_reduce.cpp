@@ -116,14 +116,14 @@ void reduce_kernel(const at::Tensor& dy_t, const at::Tensor& x, const cpu::Chann
       }
     }
   });
-  for (int64_t c = 0; c < g.C; ++c) {
-    double tg = 0, tgx = 0;
-    for (int64_t grp = 0; grp < n_groups; ++grp) {
-      tg += part_g[grp * g.C + c];
-      tgx += part_gx[grp * g.C + c];
+  // Groups in ascending order for every channel (deterministic), channels innermost (unit stride).
+  std::fill(sum_g, sum_g + g.C, 0.0);
+  std::fill(sum_gx, sum_gx + g.C, 0.0);
+  for (int64_t grp = 0; grp < n_groups; ++grp) {
+    for (int64_t c = 0; c < g.C; ++c) {
+      sum_g[c] += part_g[grp * g.C + c];
+      sum_gx[c] += part_gx[grp * g.C + c];
     }
-    sum_g[c] = tg;
-    sum_gx[c] = tgx;
   }
 }
 

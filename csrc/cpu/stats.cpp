@@ -53,7 +53,9 @@ void stats_channels_last(const at::Tensor& x, const Geometry& g, double* mean_ou
   const int64_t tile = std::min<int64_t>(C, 512);
   const int64_t n_tiles = (C + tile - 1) / tile;
   const int64_t sub_rows = std::max<int64_t>(1, 4096 / tile);
-  int64_t block_rows = std::max<int64_t>(sub_rows, (R + 63) / 64);
+  // At most 64 row blocks, each of at least 64 rows: the final per-column merge (a division per block) stays
+  // small next to the data even for short, wide inputs such as (256, 2048).
+  int64_t block_rows = std::max({sub_rows, (R + 63) / 64, int64_t(64)});
   block_rows = (block_rows + sub_rows - 1) / sub_rows * sub_rows;
   const int64_t n_blocks = (R + block_rows - 1) / block_rows;
 
