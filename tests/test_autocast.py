@@ -54,8 +54,9 @@ def test_autocast_training_like_native_batchnorm(device, dtype, p):
     torch.testing.assert_close(block.running_var, bn.running_var, rtol=1e-5, atol=1e-6)
     # Same float32 math rounded once to the reduced dtype: at most one rounding step apart.
     torch.testing.assert_close(y.float(), y_ref.float(), rtol=1e-2, atol=1e-2)
-    if p > 0:
-        assert torch.equal(y == 0, y_ref == 0), "dropout/ReLU zeros differ from the reference with the same key"
+    if p > 0:  # same key -> same mask; ignore ReLU ties where z rounds to ~0 differently in the two paths
+        clear = (y.float().abs() > 1e-3) | (y_ref.float().abs() > 1e-3)
+        assert torch.equal((y == 0)[clear], (y_ref == 0)[clear]), "dropout zeros differ from the reference's mask"
     # Gradients: the two backward passes round at different places (measured: both within ~2 ulp-of-dtype of
     # the float32 gradient in norm, the fused one slightly closer), so compare in relative norm.
     tol = 8 * torch.finfo(dtype).eps
