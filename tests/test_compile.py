@@ -91,7 +91,7 @@ def test_compile_fullgraph_trains_like_eager(device):
         opt_e.step()
         opt_c.step()
     assert int(model.block1d.num_batches_tracked) == 2
-    assert not torch.equal(running_means[0], running_means[1]), "running stats should move on every compiled training step"
+    assert not torch.equal(running_means[0], running_means[1]), "running stats should move on every compiled step"
     for (name, p_e), (_, p_c) in zip(eager.named_parameters(), model.named_parameters()):
         torch.testing.assert_close(p_c, p_e, **TOL, msg=f"parameter {name} after 2 SGD steps")
 

@@ -24,7 +24,8 @@ def _eval_model(device):
 
 
 def _fused_nodes(exported):
-    return [n for n in exported.graph.nodes if n.op == "call_function" and n.target is torch.ops.bnfused.forward.default]
+    fused_forward = torch.ops.bnfused.forward.default
+    return [n for n in exported.graph.nodes if n.op == "call_function" and n.target is fused_forward]
 
 
 def test_export_eval_model_runs_and_matches(device):
