@@ -96,14 +96,8 @@ def bn_relu_dropout_unchecked(input: Tensor, running_mean: Optional[Tensor], run
     p_eff = float(p) if drop else 0.0
     acc = ops.acc_dtype(input.dtype)
     if training:
-        mean, var = ops.batch_stats(input.detach())
-        rstd = torch.rsqrt(var + eps)
-        if running_mean is not None and running_var is not None:
-            count = input.numel() // input.shape[1]
-            with torch.no_grad():
-                unbiased = var * (count / (count - 1)) if count > 1 else var
-                running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-                running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+        # One op: batch statistics, and the running statistics updated in place when given.
+        mean, rstd = ops.batch_stats_update(input.detach(), running_mean, running_var, float(momentum), float(eps))
     else:
         mean = running_mean.detach().to(acc)
         rstd = torch.rsqrt(running_var.detach().to(acc) + eps)

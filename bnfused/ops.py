@@ -54,6 +54,12 @@ def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     return _ops.batch_stats.default(x)
 
 
+def batch_stats_update(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float,
+                       eps: float) -> tuple[Tensor, Tensor]:
+    """Batch (mean, rstd); running_mean/running_var, when given, updated in place (unbiased variance)."""
+    return _ops.batch_stats_update.default(x, running_mean, running_var, momentum, eps)
+
+
 def forward(x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], key: Tensor,
             p: float, batch_stats: bool) -> Tensor:
     return _ops.forward.default(x, mean, rstd, weight, bias, key, p, batch_stats)
@@ -82,6 +88,11 @@ def _batch_stats_fake(x):
     c = x.shape[1]
     dt = acc_dtype(x.dtype)
     return x.new_empty((c,), dtype=dt), x.new_empty((c,), dtype=dt)
+
+
+@torch.library.register_fake("bnfused::batch_stats_update")
+def _batch_stats_update_fake(x, running_mean, running_var, momentum, eps):
+    return _batch_stats_fake(x)
 
 
 @torch.library.register_fake("bnfused::forward")

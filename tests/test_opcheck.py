@@ -56,6 +56,11 @@ def _sample(layout, dtype, params, device):
 def test_opcheck_ops(device, layout, dtype, params, p, batch_stats):
     x, mean, rstd, weight, bias, key = _sample(layout, dtype, params, device)
     torch.library.opcheck(torch.ops.bnfused.batch_stats.default, (x,))
+    # batch_stats_update mutates the running stats (in the parameter dtype) when given, and works without them.
+    acc = ops.acc_dtype(dtype)
+    running = (torch.zeros(x.shape[1], device=device, dtype=acc), torch.ones(x.shape[1], device=device, dtype=acc))
+    torch.library.opcheck(torch.ops.bnfused.batch_stats_update.default,
+                          (x, *(running if batch_stats else (None, None)), 0.1, 1e-5))
 
     # forward with every differentiable input requiring grad: exercises the registered autograd (setup_context +
     # backward) in test_autograd_registration and test_aot_dispatch_dynamic.
