@@ -19,11 +19,13 @@ def fused_from_batchnorm(bn: nn.modules.batchnorm._BatchNorm, p: float, fused_cl
     ref = bn.weight if bn.weight is not None else bn.running_mean
     fused = cls(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
                 track_running_stats=bn.track_running_stats,
-                device=ref.device if ref is not None else None, dtype=ref.dtype if ref is not None else None, p=p)
+                device=ref.device if ref is not None else None, dtype=ref.dtype if ref is not None else None, p=p,
+                bias=not bn.affine or bn.bias is not None)
     with torch.no_grad():
         fused.load_state_dict(bn.state_dict())
     if bn.weight is not None:
         fused.weight.requires_grad_(bn.weight.requires_grad)
+    if bn.bias is not None:
         fused.bias.requires_grad_(bn.bias.requires_grad)
     fused.train(bn.training)
     return fused

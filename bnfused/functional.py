@@ -23,8 +23,9 @@ def check_p(p: float) -> None:
 
 def check_eps(eps: float) -> None:
     # Comparisons instead of math.isinf: under torch.compile(dynamic=True) eps may be a SymFloat.
+    # The wording keeps PyTorch's "eps must be positive" (what its own module tests match).
     if not 0.0 < eps < math.inf:
-        raise ValueError(f"bn_relu_dropout eps must be a positive finite number, but got {eps}")
+        raise ValueError(f"bn_relu_dropout eps must be positive (and finite), but got {eps}")
 
 
 def check_inputs(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],

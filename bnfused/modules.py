@@ -15,10 +15,14 @@ class _BatchNormReLUDropout(_BatchNorm):
     _expected_dims: tuple[int, ...] = ()
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, device=None, dtype=None, *, p: float = 0.5) -> None:
+                 track_running_stats: bool = True, device=None, dtype=None, *, p: float = 0.5,
+                 bias: bool = True) -> None:
         functional.check_p(p)
         functional.check_eps(eps)
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        # Recent nn.BatchNormXd take bias= (affine weight without bias); pass it only when False so an
+        # older torch (no such argument) keeps working with the default.
+        extra = {} if bias else {"bias": False}
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **extra)
         self.p = float(p)
 
     def _check_input_dim(self, input: Tensor) -> None:
