@@ -264,25 +264,7 @@ def test_ops_reject_bad_key_and_p(device):
                            0.5, m, None)
 
 
-# ---- fake (meta) impls and schemas: torch.library.opcheck ----
-
-@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
-def test_opcheck(device, memory_format):
-    x = torch.randn(2, 3, 4, 5, device=device, dtype=torch.float64).contiguous(memory_format=memory_format)
-    w = torch.rand(3, device=device, dtype=torch.float64) + 0.5
-    b = torch.randn(3, device=device, dtype=torch.float64)
-    mean, var = ops.batch_stats(x)
-    rstd = torch.rsqrt(var + 1e-5)
-    key = key_tensor(5, 6, device)
-    dy = torch.randn_like(x)
-    torch.library.opcheck(torch.ops.bnfused.batch_stats.default, (x,))
-    torch.library.opcheck(torch.ops.bnfused.forward.default,
-                          (x.requires_grad_(), mean, rstd, w.requires_grad_(), b.requires_grad_(), key, 0.25, True))
-    x, w, b = x.detach(), w.detach(), b.detach()
-    torch.library.opcheck(torch.ops.bnfused.backward_reduce.default, (dy, x, mean, rstd, w, b, key, 0.25))
-    torch.library.opcheck(torch.ops.bnfused.backward_input.default,
-                          (dy, x, mean, rstd, w, b, key, 0.25, mean * 0.1, mean * 0.2))
-    torch.library.opcheck(torch.ops.bnfused.dropout_mask.default, (key, [3, 5], 0.5))
+# opcheck of every op (schemas, fake impls, autograd registration) lives in tests/test_opcheck.py
 
 
 def test_kernel_memory_format():
