@@ -1,0 +1,203 @@
+"""bnfused.bn_relu_dropout against bnfused.reference.reference_bn_relu_dropout (F.batch_norm -> relu -> the same
+Philox mask) and against F.batch_norm -> F.relu -> F.dropout: arguments, running-stat updates, keys."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bnfused
+from bnfused import ops
+from bnfused.reference import reference_bn_relu_dropout
+
+C = 4
+CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-5),
+       torch.float16: dict(rtol=2e-3, atol=2e-3), torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}
+GRAD_TOL = {torch.float64: dict(rtol=1e-9, atol=1e-9), torch.float32: dict(rtol=1e-4, atol=1e-4),
+            torch.float16: dict(rtol=1e-2, atol=1e-2), torch.bfloat16: dict(rtol=6e-2, atol=6e-2)}
+
+
+def make_input(shape, layout, dtype, device):
+    if layout == "noncontig":
+        return (torch.randn(*shape[:-1], 2 * shape[-1], device=device) + 0.2).to(dtype)[..., ::2]
+    x = (torch.randn(shape, device=device) + 0.2).to(dtype)
+    return x.contiguous(memory_format=CHANNELS_LAST[x.dim()]) if layout == "channels_last" else x
+
+
+def make_params(device, acc, affine=True):
+    w = (torch.rand(C, device=device, dtype=acc) + 0.5).requires_grad_() if affine else None
+    b = (torch.randn(C, device=device, dtype=acc) * 0.3).requires_grad_() if affine else None
+    rm = torch.randn(C, device=device, dtype=acc) * 0.2
+    rv = torch.rand(C, device=device, dtype=acc) + 0.5
+    return w, b, rm, rv
+
+
+def leaf(t, dtype=None):
+    return None if t is None else t.detach().to(dtype or t.dtype).requires_grad_(t.requires_grad)
+
+
+CASES = [((6, C), "contiguous"), ((3, C, 5), "noncontig"), ((2, C, 3, 5), "contiguous"),
+         ((2, C, 3, 5), "channels_last"), ((2, C, 2, 3, 3), "channels_last"), ((2, C, 2, 3, 3), "noncontig")]
+
+
+@pytest.mark.parametrize("shape,layout", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("p", [0.0, 0.5])
+def test_matches_reference(device, shape, layout, dtype, training, p):
+    acc = ops.acc_dtype(dtype)
+    w, b, rm, rv = make_params(device, acc)
+    x = make_input(shape, layout, dtype, device).requires_grad_()
+    rm_f, rv_f = rm.clone(), rv.clone()
+    y = bnfused.bn_relu_dropout(x, rm_f, rv_f, w, b, training, 0.2, 1e-4, p, seed=1234)
+    assert y.dtype == dtype and y.shape == x.shape
+    # float64 reference from the same input and the same key (seed, 0)
+    xr, wr, br = leaf(x, torch.float64), leaf(w, torch.float64), leaf(b, torch.float64)
+    rm_r, rv_r = rm.double(), rv.double()
+    yr = reference_bn_relu_dropout(xr, rm_r, rv_r, wr, br, training, 0.2, 1e-4, p,
+                                   key=torch.tensor([1234, 0], device=device))
+    torch.testing.assert_close(y.double(), yr, **TOL[dtype])
+    stat_tol = TOL[torch.float64] if dtype == torch.float64 else TOL[torch.float32]
+    torch.testing.assert_close(rm_f.double(), rm_r, **stat_tol)
+    torch.testing.assert_close(rv_f.double(), rv_r, **stat_tol)
+    if not training:
+        assert torch.equal(rm_f, rm) and torch.equal(rv_f, rv)
+    dy = torch.randn(shape, device=device).to(dtype)
+    y.backward(dy)
+    yr.backward(dy.double())
+    torch.testing.assert_close(x.grad.double(), xr.grad, **GRAD_TOL[dtype])
+    torch.testing.assert_close(w.grad.double(), wr.grad, **GRAD_TOL[dtype])
+    torch.testing.assert_close(b.grad.double(), br.grad, **GRAD_TOL[dtype])
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("with_running", [True, False])
+def test_matches_torch_functional_chain(device, training, with_running):
+    """p = 0 (and eval) equal F.batch_norm -> F.relu -> F.dropout; with p > 0 in training they agree in law."""
+    if not training and not with_running:
+        pytest.skip("eval needs running statistics (tested in test_bad_inputs)")
+    w, b, rm, rv = make_params(device, torch.float32)
+    x = make_input((3, C, 4, 5), "contiguous", torch.float32, device)
+    rm1, rv1, rm2, rv2 = rm.clone(), rv.clone(), rm.clone(), rv.clone()
+    running = (rm1, rv1) if with_running else (None, None)
+    y = bnfused.bn_relu_dropout(x, *running, w, b, training, 0.1, 1e-5, 0.0)
+    ref_running = (rm2, rv2) if with_running else (None, None)
+    bn_relu = F.relu(F.batch_norm(x, *ref_running, w, b, training, 0.1, 1e-5))
+    torch.testing.assert_close(y, F.dropout(bn_relu, 0.0, training), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rm1, rm2)
+    torch.testing.assert_close(rv1, rv2)
+    if training:
+        y = bnfused.bn_relu_dropout(x, None, None, w, b, True, 0.1, 1e-5, 0.25)
+        kept = y != 0
+        no_stats = F.relu(F.batch_norm(x, None, None, w, b, True, 0.1, 1e-5))
+        torch.testing.assert_close(y[kept], no_stats[kept] / 0.75, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.3, 1.0])
+def test_running_update_momentum(device, momentum):
+    x = make_input((5, C, 7), "contiguous", torch.float64, device)
+    _, _, rm, rv = make_params(device, torch.float64)
+    rm0, rv0 = rm.clone(), rv.clone()
+    bnfused.bn_relu_dropout(x, rm, rv, None, None, True, momentum, 1e-5, 0.5)
+    var, mean = torch.var_mean(x, dim=[0, 2], unbiased=True)  # running_var takes the unbiased variance
+    torch.testing.assert_close(rm, (1 - momentum) * rm0 + momentum * mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rv, (1 - momentum) * rv0 + momentum * var, rtol=1e-12, atol=1e-12)
+
+
+def test_training_without_running_stats_uses_batch_stats(device):
+    x = make_input((4, C, 6), "contiguous", torch.float64, device)
+    y = bnfused.bn_relu_dropout(x, None, None, training=True, p=0.0)
+    torch.testing.assert_close(y, F.relu(F.batch_norm(x, None, None, training=True)), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("weight,bias", [(True, False), (False, True)])
+def test_weight_or_bias_alone(device, weight, bias):
+    w, b, rm, rv = make_params(device, torch.float64)
+    w, b = (w if weight else None), (b if bias else None)
+    x = make_input((3, C, 5), "contiguous", torch.float64, device).requires_grad_()
+    y = bnfused.bn_relu_dropout(x, rm.clone(), rv.clone(), w, b, True, 0.1, 1e-5, 0.5, seed=9)
+    xr = leaf(x)
+    wr, br = leaf(w), leaf(b)
+    yr = reference_bn_relu_dropout(xr, rm.clone(), rv.clone(), wr, br, True, 0.1, 1e-5, 0.5,
+                                   key=torch.tensor([9, 0], device=device))
+    torch.testing.assert_close(y, yr, rtol=1e-10, atol=1e-10)
+    y.sum().backward()
+    yr.sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-9, atol=1e-9)
+    for fused_p, ref_p in ((w, wr), (b, br)):
+        if fused_p is not None:
+            torch.testing.assert_close(fused_p.grad, ref_p.grad, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_reduced_dtype_params_in_input_dtype(device, dtype):
+    """Reduced-precision input accepts weight/bias in its own dtype as well as in float32 (running stats float32)."""
+    w, b, rm, rv = make_params(device, torch.float32)
+    x = make_input((2, C, 3, 4), "contiguous", dtype, device)
+    y32 = bnfused.bn_relu_dropout(x, rm.clone(), rv.clone(), w, b, True, 0.1, 1e-5, 0.0)
+    y_low = bnfused.bn_relu_dropout(x, rm.clone(), rv.clone(), w.to(dtype), b.to(dtype), True, 0.1, 1e-5, 0.0)
+    yr = F.relu(F.batch_norm(x.double(), None, None, w.to(dtype).double(), b.to(dtype).double(), True))
+    torch.testing.assert_close(y_low.double(), yr, **TOL[dtype])
+    torch.testing.assert_close(y32.double(), y_low.double(), **TOL[dtype])
+
+
+def test_dropout_training_decoupled_from_batch_stats(device):
+    w, b, rm, rv = make_params(device, torch.float64)
+    x = make_input((3, C, 6), "contiguous", torch.float64, device)
+    key = torch.tensor([5, 0], device=device)
+    # running statistics (eval BN) with dropout on, as a module in eval with an MC-dropout flag would want
+    y = bnfused.bn_relu_dropout(x, rm, rv, w, b, False, 0.1, 1e-5, 0.5, seed=5, dropout_training=True)
+    yr = reference_bn_relu_dropout(x, rm, rv, w, b, False, 0.1, 1e-5, 0.5, key=key, dropout_training=True)
+    torch.testing.assert_close(y, yr, rtol=1e-12, atol=1e-12)
+    assert (y == 0).sum() > (F.relu(F.batch_norm(x, rm, rv, w, b, False)) == 0).sum()  # dropout did act
+    # batch statistics without dropout
+    y = bnfused.bn_relu_dropout(x, None, None, w, b, True, 0.1, 1e-5, 0.5, dropout_training=False)
+    torch.testing.assert_close(y, F.relu(F.batch_norm(x, None, None, w, b, True)), rtol=1e-12, atol=1e-12)
+
+
+def test_key_sources(device):
+    x = make_input((2, C, 8, 8), "contiguous", torch.float32, device)
+    # seed= gives key (seed, 0); the same seed gives the same output, a different one another output
+    y1 = bnfused.bn_relu_dropout(x, None, None, training=True, p=0.5, seed=42)
+    y2 = bnfused.bn_relu_dropout(x, None, None, training=True, p=0.5, seed=42)
+    y3 = bnfused.bn_relu_dropout(x, None, None, training=True, p=0.5, seed=43)
+    yr = reference_bn_relu_dropout(x, None, None, training=True, p=0.5, key=torch.tensor([42, 0]))
+    assert torch.equal(y1, y2) and not torch.equal(y1, y3)
+    torch.testing.assert_close(y1, yr)
+    # seeds up to 2**64 - 1 are reinterpreted as int64
+    y_big = bnfused.bn_relu_dropout(x, None, None, training=True, p=0.5, seed=2**64 - 1)
+    torch.testing.assert_close(y_big, reference_bn_relu_dropout(x, None, None, training=True, p=0.5,
+                                                                key=torch.tensor([-1, 0])))
+    with pytest.raises(ValueError, match="seed must fit in 64 bits"):
+        bnfused.bn_relu_dropout(x, None, None, training=True, p=0.5, seed=2**64)
+    # generator=: the key is drawn from it, so a generator in the same state gives the same mask
+    gen = torch.Generator(device=device).manual_seed(7)
+    expected_key = ops.philox_key(x.device, torch.Generator(device=device).manual_seed(7))
+    y_gen = bnfused.bn_relu_dropout(x, None, None, training=True, p=0.5, generator=gen)
+    torch.testing.assert_close(y_gen, reference_bn_relu_dropout(x, None, None, training=True, p=0.5,
+                                                                key=expected_key))
+    rng = torch.get_rng_state()
+    bnfused.bn_relu_dropout(x, None, None, training=True, p=0.5, generator=gen)
+    assert torch.equal(torch.get_rng_state(), rng), "an explicit generator leaves the default one alone"
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_zero_size_batch(device, training):
+    w, b, rm, rv = make_params(device, torch.float32)
+    x = torch.randn(0, C, 3, device=device, requires_grad=True)
+    rm0, rv0 = rm.clone(), rv.clone()
+    y = bnfused.bn_relu_dropout(x, rm, rv, w, b, training, 0.1, 1e-5, 0.5)
+    assert y.shape == x.shape
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+    y.sum().backward()
+    assert x.grad.shape == x.shape and not w.grad.any() and not b.grad.any()
+
+
+def test_p1_gives_zeros_and_zero_grads(device):
+    w, b, rm, rv = make_params(device, torch.float32)
+    x = make_input((3, C, 4, 4), "channels_last", torch.float32, device).requires_grad_()
+    rm0 = rm.clone()
+    y = bnfused.bn_relu_dropout(x, rm, rv, w, b, True, 0.1, 1e-5, 1.0)
+    assert y.shape == x.shape and not y.any()
+    y.backward(torch.randn_like(y))
+    assert not x.grad.any() and not w.grad.any() and not b.grad.any()
+    assert not torch.equal(rm, rm0)  # statistics still update at p = 1
