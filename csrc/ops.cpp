@@ -299,6 +299,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("counter"), pybind11::arg("key"));
   m.def("philox_block", &philox_block, "Philox output used for mask block `block` (elements 8*block ... 8*block+7)",
         pybind11::arg("seed"), pybind11::arg("offset"), pybind11::arg("block"));
+  m.def("empty_cache", &bnfused::cpu::release_cached_outputs,
+        "Free the CPU output blocks (>= 32 MiB) bnfused keeps for reuse; returns the bytes released");
   m.def("threshold16", &bnfused::threshold16, "Drop threshold (out of 65536) the kernels use for probability p",
         pybind11::arg("p"));
 }

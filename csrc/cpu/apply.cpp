@@ -62,8 +62,7 @@ void forward_kernel(const at::Tensor& x, const cpu::ChannelParams<cpu::acc_t<sca
   }
   const cpu::RowTiles tiles(g);
   at::parallel_for(0, tiles.count(), 1, [&](int64_t begin, int64_t end) {
-    const int64_t tile_elems = tiles.rows_per_tile * g.C;
-    std::vector<acc> xbuf(g.C), ybuf(g.C), mult(dp.active ? tile_elems : 0), scratch(mult.size());
+    std::vector<acc> xbuf(g.C), ybuf(g.C), mult(dp.active ? tiles.mult_elems() : 0), scratch(mult.size());
     for (int64_t ti = begin; ti < end; ++ti) {
       const auto t = tiles.tile(ti);
       if (dp.active) tiles.fill_mult(t, dp, mult.data(), scratch.data());
@@ -71,7 +70,7 @@ void forward_kernel(const at::Tensor& x, const cpu::ChannelParams<cpu::acc_t<sca
         const int64_t off = (t.row0 + r) * g.C;
         acc* y = cpu::out_acc(yd + off, ybuf.data());
         forward_run<acc>(cpu::as_acc(xd + off, g.C, xbuf.data()), a.data(), b.data(),
-                         dp.active ? mult.data() + r * g.C : nullptr, y, g.C, true);
+                         dp.active ? mult.data() + r * tiles.mult_stride() : nullptr, y, g.C, true);
         cpu::store_from(y, yd + off, g.C);
       }
     }
@@ -90,20 +89,24 @@ inline void grad_input_run(const acc* dy, const acc* x, const acc* mult, const G
                            acc* dx, int64_t n, bool per_element) {
   using Vec = at::vec::Vectorized<acc>;
   const Vec zero(0);
-  auto coef = [&](const std::vector<acc>& v, int64_t i, int cnt) {
-    return per_element ? cpu::load(v.data() + c0 + i, cnt) : Vec(v[c0]);
+  // Per-plane coefficients are broadcast once: dx stores could alias the coefficient arrays, so the compiler
+  // would otherwise reload them every step.
+  const Vec a0(k.a[c0]), b0(k.b[c0]), A0(k.A[c0]), C0(k.C[c0]), K0(k.K[c0]), m0(k.mean[c0]);
+  auto coef = [&](const std::vector<acc>& v, const Vec& broadcast, int64_t i, int cnt) {
+    return per_element ? cpu::load(v.data() + c0 + i, cnt) : broadcast;
   };
   cpu::vec_loop<acc>(n, [&](int64_t i, int cnt) {
     const Vec xv = cpu::load(x + i, cnt);
-    const Vec z = at::vec::fmadd(xv, coef(k.a, i, cnt), coef(k.b, i, cnt));
+    const Vec z = at::vec::fmadd(xv, coef(k.a, a0, i, cnt), coef(k.b, b0, i, cnt));
     Vec gm = cpu::load(dy + i, cnt);
     if (mult) gm = gm * cpu::load(mult + i, cnt);
     const Vec grad = Vec::blendv(zero, gm, z > zero);
     Vec out;
     if constexpr (kBatchStats)
-      out = at::vec::fmadd(grad, coef(k.A, i, cnt), coef(k.C, i, cnt) - (xv - coef(k.mean, i, cnt)) * coef(k.K, i, cnt));
+      out = at::vec::fmadd(grad, coef(k.A, A0, i, cnt),
+                           coef(k.C, C0, i, cnt) - (xv - coef(k.mean, m0, i, cnt)) * coef(k.K, K0, i, cnt));
     else
-      out = grad * coef(k.A, i, cnt);
+      out = grad * coef(k.A, A0, i, cnt);
     cpu::store(out, dx + i, cnt);
   });
 }
@@ -137,7 +140,7 @@ void backward_input_kernel(const at::Tensor& dy_t, const at::Tensor& x, const Gr
   }
   const cpu::RowTiles tiles(g);
   at::parallel_for(0, tiles.count(), 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc> xbuf(g.C), dybuf(g.C), outbuf(g.C), mult(dp.active ? tiles.rows_per_tile * g.C : 0),
+    std::vector<acc> xbuf(g.C), dybuf(g.C), outbuf(g.C), mult(dp.active ? tiles.mult_elems() : 0),
         scratch(mult.size());
     for (int64_t ti = begin; ti < end; ++ti) {
       const auto t = tiles.tile(ti);
@@ -147,7 +150,7 @@ void backward_input_kernel(const at::Tensor& dy_t, const at::Tensor& x, const Gr
         acc* out = cpu::out_acc(dxd + off, outbuf.data());
         grad_input_run<acc, kBatchStats>(cpu::as_acc(dyd + off, g.C, dybuf.data()),
                                          cpu::as_acc(xd + off, g.C, xbuf.data()),
-                                         dp.active ? mult.data() + r * g.C : nullptr, k, 0, out, g.C, true);
+                                         dp.active ? mult.data() + r * tiles.mult_stride() : nullptr, k, 0, out, g.C, true);
         cpu::store_from(out, dxd + off, g.C);
       }
     }

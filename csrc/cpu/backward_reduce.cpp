@@ -13,25 +13,56 @@ namespace {
 
 using cpu::kChunk;
 
-// Adds Σ g and Σ g·(x − mean) over n elements into sg/sgx (vectors), per lane.
+// g = dy * mult masked by [z > 0] for one vector of elements; partial loads give x = dy = 0, hence g = 0.
 template <typename acc>
-inline void reduce_run(const acc* dy, const acc* x, const acc* mult, const acc* a, const acc* b, const acc* mean,
-                       int64_t n, bool per_element, acc* sg, acc* sgx) {
+inline at::vec::Vectorized<acc> grad_vec(const at::vec::Vectorized<acc>& xv, const acc* dy, const acc* mult,
+                                         const at::vec::Vectorized<acc>& a, const at::vec::Vectorized<acc>& b,
+                                         int64_t i, int cnt) {
   using Vec = at::vec::Vectorized<acc>;
-  const Vec zero(0);
+  const Vec z = at::vec::fmadd(xv, a, b);
+  Vec gm = cpu::load(dy + i, cnt);
+  if (mult) gm = gm * cpu::load(mult + i, cnt);
+  return Vec::blendv(Vec(0), gm, z > Vec(0));
+}
+
+// One channel (a plane chunk): Σ g and Σ g·(x − mean) into register accumulators (two pairs for ILP).
+template <typename acc>
+inline void reduce_plane(const acc* dy, const acc* x, const acc* mult, acc a, acc b, acc mean, int64_t n, acc* sg,
+                         acc* sgx) {
+  using Vec = at::vec::Vectorized<acc>;
+  const Vec va(a), vb(b), vm(mean);
+  Vec g0(0), g1(0), gx0(0), gx1(0);
+  int64_t i = 0;
+  for (; i + 2 * Vec::size() <= n; i += 2 * Vec::size()) {
+    const Vec x0 = Vec::loadu(x + i), x1 = Vec::loadu(x + i + Vec::size());
+    const Vec d0 = grad_vec(x0, dy, mult, va, vb, i, Vec::size());
+    const Vec d1 = grad_vec(x1, dy, mult, va, vb, i + Vec::size(), Vec::size());
+    g0 += d0;
+    g1 += d1;
+    gx0 = at::vec::fmadd(d0, x0 - vm, gx0);
+    gx1 = at::vec::fmadd(d1, x1 - vm, gx1);
+  }
+  for (; i < n; i += Vec::size()) {
+    const int cnt = static_cast<int>(std::min<int64_t>(Vec::size(), n - i));
+    const Vec x0 = cpu::load(x + i, cnt);
+    const Vec d0 = grad_vec(x0, dy, mult, va, vb, i, cnt);
+    g0 += d0;
+    gx0 = at::vec::fmadd(d0, x0 - vm, gx0);
+  }
+  (g0 + g1).store(sg);
+  (gx0 + gx1).store(sgx);
+}
+
+// One row of the ChannelsLast layout: per-channel Σ g and Σ g·(x − mean) added into sg[c], sgx[c].
+template <typename acc>
+inline void reduce_row(const acc* dy, const acc* x, const acc* mult, const acc* a, const acc* b, const acc* mean,
+                       int64_t n, acc* sg, acc* sgx) {
+  using Vec = at::vec::Vectorized<acc>;
   cpu::vec_loop<acc>(n, [&](int64_t i, int cnt) {
-    const int64_t ci = per_element ? i : 0;
-    const Vec va = per_element ? cpu::load(a + ci, cnt) : Vec(a[0]);
-    const Vec vb = per_element ? cpu::load(b + ci, cnt) : Vec(b[0]);
-    const Vec vm = per_element ? cpu::load(mean + ci, cnt) : Vec(mean[0]);
     const Vec xv = cpu::load(x + i, cnt);
-    const Vec z = at::vec::fmadd(xv, va, vb);
-    Vec gm = cpu::load(dy + i, cnt);
-    if (mult) gm = gm * cpu::load(mult + i, cnt);
-    const Vec grad = Vec::blendv(zero, gm, z > zero);  // partial loads give x = dy = 0 => g = 0 in unused lanes
-    const int64_t o = per_element ? i : 0;
-    cpu::store(cpu::load(sg + o, cnt) + grad, sg + o, cnt);
-    cpu::store(at::vec::fmadd(grad, xv - vm, cpu::load(sgx + o, cnt)), sgx + o, cnt);
+    const Vec grad = grad_vec(xv, dy, mult, cpu::load(a + i, cnt), cpu::load(b + i, cnt), i, cnt);
+    cpu::store(cpu::load(sg + i, cnt) + grad, sg + i, cnt);
+    cpu::store(at::vec::fmadd(grad, xv - cpu::load(mean + i, cnt), cpu::load(sgx + i, cnt)), sgx + i, cnt);
   });
 }
 
@@ -65,10 +96,8 @@ void reduce_kernel(const at::Tensor& dy_t, const at::Tensor& x, const cpu::Chann
         for (int64_t s0 = 0; s0 < g.S; s0 += kChunk) {
           const int64_t n = std::min(kChunk, g.S - s0), off = plane * g.S + s0;
           if (dp.active) cpu::fill_dropout_mult(dp.key, off, n, dp.threshold, dp.scale, mult.data());
-          Vec(0).store(sg);
-          Vec(0).store(sgx);
-          reduce_run<acc>(cpu::as_acc(dyd + off, n, dybuf.data()), cpu::as_acc(xd + off, n, xbuf.data()),
-                          dp.active ? mult.data() : nullptr, &a[c], &b[c], &mean[c], n, false, sg, sgx);
+          reduce_plane<acc>(cpu::as_acc(dyd + off, n, dybuf.data()), cpu::as_acc(xd + off, n, xbuf.data()),
+                            dp.active ? mult.data() : nullptr, a[c], b[c], mean[c], n, sg, sgx);
           tg += hsum(sg);
           tgx += hsum(sgx);
         }
@@ -93,7 +122,7 @@ void reduce_kernel(const at::Tensor& dy_t, const at::Tensor& x, const cpu::Chann
   const int64_t n_groups = std::min<int64_t>(n_tiles, 64);
   std::vector<double> part_g(n_groups * g.C, 0.0), part_gx(n_groups * g.C, 0.0);
   at::parallel_for(0, n_groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc> xbuf(g.C), dybuf(g.C), sg(g.C), sgx(g.C), mult(dp.active ? tiles.rows_per_tile * g.C : 0),
+    std::vector<acc> xbuf(g.C), dybuf(g.C), sg(g.C), sgx(g.C), mult(dp.active ? tiles.mult_elems() : 0),
         scratch(mult.size());
     for (int64_t grp = begin; grp < end; ++grp) {
       double* pg = part_g.data() + grp * g.C;
@@ -105,8 +134,8 @@ void reduce_kernel(const at::Tensor& dy_t, const at::Tensor& x, const cpu::Chann
         std::fill(sgx.begin(), sgx.end(), acc(0));
         for (int64_t r = 0; r < t.rows; ++r) {
           const int64_t off = (t.row0 + r) * g.C;
-          reduce_run<acc>(cpu::as_acc(dyd + off, g.C, dybuf.data()), cpu::as_acc(xd + off, g.C, xbuf.data()),
-                          dp.active ? mult.data() + r * g.C : nullptr, a.data(), b.data(), mean.data(), g.C, true,
+          reduce_row<acc>(cpu::as_acc(dyd + off, g.C, dybuf.data()), cpu::as_acc(xd + off, g.C, xbuf.data()),
+                          dp.active ? mult.data() + r * tiles.mult_stride() : nullptr, a.data(), b.data(), mean.data(), g.C,
                           sg.data(), sgx.data());
         }
         for (int64_t c = 0; c < g.C; ++c) {

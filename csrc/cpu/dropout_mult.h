@@ -19,15 +19,19 @@ constexpr int kBlocksPerBatch = 16;                          // Philox calls per
 constexpr int kBatchElems = kBlocksPerBatch * kMaskLanes;    // 128 elements
 
 #ifdef BNFUSED_PHILOX_AVX2
-// Philox of blocks block0 .. block0+15, one block per 32-bit lane: w[h][k] lane j = word k of block
+// Philox of blocks block0 .. block0+8*kSets-1, one block per 32-bit lane: w[h][k] lane j = word k of block
 // block0 + 8h + j. Two independent sets of 8 lanes are interleaved so the multiply latency chain of one hides
-// behind the other.
-inline void philox16(PhiloxKey key, uint64_t block0, __m256i w[2][4]) {
+// behind the other; one set serves runs of only 8 blocks.
+// Set h starts at block first[h] (callers guarantee the low counter word does not wrap inside a set).
+template <int kSets>
+inline void philox_sets(PhiloxKey key, const uint64_t first[2], __m256i w[2][4]) {
+  static_assert(kSets == 1 || kSets == 2, "one or two sets of 8 blocks");
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i base = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(block0)));
-  __m256i c0[2] = {_mm256_add_epi32(base, lane), _mm256_add_epi32(base, _mm256_add_epi32(lane, _mm256_set1_epi32(8)))};
-  const __m256i hi = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(block0 >> 32)));
-  __m256i c1[2] = {hi, hi};
+  __m256i c0[2], c1[2];
+  for (int h = 0; h < kSets; ++h) {
+    c0[h] = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(first[h]))), lane);
+    c1[h] = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(first[h] >> 32)));
+  }
   const __m256i off_lo = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(key.offset)));
   const __m256i off_hi = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(key.offset >> 32)));
   __m256i c2[2] = {off_lo, off_lo}, c3[2] = {off_hi, off_hi};
@@ -36,7 +40,7 @@ inline void philox16(PhiloxKey key, uint64_t block0, __m256i w[2][4]) {
   const __m256i m1 = _mm256_set1_epi32(static_cast<int>(kPhiloxM1));
   for (int round = 0; round < 10; ++round) {
     const __m256i vk0 = _mm256_set1_epi32(static_cast<int>(k0)), vk1 = _mm256_set1_epi32(static_cast<int>(k1));
-    for (int h = 0; h < 2; ++h) {
+    for (int h = 0; h < kSets; ++h) {
       // 32x32 -> 64-bit products of even and odd lanes, regrouped into hi/lo words per lane.
       const __m256i p0e = _mm256_mul_epu32(c0[h], m0), p0o = _mm256_mul_epu32(_mm256_srli_epi64(c0[h], 32), m0);
       const __m256i p1e = _mm256_mul_epu32(c2[h], m1), p1o = _mm256_mul_epu32(_mm256_srli_epi64(c2[h], 32), m1);
@@ -52,7 +56,7 @@ inline void philox16(PhiloxKey key, uint64_t block0, __m256i w[2][4]) {
     k0 += kPhiloxW0;
     k1 += kPhiloxW1;
   }
-  for (int h = 0; h < 2; ++h) {
+  for (int h = 0; h < kSets; ++h) {
     w[h][0] = c0[h];
     w[h][1] = c1[h];
     w[h][2] = c2[h];
@@ -60,13 +64,14 @@ inline void philox16(PhiloxKey key, uint64_t block0, __m256i w[2][4]) {
   }
 }
 
-// Float multipliers of the 128 elements of blocks block0 .. block0+15, in element order.
-inline void batch_mult(PhiloxKey key, uint64_t block0, uint32_t threshold, float scale, float* out) {
+// Float multipliers, in element order, of the 8 blocks first[h] .. first[h]+7 of each set h into out[h].
+template <int kSets>
+inline void sets_mult(PhiloxKey key, const uint64_t first[2], uint32_t threshold, float scale, float* const out[2]) {
   __m256i w[2][4];
-  philox16(key, block0, w);
+  philox_sets<kSets>(key, first, w);
   const __m256i below = _mm256_set1_epi32(static_cast<int>(threshold) - 1);  // keep iff u16 > threshold - 1
   const __m256 vscale = _mm256_set1_ps(scale);
-  for (int h = 0; h < 2; ++h) {
+  for (int h = 0; h < kSets; ++h) {
     // 4x8 transpose of words: afterwards each 128-bit half holds one block's 8 u16 lanes in element order.
     const __m256i a01lo = _mm256_unpacklo_epi32(w[h][0], w[h][1]), a01hi = _mm256_unpackhi_epi32(w[h][0], w[h][1]);
     const __m256i a23lo = _mm256_unpacklo_epi32(w[h][2], w[h][3]), a23hi = _mm256_unpackhi_epi32(w[h][2], w[h][3]);
@@ -76,29 +81,41 @@ inline void batch_mult(PhiloxKey key, uint64_t block0, uint32_t threshold, float
       for (int k = 0; k < 4; ++k) {
         const __m128i lanes = half ? _mm256_extracti128_si256(t[k], 1) : _mm256_castsi256_si128(t[k]);
         const __m256i keep = _mm256_cmpgt_epi32(_mm256_cvtepu16_epi32(lanes), below);
-        _mm256_storeu_ps(out + (h * 8 + half * 4 + k) * kMaskLanes, _mm256_and_ps(_mm256_castsi256_ps(keep), vscale));
+        _mm256_storeu_ps(out[h] + (half * 4 + k) * kMaskLanes, _mm256_and_ps(_mm256_castsi256_ps(keep), vscale));
       }
     }
   }
 }
 #else
-inline void batch_mult(PhiloxKey key, uint64_t block0, uint32_t threshold, float scale, float* out) {
-  for (int j = 0; j < kBlocksPerBatch; ++j) {
-    const Philox4 r = mask_block(key, block0 + j);
-    for (int lane = 0; lane < kMaskLanes; ++lane) *out++ = lane_u16(r, lane) >= threshold ? scale : 0.0f;
+template <int kSets>
+inline void sets_mult(PhiloxKey key, const uint64_t first[2], uint32_t threshold, float scale, float* const out[2]) {
+  for (int h = 0; h < kSets; ++h) {
+    float* o = out[h];
+    for (int j = 0; j < 8; ++j) {
+      const Philox4 r = mask_block(key, first[h] + j);
+      for (int lane = 0; lane < kMaskLanes; ++lane) *o++ = lane_u16(r, lane) >= threshold ? scale : 0.0f;
+    }
   }
 }
 #endif
 
+// Float multipliers of the 64*kSets elements of blocks block0 .. block0+8*kSets-1, in element order.
+template <int kSets = 2>
+inline void batch_mult(PhiloxKey key, uint64_t block0, uint32_t threshold, float scale, float* out) {
+  const uint64_t first[2] = {block0, block0 + 8};
+  float* const outs[2] = {out, out + 64};
+  sets_mult<kSets>(key, first, threshold, scale, outs);
+}
+
 // Multipliers of the kBatchElems elements of blocks block0 .. block0+kBlocksPerBatch-1 as acc_t (double gets an exact 1/(1-p)).
-template <typename acc_t>
+template <int kSets, typename acc_t>
 inline void batch_mult_acc(PhiloxKey key, uint64_t block0, uint32_t threshold, acc_t scale, acc_t* out) {
   if constexpr (std::is_same_v<acc_t, float>) {
-    batch_mult(key, block0, threshold, scale, out);
+    batch_mult<kSets>(key, block0, threshold, scale, out);
   } else {
     float keep[kBatchElems];
-    batch_mult(key, block0, threshold, 1.0f, keep);
-    for (int i = 0; i < kBatchElems; ++i) out[i] = keep[i] != 0.0f ? scale : acc_t(0);
+    batch_mult<kSets>(key, block0, threshold, 1.0f, keep);
+    for (int i = 0; i < 64 * kSets; ++i) out[i] = keep[i] != 0.0f ? scale : acc_t(0);
   }
 }
 
@@ -126,12 +143,14 @@ void fill_dropout_mult(PhiloxKey key, uint64_t start, int64_t n, uint32_t thresh
         for (int lane = 0; lane < 8; ++lane) tmp[b * 8 + lane] = lane_u16(r, lane) >= threshold ? scale : acc_t(0);
       }
     } else if (stride == 1 && take == kBatchElems) {
-      batch_mult_acc(key, block0, threshold, scale, out);
+      batch_mult_acc<2>(key, block0, threshold, scale, out);
       out += kBatchElems;
       i += kBatchElems;
       continue;
+    } else if (take <= kBatchElems / 2) {
+      batch_mult_acc<1>(key, block0, threshold, scale, tmp);  // half a batch is enough
     } else {
-      batch_mult_acc(key, block0, threshold, scale, tmp);
+      batch_mult_acc<2>(key, block0, threshold, scale, tmp);
     }
     for (int64_t k = 0; k < take; ++k, out += stride) *out = tmp[k];
     i += take;
@@ -142,6 +161,27 @@ void fill_dropout_mult(PhiloxKey key, uint64_t start, int64_t n, uint32_t thresh
     for (int lane = 0; i < end; ++lane, ++i, out += stride)
       *out = lane_u16(r, lane) >= threshold ? scale : acc_t(0);
   }
+}
+
+// Two runs of 8..64 elements (starts[0], starts[1], both multiples of 8, n a multiple of 8) at once: the two
+// Philox sets interleave, which single runs this short cannot do. Falls back to fill_dropout_mult otherwise.
+template <typename acc_t>
+void fill_dropout_mult_pair(PhiloxKey key, const uint64_t starts[2], int64_t n, uint32_t threshold, acc_t scale,
+                            acc_t* const out[2]) {
+  const bool paired = std::is_same_v<acc_t, float> && n > 0 && n <= 64 && (n & 7) == 0 && (starts[0] & 7) == 0 &&
+                      (starts[1] & 7) == 0 && static_cast<uint32_t>(starts[0] >> 3) <= 0xFFFFFFFFu - 8 &&
+                      static_cast<uint32_t>(starts[1] >> 3) <= 0xFFFFFFFFu - 8;
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (paired) {
+      alignas(32) float tmp[2][64];
+      const uint64_t first[2] = {starts[0] >> 3, starts[1] >> 3};
+      float* const outs[2] = {tmp[0], tmp[1]};
+      sets_mult<2>(key, first, threshold, scale, outs);
+      for (int h = 0; h < 2; ++h) std::copy(tmp[h], tmp[h] + n, out[h]);
+      return;
+    }
+  }
+  for (int h = 0; h < 2; ++h) fill_dropout_mult(key, starts[h], n, threshold, scale, out[h]);
 }
 
 }  // namespace bnfused::cpu

@@ -35,36 +35,46 @@ struct RowTiles {
     return Tile{r0, std::min(rows_per_tile, N - r0), r0, 0};
   }
 
-  // Multipliers of tile t as mult[r * C + c]. For S > 1 each channel's run is generated contiguously into
-  // `scratch` (C * rows_per_tile values) and transposed, so the Philox batches are written with unit stride.
+  // Row stride of a tile's multipliers: padded when S > 1 so the transposed stores of 8x8 blocks do not alias
+  // the loads 4 KiB apart.
+  int64_t mult_stride() const { return S > 1 ? C + 8 : C; }
+  int64_t mult_elems() const { return rows_per_tile * mult_stride(); }
+
+  // Multipliers of tile t as mult[r * mult_stride() + c]. For S > 1 each channel's run is generated contiguously
+  // into `scratch` (C * rows_per_tile values), two channels at a time, and transposed.
   template <typename acc_type>
   void fill_mult(const Tile& t, const DropoutParams<acc_type>& dp, acc_type* mult, acc_type* scratch) const {
     if (S == 1) {
       fill_dropout_mult(dp.key, static_cast<uint64_t>(t.row0 * C), t.rows * C, dp.threshold, dp.scale, mult);
       return;
     }
-    for (int64_t c = 0; c < C; ++c)
-      fill_dropout_mult(dp.key, static_cast<uint64_t>((t.n * C + c) * S + t.s0), t.rows, dp.threshold, dp.scale,
-                        scratch + c * t.rows);
-    transpose(scratch, C, t.rows, mult);
+    auto start = [&](int64_t c) { return static_cast<uint64_t>((t.n * C + c) * S + t.s0); };
+    int64_t c = 0;
+    for (; c + 2 <= C; c += 2) {
+      const uint64_t starts[2] = {start(c), start(c + 1)};
+      acc_type* const outs[2] = {scratch + c * t.rows, scratch + (c + 1) * t.rows};
+      fill_dropout_mult_pair(dp.key, starts, t.rows, dp.threshold, dp.scale, outs);
+    }
+    for (; c < C; ++c) fill_dropout_mult(dp.key, start(c), t.rows, dp.threshold, dp.scale, scratch + c * t.rows);
+    transpose(scratch, C, t.rows, mult, mult_stride());
   }
 
-  // out[r * cols + c] = in[c * rows + r]
+  // out[r * ld + c] = in[c * rows + r]
   template <typename acc_type>
-  static void transpose(const acc_type* in, int64_t cols, int64_t rows, acc_type* out) {
+  static void transpose(const acc_type* in, int64_t cols, int64_t rows, acc_type* out, int64_t ld) {
     int64_t c0 = 0;
 #ifdef BNFUSED_PHILOX_AVX2
     if constexpr (std::is_same_v<acc_type, float>) {
       for (; c0 + 8 <= cols; c0 += 8) {
         int64_t r0 = 0;
-        for (; r0 + 8 <= rows; r0 += 8) transpose8x8(in + c0 * rows + r0, rows, out + r0 * cols + c0, cols);
+        for (; r0 + 8 <= rows; r0 += 8) transpose8x8(in + c0 * rows + r0, rows, out + r0 * ld + c0, ld);
         for (; r0 < rows; ++r0)
-          for (int64_t c = c0; c < c0 + 8; ++c) out[r0 * cols + c] = in[c * rows + r0];
+          for (int64_t c = c0; c < c0 + 8; ++c) out[r0 * ld + c] = in[c * rows + r0];
       }
     }
 #endif
     for (; c0 < cols; ++c0)
-      for (int64_t r = 0; r < rows; ++r) out[r * cols + c0] = in[c0 * rows + r];
+      for (int64_t r = 0; r < rows; ++r) out[r * ld + c0] = in[c0 * rows + r];
   }
 
 #ifdef BNFUSED_PHILOX_AVX2
