@@ -65,7 +65,7 @@ def check_inputs(input: Tensor, running_mean: Optional[Tensor], running_var: Opt
             raise RuntimeError(f"mixed dtype: {name} is {t.dtype} but input is {input.dtype}; expected {input.dtype}"
                                + (" or float32" if input.dtype in (torch.float16, torch.bfloat16) else ""))
     if (running_mean is None) != (running_var is None):
-        raise RuntimeError("running_mean and running_var must be given together (or both be None)")
+        raise ValueError("running_mean and running_var must either both be None or neither be None")  # as F.batch_norm
     if not training and running_mean is None:
         raise RuntimeError("running_mean must be defined in evaluation mode")
     if training:
