@@ -10,7 +10,6 @@ from bnfused import ops
 
 FUSED = {1: bnfused.BatchNormReLUDropout1d, 2: bnfused.BatchNormReLUDropout2d, 3: bnfused.BatchNormReLUDropout3d}
 NN_BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
-SHAPE = {1: (6, 3, 5), 2: (2, 3, 4, 5), 3: (2, 3, 2, 3, 4)}
 
 
 def randomize(bn):

@@ -139,7 +139,8 @@ def _channel_dims(x):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("shape,memory_format", [((6, 4), torch.contiguous_format), ((3, 4, 5), torch.contiguous_format),
+@pytest.mark.parametrize("shape,memory_format", [((6, 4), torch.contiguous_format),
+                                                 ((3, 4, 5), torch.contiguous_format),
                                                  ((2, 4, 3, 5), torch.contiguous_format),
                                                  ((2, 4, 3, 5), torch.channels_last),
                                                  ((2, 4, 3, 2, 3), torch.channels_last_3d)])
@@ -167,7 +168,7 @@ def test_batch_stats_survive_large_offset(device, memory_format):
 
 # ---- forward / backward ops against their formulas (float64) ----
 
-def _op_args(device, shape, memory_format, affine, p):
+def _op_args(device, shape, memory_format, affine):
     c = shape[1]
     x = torch.randn(shape, device=device, dtype=torch.float64).contiguous(memory_format=memory_format)
     mean = torch.randn(c, device=device, dtype=torch.float64) * 0.1
@@ -201,7 +202,7 @@ _OP_CASES = [((2, 3, 4, 5), torch.contiguous_format), ((2, 3, 4, 5), torch.chann
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("p", [0.0, 0.3, 1.0])
 def test_forward_and_backward_ops_match_formulas(device, shape, memory_format, affine, p):
-    x, mean, rstd, w, b, key = _op_args(device, shape, memory_format, affine, p)
+    x, mean, rstd, w, b, key = _op_args(device, shape, memory_format, affine)
     keep = ops.dropout_mask(key, x.shape, p).double()
     z = _z(x, mean, rstd, w, b)
     y = ops.forward(x, mean, rstd, w, b, key, p, True)
@@ -269,7 +270,8 @@ def test_ops_reject_bad_key_and_p(device):
 
 def test_kernel_memory_format():
     assert ops.kernel_memory_format(torch.randn(2, 3, 4, 5)) == torch.contiguous_format
-    assert ops.kernel_memory_format(torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)) == torch.channels_last
+    channels_last = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)
+    assert ops.kernel_memory_format(channels_last) == torch.channels_last
     assert (ops.kernel_memory_format(torch.randn(2, 3, 2, 4, 5).to(memory_format=torch.channels_last_3d))
             == torch.channels_last_3d)
     assert ops.kernel_memory_format(torch.randn(2, 3, 4, 10)[..., ::2]) == torch.contiguous_format
