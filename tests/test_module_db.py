@@ -8,13 +8,26 @@ from torch import nn
 
 import bnfused
 
-# needs expecttest, which the GPU machine does not have
-common_modules = pytest.importorskip("torch.testing._internal.common_modules")
-
 FUSED = {nn.BatchNorm1d: bnfused.BatchNormReLUDropout1d, nn.BatchNorm2d: bnfused.BatchNormReLUDropout2d,
          nn.BatchNorm3d: bnfused.BatchNormReLUDropout3d}
-BN_INFOS = [info for info in common_modules.module_db if info.module_cls in FUSED]
-assert len(BN_INFOS) == 3, [info.name for info in BN_INFOS]
+BN_NAMES = ["nn.BatchNorm1d", "nn.BatchNorm2d", "nn.BatchNorm3d"]
+
+
+@pytest.fixture(scope="module")
+def module_infos():
+    """module_db's BatchNorm entries by name. Imported here, not at collection: the import needs expecttest
+    (absent on the GPU machine) and freezes torch.backends flags for the whole process (PyTorch's own test-suite
+    rule), which would break later tests that set them; the flags are given back."""
+    was_frozen = torch.backends.flags_frozen()
+    common_modules = pytest.importorskip("torch.testing._internal.common_modules")
+    if not was_frozen:  # the flag lives in the globals of torch.backends' functions (the module object is wrapped)
+        torch.backends.flags_frozen.__globals__["__allow_nonbracketed_mutation_flag"] = True
+        assert not torch.backends.flags_frozen()
+    infos = {info.name: info for info in common_modules.module_db if info.module_cls in FUSED}
+    assert sorted(infos) == BN_NAMES
+    return infos
+
+
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-10)}
 GRAD_TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float64: dict(rtol=1e-9, atol=1e-9)}
 
@@ -35,10 +48,11 @@ def build_pair(info, sample, device, dtype, training):
     return ref, fused
 
 
-@pytest.mark.parametrize("info", BN_INFOS, ids=lambda info: info.name)
+@pytest.mark.parametrize("name", BN_NAMES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_module_db_samples(device, info, dtype, training):
+def test_module_db_samples(device, module_infos, name, dtype, training):
+    info = module_infos[name]
     samples = info.module_inputs_func(info, device=device, dtype=dtype, requires_grad=True, training=training)
     assert samples
     for sample in samples:
@@ -62,9 +76,10 @@ def test_module_db_samples(device, info, dtype, training):
                 torch.testing.assert_close(a.grad, b.grad, **GRAD_TOL[dtype], msg=lambda m: f"{desc} {name}: {m}")
 
 
-@pytest.mark.parametrize("info", BN_INFOS, ids=lambda info: info.name)
+@pytest.mark.parametrize("name", BN_NAMES)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_module_db_error_inputs(device, info, training):
+def test_module_db_error_inputs(device, module_infos, name, training):
+    info = module_infos[name]
     errors = info.module_error_inputs_func(info, device=device, dtype=torch.float32, requires_grad=False,
                                            training=training)
     assert errors
