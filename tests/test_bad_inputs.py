@@ -72,8 +72,9 @@ def test_bad_module_input(device, case):
     with pytest.raises(error, match=regex):
         block(x)
     assert_state_unchanged(block, before)
-    with pytest.raises(error):  # PyTorch's type for the same input
-        NN_BN[dim](C, device=device)(x)
+    if device.type == "cpu":  # PyTorch's type for the same input (its CUDA kernels word some checks differently)
+        with pytest.raises(error):
+            NN_BN[dim](C, device=device)(x)
 
 
 def test_one_value_per_channel_is_fine_in_eval(device):
@@ -251,10 +252,11 @@ def test_nan_inf_through_dropout(device, training):
     assert torch.equal(F.dropout(torch.full((8,), float("nan")), 0.5).isnan(), torch.ones(8, dtype=torch.bool))
 
 
-@pytest.mark.xfail(strict=True, reason="C++ stats (csrc/math.h welford_merge): a channel whose first merged chunk "
+@pytest.mark.xfail(strict=True, reason="CPU stats (csrc/math.h welford_merge): a channel whose first merged chunk "
                    "holds +-inf gets mean nan (inf - inf in the merge delta) where PyTorch's BatchNorm gives +-inf "
                    "running_mean; the output is NaN either way")
-def test_inf_running_mean_value_like_pytorch(device):
+def test_inf_running_mean_value_like_pytorch():
+    device = torch.device("cpu")  # about the CPU kernel; the CUDA reduction merges in another order
     x = torch.randn(4, C, 4, 4, device=device)
     x[0, 1, 0, 0] = float("inf")  # first plane of channel 1: merged first
     x[0, 2, 0, 0] = float("-inf")

@@ -11,6 +11,11 @@ from bnfused import ops
 C = 4
 
 
+def rng_state(device):
+    """State of the default generator the fused op draws its key from on `device`."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
 def all_positive_block(p, device, dim=2):
     """A fused block whose pre-dropout output is exactly 1 everywhere (weight 0, bias 1): y != 0 iff kept."""
     block = {1: bnfused.BatchNormReLUDropout1d, 2: bnfused.BatchNormReLUDropout2d,
@@ -82,9 +87,9 @@ def test_explicit_seed_and_generator_reproduce(device):
     assert torch.equal(run(seed=77), run(seed=77))
     assert not torch.equal(run(seed=77), run(seed=78))
     # seed= does not touch the default generator
-    rng = torch.get_rng_state()
+    rng = rng_state(device)
     run(seed=77)
-    assert torch.equal(torch.get_rng_state(), rng)
+    assert torch.equal(rng_state(device), rng)
     g1, g2 = torch.Generator(device=device).manual_seed(3), torch.Generator(device=device).manual_seed(3)
     assert torch.equal(run(generator=g1), run(generator=g2))
     assert not torch.equal(run(generator=g1), run(generator=torch.Generator(device=device).manual_seed(4)))

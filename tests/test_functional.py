@@ -16,6 +16,11 @@ GRAD_TOL = {torch.float64: dict(rtol=1e-9, atol=1e-9), torch.float32: dict(rtol=
             torch.float16: dict(rtol=1e-2, atol=1e-2), torch.bfloat16: dict(rtol=6e-2, atol=6e-2)}
 
 
+def rng_state(device):
+    """State of the default generator the fused op draws its key from on `device`."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
 def make_input(shape, layout, dtype, device):
     if layout == "noncontig":
         return (torch.randn(*shape[:-1], 2 * shape[-1], device=device) + 0.2).to(dtype)[..., ::2]
@@ -175,9 +180,9 @@ def test_key_sources(device):
     y_gen = bnfused.bn_relu_dropout(x, None, None, training=True, p=0.5, generator=gen)
     torch.testing.assert_close(y_gen, reference_bn_relu_dropout(x, None, None, training=True, p=0.5,
                                                                 key=expected_key))
-    rng = torch.get_rng_state()
+    rng = rng_state(device)
     bnfused.bn_relu_dropout(x, None, None, training=True, p=0.5, generator=gen)
-    assert torch.equal(torch.get_rng_state(), rng), "an explicit generator leaves the default one alone"
+    assert torch.equal(rng_state(device), rng), "an explicit generator leaves the default one alone"
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

@@ -34,6 +34,11 @@ TOL = {
 }
 
 
+def rng_state(device):
+    """State of the default generator the fused op draws its key from on `device`."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
 def make_input(shape, layout, dtype, device, offset=0.3):
     """Random input of `shape` in the given layout: contiguous, channels_last(_3d) or a strided slice."""
     if layout == "noncontig":
@@ -172,9 +177,9 @@ def test_p0_is_bn_relu(device, shape_name, layout, dtype, training):
     fused.train(training)
     bn.train(training)
     x = make_input(shape, layout, dtype, device)
-    rng_before = torch.get_rng_state()
+    rng_before = rng_state(device)
     y = fused(x)
-    assert torch.equal(torch.get_rng_state(), rng_before), "p = 0 must not consume random numbers"
+    assert torch.equal(rng_state(device), rng_before), "p = 0 must not consume random numbers"
     tol = dict(rtol=2e-6, atol=2e-6) if dtype == torch.float32 else dict(rtol=1e-13, atol=1e-13)
     torch.testing.assert_close(y, F.relu(bn(x)), **tol)
     torch.testing.assert_close(fused.running_mean, bn.running_mean, **tol)
@@ -227,10 +232,10 @@ def test_eval_does_not_touch_running_stats(device):
     randomize_state(fused)
     before = {k: v.clone() for k, v in fused.state_dict().items()}
     x = make_input((2, C, 3, 3), "contiguous", torch.float32, device)
-    rng_before = torch.get_rng_state()
+    rng_before = rng_state(device)
     y1, y2 = fused(x), fused(x)
     assert torch.equal(y1, y2)  # eval: no dropout, deterministic
-    assert torch.equal(torch.get_rng_state(), rng_before)
+    assert torch.equal(rng_state(device), rng_before)
     for k, v in fused.state_dict().items():
         assert torch.equal(v, before[k]), k
 
