@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# Compile-only check of the CUDA sources (csrc/cuda/*.cu), for machines without a GPU: `nvcc -c` of every file with
+# torch's headers and the flags setup.py gives nvcc (-I csrc, C++20, --expt-relaxed-constexpr, BNFUSED_WITH_CUDA,
+# sm_80 + sm_90). Objects and logs go to .cuda_check/ (gitignored). Exits non-zero if any file fails.
+#
+# A CPU-only torch wheel ships the c10/cuda and ATen/cuda headers but not the generated
+# c10/cuda/impl/cuda_cmake_macros.h; an empty stand-in is created under .cuda_check/shim when it is missing.
+#
+# Env: NVCC (default nvcc); PYTHON (default python3 if it imports torch, else .venv/bin/python);
+#      CUDA_CHECK_JOBS (parallel nvcc processes, default 2); NVCC_EXTRA_FLAGS (appended, e.g. "-Xptxas -v");
+#      CUDA_CHECK_CSRC_FLAGS (how csrc is put on the include path, default "-I csrc" as in setup.py; e.g.
+#      "-Xcompiler=-iquote,csrc" checks the kernels alone when a csrc header shadows a system one).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+NVCC=${NVCC:-nvcc}
+if ! command -v "$NVCC" >/dev/null 2>&1; then
+  echo "cuda_compile_check: nvcc not found (set NVCC or put it on PATH)" >&2
+  exit 1
+fi
+
+if [ -z "${PYTHON:-}" ]; then
+  if python3 -c "import torch" >/dev/null 2>&1; then
+    PYTHON=python3
+  elif [ -x .venv/bin/python ] && .venv/bin/python -c "import torch" >/dev/null 2>&1; then
+    PYTHON=.venv/bin/python
+  else
+    echo "cuda_compile_check: no Python with torch (tried python3 and .venv/bin/python)" >&2
+    exit 1
+  fi
+fi
+
+OUT=.cuda_check
+SHIM=$OUT/shim
+mkdir -p "$OUT"
+mapfile -t TORCH_INC < <("$PYTHON" -c "import torch.utils.cpp_extension as c; print('\n'.join(c.include_paths()))")
+PY_INC=$("$PYTHON" -c "import sysconfig; print(sysconfig.get_paths()['include'])")
+if [ ${#TORCH_INC[@]} -eq 0 ]; then
+  echo "cuda_compile_check: could not get torch's include paths from $PYTHON" >&2
+  exit 1
+fi
+# The stand-in only when torch lacks the real header (a stale one must never shadow it: -I comes first).
+rm -rf "$SHIM"
+if [ ! -f "${TORCH_INC[0]}/c10/cuda/impl/cuda_cmake_macros.h" ]; then
+  mkdir -p "$SHIM/c10/cuda/impl"
+  : >"$SHIM/c10/cuda/impl/cuda_cmake_macros.h"
+fi
+
+read -r -a CSRC_FLAGS <<<"${CUDA_CHECK_CSRC_FLAGS:--I csrc}"
+INCS=("${CSRC_FLAGS[@]}")
+[ -d "$SHIM" ] && INCS+=(-I "$SHIM")
+for d in "${TORCH_INC[@]}"; do INCS+=(-isystem "$d"); done
+INCS+=(-isystem "$PY_INC")
+
+FLAGS=(-std=c++20 --expt-relaxed-constexpr -O3 -DBNFUSED_WITH_CUDA
+       -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90)
+read -r -a EXTRA <<<"${NVCC_EXTRA_FLAGS:-}"
+FLAGS+=("${EXTRA[@]}")
+
+shopt -s nullglob
+SOURCES=(csrc/cuda/*.cu)
+if [ ${#SOURCES[@]} -eq 0 ]; then
+  echo "cuda_compile_check: no csrc/cuda/*.cu sources" >&2
+  exit 1
+fi
+
+# Preflight (seconds): a tiny translation unit using <math.h> with the same include path. nvcc force-includes cuda_runtime.h,
+# whose <math.h> must be the C library's: a project header named like a system header on -I breaks every file.
+printf '#include <math.h>\n#include <cuda/std/cmath>\nint bnfused_preflight(double x) { return ::fpclassify(x); }\n' \
+  >"$OUT/preflight.cu"
+if ! "$NVCC" "${FLAGS[@]}" "${INCS[@]}" -c "$OUT/preflight.cu" -o "$OUT/preflight.o" >"$OUT/preflight.log" 2>&1; then
+  echo "FAIL  a translation unit that only uses <math.h> does not compile with this include path:"
+  sed 's/^/      /' "$OUT/preflight.log" | head -20
+  for h in math.h stdlib.h string.h assert.h limits.h float.h stdint.h time.h; do
+    if [ -f "csrc/$h" ]; then
+      echo "      -> csrc/$h shadows the system <$h> for every #include <$h> (setup.py puts csrc on -I; nvcc's" \
+           "cuda_runtime.h includes <math.h>). Rename the project header (e.g. csrc/bn_$h)."
+    fi
+  done
+  echo "cuda_compile_check: FAILED (include path)" >&2
+  exit 1
+fi
+
+JOBS=${CUDA_CHECK_JOBS:-2}
+rm -f "$OUT"/*.status
+compile() {
+  local src=$1 name
+  name=$(basename "${1%.cu}")
+  local obj=$OUT/$name.o log=$OUT/$name.log t0=$SECONDS rc=0
+  rm -f "$obj"
+  "$NVCC" "${FLAGS[@]}" "${INCS[@]}" -c "$src" -o "$obj" >"$log" 2>&1 || rc=$?
+  if [ $rc -eq 0 ]; then
+    echo "ok    $src ($((SECONDS - t0)) s)"
+  else
+    echo "FAIL  $src ($((SECONDS - t0)) s, nvcc exit $rc)"
+  fi
+  [ -s "$log" ] && sed 's/^/      /' "$log"
+  echo $rc >"$OUT/$name.status"
+}
+
+for src in "${SOURCES[@]}"; do
+  while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do sleep 1; done
+  compile "$src" &
+done
+wait
+
+status=0
+for src in "${SOURCES[@]}"; do
+  name=$(basename "${src%.cu}")
+  rc=$(cat "$OUT/$name.status" 2>/dev/null || echo missing)
+  [ "$rc" = 0 ] || status=1
+done
+if [ $status -ne 0 ]; then
+  echo "cuda_compile_check: FAILED" >&2
+else
+  echo "cuda_compile_check: all ${#SOURCES[@]} CUDA sources compile (sm_80, sm_90)"
+fi
+exit $status

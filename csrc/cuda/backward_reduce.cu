@@ -1,0 +1,34 @@
+// backward_reduce on CUDA: per-channel sum_g and sum_g_xhat, g = grad_out * mult * [z > 0], with the dropout
+// mask regenerated from the key and z recomputed from x exactly as in the forward.
+#include "reduce.cuh"
+
+namespace bnfused {
+
+std::tuple<at::Tensor, at::Tensor> backward_reduce_cuda(const at::Tensor& dy, const at::Tensor& x,
+                                                        const at::Tensor& mean, const at::Tensor& rstd,
+                                                        const OptTensor& weight, const OptTensor& bias,
+                                                        const at::Tensor& key, double p) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Geometry g = geometry_of(x);
+  const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor sum_g = at::empty({g.C}, x.options().dtype(acc_type));
+  at::Tensor sum_g_xhat = at::empty({g.C}, x.options().dtype(acc_type));
+  if (g.C == 0) return {sum_g, sum_g_xhat};
+  if (g.N * g.S == 0) {
+    sum_g.zero_();
+    sum_g_xhat.zero_();
+    return {sum_g, sum_g_xhat};
+  }
+  const at::Tensor key_c = key.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(), "bnfused_backward_reduce_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const cuda::GradSumsOp<acc_t> op{cuda::channel_params<acc_t>(mean, rstd, weight, bias),
+                                         sum_g.mutable_data_ptr<acc_t>(), sum_g_xhat.mutable_data_ptr<acc_t>()};
+        const auto drop = cuda::make_dropout<acc_t>(key_c, p);
+        cuda::launch_reduction<scalar_t, acc_t>(op, x, dy.const_data_ptr<scalar_t>(), g, p > 0.0 ? &drop : nullptr);
+      });
+  return {sum_g, sum_g_xhat};
+}
+
+}  // namespace bnfused

@@ -1,0 +1,239 @@
+// Building blocks shared by the CUDA kernels: includes, launch helpers, vector loads/stores, the Philox
+// multipliers of a run of up to 8 elements, and per-channel parameter loaders.
+//
+// Work units (both layouts):
+//   ChannelsFirst: memory offset == logical index, so a unit is one aligned Philox block of 8 logical
+//     elements (i = 8*blk .. 8*blk+7): one Philox call, lanes known at compile time, 128-bit loads.
+//   ChannelsLast : memory (n, s, c); a unit is 8 consecutive s of one sample n for one channel c, i.e. the
+//     logical run (n*C + c)*S + s0 .. +7; it spans one Philox block when S % 8 == 0, at most two otherwise.
+// Header-only, included by every .cu of this directory; no torch/extension.h (see DESIGN.md, Build).
+#pragma once
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+// Relative includes: found next to this file whatever the include path (csrc/math.h must not be reached
+// through <math.h>).
+#include "../bnfused.h"
+#include "../math.h"
+#include "../philox.h"
+
+namespace bnfused::cuda {
+
+constexpr int kThreads = 256;  // threads per block of every kernel here
+constexpr int kUnit = 8;       // elements per work unit (= elements per Philox call)
+
+// ---- host helpers ----
+
+inline int sm_count() {
+  // Cached per device; the race on first use writes the same value.
+  static int counts[64] = {0};
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  if (dev < 0 || dev >= 64) {
+    int n = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+    return n;
+  }
+  if (counts[dev] == 0) {
+    int n = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+    counts[dev] = std::max(n, 1);
+  }
+  return counts[dev];
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline int next_pow2(int64_t v) {
+  int p = 1;
+  while (p < v && p < (1 << 30)) p <<= 1;
+  return p;
+}
+
+inline bool aligned_to(const void* p, size_t bytes) {
+  return p == nullptr || reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
+
+// Blocks for a grid-stride elementwise kernel over `items` work items (one per thread per step).
+inline unsigned apply_blocks(int64_t items) {
+  const int64_t cap = static_cast<int64_t>(sm_count()) * (2048 / kThreads) * 4;
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min(ceil_div(items, kThreads), cap)));
+}
+
+// Blocks a reduction grid should aim for (about one full wave of 256-thread blocks).
+inline int64_t reduce_target_blocks() { return static_cast<int64_t>(sm_count()) * (2048 / kThreads); }
+
+template <typename acc_t>
+inline const acc_t* opt_ptr(const OptTensor& t) {
+  return (t.has_value() && t->defined()) ? t->const_data_ptr<acc_t>() : nullptr;
+}
+
+// Dropout parameters of one call. The key stays in device memory (read by the kernels: no host sync,
+// CUDA-graph safe); threshold/scale are host-side functions of p.
+template <typename acc_t>
+struct Dropout {
+  const int64_t* key;  // int64[2] (seed, offset) on the device
+  uint32_t threshold;
+  acc_t scale;
+};
+
+template <typename acc_t>
+inline Dropout<acc_t> make_dropout(const at::Tensor& key_contig, double p) {
+  return Dropout<acc_t>{key_contig.const_data_ptr<int64_t>(), threshold16(p), dropout_scale<acc_t>(p)};
+}
+
+// ---- device helpers ----
+
+__device__ __forceinline__ PhiloxKey load_key(const int64_t* key) {
+  return PhiloxKey{static_cast<uint64_t>(key[0]), static_cast<uint64_t>(key[1])};
+}
+
+// q = a / b, r = a % b for non-negative a, b; 32-bit division when both fit (much cheaper than 64-bit).
+__device__ __forceinline__ void divmod(int64_t a, int64_t b, int64_t& q, int64_t& r) {
+  if (((static_cast<uint64_t>(a) | static_cast<uint64_t>(b)) >> 32) == 0) {
+    const uint32_t q32 = static_cast<uint32_t>(a) / static_cast<uint32_t>(b);
+    q = q32;
+  } else {
+    q = a / b;
+  }
+  r = a - q * b;
+}
+
+// z's per-channel affine computed exactly as the CPU backend does (which is built with -ffp-contract=off):
+// explicit round-to-nearest intrinsics so nvcc cannot contract `bias - mean * a` into an FMA. Then
+// fma(x, a, b) and hence [z > 0] match the CPU bit for bit, and forward and backward on the GPU agree.
+__device__ __forceinline__ ChannelAffine<float> affine_exact(float mean, float rstd, float w, float b) {
+  ChannelAffine<float> out;
+  out.a = __fmul_rn(rstd, w);
+  out.b = __fsub_rn(b, __fmul_rn(mean, out.a));
+  return out;
+}
+__device__ __forceinline__ ChannelAffine<double> affine_exact(double mean, double rstd, double w, double b) {
+  ChannelAffine<double> out;
+  out.a = __dmul_rn(rstd, w);
+  out.b = __dsub_rn(b, __dmul_rn(mean, out.a));
+  return out;
+}
+
+// Per-channel tensors (accumulation dtype, contiguous, on the device).
+template <typename acc_t>
+struct ChannelParams {
+  const acc_t* mean;
+  const acc_t* rstd;
+  const acc_t* weight;  // nullptr => 1
+  const acc_t* bias;    // nullptr => 0
+  __device__ __forceinline__ acc_t w(int64_t c) const { return weight ? weight[c] : acc_t(1); }
+  __device__ __forceinline__ acc_t b(int64_t c) const { return bias ? bias[c] : acc_t(0); }
+  __device__ __forceinline__ ChannelAffine<acc_t> affine(int64_t c) const {
+    return affine_exact(mean[c], rstd[c], w(c), b(c));
+  }
+};
+
+template <typename acc_t>
+inline ChannelParams<acc_t> channel_params(const at::Tensor& mean, const at::Tensor& rstd, const OptTensor& weight,
+                                           const OptTensor& bias) {
+  return ChannelParams<acc_t>{mean.const_data_ptr<acc_t>(), rstd.const_data_ptr<acc_t>(), opt_ptr<acc_t>(weight),
+                              opt_ptr<acc_t>(bias)};
+}
+
+// N elements in one aligned vector access (16 bytes at most).
+template <typename T, int N>
+struct alignas(sizeof(T) * N) VecN {
+  T v[N];
+};
+
+// 8 consecutive elements at p (p 16-byte aligned) into acc_t registers, with 16-byte accesses.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load8(const scalar_t* __restrict__ p, acc_t (&out)[kUnit]) {
+  constexpr int kPer = 16 / sizeof(scalar_t);
+  using V = VecN<scalar_t, kPer>;
+#pragma unroll
+  for (int q = 0; q < kUnit / kPer; ++q) {
+    const V w = reinterpret_cast<const V*>(p)[q];
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) out[q * kPer + i] = static_cast<acc_t>(w.v[i]);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void store8(scalar_t* __restrict__ p, const acc_t (&in)[kUnit]) {
+  constexpr int kPer = 16 / sizeof(scalar_t);
+  using V = VecN<scalar_t, kPer>;
+#pragma unroll
+  for (int q = 0; q < kUnit / kPer; ++q) {
+    V w;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) w.v[i] = static_cast<scalar_t>(in[q * kPer + i]);
+    reinterpret_cast<V*>(p)[q] = w;
+  }
+}
+
+// Lanes [lo, hi) of out from p[lo..hi) (scalar accesses), the others 0.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_lanes(const scalar_t* __restrict__ p, int lo, int hi, acc_t (&out)[kUnit]) {
+#pragma unroll
+  for (int j = 0; j < kUnit; ++j) out[j] = (j >= lo && j < hi) ? static_cast<acc_t>(p[j]) : acc_t(0);
+}
+
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void store_lanes(scalar_t* __restrict__ p, int lo, int hi, const acc_t (&in)[kUnit]) {
+#pragma unroll
+  for (int j = 0; j < kUnit; ++j)
+    if (j >= lo && j < hi) p[j] = static_cast<scalar_t>(in[j]);
+}
+
+// Multipliers (keep ? scale : 0) of the 8 lanes of Philox block `blk`.
+template <typename acc_t>
+__device__ __forceinline__ void block_mults(PhiloxKey key, uint64_t blk, uint32_t threshold, acc_t scale,
+                                            acc_t (&mult)[kUnit]) {
+  const Philox4 r = mask_block(key, blk);
+#pragma unroll
+  for (int j = 0; j < kUnit; ++j) mult[j] = lane_u16(r, j) >= threshold ? scale : acc_t(0);
+}
+
+// 32-bit word w (0..7) of the 256-bit concatenation r0:r1, by selects (no local-memory indexing).
+__device__ __forceinline__ uint32_t pick_word(const Philox4& r0, const Philox4& r1, int w) {
+  uint32_t v = r0.x[0];
+  v = (w == 1) ? r0.x[1] : v;
+  v = (w == 2) ? r0.x[2] : v;
+  v = (w == 3) ? r0.x[3] : v;
+  v = (w == 4) ? r1.x[0] : v;
+  v = (w == 5) ? r1.x[1] : v;
+  v = (w == 6) ? r1.x[2] : v;
+  v = (w == 7) ? r1.x[3] : v;
+  return v;
+}
+
+// Keep bits of the logical run L, L+1, ..., L+rows-1 (rows <= 8): bit j <-> element L+j.
+// kAligned8: the caller guarantees L % 8 == 0 (one Philox call, compile-time lanes).
+template <bool kAligned8>
+__device__ __forceinline__ uint32_t run_keep_bits(PhiloxKey key, uint64_t L, int rows, uint32_t threshold) {
+  uint32_t bits = 0;
+  if constexpr (kAligned8) {
+    const Philox4 r = mask_block(key, L >> 3);
+#pragma unroll
+    for (int j = 0; j < kUnit; ++j) bits |= static_cast<uint32_t>(lane_u16(r, j) >= threshold) << j;
+  } else {
+    const int l0 = static_cast<int>(L & 7);
+    const Philox4 r0 = mask_block(key, L >> 3);
+    const Philox4 r1 = (l0 + rows > kUnit) ? mask_block(key, (L >> 3) + 1) : r0;
+#pragma unroll
+    for (int j = 0; j < kUnit; ++j) {
+      const int pos = l0 + j;  // 0..14
+      const uint32_t u16 = (pick_word(r0, r1, pos >> 1) >> ((pos & 1) * 16)) & 0xFFFFu;
+      bits |= static_cast<uint32_t>(u16 >= threshold) << j;
+    }
+  }
+  return bits;
+}
+
+}  // namespace bnfused::cuda

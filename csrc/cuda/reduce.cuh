@@ -1,0 +1,468 @@
+// Per-channel reductions over (N, S) for both layouts, shared by batch_stats (Welford) and backward_reduce
+// (sums of g and g*(x - mean)). An Op supplies the accumulator and what one unit of <= 8 elements adds to it;
+// the drivers here do the loading, the dropout multipliers, the block reduction and the two-stage grid
+// reduction.
+//
+// Two stages, no float atomics, deterministic: a grid of blocks writes one partial accumulator per
+// (block row, channel) into a workspace, and a finalize kernel merges the partials of each channel in double
+// precision (one warp per channel). When one block row covers the whole batch, the block writes the result
+// itself and the workspace and second launch are skipped.
+//
+// ChannelsFirst (N, C, S): grid.x = channel, grid.y = split of the channel's N*S elements. A row (n, c) is
+//   cut at global multiples of 8 into units (one Philox block each, 128-bit loads when whole); a block of
+//   tx x ty threads walks tiles of tx units of one row, ty tiles at a time (tx = 1 .. 256 follows S, so
+//   small spatial sizes still fill the block).
+// ChannelsLast (N, S, C): column reduction. Threads along x take V adjacent channels (vector loads along C),
+//   threads along y take units of 8 rows (s0 .. s0+7 of one sample); per-thread accumulators are merged
+//   over y in shared memory.
+#pragma once
+#include "common.cuh"
+
+namespace bnfused::cuda {
+
+template <typename T>
+struct SumPair {
+  T g;   // sum of g
+  T gx;  // sum of g * (x - mean)
+};
+
+// ---- accumulator algebra (Welford triples and sum pairs) ----
+
+// Chan et al.'s merge; an empty side returns the other unchanged (no 0 * inf from the delta term).
+template <typename T>
+__device__ __forceinline__ Welford<T> combine(const Welford<T>& a, const Welford<T>& b) {
+  if (b.count == T(0)) return a;
+  if (a.count == T(0)) return b;
+  return welford_merge(a, b);
+}
+template <typename T>
+__device__ __forceinline__ SumPair<T> combine(const SumPair<T>& a, const SumPair<T>& b) {
+  return SumPair<T>{a.g + b.g, a.gx + b.gx};
+}
+
+template <typename T>
+__device__ __forceinline__ Welford<T> shfl_down(const Welford<T>& a, int delta) {
+  return Welford<T>{__shfl_down_sync(0xffffffffu, a.count, delta), __shfl_down_sync(0xffffffffu, a.mean, delta),
+                    __shfl_down_sync(0xffffffffu, a.m2, delta)};
+}
+template <typename T>
+__device__ __forceinline__ SumPair<T> shfl_down(const SumPair<T>& a, int delta) {
+  return SumPair<T>{__shfl_down_sync(0xffffffffu, a.g, delta), __shfl_down_sync(0xffffffffu, a.gx, delta)};
+}
+
+// Workspace: component k of entry i at ws[k * plane + i].
+template <typename S, typename T>
+__device__ __forceinline__ void ws_store(S* ws, int64_t plane, int64_t i, const Welford<T>& a) {
+  ws[i] = static_cast<S>(a.count);
+  ws[plane + i] = static_cast<S>(a.mean);
+  ws[2 * plane + i] = static_cast<S>(a.m2);
+}
+template <typename S, typename T>
+__device__ __forceinline__ void ws_store(S* ws, int64_t plane, int64_t i, const SumPair<T>& a) {
+  ws[i] = static_cast<S>(a.g);
+  ws[plane + i] = static_cast<S>(a.gx);
+}
+template <typename T, typename S>
+__device__ __forceinline__ void ws_load(const S* ws, int64_t plane, int64_t i, Welford<T>& a) {
+  a = Welford<T>{static_cast<T>(ws[i]), static_cast<T>(ws[plane + i]), static_cast<T>(ws[2 * plane + i])};
+}
+template <typename T, typename S>
+__device__ __forceinline__ void ws_load(const S* ws, int64_t plane, int64_t i, SumPair<T>& a) {
+  a = SumPair<T>{static_cast<T>(ws[i]), static_cast<T>(ws[plane + i])};
+}
+
+template <typename Acc>
+__device__ __forceinline__ Acc warp_reduce(Acc a) {
+#pragma unroll
+  for (int d = 16; d > 0; d >>= 1) a = combine(a, shfl_down(a, d));
+  return a;
+}
+
+// Reduction of one accumulator per thread over the whole block (blockDim.x * blockDim.y a multiple of 32,
+// at most kThreads); the result is valid in thread (0, 0).
+template <typename Acc>
+__device__ __forceinline__ Acc block_reduce(Acc a, const Acc& identity) {
+  __shared__ Acc partial[kThreads / 32];
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  const int nwarps = (blockDim.x * blockDim.y) >> 5;
+  a = warp_reduce(a);
+  if ((tid & 31) == 0) partial[tid >> 5] = a;
+  __syncthreads();
+  if (tid < 32) {
+    a = tid < nwarps ? partial[tid] : identity;
+    a = warp_reduce(a);
+  }
+  return a;
+}
+
+// ---- the two ops ----
+
+// Mean and biased variance (Welford). A unit's 8 values are summarised with a corrected two-pass
+// (mean, then deviations with the first-order correction) and merged into the thread's running triple.
+template <typename acc_t>
+struct StatsOp {
+  static constexpr bool kGrad = false;  // needs neither grad_out nor the dropout mask
+  static constexpr int kComponents = 3;
+  template <typename T>
+  using Acc = Welford<T>;
+  struct Chan {};
+
+  acc_t* mean_out;
+  acc_t* var_out;
+
+  __device__ __forceinline__ Chan channel(int64_t) const { return Chan{}; }
+
+  template <typename T>
+  __device__ __forceinline__ static Acc<T> identity() {
+    return Acc<T>{T(0), T(0), T(0)};
+  }
+
+  __device__ __forceinline__ void add(Acc<acc_t>& acc, const Chan&, const acc_t (&x)[kUnit], const acc_t (&)[kUnit],
+                                      const acc_t (&)[kUnit], int lo, int hi) const {
+    acc_t sum = 0;
+#pragma unroll
+    for (int j = 0; j < kUnit; ++j)
+      if (j >= lo && j < hi) sum += x[j];
+    const acc_t cnt = static_cast<acc_t>(hi - lo);
+    const acc_t m = sum / cnt;
+    acc_t d1 = 0, d2 = 0;
+#pragma unroll
+    for (int j = 0; j < kUnit; ++j)
+      if (j >= lo && j < hi) {
+        const acc_t d = x[j] - m;
+        d1 += d;
+        d2 += d * d;
+      }
+    const acc_t corr = d1 / cnt;
+    const acc_t m2 = d2 - d1 * corr;  // >= 0 up to rounding; NaN stays NaN
+    acc = combine(acc, Acc<acc_t>{cnt, m + corr, m2 < acc_t(0) ? acc_t(0) : m2});
+  }
+
+  template <typename T>
+  __device__ __forceinline__ void finish(int64_t c, const Acc<T>& a) const {
+    mean_out[c] = static_cast<acc_t>(a.mean);
+    var_out[c] = static_cast<acc_t>(a.m2 / a.count);
+  }
+};
+
+// Sums of g and g * xhat with g = grad_out * mult * [z > 0]; z recomputed exactly as in the forward.
+// g*(x - mean) is accumulated and multiplied by rstd once at the end.
+template <typename acc_t>
+struct GradSumsOp {
+  static constexpr bool kGrad = true;
+  static constexpr int kComponents = 2;
+  template <typename T>
+  using Acc = SumPair<T>;
+  struct Chan {
+    ChannelAffine<acc_t> ab;
+    acc_t mean;
+  };
+
+  ChannelParams<acc_t> prm;
+  acc_t* sum_g;
+  acc_t* sum_g_xhat;
+
+  __device__ __forceinline__ Chan channel(int64_t c) const { return Chan{prm.affine(c), prm.mean[c]}; }
+
+  template <typename T>
+  __device__ __forceinline__ static Acc<T> identity() {
+    return Acc<T>{T(0), T(0)};
+  }
+
+  __device__ __forceinline__ void add(Acc<acc_t>& acc, const Chan& ch, const acc_t (&x)[kUnit],
+                                      const acc_t (&dy)[kUnit], const acc_t (&mult)[kUnit], int lo, int hi) const {
+    acc_t sg = 0, sgx = 0;
+#pragma unroll
+    for (int j = 0; j < kUnit; ++j)
+      if (j >= lo && j < hi) {
+        const acc_t g = grad_through_relu_dropout(dy[j], bn_preact(x[j], ch.ab), mult[j]);
+        sg += g;
+        sgx += g * (x[j] - ch.mean);
+      }
+    acc.g += sg;
+    acc.gx += sgx;
+  }
+
+  __device__ __forceinline__ void add_element(Acc<acc_t>& acc, const Chan& ch, acc_t x, acc_t dy, acc_t mult) const {
+    const acc_t g = grad_through_relu_dropout(dy, bn_preact(x, ch.ab), mult);
+    acc.g += g;
+    acc.gx += g * (x - ch.mean);
+  }
+
+  template <typename T>
+  __device__ __forceinline__ void finish(int64_t c, const Acc<T>& a) const {
+    sum_g[c] = static_cast<acc_t>(a.g);
+    sum_g_xhat[c] = static_cast<acc_t>(a.gx * static_cast<T>(prm.rstd[c]));
+  }
+};
+
+// ---- kernels ----
+
+template <typename scalar_t, typename acc_t, class Op, bool kDropout>
+__global__ void __launch_bounds__(kThreads)
+    reduce_cf_kernel(const Op op, const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy, int64_t C,
+                     int64_t S, int64_t tiles, int64_t chunks_per_row, bool vec_ok, Dropout<acc_t> drop,
+                     acc_t* __restrict__ ws) {
+  using Acc = typename Op::template Acc<acc_t>;
+  const int64_t c = blockIdx.x;
+  const int tx = blockDim.x;
+  PhiloxKey key{0, 0};
+  if constexpr (kDropout) key = load_key(drop.key);
+  const auto ch = op.channel(c);
+  Acc acc = Op::template identity<acc_t>();
+
+  for (int64_t t = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; t < tiles;
+       t += static_cast<int64_t>(gridDim.y) * blockDim.y) {
+    int64_t n, chunk;
+    divmod(t, chunks_per_row, n, chunk);
+    const int64_t row = (n * C + c) * S;  // logical index == memory offset of (n, c, 0)
+    const int64_t blk = (row >> 3) + chunk * tx + threadIdx.x;
+    const int64_t b0 = blk * kUnit;
+    const int64_t lo_off = row > b0 ? row : b0;
+    const int64_t hi_off = (row + S) < (b0 + kUnit) ? (row + S) : (b0 + kUnit);
+    if (lo_off >= hi_off) continue;
+    const int lo = static_cast<int>(lo_off - b0), hi = static_cast<int>(hi_off - b0);
+    acc_t xv[kUnit], dv[kUnit], mult[kUnit];
+    const bool whole = vec_ok && lo == 0 && hi == kUnit;
+    if (whole)
+      load8(x + b0, xv);
+    else
+      load_lanes(x + b0, lo, hi, xv);
+    if constexpr (Op::kGrad) {
+      if (whole)
+        load8(dy + b0, dv);
+      else
+        load_lanes(dy + b0, lo, hi, dv);
+      if constexpr (kDropout) {
+        block_mults(key, static_cast<uint64_t>(blk), drop.threshold, drop.scale, mult);
+      } else {
+#pragma unroll
+        for (int j = 0; j < kUnit; ++j) mult[j] = acc_t(1);
+      }
+    }
+    op.add(acc, ch, xv, dv, mult, lo, hi);
+  }
+
+  acc = block_reduce(acc, Op::template identity<acc_t>());
+  if (threadIdx.x == 0 && threadIdx.y == 0) {
+    if (gridDim.y == 1)
+      op.finish(c, acc);
+    else
+      ws_store(ws, static_cast<int64_t>(gridDim.y) * C, static_cast<int64_t>(blockIdx.y) * C + c, acc);
+  }
+}
+
+template <typename scalar_t, typename acc_t, class Op, int V, bool kDropout, bool kAligned8>
+__global__ void __launch_bounds__(kThreads)
+    reduce_cl_kernel(const Op op, const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy, int64_t C,
+                     int64_t S, int64_t SG, int64_t items, Dropout<acc_t> drop, acc_t* __restrict__ ws) {
+  using Acc = typename Op::template Acc<acc_t>;
+  using Vec = VecN<scalar_t, V>;
+  __shared__ Acc sh[kThreads * V];
+  const int tx = blockDim.x, ty = blockDim.y;
+  const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * tx + threadIdx.x) * V;
+  const bool active = c0 < C;  // V divides C when V > 1
+  PhiloxKey key{0, 0};
+  if constexpr (kDropout) key = load_key(drop.key);
+
+  typename Op::Chan ch[V];
+  Acc acc[V];
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    acc[v] = Op::template identity<acc_t>();
+    if (active) ch[v] = op.channel(c0 + v);
+  }
+
+  if (active) {
+    for (int64_t t = static_cast<int64_t>(blockIdx.y) * ty + threadIdx.y; t < items;
+         t += static_cast<int64_t>(gridDim.y) * ty) {
+      int64_t n, sg;
+      divmod(t, SG, n, sg);
+      const int64_t s0 = sg * kUnit;
+      const int rows = static_cast<int>((S - s0) < kUnit ? (S - s0) : kUnit);
+      const int64_t base = (n * S + s0) * C + c0;
+      if constexpr (Op::kGrad) {
+        // Streams row by row: keep bits first, then one V-vector of x and dy per row.
+        uint32_t keep[V];
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          if constexpr (kDropout)
+            keep[v] = run_keep_bits<kAligned8>(key, static_cast<uint64_t>((n * C + c0 + v) * S + s0), rows,
+                                               drop.threshold);
+          else
+            keep[v] = 0xFFu;
+        }
+#pragma unroll
+        for (int j = 0; j < kUnit; ++j) {
+          if (j < rows) {
+            const Vec a = *reinterpret_cast<const Vec*>(x + base + j * C);
+            const Vec d = *reinterpret_cast<const Vec*>(dy + base + j * C);
+#pragma unroll
+            for (int v = 0; v < V; ++v) {
+              const acc_t mult = kDropout ? (((keep[v] >> j) & 1u) ? drop.scale : acc_t(0)) : acc_t(1);
+              op.add_element(acc[v], ch[v], static_cast<acc_t>(a.v[v]), static_cast<acc_t>(d.v[v]), mult);
+            }
+          }
+        }
+      } else {
+        // The unit's values per channel (for the two-pass summary of Welford).
+        acc_t xv[V][kUnit];
+#pragma unroll
+        for (int j = 0; j < kUnit; ++j) {
+          if (j < rows) {
+            const Vec a = *reinterpret_cast<const Vec*>(x + base + j * C);
+#pragma unroll
+            for (int v = 0; v < V; ++v) xv[v][j] = static_cast<acc_t>(a.v[v]);
+          } else {
+#pragma unroll
+            for (int v = 0; v < V; ++v) xv[v][j] = acc_t(0);
+          }
+        }
+#pragma unroll
+        for (int v = 0; v < V; ++v) op.add(acc[v], ch[v], xv[v], xv[v], xv[v], 0, rows);
+      }
+    }
+  }
+
+  // Merge over y in shared memory: entry (y, x, v) at ((y * tx) + x) * V + v.
+  const int me = (threadIdx.y * tx + threadIdx.x) * V;
+#pragma unroll
+  for (int v = 0; v < V; ++v) sh[me + v] = acc[v];
+  for (int stride = ty / 2; stride > 0; stride >>= 1) {
+    __syncthreads();
+    if (threadIdx.y < stride) {
+#pragma unroll
+      for (int v = 0; v < V; ++v) sh[me + v] = combine(sh[me + v], sh[me + stride * tx * V + v]);
+    }
+  }
+  __syncthreads();
+  if (threadIdx.y == 0 && active) {
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      const Acc a = sh[me + v];
+      if (gridDim.y == 1)
+        op.finish(c0 + v, a);
+      else
+        ws_store(ws, static_cast<int64_t>(gridDim.y) * C, static_cast<int64_t>(blockIdx.y) * C + c0 + v, a);
+    }
+  }
+}
+
+// Merges the `splits` partials of each channel in double precision; one warp per channel.
+template <typename acc_t, class Op>
+__global__ void __launch_bounds__(kThreads)
+    reduce_finalize_kernel(const Op op, const acc_t* __restrict__ ws, int64_t C, int splits) {
+  using Acc = typename Op::template Acc<double>;
+  const int lane = threadIdx.x & 31;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + (threadIdx.x >> 5);
+  if (c >= C) return;  // warp-uniform
+  const int64_t plane = static_cast<int64_t>(splits) * C;
+  Acc a = Op::template identity<double>();
+  for (int s = lane; s < splits; s += 32) {
+    Acc b;
+    ws_load(ws, plane, static_cast<int64_t>(s) * C + c, b);
+    a = combine(a, b);
+  }
+  a = warp_reduce(a);
+  if (lane == 0) op.finish(c, a);
+}
+
+// ---- host driver ----
+
+// Runs Op over x (and dy when Op::kGrad) in x's kernel layout; drop == nullptr: no dropout.
+// The Op's finish() writes the per-channel results. N * S > 0 and C > 0.
+template <typename scalar_t, typename acc_t, class Op>
+void launch_reduction(const Op& op, const at::Tensor& x, const scalar_t* dy_ptr, const Geometry& g,
+                      const Dropout<acc_t>* drop) {
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
+  const Dropout<acc_t> d = drop ? *drop : Dropout<acc_t>{nullptr, 0u, acc_t(1)};
+  const bool dropout = Op::kGrad && drop != nullptr;
+  const int64_t target = reduce_target_blocks();
+  const auto ws_options = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  at::Tensor ws;
+  int64_t splits = 1;
+
+  if (g.layout == Layout::ChannelsFirst) {
+    // Units per row: a row of S elements starting anywhere spans at most this many Philox blocks.
+    const int64_t units = (g.S % kUnit == 0) ? g.S / kUnit : (g.S + kUnit - 2) / kUnit + 1;
+    const int tx = std::min(kThreads, next_pow2(units));
+    const int ty = kThreads / tx;
+    const int64_t chunks_per_row = ceil_div(units, tx);
+    const int64_t tiles = g.N * chunks_per_row;
+    splits = std::min<int64_t>(ceil_div(target, g.C), ceil_div(tiles, 2 * ty));
+    splits = std::clamp<int64_t>(splits, 1, 65535);
+    TORCH_CHECK(g.C <= 0x7fffffff, "bnfused: too many channels for the CUDA kernels: ", g.C);
+    if (splits > 1) ws = at::empty({Op::kComponents * splits * g.C}, ws_options);
+    acc_t* ws_ptr = splits > 1 ? ws.mutable_data_ptr<acc_t>() : nullptr;
+    const bool vec_ok = aligned_to(x_ptr, 16) && aligned_to(dy_ptr, 16);
+    const dim3 grid(static_cast<unsigned>(g.C), static_cast<unsigned>(splits));
+    const dim3 block(tx, ty);
+    if (dropout)
+      reduce_cf_kernel<scalar_t, acc_t, Op, true><<<grid, block, 0, stream>>>(
+          op, x_ptr, dy_ptr, g.C, g.S, tiles, chunks_per_row, vec_ok, d, ws_ptr);
+    else
+      reduce_cf_kernel<scalar_t, acc_t, Op, false><<<grid, block, 0, stream>>>(
+          op, x_ptr, dy_ptr, g.C, g.S, tiles, chunks_per_row, vec_ok, d, ws_ptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else {
+    constexpr int kVmax = sizeof(scalar_t) >= 8 ? 2 : 4;
+    const bool vec = g.C % kVmax == 0 && aligned_to(x_ptr, kVmax * sizeof(scalar_t)) &&
+                     aligned_to(dy_ptr, kVmax * sizeof(scalar_t));
+    const int V = vec ? kVmax : 1;
+    const int64_t CV = g.C / V;
+    const int tx = std::min(32, next_pow2(CV));
+    const int ty = kThreads / tx;
+    const int64_t SG = ceil_div(g.S, kUnit);
+    const int64_t items = g.N * SG;
+    const int64_t gx = ceil_div(CV, tx);
+    TORCH_CHECK(gx <= 0x7fffffff, "bnfused: too many channels for the CUDA kernels: ", g.C);
+    splits = std::min<int64_t>(ceil_div(target, gx), ceil_div(items, 2 * ty));
+    splits = std::clamp<int64_t>(splits, 1, 65535);
+    if (splits > 1) ws = at::empty({Op::kComponents * splits * g.C}, ws_options);
+    acc_t* ws_ptr = splits > 1 ? ws.mutable_data_ptr<acc_t>() : nullptr;
+    const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(splits));
+    const dim3 block(tx, ty);
+    const bool a8 = g.S % kUnit == 0;
+#define BNFUSED_CL_LAUNCH(VV, DROP, A8)                                                                     \
+  reduce_cl_kernel<scalar_t, acc_t, Op, VV, DROP, A8>                                                        \
+      <<<grid, block, 0, stream>>>(op, x_ptr, dy_ptr, g.C, g.S, SG, items, d, ws_ptr)
+    if constexpr (Op::kGrad) {
+      if (V == kVmax) {
+        if (dropout) {
+          if (a8)
+            BNFUSED_CL_LAUNCH(kVmax, true, true);
+          else
+            BNFUSED_CL_LAUNCH(kVmax, true, false);
+        } else {
+          BNFUSED_CL_LAUNCH(kVmax, false, true);
+        }
+      } else {
+        if (dropout) {
+          if (a8)
+            BNFUSED_CL_LAUNCH(1, true, true);
+          else
+            BNFUSED_CL_LAUNCH(1, true, false);
+        } else {
+          BNFUSED_CL_LAUNCH(1, false, true);
+        }
+      }
+    } else {
+      if (V == kVmax)
+        BNFUSED_CL_LAUNCH(kVmax, false, true);
+      else
+        BNFUSED_CL_LAUNCH(1, false, true);
+    }
+#undef BNFUSED_CL_LAUNCH
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  if (splits > 1) {
+    const unsigned blocks = static_cast<unsigned>(ceil_div(g.C, kThreads / 32));
+    reduce_finalize_kernel<acc_t, Op><<<blocks, kThreads, 0, stream>>>(op, ws.const_data_ptr<acc_t>(), g.C,
+                                                                       static_cast<int>(splits));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+}  // namespace bnfused::cuda
