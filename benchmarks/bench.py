@@ -1,0 +1,165 @@
+#!/usr/bin/env python
+"""bnfused benchmark (`make bench`): fused BatchNorm -> ReLU -> Dropout against eager and torch.compile peers.
+
+Prints one progress line per case and mode as it runs, then a markdown comparison table, the issue's speed
+targets and an end-to-end training number; writes benchmarks/results/<device>.md (and a PNG plot when
+matplotlib imports). Suites: default (< 5 min on a 2-core CPU), --quick (~1 min smoke run, results file
+<device>-quick.md), --full (every shape, dtype and memory format, <device>-full.md).
+
+    python benchmarks/bench.py [--quick | --full] [--out DIR] [--device cpu|cuda] [--threads N] [--p P]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path[:0] = [str(HERE), str(REPO)]  # the sibling modules, and bnfused from this checkout
+
+import torch  # noqa: E402
+
+import bnfused  # noqa: E402
+from cases import MODES, Case, Suite, make_suite  # noqa: E402
+from e2e import run_e2e  # noqa: E402
+from environment import device_name, run_meta, slug  # noqa: E402
+from kernels import time_kernels  # noqa: E402
+from measure import copy_bandwidth, first_call_seconds, peak_step_bytes, saved_bytes, time_fn  # noqa: E402
+from peers import COMPILE, EAGER, FUSED, Peer, make_peers, peer_names, step  # noqa: E402
+from plot import plot_speedups  # noqa: E402
+from report import e2e_table, fmt_ms, fmt_x, results_markdown, summary_table, targets_table  # noqa: E402
+from results import CaseResult, RunResults  # noqa: E402
+from targets import check_targets  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="smoke run: two cases, few repeats (~1 minute)")
+    size.add_argument("--full", action="store_true", help="every shape, dtype and memory format")
+    parser.add_argument("--out", type=Path, default=HERE / "results", help="results directory (default: %(default)s)")
+    default_device = "cuda" if torch.cuda.is_available() and bnfused.WITH_CUDA else "cpu"
+    parser.add_argument("--device", default=default_device, help="cpu or cuda (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="CPU threads for every peer (default: %(default)s)")
+    parser.add_argument("--p", type=float, default=0.1, help="dropout probability (default: %(default)s)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile peers")
+    args = parser.parse_args(argv)
+    args.device = torch.device(args.device)
+    if args.device.type not in ("cpu", "cuda"):
+        parser.error(f"--device must be cpu or cuda, got {args.device}")
+    if args.device.type == "cuda" and not (torch.cuda.is_available() and bnfused.WITH_CUDA):
+        parser.error("--device cuda needs a GPU and bnfused built with CUDA kernels")
+    if args.threads < 1:
+        parser.error("--threads must be >= 1")
+    if not 0.0 <= args.p < 1.0:
+        parser.error("--p must be in [0, 1)")
+    args.suite = "quick" if args.quick else "full" if args.full else "default"
+    return args
+
+
+def say(line: str) -> None:
+    print(line, flush=True)
+
+
+def measure_mode(cr: CaseResult, peers: list[Peer], mode: str, x: torch.Tensor, grad_out: torch.Tensor,
+                 suite: Suite, threads: int) -> list[Peer]:
+    """Times every peer in one mode; returns the peers still usable (a peer whose compilation fails is dropped)."""
+    alive = []
+    for peer in peers:
+        fn = step(peer, mode, x, grad_out)
+        try:
+            first = first_call_seconds(fn, x.device)  # warm-up; compiles the graph for compiled peers
+        except Exception as exc:  # noqa: BLE001 -- report a broken torch.compile toolchain and go on
+            if not peer.compiled:
+                raise
+            say(f"    {peer.name} failed on {cr.case.label} {mode}: {type(exc).__name__}: {str(exc)[:200]}")
+            continue
+        if peer.compiled:
+            cr.warmup_s[peer.name] = cr.warmup_s.get(peer.name, 0.0) + first
+        cr.timings[(mode, peer.name)] = time_fn(fn, x.device, threads, min_time=suite.min_time,
+                                                max_time=suite.max_time, min_samples=suite.min_samples)
+        alive.append(peer)
+    return alive
+
+
+def progress_line(run: RunResults, cr: CaseResult, mode: str, index: int, total: int, start: float) -> str:
+    parts = [f"{p} {fmt_ms(cr.timings[(mode, p)].median)} ms" for p in run.peers if (mode, p) in cr.timings]
+    fused = cr.timings.get((mode, FUSED))
+    if fused is not None:
+        gbs = run.gbs(cr.case, mode, fused)
+        parts.append(f"bnfused {fmt_x(run.speedup(cr, mode, FUSED, EAGER))} eager, "
+                     f"{fmt_x(run.speedup(cr, mode, FUSED, COMPILE))} compile, {gbs:.1f} GB/s "
+                     f"({run.pct_copy(gbs):.0f}% copy)")
+    return (f"[{index:>2}/{total}] {cr.case.label:<26} {mode:<13} | " + " | ".join(parts)
+            + f" | {time.perf_counter() - start:.0f} s")
+
+
+def run_case(run: RunResults, case: Case, args: argparse.Namespace, suite: Suite, index: int, total: int,
+             start: float) -> CaseResult:
+    cr = CaseResult(case)
+    run.cases.append(cr)
+    x = case.make_input(args.device).requires_grad_()
+    grad_out = torch.randn_like(x)  # keeps x's memory format
+    peers = make_peers(case, args.p, args.device, with_compile=not args.no_compile)
+    for m, mode in enumerate(MODES):
+        peers = measure_mode(cr, peers, mode, x, grad_out, suite, args.threads)
+        say(progress_line(run, cr, mode, index * len(MODES) + m + 1, total * len(MODES), start))
+    for peer in peers:
+        peer.module.train()
+        with peer.context():
+            cr.saved_bytes[peer.name] = saved_bytes(lambda: peer.forward(x))
+        peak = peak_step_bytes(step(peer, "train fwd+bwd", x, grad_out), args.device)
+        if peak is not None:
+            cr.peak_bytes[peer.name] = peak
+    cr.kernels = time_kernels(case, x, grad_out, args.p, args.threads, min_time=suite.min_time,
+                              max_time=suite.max_time, min_samples=suite.min_samples)
+    del peers, x, grad_out
+    torch._dynamo.reset()  # drop this case's graphs: no recompile limit, no stale memory
+    if args.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return cr
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    torch.set_num_threads(args.threads)
+    suite = make_suite(args.suite, args.device)
+    meta = run_meta(args.device, args.threads, suite.name, args.p, REPO)
+    names = peer_names(args.device, with_compile=not args.no_compile)
+    say(f"bnfused benchmark: {meta['device']} | torch {meta['torch']} | {args.threads} threads | suite {suite.name}: "
+        f"{len(suite.cases)} cases x {len(MODES)} modes | peers: {', '.join(names)}")
+    copy_gbs = copy_bandwidth(args.device, args.threads)
+    say(f"copy bandwidth: {copy_gbs:.1f} GB/s (256 MiB float32 copy_, read + write)")
+    run = RunResults(meta=meta, peers=names, modes=MODES, copy_gbs=copy_gbs)
+    for i, case in enumerate(suite.cases):
+        run_case(run, case, args, suite, i, len(suite.cases), start)
+    say("end to end: small CNN training steps, unfused vs bnfused.convert(model) ...")
+    run.e2e = run_e2e(args.device, suite.e2e_steps, args.p)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = slug(device_name(args.device)) + ("" if suite.name == "default" else f"-{suite.name}")
+    run.plot_note = plot_speedups(run, args.out / f"{stem}.png")
+    targets_title, checks = check_targets(run, args.device)
+    elapsed = time.perf_counter() - start
+    results_path = args.out / f"{stem}.md"
+    results_path.write_text(results_markdown(run, targets_title, checks, elapsed))
+
+    say("\n## Comparison (median ms, IQR in parentheses)\n")
+    say(summary_table(run))
+    say(f"\n## Targets: {targets_title}\n")
+    say(targets_table(checks))
+    say("\n## End to end\n")
+    say(e2e_table(run))
+    say(f"\nresults: {results_path}")
+    say(run.plot_note)
+    say(f"total: {elapsed:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

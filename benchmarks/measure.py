@@ -1,0 +1,79 @@
+"""Measurements: medians with IQR from torch.utils.benchmark, the copy bandwidth of the device,
+saved-for-backward bytes (saved_tensors_hooks) and the peak memory of a training step (CUDA only)."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch.utils import benchmark
+
+
+@dataclass(frozen=True)
+class Timing:
+    median: float   # seconds
+    iqr: float      # seconds, 75th - 25th percentile of the per-run times
+    samples: int
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def first_call_seconds(fn: Callable[[], object], device: torch.device) -> float:
+    """Time of one call, synchronized: the warm-up (and, for torch.compile, the compilation) cost."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, threads: int, *, min_time: float, max_time: float,
+            min_samples: int) -> Timing:
+    """Median and IQR over blocked_autorange's runs; the run time is stretched so that about min_samples
+    samples are taken, but never beyond max_time (slow peers then get fewer samples)."""
+    estimate = first_call_seconds(fn, device)  # also a warm-up call
+    run_time = min(max(min_time, min_samples * estimate), max_time)
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
+    m = timer.blocked_autorange(min_run_time=run_time)
+    return Timing(m.median, m.iqr, len(m.times))
+
+
+def copy_bandwidth(device: torch.device, threads: int, nbytes: int = 256 * 2**20, min_time: float = 0.5) -> float:
+    """GB/s of dst.copy_(src) for an nbytes float32 tensor: 2 x nbytes moved (read + write) per copy."""
+    src = torch.full((nbytes // 4,), 1.0, device=device)  # written once, so every page is touched
+    dst = torch.empty_like(src)
+    t = time_fn(lambda: dst.copy_(src), device, threads, min_time=min_time, max_time=max(min_time, 2.0),
+                min_samples=10)
+    return 2 * nbytes / t.median / 1e9
+
+
+def saved_bytes(fn: Callable[[], object]) -> int:
+    """Bytes of the distinct tensors autograd saves while fn() runs (views of one storage counted once)."""
+    seen: dict[tuple, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen[(t.data_ptr(), t.dtype, tuple(t.shape), t.stride())] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(seen.values())
+
+
+def peak_step_bytes(fn: Callable[[], object], device: torch.device) -> Optional[int]:
+    """Peak allocated bytes above what was live before fn() (a training step), CUDA only; None elsewhere."""
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    out = fn()
+    synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    del out
+    return peak

@@ -1,0 +1,164 @@
+"""Markdown for a run: the comparison table printed on stdout and the full results file."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from cases import BYTE_MODEL
+from measure import Timing
+from peers import COMPILE, EAGER, FUSED
+from results import RunResults
+from targets import Check
+
+
+def fmt_ms(seconds: float) -> str:
+    ms = seconds * 1e3
+    if ms >= 100:
+        return f"{ms:.0f}"
+    if ms >= 10:
+        return f"{ms:.1f}"
+    if ms >= 1:
+        return f"{ms:.2f}"
+    return f"{ms:.3f}"
+
+
+def fmt_timing(t: Optional[Timing]) -> str:
+    return "-" if t is None else f"{fmt_ms(t.median)} ({fmt_ms(t.iqr)})"
+
+
+def fmt_x(s: Optional[float]) -> str:
+    return "-" if s is None else f"{s:.2f}x"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def summary_table(run: RunResults) -> str:
+    """One row per case and mode: every peer's median (IQR) in ms, bnfused's speedups and bandwidth."""
+    header = ["case", "mode"] + [f"{p} ms" for p in run.peers] + [
+        f"{FUSED} vs {EAGER}", f"{FUSED} vs {COMPILE}", f"{FUSED} GB/s", "% copy"]
+    rows = []
+    for cr in run.cases:
+        for mode in run.modes:
+            t = cr.timings.get((mode, FUSED))
+            gbs = run.gbs(cr.case, mode, t) if t else None
+            rows.append([cr.case.label, mode] + [fmt_timing(cr.timings.get((mode, p))) for p in run.peers] + [
+                fmt_x(run.speedup(cr, mode, FUSED, EAGER)), fmt_x(run.speedup(cr, mode, FUSED, COMPILE)),
+                "-" if gbs is None else f"{gbs:.1f}", "-" if gbs is None else f"{run.pct_copy(gbs):.0f}"])
+    return table(header, rows)
+
+
+def detail_table(run: RunResults) -> str:
+    header = ["case", "mode", "peer", "median ms", "IQR ms", "runs", "GB/s", "% copy", "vs eager", "vs compile"]
+    rows = []
+    for cr in run.cases:
+        for mode in run.modes:
+            for peer in run.peers:
+                t = cr.timings.get((mode, peer))
+                if t is None:
+                    continue
+                gbs = run.gbs(cr.case, mode, t)
+                rows.append([cr.case.label, mode, peer, fmt_ms(t.median), fmt_ms(t.iqr), str(t.samples),
+                             f"{gbs:.1f}", f"{run.pct_copy(gbs):.0f}", fmt_x(run.speedup(cr, mode, peer, EAGER)),
+                             fmt_x(run.speedup(cr, mode, peer, COMPILE))])
+    return table(header, rows)
+
+
+def memory_table(run: RunResults) -> str:
+    """Saved-for-backward bytes per input element, and (CUDA) the peak memory of a training step."""
+    with_peak = any(cr.peak_bytes for cr in run.cases)
+    header = ["case"] + [f"saved B/elem {p}" for p in run.peers]
+    if with_peak:
+        header += [f"peak MB {p}" for p in run.peers]
+    rows = []
+    for cr in run.cases:
+        row = [cr.case.label] + [f"{cr.saved_bytes[p] / cr.case.numel:.2f}" if p in cr.saved_bytes else "-"
+                                 for p in run.peers]
+        if with_peak:
+            row += [f"{cr.peak_bytes[p] / 2**20:.0f}" if p in cr.peak_bytes else "-" for p in run.peers]
+        rows.append(row)
+    return table(header, rows)
+
+
+def kernel_table(run: RunResults) -> str:
+    rows = []
+    for cr in run.cases:
+        for k in cr.kernels:
+            gbs = cr.case.numel * cr.case.element_size * k.passes / k.timing.median / 1e9
+            rows.append([cr.case.label, k.op, str(k.passes), fmt_timing(k.timing), f"{gbs:.1f}",
+                         f"{run.pct_copy(gbs):.0f}"])
+    return table(["case", "bnfused op", "passes", "median ms (IQR)", "GB/s", "% copy"], rows)
+
+
+def warmup_table(run: RunResults) -> str:
+    compiled = [p for p in run.peers if any(p in cr.warmup_s for cr in run.cases)]
+    rows = [[cr.case.label] + [f"{cr.warmup_s[p]:.1f}" if p in cr.warmup_s else "-" for p in compiled]
+            for cr in run.cases]
+    return table(["case"] + [f"{p} first calls s" for p in compiled], rows)
+
+
+def e2e_table(run: RunResults) -> str:
+    if not run.e2e:
+        return "(not run)"
+    base = run.e2e[0].images_per_s
+    rows = [[r.name, f"{r.batch}x3x{r.image_size}x{r.image_size}", f"{r.images_per_s:.0f}", fmt_timing(r.step),
+             f"{r.images_per_s / base:.2f}x"] for r in run.e2e]
+    return table(["model", "batch", "images/s", "step ms (IQR)", "speedup"], rows)
+
+
+def targets_table(checks: list[Check]) -> str:
+    if not checks:
+        return "(no targeted case in this run)"
+    return table(["check", "measured", "target", "met"],
+                 [[c.what, c.measured, c.target, "yes" if c.met else "MISSED"] for c in checks])
+
+
+def results_markdown(run: RunResults, targets_title: str, checks: list[Check], elapsed_s: float) -> str:
+    meta = "\n".join(f"- **{k}**: {v}" for k, v in run.meta.items())
+    return f"""# bnfused benchmark: {run.meta['device']}
+
+{meta}
+- **copy bandwidth**: {run.copy_gbs:.1f} GB/s (256 MiB float32 `dst.copy_(src)`, read + write, same run)
+- **run time**: {elapsed_s:.0f} s
+
+Peers: {', '.join(run.peers)}. Times are medians over torch.utils.benchmark runs, IQR in parentheses.
+Dropout p = {run.meta['dropout p']}; train modes take an input with requires_grad; fwd+bwd returns the grads of
+the input, weight and bias (torch.autograd.grad); eval runs under no_grad.
+
+Byte model: {BYTE_MODEL}
+
+## Comparison
+
+{summary_table(run)}
+
+## Targets: {targets_title}
+
+{targets_table(checks)}
+
+## End to end: small CNN training step (Conv -> BN -> ReLU -> Dropout x4, SGD)
+
+{e2e_table(run)}
+
+## Memory
+
+Saved-for-backward bytes per input element (saved_tensors_hooks, training forward); peak MB of a training
+step above the live tensors (torch.cuda.max_memory_allocated, CUDA only).
+
+{memory_table(run)}
+
+## bnfused passes (each op of the training step timed alone)
+
+{kernel_table(run)}
+
+## First-call (warm-up / compilation) seconds, summed over the modes
+
+{warmup_table(run)}
+
+## Every peer
+
+{detail_table(run)}
+
+{run.plot_note}
+"""

@@ -1,0 +1,44 @@
+"""The numbers one benchmark run collects, and the metrics derived from them (speedups, GB/s, % of copy)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from cases import Case
+from e2e import E2EResult
+from kernels import KernelTiming
+from measure import Timing
+
+
+@dataclass
+class CaseResult:
+    case: Case
+    timings: dict[tuple[str, str], Timing] = field(default_factory=dict)   # (mode, peer) -> timing
+    saved_bytes: dict[str, int] = field(default_factory=dict)              # peer -> bytes saved for backward
+    peak_bytes: dict[str, int] = field(default_factory=dict)               # peer -> peak of a train step (CUDA)
+    warmup_s: dict[str, float] = field(default_factory=dict)               # peer -> first calls (compilation)
+    kernels: list[KernelTiming] = field(default_factory=list)
+
+
+@dataclass
+class RunResults:
+    meta: dict[str, str]        # device, torch version, date, commit, ... (ordered for the results file)
+    peers: list[str]
+    modes: tuple[str, ...]
+    copy_gbs: float
+    cases: list[CaseResult] = field(default_factory=list)
+    e2e: list[E2EResult] = field(default_factory=list)
+    plot_note: str = ""
+
+    def gbs(self, case: Case, mode: str, t: Timing) -> float:
+        return case.bytes_moved(mode) / t.median / 1e9
+
+    def pct_copy(self, gbs: float) -> float:
+        return 100.0 * gbs / self.copy_gbs
+
+    @staticmethod
+    def speedup(cr: CaseResult, mode: str, peer: str, baseline: str) -> Optional[float]:
+        t, base = cr.timings.get((mode, peer)), cr.timings.get((mode, baseline))
+        if t is None or base is None:
+            return None
+        return base.median / t.median

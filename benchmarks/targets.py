@@ -1,0 +1,87 @@
+"""The speed targets of issue 5 (CPU) and issue 9 (GPU), checked against one run's numbers.
+Reported, never asserted: a missed target is a line marked "missed" in the output."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cases import CNN_SHAPES, MLP_SHAPES
+from peers import COMPILE, EAGER, FUSED
+from results import RunResults
+
+FWD_BWD, FWD = "train fwd+bwd", "train fwd"
+
+
+@dataclass(frozen=True)
+class Check:
+    what: str
+    measured: str
+    target: str
+    met: bool
+
+
+def _speedup_checks(run: RunResults, shape, dtypes, needs: dict[str, float]) -> list[Check]:
+    checks = []
+    for cr in run.cases:
+        c = cr.case
+        if c.shape != shape or c.dtype not in dtypes:
+            continue
+        for baseline, factor in needs.items():
+            s = run.speedup(cr, FWD_BWD, FUSED, baseline)
+            if s is not None:
+                checks.append(Check(f"{c.label} {FWD_BWD} vs {baseline}", f"{s:.2f}x", f">= {factor}x",
+                                    s >= factor))
+    return checks
+
+
+def _per_byte_checks(run: RunResults) -> list[Check]:
+    """channels_last and bfloat16 at least as fast per byte as contiguous float32 of the same shape and mode."""
+    checks = []
+    by_key = {(cr.case.shape, cr.case.dtype, cr.case.channels_last): cr for cr in run.cases}
+    for cr in run.cases:
+        c = cr.case
+        if (c.dtype, c.channels_last) == (torch.float32, False):
+            continue
+        ref = by_key.get((c.shape, torch.float32, False))
+        if ref is None:
+            continue
+        for mode in run.modes:
+            t, t_ref = cr.timings.get((mode, FUSED)), ref.timings.get((mode, FUSED))
+            if t is None or t_ref is None:
+                continue
+            gbs, gbs_ref = run.gbs(c, mode, t), run.gbs(ref.case, mode, t_ref)
+            checks.append(Check(f"{c.label} {mode} GB/s vs {ref.case.label}", f"{gbs:.1f} vs {gbs_ref:.1f}",
+                                ">= 1.0x per byte", gbs >= gbs_ref))
+    return checks
+
+
+def cpu_checks(run: RunResults) -> list[Check]:
+    f32 = (torch.float32,)
+    checks = _speedup_checks(run, CNN_SHAPES[0], f32, {EAGER: 8.0, COMPILE: 7.0})
+    checks += _speedup_checks(run, CNN_SHAPES[1], f32, {EAGER: 6.0})
+    checks += _speedup_checks(run, MLP_SHAPES[0], f32, {EAGER: 3.0})
+    for cr in run.cases:  # training forward within 2x of the copy-bandwidth floor = >= 50 % of copy
+        t = cr.timings.get((FWD, FUSED))
+        if t is not None:
+            pct = run.pct_copy(run.gbs(cr.case, FWD, t))
+            checks.append(Check(f"{cr.case.label} {FWD} within 2x of copy floor", f"{pct:.0f} % of copy",
+                                ">= 50 %", pct >= 50.0))
+    return checks + _per_byte_checks(run)
+
+
+def gpu_checks(run: RunResults) -> list[Check]:
+    checks = []
+    for shape in CNN_SHAPES[:2]:
+        checks += _speedup_checks(run, shape, (torch.float32, torch.bfloat16), {EAGER: 2.5, COMPILE: 1.2})
+    for cr in run.cases:
+        for k in cr.kernels:
+            pct = run.pct_copy(cr.case.numel * cr.case.element_size * k.passes / k.timing.median / 1e9)
+            checks.append(Check(f"{cr.case.label} pass {k.op}", f"{pct:.0f} % of copy", ">= 85 %", pct >= 85.0))
+    return checks
+
+
+def check_targets(run: RunResults, device: torch.device) -> tuple[str, list[Check]]:
+    if device.type == "cuda":
+        return "issue 9 (GPU)", gpu_checks(run)
+    return "issue 5 (CPU)", cpu_checks(run)
