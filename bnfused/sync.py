@@ -1,0 +1,179 @@
+"""SyncBatchNormReLUDropout: the fused counterpart of nn.SyncBatchNorm -> ReLU -> Dropout over torch.distributed.
+
+Training statistics are taken over the whole process group's batch:
+  forward:  local ops.batch_stats -> all_gather of (mean, M2, count) per rank -> Chan merge (float64) -> global
+            mean/rstd, running stats (identical on every rank) -> ops.forward
+  backward: local ops.backward_reduce -> one all_reduce of [sum_g, sum_g_xhat] -> ops.backward_input with the
+            sums divided by the global count.
+Weight/bias gradients are the LOCAL sums, as nn.SyncBatchNorm returns them: DistributedDataParallel's gradient
+averaging then gives the gradient of the mean of the ranks' losses, exactly as for every other parameter.
+A rank with an empty batch takes part in every collective (count 0 contributes nothing) and gets zero gradients.
+Each rank's dropout mask is keyed by (seed, offset + global rank): different on every rank, reproducible from
+torch.manual_seed. Outside training, without an initialized process group, or in a group of one process, the
+module is exactly the single-process BatchNormReLUDropout (no communication), as nn.SyncBatchNorm falls back to
+F.batch_norm.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import functional, ops
+from .modules import _BatchNormReLUDropout
+
+
+def _sync_group(process_group: Any) -> Optional[tuple[Any, int]]:
+    """(group, world size) to synchronise over, or None when there is nothing to synchronise with."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    group = process_group if process_group is not None else dist.group.WORLD
+    world_size = dist.get_world_size(group)
+    return (group, world_size) if world_size > 1 else None
+
+
+def _all_gather(t: Tensor, group: Any, world_size: int) -> Tensor:
+    """(world_size, *t.shape): every rank's t, in rank order."""
+    if dist.get_backend(group) == "gloo":  # gloo has no all_gather_into_tensor
+        parts = [torch.empty_like(t) for _ in range(world_size)]
+        dist.all_gather(parts, t, group=group)
+        return torch.stack(parts)
+    out = t.new_empty((world_size,) + tuple(t.shape))
+    dist.all_gather_into_tensor(out, t, group=group)
+    return out
+
+
+def _local_moments(x: Tensor) -> Tensor:
+    """float64 [mean (C), M2 = count * biased var (C), count (1)] of this rank's batch; zeros for an empty batch.
+
+    float64 keeps counts exact beyond 2^24 elements per channel and makes the merge below cheap to keep exact.
+    """
+    channels = x.shape[1]
+    count = x.numel() // channels
+    if count == 0:
+        return torch.zeros(2 * channels + 1, dtype=torch.float64, device=x.device)
+    mean, var = ops.batch_stats(x.detach())
+    return torch.cat([mean.double(), var.double() * count,
+                      torch.full((1,), float(count), dtype=torch.float64, device=x.device)])
+
+
+def _merge_moments(gathered: Tensor, channels: int) -> tuple[Tensor, Tensor]:
+    """Chan et al.'s parallel merge of the ranks' (mean, M2, count) rows: global (mean, M2), float64.
+
+    Deviations of each rank's mean from the global mean are taken directly (no sum-of-squares cancellation);
+    a rank with count 0 has mean = M2 = 0 and adds nothing.
+    """
+    means, m2s, counts = gathered[:, :channels], gathered[:, channels:2 * channels], gathered[:, 2 * channels:]
+    total = counts.sum()
+    mean = (counts * means).sum(0) / total
+    m2 = m2s.sum(0) + (counts * (means - mean) ** 2).sum(0)
+    return mean, m2
+
+
+class SyncBNReLUDropoutFunction(torch.autograd.Function):
+    """y = dropout(relu(bn(x))) with statistics over a process group; the backward all-reduces Σg and Σg·x̂."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, rstd, key, p, global_count, group):
+        ctx.save_for_backward(x, weight, bias, mean, rstd, key)
+        ctx.p, ctx.global_count, ctx.group = p, global_count, group
+        if x.numel() == 0:
+            return torch.empty_like(x)
+        return ops.forward(x, mean, rstd, weight, bias, key, p, True)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, bias, mean, rstd, key = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        channels = x.shape[1]
+        if x.numel() == 0:
+            # Nothing to reduce locally, but the peers' all_reduce needs this rank. Zero (not None) parameter
+            # gradients, so that DDP's reducer sees every parameter's gradient on this rank too.
+            if need_x:
+                dist.all_reduce(torch.zeros(2 * channels, dtype=mean.dtype, device=x.device), group=ctx.group)
+            return (torch.zeros_like(x) if need_x else None,
+                    torch.zeros_like(weight) if need_w and weight is not None else None,
+                    torch.zeros_like(bias) if need_b and bias is not None else None,
+                    None, None, None, None, None, None)
+        sum_g, sum_g_xhat = ops.backward_reduce(grad_out, x, mean, rstd, weight, bias, key, ctx.p)
+        grad_x = None
+        if need_x:
+            # As nn.SyncBatchNorm: only the input gradient needs the global sums.
+            sums = torch.cat([sum_g, sum_g_xhat])
+            dist.all_reduce(sums, group=ctx.group)
+            mean_g, mean_g_xhat = (sums / ctx.global_count).split(channels)
+            grad_x = ops.backward_input(grad_out, x, mean, rstd, weight, bias, key, ctx.p, mean_g, mean_g_xhat)
+        grad_w = sum_g_xhat.to(weight.dtype) if need_w and weight is not None else None
+        grad_b = sum_g.to(bias.dtype) if need_b and bias is not None else None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+
+
+class SyncBatchNormReLUDropout(_BatchNormReLUDropout):
+    """Fused nn.SyncBatchNorm -> ReLU -> Dropout(p) over (N, C, +) input, statistics over ``process_group``
+    (the whole world by default). Same constructor as nn.SyncBatchNorm plus ``p``; state_dict keys,
+    momentum=None, train()/eval() as nn.SyncBatchNorm.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, process_group: Any = None, device=None, dtype=None, *,
+                 p: float = 0.5, bias: bool = True) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, p=p, bias=bias)
+        self.process_group = process_group
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+        if input.size(1) == 0:
+            raise ValueError("SyncBatchNormReLUDropout number of input channels should be non-zero")
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        sync = _sync_group(self.process_group) if self.training else None  # eval never communicates
+        if sync is None:
+            return super().forward(input)  # the single-process module, as nn.SyncBatchNorm falls back
+        group, world_size = sync
+        running_mean = self.running_mean if self.track_running_stats else None
+        running_var = self.running_var if self.track_running_stats else None
+        momentum = 0.0 if self.momentum is None else self.momentum
+        # One value per channel on this rank is fine when others have more (checked globally below); an expanded
+        # view of such an input passes the local check and shares every other check with the single-process path.
+        checked = input.expand(2, *input.shape[1:]) if input.numel() == input.shape[1] else input
+        functional.check_inputs(checked, running_mean, running_var, self.weight, self.bias, True, momentum,
+                                self.eps, self.p)
+
+        channels = input.shape[1]
+        gathered = _all_gather(_local_moments(input), group, world_size)
+        global_count = int(gathered[:, -1].sum().item())
+        if global_count == 1:  # every rank sees the same count, so every rank raises: no collective is left hanging
+            raise ValueError("Expected more than 1 value per channel when training, got 1 value per channel over "
+                             f"the process group (this rank's input size {input.size()})")
+
+        factor = momentum
+        if self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                factor = 1.0 / float(self.num_batches_tracked)
+        if global_count == 0:  # every rank empty: what the single-process module does on an empty batch
+            return functional.bn_relu_dropout_unchecked(input, running_mean, running_var, self.weight, self.bias,
+                                                        True, factor, self.eps, self.p)
+
+        mean, m2 = _merge_moments(gathered, channels)
+        var = m2 / global_count
+        if running_mean is not None:
+            with torch.no_grad():
+                unbiased = m2 / (global_count - 1)
+                running_mean.copy_(running_mean.double() * (1 - factor) + mean * factor)
+                running_var.copy_(running_var.double() * (1 - factor) + unbiased * factor)
+        acc = ops.acc_dtype(input.dtype)
+        rstd = torch.rsqrt(var + self.eps).to(acc)
+        mean = mean.to(acc)
+
+        if self.p > 0.0:
+            key = ops.philox_key(input.device)
+            key[1] += dist.get_rank()  # global rank: masks differ between all processes, not only within a group
+        else:
+            key = torch.zeros(2, dtype=torch.int64, device=input.device)
+        return SyncBNReLUDropoutFunction.apply(input, self.weight, self.bias, mean, rstd, key, self.p,
+                                               global_count, group)
