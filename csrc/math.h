@@ -39,6 +39,8 @@ BNFUSED_HD Welford<acc_t> welford_merge(Welford<acc_t> a, Welford<acc_t> b) {
   Welford<acc_t> out;
   out.count = count;
   out.mean = a.mean + delta * frac_b;
+  // An infinite mean makes delta inf - inf; the weighted average keeps +-inf as torch.mean does.
+  if (!(out.mean - out.mean == acc_t(0))) out.mean = a.mean * (a.count / count) + b.mean * frac_b;
   out.m2 = a.m2 + b.m2 + delta * delta * a.count * frac_b;
   return out;
 }

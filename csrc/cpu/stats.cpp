@@ -61,7 +61,7 @@ void stats_channels_last(const at::Tensor& x, const Geometry& g, double* mean_ou
 
   std::vector<double> part_mean(n_blocks * C), part_m2(n_blocks * C);
   at::parallel_for(0, n_blocks * n_tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc> xbuf(sub_rows * tile), sum(tile), m2c(tile);
+    std::vector<acc> xbuf(sub_rows * tile), sum(tile), m2c(tile), shift(tile);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t rb = task / n_tiles, c0 = (task % n_tiles) * tile;
       const int64_t width = std::min(tile, C - c0);
@@ -75,15 +75,22 @@ void stats_channels_last(const at::Tensor& x, const Geometry& g, double* mean_ou
         const acc* rowp[64 * 64];
         for (int64_t r = 0; r < rows; ++r)
           rowp[r] = cpu::as_acc(data + (r0 + r) * C + c0, width, xbuf.data() + r * tile);
+        // Sums of x - shift, shift = the first row where finite: a float sum of large, similar values (a 1e4
+        // offset) would lose the mean.
+        cpu::vec_loop<acc>(width, [&](int64_t i, int cnt) {
+          const Vec first = cpu::load(rowp[0] + i, cnt);
+          cpu::store(Vec::blendv(Vec(0), first, (first - first) == Vec(0)), shift.data() + i, cnt);
+        });
         std::fill(sum.begin(), sum.begin() + width, acc(0));
         std::fill(m2c.begin(), m2c.begin() + width, acc(0));
         for (int64_t r = 0; r < rows; ++r)
           cpu::vec_loop<acc>(width, [&](int64_t i, int cnt) {
-            cpu::store(cpu::load(sum.data() + i, cnt) + cpu::load(rowp[r] + i, cnt), sum.data() + i, cnt);
+            const Vec shifted = cpu::load(rowp[r] + i, cnt) - cpu::load(shift.data() + i, cnt);
+            cpu::store(cpu::load(sum.data() + i, cnt) + shifted, sum.data() + i, cnt);
           });
         const Vec inv_rows(acc(1) / static_cast<acc>(rows));
-        cpu::vec_loop<acc>(width, [&](int64_t i, int cnt) {
-          cpu::store(cpu::load(sum.data() + i, cnt) * inv_rows, sum.data() + i, cnt);  // sum -> chunk mean
+        cpu::vec_loop<acc>(width, [&](int64_t i, int cnt) {  // sum -> chunk mean
+          cpu::store(cpu::load(shift.data() + i, cnt) + cpu::load(sum.data() + i, cnt) * inv_rows, sum.data() + i, cnt);
         });
         for (int64_t r = 0; r < rows; ++r)
           cpu::vec_loop<acc>(width, [&](int64_t i, int cnt) {
