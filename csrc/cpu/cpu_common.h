@@ -11,7 +11,7 @@
 #include <type_traits>
 
 #include "bnfused.h"
-#include "math.h"
+#include "bn_math.h"
 
 namespace bnfused::cpu {
 

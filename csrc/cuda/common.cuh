@@ -20,10 +20,10 @@
 #include <algorithm>
 #include <cstdint>
 
-// Relative includes: found next to this file whatever the include path (csrc/math.h must not be reached
-// through <math.h>).
+// Relative includes: found next to this file whatever the include path (csrc/bn_math.h is named so
+// that <math.h> never resolves to it).
 #include "../bnfused.h"
-#include "../math.h"
+#include "../bn_math.h"
 #include "../philox.h"
 
 namespace bnfused::cuda {
@@ -108,22 +108,6 @@ __device__ __forceinline__ void divmod(int64_t a, int64_t b, int64_t& q, int64_t
   r = a - q * b;
 }
 
-// z's per-channel affine computed exactly as the CPU backend does (which is built with -ffp-contract=off):
-// explicit round-to-nearest intrinsics so nvcc cannot contract `bias - mean * a` into an FMA. Then
-// fma(x, a, b) and hence [z > 0] match the CPU bit for bit, and forward and backward on the GPU agree.
-__device__ __forceinline__ ChannelAffine<float> affine_exact(float mean, float rstd, float w, float b) {
-  ChannelAffine<float> out;
-  out.a = __fmul_rn(rstd, w);
-  out.b = __fsub_rn(b, __fmul_rn(mean, out.a));
-  return out;
-}
-__device__ __forceinline__ ChannelAffine<double> affine_exact(double mean, double rstd, double w, double b) {
-  ChannelAffine<double> out;
-  out.a = __dmul_rn(rstd, w);
-  out.b = __dsub_rn(b, __dmul_rn(mean, out.a));
-  return out;
-}
-
 // Per-channel tensors (accumulation dtype, contiguous, on the device).
 template <typename acc_t>
 struct ChannelParams {
@@ -134,7 +118,7 @@ struct ChannelParams {
   __device__ __forceinline__ acc_t w(int64_t c) const { return weight ? weight[c] : acc_t(1); }
   __device__ __forceinline__ acc_t b(int64_t c) const { return bias ? bias[c] : acc_t(0); }
   __device__ __forceinline__ ChannelAffine<acc_t> affine(int64_t c) const {
-    return affine_exact(mean[c], rstd[c], w(c), b(c));
+    return channel_affine<acc_t>(mean[c], rstd[c], w(c), b(c));
   }
 };
 

@@ -54,18 +54,51 @@ BNFUSED_HD acc_t inverse_std(acc_t var, double eps) {
 #endif
 }
 
-// Per-channel scale/shift so that z = fma(x, a, b) == (x - mean) * rstd * w + bias.
+// Per-channel scale/shift of the pre-activation (see channel_affine).
 template <typename acc_t>
 struct ChannelAffine {
   acc_t a;
   acc_t b;
 };
 
+// Round-to-nearest multiply and subtract that no compiler may contract into an FMA: the CPU build uses
+// -ffp-contract=off, and on the GPU the _rn intrinsics forbid contraction, so a and b below -- hence
+// z = fma(x, a, b) and [z > 0] -- are bit-identical on every backend and between forward and backward.
+BNFUSED_HD float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+BNFUSED_HD double mul_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+BNFUSED_HD float sub_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+BNFUSED_HD double sub_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+
+// z = fma(x, a, b) == (x - mean) * rstd * w + bias, with a and b rounded the same way on every backend.
 template <typename acc_t>
 BNFUSED_HD ChannelAffine<acc_t> channel_affine(acc_t mean, acc_t rstd, acc_t weight, acc_t bias) {
   ChannelAffine<acc_t> out;
-  out.a = rstd * weight;
-  out.b = bias - mean * out.a;
+  out.a = mul_rn(rstd, weight);
+  out.b = sub_rn(bias, mul_rn(mean, out.a));
   return out;
 }
 
