@@ -1,0 +1,124 @@
+"""benchmarks/bench.py: a --quick run (subprocess, temp results dir) prints progress lines and the markdown
+tables and writes the results file (and the plot when matplotlib imports); the target checks and the
+plot-skipped path on synthetic numbers. Timings are never asserted."""
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "benchmarks" / "bench.py"
+PEERS = ("eager", "compile", "bnfused", "bnfused+compile")
+MODES = ("train fwd", "train fwd+bwd", "eval fwd")
+
+
+def _table_rows(text: str, header_start: str) -> list[list[str]]:
+    """Cells of the markdown table whose header line starts with header_start."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    return [[c.strip() for c in lines[start].strip("|").split("|")]] + rows
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_results")
+    device = "cuda" if torch.cuda.is_available() and __import__("bnfused").WITH_CUDA else "cpu"
+    proc = subprocess.run([sys.executable, str(BENCH), "--quick", "--out", str(out), "--device", device],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout, out, device
+
+
+def test_quick_prints_progress_and_table(quick_run):
+    stdout, _, device = quick_run
+    progress = [line for line in stdout.splitlines() if re.match(r"\[\s*\d+/\d+\]", line)]
+    assert len(progress) == 2 * len(MODES)  # one line per case and mode, as they run
+    assert "copy bandwidth:" in stdout
+    rows = _table_rows(stdout, "| case | mode |")
+    header, body = rows[0], rows[1:]
+    peers = PEERS if device == "cpu" else ("eager", "eager no-cuDNN") + PEERS[1:]
+    assert header[2:2 + len(peers)] == [f"{p} ms" for p in peers]
+    assert len(body) == 2 * len(MODES)
+    for row in body:
+        assert row[1] in MODES
+        for cell in row[2:2 + len(peers)]:  # "median (IQR)" for every peer
+            assert re.fullmatch(r"[\d.]+ \([\d.]+\)", cell), row
+        assert re.fullmatch(r"[\d.]+x", row[2 + len(peers)]), row  # bnfused vs eager
+    assert "## Targets" in stdout and "## End to end" in stdout
+    e2e = _table_rows(stdout, "| model |")
+    assert len(e2e) == 3 and "bnfused.convert" in e2e[2][0]
+
+
+def test_quick_writes_results_file_and_plot(quick_run):
+    stdout, out, _ = quick_run
+    results = list(out.glob("*-quick.md"))
+    assert len(results) == 1, list(out.iterdir())
+    text = results[0].read_text()
+    for needle in ("**device**", "**torch**", "**date**", "**git commit**", "**threads**", "**copy bandwidth**",
+                   "Byte model:", "## Comparison", "## Targets", "## End to end", "saved B/elem bnfused",
+                   "backward_input", "## Every peer"):
+        assert needle in text, needle
+    memory = _table_rows(text, "| case | saved B/elem")
+    fused_col = memory[0].index("saved B/elem bnfused")
+    for row in memory[1:]:
+        assert 0 < float(row[fused_col]) < 4.5  # fp32 input saved once, plus O(C)
+    if importlib.util.find_spec("matplotlib") is not None:
+        png = results[0].with_suffix(".png")
+        assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"plot: {png.name}" in stdout
+    else:
+        assert "plot skipped: matplotlib not available" in stdout
+
+
+@pytest.fixture
+def bench_modules(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import cases
+    import measure
+    import plot
+    import results
+    import targets
+    return cases, measure, plot, results, targets
+
+
+def _synthetic_run(bench_modules, fused_ms: float):
+    cases, measure, _, results, _ = bench_modules
+    case = cases.Case(cases.CNN_SHAPES[0], torch.float32)
+    cr = results.CaseResult(case)
+    for mode in MODES:
+        cr.timings[(mode, "eager")] = measure.Timing(0.180, 0.01, 5)
+        cr.timings[(mode, "compile")] = measure.Timing(0.170, 0.01, 5)
+        cr.timings[(mode, "bnfused")] = measure.Timing(fused_ms / 1e3, 0.001, 20)
+    run = results.RunResults(meta={"device": "test", "threads": "2", "torch": torch.__version__}, peers=list(PEERS[:3]),
+                             modes=MODES, copy_gbs=38.0)
+    run.cases.append(cr)
+    return run
+
+
+def test_cpu_targets_met_and_missed(bench_modules):
+    targets = bench_modules[4]
+    fast = targets.cpu_checks(_synthetic_run(bench_modules, fused_ms=10.0))   # 18x eager, 17x compile
+    slow = targets.cpu_checks(_synthetic_run(bench_modules, fused_ms=60.0))   # 3x eager
+    speed = [c for c in fast if "vs" in c.what and "GB/s" not in c.what]
+    assert {c.target for c in speed} == {">= 8.0x", ">= 7.0x"} and all(c.met for c in speed)
+    assert not any(c.met for c in slow if "vs eager" in c.what)
+    # 3 passes x 51.4 MB in 10 ms = 15.4 GB/s = 41 % of 38 GB/s: more than 2x the copy floor -> missed
+    floor = [c for c in fast if "copy floor" in c.what]
+    assert len(floor) == 1 and not floor[0].met and floor[0].measured == "41 % of copy"
+
+
+def test_plot_skipped_without_matplotlib(bench_modules, monkeypatch, tmp_path):
+    plot = bench_modules[2]
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    note = plot.plot_speedups(_synthetic_run(bench_modules, 10.0), tmp_path / "x.png")
+    assert note == "plot skipped: matplotlib not available"
+    assert not (tmp_path / "x.png").exists()
