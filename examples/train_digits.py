@@ -137,7 +137,8 @@ def main(argv=None) -> int:
     data = load_digits(args.seed, device=args.device)
     unfused, fused = make_pair(args.hidden, args.p, args.seed, args.device)
     print(f"digits: {len(data.x_train)} train / {len(data.x_test)} test images, MLP H={args.hidden}, p={args.p}, "
-          f"seed={args.seed}, device={args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+          f"seed={args.seed}, device={args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads",
+          flush=True)
     runs = {}
     for name, model in (("unfused", unfused), ("bnfused", fused)):
         runs[name] = train(model, data, args.epochs, args.seed)
@@ -152,8 +153,8 @@ def main(argv=None) -> int:
     # The first epoch includes warm-up (allocator, thread pool); the median of the rest is the steady state.
     per_epoch = {k: statistics.median(h.epoch_seconds[1:] or h.epoch_seconds) for k, h in runs.items()}
     print(f"\nfinal test accuracy: unfused {u.test_accuracy[-1]:.4f}, bnfused {f.test_accuracy[-1]:.4f}")
-    print(f"median time per epoch: unfused {per_epoch['unfused'] * 1e3:.1f} ms, bnfused {per_epoch['bnfused'] * 1e3:.1f}"
-          f" ms ({per_epoch['unfused'] / per_epoch['bnfused']:.2f}x)")
+    print(f"median time per epoch: unfused {per_epoch['unfused'] * 1e3:.1f} ms, "
+          f"bnfused {per_epoch['bnfused'] * 1e3:.1f} ms ({per_epoch['unfused'] / per_epoch['bnfused']:.2f}x)")
     if args.p == 0.0:
         gap = max(abs(a - b) for a, b in zip(u.step_losses, f.step_losses))
         print(f"p = 0: largest per-step loss difference {gap:.2e} (same curve up to float rounding)")
