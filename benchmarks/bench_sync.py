@@ -140,6 +140,24 @@ def _peers(channels: int, device: torch.device) -> dict[str, nn.Module]:
     }
 
 
+def _check_peers_agree(device: torch.device) -> None:
+    """With p = 0 the two synced peers compute the same outputs, input gradients and running statistics
+    (guards the CPU kernels above: a wrong baseline would make any speedup meaningless)."""
+    torch.manual_seed(dist.get_rank())
+    x = torch.randn(3 + dist.get_rank(), 8, 5, 5, device=device) * 2 + 1
+    grad = torch.randn_like(x)
+    fused = bnfused.SyncBatchNormReLUDropout(8, p=0.0).to(device)
+    unfused = nn.Sequential((nn.SyncBatchNorm if device.type == "cuda" else CPUSyncBatchNorm)(8), nn.ReLU()).to(device)
+    results = []
+    for m in (fused, unfused):
+        xi = x.clone().requires_grad_()
+        y = m(xi)
+        y.backward(grad)
+        results.append((y, xi.grad, m.state_dict()["running_var" if m is fused else "0.running_var"]))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 def _step_seconds(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, iters: int) -> list[float]:
     """Per-step seconds of forward + backward; every rank runs the same count (the collectives pair up)."""
     times = []
@@ -163,6 +181,7 @@ def _worker(rank: int, port: int, device_type: str, quick: bool, out_path: str) 
         device = torch.device(device_type)
         if device.type == "cpu":
             register_cpu_kernels()
+        _check_peers_agree(device)
         rows = []
         warmup, reps, iters = (2, 3, 5) if quick else (3, 5, 10)
         for shape in QUICK_SHAPES if quick else SHAPES:

@@ -35,14 +35,16 @@ def _sync_group(process_group: Any) -> Optional[tuple[Any, int]]:
 
 
 def _all_gather(t: Tensor, group: Any, world_size: int) -> Tensor:
-    """(world_size, *t.shape): every rank's t, in rank order."""
-    if dist.get_backend(group) == "gloo":  # gloo has no all_gather_into_tensor
+    """(world_size, numel of t): every rank's 1-d t, in rank order."""
+    if dist.get_backend(group) != "nccl":  # the list form works on every backend (gloo: no single-tensor form)
         parts = [torch.empty_like(t) for _ in range(world_size)]
         dist.all_gather(parts, t, group=group)
         return torch.stack(parts)
-    out = t.new_empty((world_size,) + tuple(t.shape))
-    dist.all_gather_into_tensor(out, t, group=group)
-    return out
+    out = t.new_empty(world_size * t.numel())
+    # all_gather_single is torch >= 2.13's name for all_gather_into_tensor (deprecated there)
+    gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather_single(out, t, group=group)
+    return out.view(world_size, -1)
 
 
 def _local_moments(x: Tensor) -> Tensor:

@@ -54,14 +54,14 @@ def spawn(worker, world_size, device):
 class CollectiveCounter:
     """Counts the torch.distributed collectives bnfused.sync issues (it looks them up at call time)."""
 
-    NAMES = ("all_gather", "all_gather_into_tensor", "all_reduce")
+    NAMES = ("all_gather", "all_gather_into_tensor", "all_gather_single", "all_reduce")
 
     def __init__(self):
         self.calls = []
 
     @contextlib.contextmanager
     def __call__(self):
-        originals = {name: getattr(dist, name) for name in self.NAMES}
+        originals = {name: getattr(dist, name) for name in self.NAMES if hasattr(dist, name)}
 
         def counting(name):
             def call(*args, **kwargs):
@@ -69,7 +69,7 @@ class CollectiveCounter:
                 return originals[name](*args, **kwargs)
             return call
 
-        for name in self.NAMES:
+        for name in originals:
             setattr(dist, name, counting(name))
         try:
             yield self
