@@ -230,7 +230,7 @@ def test_nan_inf_propagate_like_pytorch(device, training, layout):
     xr = x.detach().clone().requires_grad_()
     y, y_ref = block(x), F.relu(bn(xr))
     torch.testing.assert_close(y, y_ref, equal_nan=True, rtol=1e-5, atol=1e-5)
-    # every running statistic is non-finite exactly where PyTorch's is (see the xfail below for the value)
+    # every running statistic is non-finite exactly where PyTorch's is (and test_inf_running_mean_value_like_pytorch for the value)
     assert torch.equal(block.running_mean.isfinite(), bn.running_mean.isfinite())
     assert torch.equal(block.running_var.isfinite(), bn.running_var.isfinite())
     y.sum().backward()
@@ -252,14 +252,13 @@ def test_nan_inf_through_dropout(device, training):
     assert torch.equal(F.dropout(torch.full((8,), float("nan")), 0.5).isnan(), torch.ones(8, dtype=torch.bool))
 
 
-@pytest.mark.xfail(strict=True, reason="CPU stats (csrc/math.h welford_merge): a channel whose first merged chunk "
-                   "holds +-inf gets mean nan (inf - inf in the merge delta) where PyTorch's BatchNorm gives +-inf "
-                   "running_mean; the output is NaN either way")
-def test_inf_running_mean_value_like_pytorch():
-    device = torch.device("cpu")  # about the CPU kernel; the CUDA reduction merges in another order
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_inf_running_mean_value_like_pytorch(device, layout):
+    # An infinite value merged first into a channel's Welford triple must give +-inf, not inf - inf = nan.
     x = torch.randn(4, C, 4, 4, device=device)
     x[0, 1, 0, 0] = float("inf")  # first plane of channel 1: merged first
     x[0, 2, 0, 0] = float("-inf")
+    x = x.contiguous(memory_format=layout)
     block = FUSED[2](C, p=0.0, device=device)
     bn = nn.BatchNorm2d(C, device=device)
     block(x)
