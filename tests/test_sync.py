@@ -195,6 +195,25 @@ def check_parity(rank, device, shape, split, kwargs=None, dtype=torch.float32, m
         torch.testing.assert_close(y, expected, **tol)
 
 
+def check_reduced_precision(rank, device):
+    """float16/bfloat16 input with float32 parameters and statistics (as cuDNN BN) vs float32 BN of the same input."""
+    shape, split = (5, 3, 6), [2, 3]
+    lo, hi = bounds(split, rank)
+    for dtype, tol in ((torch.float16, dict(rtol=2e-3, atol=2e-3)), (torch.bfloat16, dict(rtol=1.6e-2, atol=1.6e-2))):
+        sync, ref = make_pair(3, 3, {}, torch.float32, device)
+        x, grad = full_batch(shape, dtype, device, seed=8)
+        x_local = x[lo:hi].clone().requires_grad_()
+        y = sync(x_local)
+        y.backward(grad[lo:hi])
+        x_ref = x.float().requires_grad_()
+        y_ref = torch.relu(ref(x_ref))
+        y_ref.backward(grad.float())
+        assert y.dtype == dtype and x_local.grad.dtype == dtype
+        torch.testing.assert_close(y.float(), y_ref[lo:hi], **tol)
+        torch.testing.assert_close(x_local.grad.float(), x_ref.grad[lo:hi], rtol=2 * tol["rtol"], atol=2 * tol["atol"])
+        torch.testing.assert_close(sync.running_var, ref.running_var, rtol=1e-3, atol=1e-3)
+
+
 # ---------------------------------------------------------------- dropout across ranks
 
 def check_dropout(rank, world_size, device, p=0.3):
@@ -293,6 +312,7 @@ def two_ranks(rank, world_size, device):
     check_parity(rank, device, (4, 3, 5), [2, 2], dict(track_running_stats=False, eps=1e-3))
     check_parity(rank, device, (6, 3, 4, 4), [3, 3], dict(momentum=0.3), dtype=torch.float64, offset=1e4,
                  steps=1)  # Chan merge under a large offset
+    check_reduced_precision(rank, device)
     check_dropout(rank, world_size, device)
     check_ddp_training(rank, device, [3, 3])
 
