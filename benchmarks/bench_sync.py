@@ -7,8 +7,9 @@ batch_norm_gather_stats_with_counts, batch_norm_elemt, batch_norm_backward_reduc
 have CUDA kernels only. On the CPU the unfused peer is therefore nn.SyncBatchNorm's own autograd Function
 (torch.nn.modules._functions.SyncBatchNorm: the same collectives, the same control flow) with composite CPU
 kernels for those five ops registered below. On CUDA it is the real nn.SyncBatchNorm module (both ranks share
-the one GPU through gloo; NCCL refuses two ranks on one device). A third column, the fused module without
-synchronisation (per-rank statistics), shows what the communication costs.
+the one GPU through gloo; NCCL refuses two ranks on one device). Two more columns without synchronisation
+(per-rank statistics: the fused module, and nn.BatchNorm2d -> ReLU -> Dropout on PyTorch's native kernels) show
+what the communication costs and bound any unfused synced CPU implementation from below.
 
     python benchmarks/bench_sync.py [--quick]         # prints a markdown table
     run(quick) -> list[dict]                          # the same rows, for other scripts
@@ -137,6 +138,7 @@ def _peers(channels: int, device: torch.device) -> dict[str, nn.Module]:
         "bnfused_sync": bnfused.SyncBatchNormReLUDropout(channels, p=P),
         "nn_sync": nn.Sequential(unfused_bn, nn.ReLU(), nn.Dropout(P)),
         "bnfused_nosync": bnfused.BatchNormReLUDropout2d(channels, p=P),
+        "nn_nosync": nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(), nn.Dropout(P)),
     }
 
 
@@ -229,11 +231,13 @@ def run(quick: bool = False) -> list[dict]:
 def markdown(rows: list[dict]) -> str:
     lines = [f"Synced BN -> ReLU -> Dropout(p={P}), {WORLD_SIZE} gloo processes, per-step forward+backward "
              "(median ms)", "",
-             "| device | shape per rank | bnfused sync | nn.SyncBatchNorm chain | speedup | bnfused, no sync |",
-             "|---|---|---:|---:|---:|---:|"]
+             "| device | shape per rank | bnfused sync | nn.SyncBatchNorm chain | speedup | bnfused, no sync "
+             "| nn.BatchNorm2d chain, no sync |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['device']} | {'x'.join(map(str, r['shape_per_rank']))} | {r['bnfused_sync_ms']:.2f} | "
-                     f"{r['nn_sync_ms']:.2f} | {r['speedup_vs_nn_sync']:.2f}x | {r['bnfused_nosync_ms']:.2f} |")
+                     f"{r['nn_sync_ms']:.2f} | {r['speedup_vs_nn_sync']:.2f}x | {r['bnfused_nosync_ms']:.2f} | "
+                     f"{r['nn_nosync_ms']:.2f} |")
     if any(r["device"] == "cpu" for r in rows):
         lines += ["", "cpu: nn.SyncBatchNorm rejects CPU input; its autograd Function runs with composite CPU kernels "
                   "for its five CUDA-only ATen ops (see benchmarks/bench_sync.py)."]
