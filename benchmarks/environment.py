@@ -34,6 +34,14 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "device"
 
 
+def load_average() -> str:
+    """The 1/5/15-minute load averages: a busy machine explains noisy timings."""
+    try:
+        return " / ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
 def git_commit(repo: Path) -> str:
     """Short commit, "-dirty" when tracked files differ from it; "unknown" outside a git checkout."""
     try:
