@@ -74,7 +74,9 @@ def gpu_checks(run: RunResults) -> list[Check]:
     checks = []
     for shape in CNN_SHAPES[:2]:
         checks += _speedup_checks(run, shape, (torch.float32, torch.bfloat16), {EAGER: 2.5, COMPILE: 1.2})
-    for cr in run.cases:
+    for cr in run.cases:  # per pass, on the target shapes (launch latency dominates the small ones)
+        if cr.case.shape not in CNN_SHAPES[:2]:
+            continue
         for k in cr.kernels:
             pct = run.pct_copy(cr.case.numel * cr.case.element_size * k.passes / k.timing.median / 1e9)
             checks.append(Check(f"{cr.case.label} pass {k.op}", f"{pct:.0f} % of copy", ">= 85 %", pct >= 85.0))
