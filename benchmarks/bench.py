@@ -71,17 +71,18 @@ def measure_mode(cr: CaseResult, peers: list[Peer], mode: str, x: torch.Tensor, 
     alive = []
     for peer in peers:
         fn = step(peer, mode, x, grad_out)
-        try:
-            first = first_call_seconds(fn, x.device)  # warm-up; compiles the graph for compiled peers
-        except Exception as exc:  # noqa: BLE001 -- report a broken torch.compile toolchain and go on
-            if not peer.compiled:
-                raise
-            say(f"    {peer.name} failed on {cr.case.label} {mode}: {type(exc).__name__}: {str(exc)[:200]}")
-            continue
-        if peer.compiled:
-            cr.warmup_s[peer.name] = cr.warmup_s.get(peer.name, 0.0) + first
-        cr.timings[(mode, peer.name)] = time_fn(fn, x.device, threads, min_time=suite.min_time,
-                                                max_time=suite.max_time, min_samples=suite.min_samples)
+        with peer.context():
+            try:
+                first = first_call_seconds(fn, x.device)  # warm-up; compiles the graph for compiled peers
+            except Exception as exc:  # noqa: BLE001 -- report a broken torch.compile toolchain and go on
+                if not peer.compiled:
+                    raise
+                say(f"    {peer.name} failed on {cr.case.label} {mode}: {type(exc).__name__}: {str(exc)[:200]}")
+                continue
+            if peer.compiled:
+                cr.warmup_s[peer.name] = cr.warmup_s.get(peer.name, 0.0) + first
+            cr.timings[(mode, peer.name)] = time_fn(fn, x.device, threads, min_time=suite.min_time,
+                                                    max_time=suite.max_time, min_samples=suite.min_samples)
         alive.append(peer)
     return alive
 
@@ -112,7 +113,7 @@ def run_case(run: RunResults, case: Case, args: argparse.Namespace, suite: Suite
         peer.module.train()
         with peer.context():
             cr.saved_bytes[peer.name] = saved_bytes(lambda: peer.forward(x))
-        peak = peak_step_bytes(step(peer, "train fwd+bwd", x, grad_out), args.device)
+            peak = peak_step_bytes(step(peer, "train fwd+bwd", x, grad_out), args.device)
         if peak is not None:
             cr.peak_bytes[peer.name] = peak
     cr.kernels = time_kernels(case, x, grad_out, args.p, args.threads, min_time=suite.min_time,

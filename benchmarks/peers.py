@@ -30,7 +30,7 @@ class Peer:
     module: nn.Module                        # train()/eval() is set on this one
     forward: Callable[[Tensor], Tensor]      # the module itself or its torch.compile wrapper
     compiled: bool = False
-    context: Callable[[], ContextManager] = field(default=contextlib.nullcontext)
+    context: Callable[[], ContextManager] = field(default=contextlib.nullcontext)  # entered around its runs
 
 
 def unfused_block(case: Case, p: float, device: torch.device) -> nn.Sequential:
@@ -73,25 +73,24 @@ def step(peer: Peer, mode: str, x: Tensor, grad_out: Tensor) -> Callable[[], obj
 
     Training steps take x with requires_grad; fwd+bwd returns the gradients of x and the parameters through
     torch.autograd.grad, so no .grad accumulation pass is timed. Eval runs under no_grad on a detached x.
+    Callers run it inside peer.context() (a global switch, so it is not paid per call).
     """
     peer.module.train(mode != "eval fwd")
-    fwd, ctx = peer.forward, peer.context
+    fwd = peer.forward
     if mode == "eval fwd":
         x_eval = x.detach()
 
         def run():
-            with ctx(), torch.no_grad():
+            with torch.no_grad():
                 return fwd(x_eval)
     elif mode == "train fwd":
         def run():
-            with ctx():
-                return fwd(x)
+            return fwd(x)
     elif mode == "train fwd+bwd":
         inputs = [x] + [t for t in peer.module.parameters() if t.requires_grad]
 
         def run():
-            with ctx():
-                return torch.autograd.grad(fwd(x), inputs, grad_out)
+            return torch.autograd.grad(fwd(x), inputs, grad_out)
     else:
         raise ValueError(f"unknown mode {mode!r}")
     return run
