@@ -102,6 +102,18 @@ BNFUSED_HD ChannelAffine<acc_t> channel_affine(acc_t mean, acc_t rstd, acc_t wei
   return out;
 }
 
+// Pointers to the per-channel tensors (accumulation dtype, contiguous, on the kernel's device).
+template <typename acc_t>
+struct ChannelParams {
+  const acc_t* mean;
+  const acc_t* rstd;
+  const acc_t* weight;  // nullptr => 1
+  const acc_t* bias;    // nullptr => 0
+  BNFUSED_HD acc_t w(int64_t c) const { return weight ? weight[c] : acc_t(1); }
+  BNFUSED_HD acc_t b(int64_t c) const { return bias ? bias[c] : acc_t(0); }
+  BNFUSED_HD ChannelAffine<acc_t> affine(int64_t c) const { return channel_affine<acc_t>(mean[c], rstd[c], w(c), b(c)); }
+};
+
 template <typename acc_t>
 BNFUSED_HD acc_t bn_preact(acc_t x, ChannelAffine<acc_t> ab) {
   return BNFUSED_FMA(x, ab.a, ab.b);

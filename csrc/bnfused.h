@@ -12,6 +12,7 @@
 
 #include <tuple>
 
+#include "bn_math.h"
 #include "philox.h"
 
 namespace bnfused {
@@ -31,6 +32,15 @@ Geometry geometry_of(const at::Tensor& x);
 at::MemoryFormat kernel_memory_format(const at::Tensor& x);
 
 using OptTensor = std::optional<at::Tensor>;
+
+template <typename acc_t>
+ChannelParams<acc_t> channel_params(const at::Tensor& mean, const at::Tensor& rstd, const OptTensor& weight,
+                                    const OptTensor& bias) {
+  auto ptr = [](const OptTensor& t) -> const acc_t* {
+    return (t.has_value() && t->defined()) ? t->template const_data_ptr<acc_t>() : nullptr;
+  };
+  return ChannelParams<acc_t>{mean.const_data_ptr<acc_t>(), rstd.const_data_ptr<acc_t>(), ptr(weight), ptr(bias)};
+}
 
 // ---- CPU backend (csrc/cpu) ----
 std::tuple<at::Tensor, at::Tensor> batch_stats_cpu(const at::Tensor& x);

@@ -97,6 +97,29 @@ PhiloxKey host_key(const at::Tensor& key) {
   return PhiloxKey{static_cast<uint64_t>(d[0]), static_cast<uint64_t>(d[1])};
 }
 
+// Arguments of the elementwise/backward ops, checked and normalised once for every backend.
+struct KernelArgs {
+  at::Tensor x;     // in a kernel layout
+  at::Tensor mean;  // per-channel, accumulation dtype
+  at::Tensor rstd;
+  OptTensor weight;
+  OptTensor bias;
+};
+
+KernelArgs prepare(const char* op, const at::Tensor& input, const at::Tensor& mean, const at::Tensor& rstd,
+                   const OptTensor& weight, const OptTensor& bias, const at::Tensor& key, double p) {
+  check_input(input, op);
+  check_p(p, op);
+  check_key(key, input, op);
+  KernelArgs a;
+  a.x = in_kernel_layout(input);
+  a.mean = channel_param(mean, a.x, op, "mean");
+  a.rstd = channel_param(rstd, a.x, op, "rstd");
+  a.weight = opt_channel_param(weight, a.x, op, "weight");
+  a.bias = opt_channel_param(bias, a.x, op, "bias");
+  return a;
+}
+
 // ---- op implementations (device-generic; the backend is picked from the input's device) ----
 
 std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& input) {
@@ -137,23 +160,15 @@ std::tuple<at::Tensor, at::Tensor> batch_stats_update(const at::Tensor& input, c
 
 at::Tensor forward(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& rstd, const OptTensor& weight,
                    const OptTensor& bias, const at::Tensor& key, double p, bool /*batch_stats*/) {
-  constexpr const char* op = "bnfused.forward";
-  check_input(input, op);
-  check_p(p, op);
-  check_key(key, input, op);
-  const auto x = in_kernel_layout(input);
-  const auto m = channel_param(mean, x, op, "mean");
-  const auto r = channel_param(rstd, x, op, "rstd");
-  const auto w = opt_channel_param(weight, x, op, "weight");
-  const auto b = opt_channel_param(bias, x, op, "bias");
-  auto out = cpu::empty_output(x, kernel_memory_format(x));
+  const KernelArgs a = prepare("bnfused.forward", input, mean, rstd, weight, bias, key, p);
+  auto out = cpu::empty_output(a.x, kernel_memory_format(a.x));
 #ifdef BNFUSED_WITH_CUDA
-  if (x.is_cuda()) {
-    forward_cuda(x, m, r, w, b, key, p, out);
+  if (a.x.is_cuda()) {
+    forward_cuda(a.x, a.mean, a.rstd, a.weight, a.bias, key, p, out);
     return out;
   }
 #endif
-  forward_cpu(x, m, r, w, b, host_key(key), p, out);
+  forward_cpu(a.x, a.mean, a.rstd, a.weight, a.bias, host_key(key), p, out);
   return out;
 }
 
@@ -162,47 +177,33 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& grad_out, c
                                                    const OptTensor& weight, const OptTensor& bias,
                                                    const at::Tensor& key, double p) {
   constexpr const char* op = "bnfused.backward_reduce";
-  check_input(input, op);
-  check_p(p, op);
-  check_key(key, input, op);
-  const auto x = in_kernel_layout(input);
-  const auto dy = like_input_layout(grad_out, x, op);
-  const auto m = channel_param(mean, x, op, "mean");
-  const auto r = channel_param(rstd, x, op, "rstd");
-  const auto w = opt_channel_param(weight, x, op, "weight");
-  const auto b = opt_channel_param(bias, x, op, "bias");
+  const KernelArgs a = prepare(op, input, mean, rstd, weight, bias, key, p);
+  const auto dy = like_input_layout(grad_out, a.x, op);
 #ifdef BNFUSED_WITH_CUDA
-  if (x.is_cuda()) return backward_reduce_cuda(dy, x, m, r, w, b, key, p);
+  if (a.x.is_cuda()) return backward_reduce_cuda(dy, a.x, a.mean, a.rstd, a.weight, a.bias, key, p);
 #endif
-  return backward_reduce_cpu(dy, x, m, r, w, b, host_key(key), p);
+  return backward_reduce_cpu(dy, a.x, a.mean, a.rstd, a.weight, a.bias, host_key(key), p);
 }
 
 at::Tensor backward_input(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
                           const at::Tensor& rstd, const OptTensor& weight, const OptTensor& bias,
                           const at::Tensor& key, double p, const OptTensor& mean_g, const OptTensor& mean_g_xhat) {
   constexpr const char* op = "bnfused.backward_input";
-  check_input(input, op);
-  check_p(p, op);
-  check_key(key, input, op);
   const bool has_g = mean_g.has_value() && mean_g->defined();
   const bool has_gx = mean_g_xhat.has_value() && mean_g_xhat->defined();
   TORCH_CHECK(has_g == has_gx, op, ": mean_g and mean_g_xhat must be given together (batch statistics) or not at all");
-  const auto x = in_kernel_layout(input);
-  const auto dy = like_input_layout(grad_out, x, op);
-  const auto m = channel_param(mean, x, op, "mean");
-  const auto r = channel_param(rstd, x, op, "rstd");
-  const auto w = opt_channel_param(weight, x, op, "weight");
-  const auto b = opt_channel_param(bias, x, op, "bias");
-  const auto mg = opt_channel_param(mean_g, x, op, "mean_g");
-  const auto mgx = opt_channel_param(mean_g_xhat, x, op, "mean_g_xhat");
-  auto dx = cpu::empty_output(x, kernel_memory_format(x));
+  const KernelArgs a = prepare(op, input, mean, rstd, weight, bias, key, p);
+  const auto dy = like_input_layout(grad_out, a.x, op);
+  const auto mg = opt_channel_param(mean_g, a.x, op, "mean_g");
+  const auto mgx = opt_channel_param(mean_g_xhat, a.x, op, "mean_g_xhat");
+  auto dx = cpu::empty_output(a.x, kernel_memory_format(a.x));
 #ifdef BNFUSED_WITH_CUDA
-  if (x.is_cuda()) {
-    backward_input_cuda(dy, x, m, r, w, b, key, p, mg, mgx, dx);
+  if (a.x.is_cuda()) {
+    backward_input_cuda(dy, a.x, a.mean, a.rstd, a.weight, a.bias, key, p, mg, mgx, dx);
     return dx;
   }
 #endif
-  backward_input_cpu(dy, x, m, r, w, b, host_key(key), p, mg, mgx, dx);
+  backward_input_cpu(dy, a.x, a.mean, a.rstd, a.weight, a.bias, host_key(key), p, mg, mgx, dx);
   return dx;
 }
 

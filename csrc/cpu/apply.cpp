@@ -30,7 +30,7 @@ inline void forward_run(const acc* x, const acc* a, const acc* b, const acc* mul
 }
 
 template <typename scalar_t>
-void forward_kernel(const at::Tensor& x, const cpu::ChannelParams<cpu::acc_t<scalar_t>>& prm,
+void forward_kernel(const at::Tensor& x, const ChannelParams<cpu::acc_t<scalar_t>>& prm,
                     const cpu::DropoutParams<cpu::acc_t<scalar_t>>& dp, at::Tensor& out) {
   using acc = cpu::acc_t<scalar_t>;
   const Geometry g = geometry_of(x);
@@ -164,7 +164,7 @@ void forward_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& 
   if (x.numel() == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnfused_forward_cpu", [&] {
     using acc = cpu::acc_t<scalar_t>;
-    forward_kernel<scalar_t>(x, cpu::channel_params<acc>(mean, rstd, weight, bias), cpu::dropout_params<acc>(key, p),
+    forward_kernel<scalar_t>(x, channel_params<acc>(mean, rstd, weight, bias), cpu::dropout_params<acc>(key, p),
                              out);
   });
 }
@@ -176,7 +176,7 @@ void backward_input_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Ten
   const bool batch_stats = mean_g.has_value();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnfused_backward_input_cpu", [&] {
     using acc = cpu::acc_t<scalar_t>;
-    const auto prm = cpu::channel_params<acc>(mean, rstd, weight, bias);
+    const auto prm = channel_params<acc>(mean, rstd, weight, bias);
     const int64_t C = x.size(1);
     GradCoefs<acc> k{std::vector<acc>(C), std::vector<acc>(C), std::vector<acc>(C),
                      std::vector<acc>(C), std::vector<acc>(C), std::vector<acc>(C)};

@@ -67,7 +67,7 @@ inline void reduce_row(const acc* dy, const acc* x, const acc* mult, const acc* 
 }
 
 template <typename scalar_t>
-void reduce_kernel(const at::Tensor& dy_t, const at::Tensor& x, const cpu::ChannelParams<cpu::acc_t<scalar_t>>& prm,
+void reduce_kernel(const at::Tensor& dy_t, const at::Tensor& x, const ChannelParams<cpu::acc_t<scalar_t>>& prm,
                    const cpu::DropoutParams<cpu::acc_t<scalar_t>>& dp, double* sum_g, double* sum_gx) {
   using acc = cpu::acc_t<scalar_t>;
   using Vec = at::vec::Vectorized<acc>;
@@ -169,7 +169,7 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_cpu(const at::Tensor& dy, con
   if (x.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnfused_backward_reduce_cpu", [&] {
       using acc = cpu::acc_t<scalar_t>;
-      reduce_kernel<scalar_t>(dy, x, cpu::channel_params<acc>(mean, rstd, weight, bias),
+      reduce_kernel<scalar_t>(dy, x, channel_params<acc>(mean, rstd, weight, bias),
                               cpu::dropout_params<acc>(key, p), sum_g.data_ptr<double>(), sum_gx.data_ptr<double>());
     });
   }

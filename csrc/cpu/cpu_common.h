@@ -103,26 +103,6 @@ Welford<double> chunk_welford(const acc_type* x, int64_t n) {
   return Welford<double>{static_cast<double>(n), static_cast<double>(mean), static_cast<double>(m2)};
 }
 
-// Read the per-channel tensors (accumulation dtype, contiguous) into plain arrays.
-template <typename acc_type>
-struct ChannelParams {
-  const acc_type* mean;
-  const acc_type* rstd;
-  const acc_type* weight;  // nullptr => 1
-  const acc_type* bias;    // nullptr => 0
-  acc_type w(int64_t c) const { return weight ? weight[c] : acc_type(1); }
-  acc_type b(int64_t c) const { return bias ? bias[c] : acc_type(0); }
-  ChannelAffine<acc_type> affine(int64_t c) const { return channel_affine(mean[c], rstd[c], w(c), b(c)); }
-};
-
-template <typename acc_type>
-ChannelParams<acc_type> channel_params(const at::Tensor& mean, const at::Tensor& rstd, const OptTensor& weight,
-                                       const OptTensor& bias) {
-  return ChannelParams<acc_type>{mean.data_ptr<acc_type>(), rstd.data_ptr<acc_type>(),
-                                 weight ? weight->data_ptr<acc_type>() : nullptr,
-                                 bias ? bias->data_ptr<acc_type>() : nullptr};
-}
-
 // Dropout parameters derived once per call.
 template <typename acc_type>
 struct DropoutParams {

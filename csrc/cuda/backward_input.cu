@@ -46,7 +46,7 @@ void backward_input_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Te
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(), "bnfused_backward_input_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        const auto prm = cuda::channel_params<acc_t>(mean, rstd, weight, bias);
+        const auto prm = channel_params<acc_t>(mean, rstd, weight, bias);
         const auto drop = cuda::make_dropout<acc_t>(key_c, p);
         const auto* dropp = p > 0.0 ? &drop : nullptr;
         const scalar_t* dy_ptr = dy.const_data_ptr<scalar_t>();

@@ -23,7 +23,7 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_cuda(const at::Tensor& dy, co
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(), "bnfused_backward_reduce_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        const cuda::GradSumsOp<acc_t> op{cuda::channel_params<acc_t>(mean, rstd, weight, bias),
+        const cuda::GradSumsOp<acc_t> op{channel_params<acc_t>(mean, rstd, weight, bias),
                                          sum_g.mutable_data_ptr<acc_t>(), sum_g_xhat.mutable_data_ptr<acc_t>()};
         const auto drop = cuda::make_dropout<acc_t>(key_c, p);
         cuda::launch_reduction<scalar_t, acc_t>(op, x, dy.const_data_ptr<scalar_t>(), g, p > 0.0 ? &drop : nullptr);

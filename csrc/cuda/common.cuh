@@ -108,27 +108,6 @@ __device__ __forceinline__ void divmod(int64_t a, int64_t b, int64_t& q, int64_t
   r = a - q * b;
 }
 
-// Per-channel tensors (accumulation dtype, contiguous, on the device).
-template <typename acc_t>
-struct ChannelParams {
-  const acc_t* mean;
-  const acc_t* rstd;
-  const acc_t* weight;  // nullptr => 1
-  const acc_t* bias;    // nullptr => 0
-  __device__ __forceinline__ acc_t w(int64_t c) const { return weight ? weight[c] : acc_t(1); }
-  __device__ __forceinline__ acc_t b(int64_t c) const { return bias ? bias[c] : acc_t(0); }
-  __device__ __forceinline__ ChannelAffine<acc_t> affine(int64_t c) const {
-    return channel_affine<acc_t>(mean[c], rstd[c], w(c), b(c));
-  }
-};
-
-template <typename acc_t>
-inline ChannelParams<acc_t> channel_params(const at::Tensor& mean, const at::Tensor& rstd, const OptTensor& weight,
-                                           const OptTensor& bias) {
-  return ChannelParams<acc_t>{mean.const_data_ptr<acc_t>(), rstd.const_data_ptr<acc_t>(), opt_ptr<acc_t>(weight),
-                              opt_ptr<acc_t>(bias)};
-}
-
 // N elements in one aligned vector access (16 bytes at most).
 template <typename T, int N>
 struct alignas(sizeof(T) * N) VecN {

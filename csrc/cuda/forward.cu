@@ -61,7 +61,7 @@ void forward_cuda(const at::Tensor& x, const at::Tensor& mean, const at::Tensor&
                                   "bnfused_forward_cuda", [&] {
                                     using acc_t = at::opmath_type<scalar_t>;
                                     const cuda::ForwardOp<acc_t> op{
-                                        cuda::channel_params<acc_t>(mean, rstd, weight, bias)};
+                                        channel_params<acc_t>(mean, rstd, weight, bias)};
                                     const auto drop = cuda::make_dropout<acc_t>(key_c, p);
                                     cuda::launch_apply<scalar_t, acc_t>(op, x, nullptr, out, g,
                                                                         p > 0.0 ? &drop : nullptr);
