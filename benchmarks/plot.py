@@ -22,6 +22,7 @@ def plot_speedups(run: RunResults, path: Path) -> str:
                              squeeze=False)
     width = 0.8 / max(1, len(peers))
     for ax, mode in zip(axes[:, 0], run.modes):
+        top = 1.0
         for j, peer in enumerate(peers):
             xs, ys = [], []
             for i, cr in enumerate(run.cases):
@@ -29,10 +30,12 @@ def plot_speedups(run: RunResults, path: Path) -> str:
                 if s is not None:
                     xs.append(i + (j - (len(peers) - 1) / 2) * width)
                     ys.append(s)
+            top = max([top] + ys)
             bars = ax.bar(xs, ys, width, label=peer)
             ax.bar_label(bars, fmt="%.1f", fontsize=7)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_yscale("log")
+        ax.set_ylim(top=top * 2.0)  # room for the bar labels
         ax.set_ylabel(f"speedup vs {EAGER}")
         ax.set_title(mode)
         ax.set_xticks(range(len(labels)))
