@@ -20,11 +20,9 @@ def input_grads(grad_out: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight:
     if (need_x and batch_stats) or need_w or need_b:
         sums = ops.backward_reduce(grad_out, x, mean, rstd, weight, bias, key, p)
     if need_x:
-        mean_g = mean_g_xhat = None
-        if batch_stats:
-            count = x.numel() // x.shape[1]
-            mean_g, mean_g_xhat = sums[0] / count, sums[1] / count
-        grad_x = ops.backward_input(grad_out, x, mean, rstd, weight, bias, key, p, mean_g, mean_g_xhat)
+        sum_g, sum_g_xhat = sums if batch_stats else (None, None)
+        grad_x = ops.backward_input(grad_out, x, mean, rstd, weight, bias, key, p, sum_g, sum_g_xhat,
+                                    x.numel() // x.shape[1])
     if need_w and weight is not None:
         grad_w = sums[1].to(weight.dtype)
     if need_b and bias is not None:

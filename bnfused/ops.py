@@ -71,9 +71,11 @@ def backward_reduce(grad_out: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, wei
 
 
 def backward_input(grad_out: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor],
-                   bias: Optional[Tensor], key: Tensor, p: float, mean_g: Optional[Tensor],
-                   mean_g_xhat: Optional[Tensor]) -> Tensor:
-    return _ops.backward_input.default(grad_out, x, mean, rstd, weight, bias, key, p, mean_g, mean_g_xhat)
+                   bias: Optional[Tensor], key: Tensor, p: float, sum_g: Optional[Tensor],
+                   sum_g_xhat: Optional[Tensor], count: int = 1) -> Tensor:
+    """grad_input; with the per-channel sums of g and g*xhat over `count` elements (batch statistics) their
+    terms are included, without them (running statistics) it is w * rstd * g."""
+    return _ops.backward_input.default(grad_out, x, mean, rstd, weight, bias, key, p, sum_g, sum_g_xhat, count)
 
 
 def dropout_mask(key: Tensor, shape: Sequence[int], p: float) -> Tensor:
@@ -108,7 +110,7 @@ def _backward_reduce_fake(grad_out, x, mean, rstd, weight, bias, key, p):
 
 
 @torch.library.register_fake("bnfused::backward_input")
-def _backward_input_fake(grad_out, x, mean, rstd, weight, bias, key, p, mean_g, mean_g_xhat):
+def _backward_input_fake(grad_out, x, mean, rstd, weight, bias, key, p, sum_g, sum_g_xhat, count):
     return torch.empty_like(x, memory_format=kernel_memory_format(x))
 
 

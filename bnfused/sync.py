@@ -105,8 +105,9 @@ class SyncBNReLUDropoutFunction(torch.autograd.Function):
             # As nn.SyncBatchNorm: only the input gradient needs the global sums.
             sums = torch.cat([sum_g, sum_g_xhat])
             dist.all_reduce(sums, group=ctx.group)
-            mean_g, mean_g_xhat = (sums / ctx.global_count).split(channels)
-            grad_x = ops.backward_input(grad_out, x, mean, rstd, weight, bias, key, ctx.p, mean_g, mean_g_xhat)
+            global_sum_g, global_sum_g_xhat = sums.split(channels)
+            grad_x = ops.backward_input(grad_out, x, mean, rstd, weight, bias, key, ctx.p, global_sum_g,
+                                        global_sum_g_xhat, ctx.global_count)
         grad_w = sum_g_xhat.to(weight.dtype) if need_w and weight is not None else None
         grad_b = sum_g.to(bias.dtype) if need_b and bias is not None else None
         return grad_x, grad_w, grad_b, None, None, None, None, None, None

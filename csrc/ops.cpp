@@ -185,17 +185,26 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& grad_out, c
   return backward_reduce_cpu(dy, a.x, a.mean, a.rstd, a.weight, a.bias, host_key(key), p);
 }
 
+// sum_g/sum_g_xhat (with the element count they were summed over: the global count under SyncBN) turn on the
+// batch-statistics terms. They are divided here, not by the caller, so a compiled backward runs no separate tiny
+// kernel between the two backward ops.
 at::Tensor backward_input(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
                           const at::Tensor& rstd, const OptTensor& weight, const OptTensor& bias,
-                          const at::Tensor& key, double p, const OptTensor& mean_g, const OptTensor& mean_g_xhat) {
+                          const at::Tensor& key, double p, const OptTensor& sum_g, const OptTensor& sum_g_xhat,
+                          c10::SymInt count) {
   constexpr const char* op = "bnfused.backward_input";
-  const bool has_g = mean_g.has_value() && mean_g->defined();
-  const bool has_gx = mean_g_xhat.has_value() && mean_g_xhat->defined();
-  TORCH_CHECK(has_g == has_gx, op, ": mean_g and mean_g_xhat must be given together (batch statistics) or not at all");
+  const bool has_g = sum_g.has_value() && sum_g->defined();
+  const bool has_gx = sum_g_xhat.has_value() && sum_g_xhat->defined();
+  TORCH_CHECK(has_g == has_gx, op, ": sum_g and sum_g_xhat must be given together (batch statistics) or not at all");
+  const int64_t n = count.expect_int();
+  TORCH_CHECK(!has_g || n > 0, op, ": count must be positive with batch statistics, got ", n);
   const KernelArgs a = prepare(op, input, mean, rstd, weight, bias, key, p);
   const auto dy = like_input_layout(grad_out, a.x, op);
-  const auto mg = opt_channel_param(mean_g, a.x, op, "mean_g");
-  const auto mgx = opt_channel_param(mean_g_xhat, a.x, op, "mean_g_xhat");
+  OptTensor mg, mgx;
+  if (has_g) {
+    mg = channel_param(*sum_g, a.x, op, "sum_g").div(static_cast<double>(n));
+    mgx = channel_param(*sum_g_xhat, a.x, op, "sum_g_xhat").div(static_cast<double>(n));
+  }
   auto dx = cpu::empty_output(a.x, kernel_memory_format(a.x));
 #ifdef BNFUSED_WITH_CUDA
   if (a.x.is_cuda()) {
@@ -244,10 +253,11 @@ TORCH_LIBRARY(bnfused, m) {
   m.def(
       "backward_reduce(Tensor grad_out, Tensor input, Tensor mean, Tensor rstd, Tensor? weight, Tensor? bias, "
       "Tensor key, float p) -> (Tensor sum_g, Tensor sum_g_xhat)");
-  // grad_input; with mean_g/mean_g_xhat (sums divided by the global count) the statistics were batch statistics.
+  // grad_input; with sum_g/sum_g_xhat (over `count` elements, global under SyncBN) the statistics were batch
+  // statistics and their terms are included.
   m.def(
       "backward_input(Tensor grad_out, Tensor input, Tensor mean, Tensor rstd, Tensor? weight, Tensor? bias, "
-      "Tensor key, float p, Tensor? mean_g, Tensor? mean_g_xhat) -> Tensor");
+      "Tensor key, float p, Tensor? sum_g, Tensor? sum_g_xhat, SymInt count) -> Tensor");
   // Keep pattern (bool) of the fused kernels for a tensor of `shape` in logical (NCHW) order, on key's device.
   m.def("dropout_mask(Tensor key, SymInt[] shape, float p) -> Tensor");
 }

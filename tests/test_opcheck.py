@@ -77,9 +77,9 @@ def test_opcheck_ops(device, layout, dtype, params, p, batch_stats):
                           (grad_out, x, mean, rstd, weight, bias, key, p))
     count = x.numel() // x.shape[1]
     sum_g, sum_g_xhat = torch.ops.bnfused.backward_reduce(grad_out, x, mean, rstd, weight, bias, key, p)
-    mean_g, mean_g_xhat = (sum_g / count, sum_g_xhat / count) if batch_stats else (None, None)
+    sums = (sum_g, sum_g_xhat) if batch_stats else (None, None)
     torch.library.opcheck(torch.ops.bnfused.backward_input.default,
-                          (grad_out, x, mean, rstd, weight, bias, key, p, mean_g, mean_g_xhat))
+                          (grad_out, x, mean, rstd, weight, bias, key, p, *sums, count))
 
 
 @pytest.mark.parametrize("shape,p", [([3, 5], 0.0), ([2, 3, 4, 5], 0.3), ([1, 1, 7], 1.0), ([4, 9], 0.5)])

@@ -223,7 +223,7 @@ def test_forward_and_backward_ops_match_formulas(device, shape, memory_format, a
     torch.testing.assert_close(dx_eval, scale * g, rtol=1e-10, atol=1e-10)
     count = x.numel() // x.shape[1]
     mg, mgx = sum_g / count, sum_g_xhat / count
-    dx_train = ops.backward_input(dy, x, mean, rstd, w, b, key, p, mg, mgx)
+    dx_train = ops.backward_input(dy, x, mean, rstd, w, b, key, p, sum_g, sum_g_xhat, count)
     torch.testing.assert_close(dx_train, scale * (g - _bcast(mg, x) - xhat * _bcast(mgx, x)), rtol=1e-10, atol=1e-10)
     assert dx_train.is_contiguous(memory_format=memory_format)
 
@@ -260,7 +260,7 @@ def test_ops_reject_bad_key_and_p(device):
     with pytest.raises(RuntimeError, match="grad_output shape"):
         ops.backward_reduce(torch.randn(2, 3, 5, device=device), x, m, r, None, None,
                             torch.zeros(2, dtype=torch.int64, device=device), 0.5)
-    with pytest.raises(RuntimeError, match="mean_g and mean_g_xhat must be given together"):
+    with pytest.raises(RuntimeError, match="sum_g and sum_g_xhat must be given together"):
         ops.backward_input(torch.randn_like(x), x, m, r, None, None, torch.zeros(2, dtype=torch.int64, device=device),
                            0.5, m, None)
 
