@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from . import _extension, ops
-from .autograd import BNReLUDropoutFunction  # noqa: F401  (importing registers the op's autograd)
+from .autograd import BNReLUDropoutFunction  # importing also registers the op's autograd
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -106,7 +106,10 @@ def bn_relu_dropout_unchecked(input: Tensor, running_mean: Optional[Tensor], run
         key = ops.philox_key(input.device, generator, seed)
     else:
         key = torch.zeros(2, dtype=torch.int64, device=input.device)
-    return ops.forward(input, mean, rstd, weight, bias, key, p_eff, bool(training))
+    if torch.compiler.is_compiling():  # the custom op (fake impl + registered autograd) traces as one node
+        return ops.forward(input, mean, rstd, weight, bias, key, p_eff, bool(training))
+    # Eager: the same kernels and backward through a plain autograd.Function, without the op's Python wrapper.
+    return BNReLUDropoutFunction.apply(input, mean, rstd, weight, bias, key, p_eff, bool(training))
 
 
 def bn_relu_dropout(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],

@@ -43,20 +43,18 @@ void forward_kernel(const at::Tensor& x, const ChannelParams<cpu::acc_t<scalar_t
     b[c] = ab.b;
   }
   if (g.layout == Layout::ChannelsFirst) {
-    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(g.S, 1));
-    at::parallel_for(0, g.N * g.C, grain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, g.N * g.C, cpu::planes_grain(g), [&](int64_t begin, int64_t end) {
       std::vector<acc> xbuf(kChunk), ybuf(kChunk), mult(kChunk);
-      for (int64_t plane = begin; plane < end; ++plane) {
-        const int64_t c = plane % g.C;
-        for (int64_t s0 = 0; s0 < g.S; s0 += kChunk) {
-          const int64_t n = std::min(kChunk, g.S - s0), off = plane * g.S + s0;
-          if (dp.active) cpu::fill_dropout_mult(dp.key, off, n, dp.threshold, dp.scale, mult.data());
-          acc* y = cpu::out_acc(yd + off, ybuf.data());
-          forward_run<acc>(cpu::as_acc(xd + off, n, xbuf.data()), &a[c], &b[c], dp.active ? mult.data() : nullptr, y,
-                           n, false);
-          cpu::store_from(y, yd + off, n);
-        }
-      }
+      cpu::for_each_run(g, begin, end, [&](int64_t off, int64_t len) {
+        if (dp.active) cpu::fill_dropout_mult(dp.key, off, len, dp.threshold, dp.scale, mult.data());
+        const acc* x = cpu::as_acc(xd + off, len, xbuf.data());
+        acc* y = cpu::out_acc(yd + off, ybuf.data());
+        cpu::for_each_segment(g, off, len, [&](int64_t rel, int64_t n, int64_t plane) {
+          const int64_t c = plane % g.C;
+          forward_run<acc>(x + rel, &a[c], &b[c], dp.active ? mult.data() + rel : nullptr, y + rel, n, false);
+        });
+        cpu::store_from(y, yd + off, len);
+      });
     });
     return;
   }
@@ -120,21 +118,19 @@ void backward_input_kernel(const at::Tensor& dy_t, const at::Tensor& x, const Gr
   const scalar_t* dyd = dy_t.const_data_ptr<scalar_t>();
   scalar_t* dxd = dx_t.data_ptr<scalar_t>();
   if (g.layout == Layout::ChannelsFirst) {
-    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(g.S, 1));
-    at::parallel_for(0, g.N * g.C, grain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, g.N * g.C, cpu::planes_grain(g), [&](int64_t begin, int64_t end) {
       std::vector<acc> xbuf(kChunk), dybuf(kChunk), outbuf(kChunk), mult(kChunk);
-      for (int64_t plane = begin; plane < end; ++plane) {
-        const int64_t c = plane % g.C;
-        for (int64_t s0 = 0; s0 < g.S; s0 += kChunk) {
-          const int64_t n = std::min(kChunk, g.S - s0), off = plane * g.S + s0;
-          if (dp.active) cpu::fill_dropout_mult(dp.key, off, n, dp.threshold, dp.scale, mult.data());
-          acc* out = cpu::out_acc(dxd + off, outbuf.data());
-          grad_input_run<acc, kBatchStats>(cpu::as_acc(dyd + off, n, dybuf.data()),
-                                           cpu::as_acc(xd + off, n, xbuf.data()), dp.active ? mult.data() : nullptr,
-                                           k, c, out, n, false);
-          cpu::store_from(out, dxd + off, n);
-        }
-      }
+      cpu::for_each_run(g, begin, end, [&](int64_t off, int64_t len) {
+        if (dp.active) cpu::fill_dropout_mult(dp.key, off, len, dp.threshold, dp.scale, mult.data());
+        const acc* dy = cpu::as_acc(dyd + off, len, dybuf.data());
+        const acc* x = cpu::as_acc(xd + off, len, xbuf.data());
+        acc* out = cpu::out_acc(dxd + off, outbuf.data());
+        cpu::for_each_segment(g, off, len, [&](int64_t rel, int64_t n, int64_t plane) {
+          grad_input_run<acc, kBatchStats>(dy + rel, x + rel, dp.active ? mult.data() + rel : nullptr, k, plane % g.C,
+                                           out + rel, n, false);
+        });
+        cpu::store_from(out, dxd + off, len);
+      });
     });
     return;
   }

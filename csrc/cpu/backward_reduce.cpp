@@ -85,25 +85,23 @@ void reduce_kernel(const at::Tensor& dy_t, const at::Tensor& x, const ChannelPar
     return at::vec::vec_reduce_all<acc>([](Vec& p, Vec& q) { return p + q; }, Vec::loadu(v));
   };
   if (g.layout == Layout::ChannelsFirst) {
-    std::vector<double> plane_g(g.N * g.C), plane_gx(g.N * g.C);
-    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(g.S, 1));
-    at::parallel_for(0, g.N * g.C, grain, [&](int64_t begin, int64_t end) {
+    std::vector<double> plane_g(g.N * g.C, 0.0), plane_gx(g.N * g.C, 0.0);
+    at::parallel_for(0, g.N * g.C, cpu::planes_grain(g), [&](int64_t begin, int64_t end) {
       std::vector<acc> xbuf(kChunk), dybuf(kChunk), mult(kChunk);
       alignas(64) acc sg[Vec::size()], sgx[Vec::size()];
-      for (int64_t plane = begin; plane < end; ++plane) {
-        const int64_t c = plane % g.C;
-        double tg = 0, tgx = 0;
-        for (int64_t s0 = 0; s0 < g.S; s0 += kChunk) {
-          const int64_t n = std::min(kChunk, g.S - s0), off = plane * g.S + s0;
-          if (dp.active) cpu::fill_dropout_mult(dp.key, off, n, dp.threshold, dp.scale, mult.data());
-          reduce_plane<acc>(cpu::as_acc(dyd + off, n, dybuf.data()), cpu::as_acc(xd + off, n, xbuf.data()),
-                            dp.active ? mult.data() : nullptr, a[c], b[c], mean[c], n, sg, sgx);
-          tg += hsum(sg);
-          tgx += hsum(sgx);
-        }
-        plane_g[plane] = tg;
-        plane_gx[plane] = tgx;
-      }
+      // Planes of [begin, end) belong to this thread alone: their totals are accumulated in place.
+      cpu::for_each_run(g, begin, end, [&](int64_t off, int64_t len) {
+        if (dp.active) cpu::fill_dropout_mult(dp.key, off, len, dp.threshold, dp.scale, mult.data());
+        const acc* dy = cpu::as_acc(dyd + off, len, dybuf.data());
+        const acc* x = cpu::as_acc(xd + off, len, xbuf.data());
+        cpu::for_each_segment(g, off, len, [&](int64_t rel, int64_t n, int64_t plane) {
+          const int64_t c = plane % g.C;
+          reduce_plane<acc>(dy + rel, x + rel, dp.active ? mult.data() + rel : nullptr, a[c], b[c], mean[c], n, sg,
+                            sgx);
+          plane_g[plane] += hsum(sg);
+          plane_gx[plane] += hsum(sgx);
+        });
+      });
     });
     for (int64_t c = 0; c < g.C; ++c) {
       double tg = 0, tgx = 0;

@@ -103,6 +103,33 @@ Welford<double> chunk_welford(const acc_type* x, int64_t n) {
   return Welford<double>{static_cast<double>(n), static_cast<double>(mean), static_cast<double>(m2)};
 }
 
+// ChannelsFirst work: threads take ranges of whole planes [begin, end); a range is walked in runs of at most
+// kChunk consecutive elements (memory offset == logical index), so planes smaller than a chunk share one dropout
+// fill and one dtype conversion; each run is then cut into its per-plane segments.
+inline int64_t planes_grain(const Geometry& g) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(g.S, 1)); }
+
+// Runs end at multiples of kChunk (and at the range's end), so how a plane is cut -- and so every float partial
+// sum -- does not depend on how the planes were split between threads.
+template <typename F>  // f(off, len)
+inline void for_each_run(const Geometry& g, int64_t plane_begin, int64_t plane_end, F f) {
+  const int64_t end = plane_end * g.S;
+  for (int64_t off = plane_begin * g.S; off < end;) {
+    const int64_t len = std::min(kChunk - off % kChunk, end - off);
+    f(off, len);
+    off += len;
+  }
+}
+
+template <typename F>  // f(rel, len, plane): elements [off + rel, off + rel + len) all lie in `plane`
+inline void for_each_segment(const Geometry& g, int64_t off, int64_t len, F f) {
+  for (int64_t rel = 0; rel < len;) {
+    const int64_t plane = (off + rel) / g.S;
+    const int64_t seg = std::min(len - rel, (plane + 1) * g.S - (off + rel));
+    f(rel, seg, plane);
+    rel += seg;
+  }
+}
+
 // Dropout parameters derived once per call.
 template <typename acc_type>
 struct DropoutParams {

@@ -119,65 +119,58 @@ inline void batch_mult_acc(PhiloxKey key, uint64_t block0, uint32_t threshold, a
   }
 }
 
-// out[k * stride] = multiplier of logical element start + k, for k in [0, n).
+// True when blocks first .. first+count-1 keep the same high counter word (the SIMD sets add to the low word).
+inline bool no_counter_wrap(uint64_t first, int count) {
+  return static_cast<uint32_t>(first) <= 0xFFFFFFFFu - static_cast<uint32_t>(count);
+}
+
+// out[k * stride] = multiplier of logical element start + k, for k in [0, n). Every Philox call goes through the
+// SIMD sets: a run that starts inside a block takes its lanes from the batch that begins at that block.
 template <typename acc_t>
 void fill_dropout_mult(PhiloxKey key, uint64_t start, int64_t n, uint32_t threshold, acc_t scale, acc_t* out,
                        int64_t stride = 1) {
+  alignas(32) acc_t tmp[kBatchElems];
   uint64_t i = start;
   const uint64_t end = start + static_cast<uint64_t>(n);
-  // Partial leading block: one scalar Philox call.
-  if ((i & 7) != 0 && i < end) {
-    const Philox4 r = mask_block(key, i >> 3);
-    for (int lane = static_cast<int>(i & 7); lane < 8 && i < end; ++lane, ++i, out += stride)
-      *out = lane_u16(r, lane) >= threshold ? scale : acc_t(0);
-  }
-  // Whole blocks, kBlocksPerBatch Philox calls at a time (the last batch may be partly unused).
-  alignas(32) acc_t tmp[kBatchElems];
-  while (end - i >= 8) {
+  while (i < end) {
     const uint64_t block0 = i >> 3;
-    const int64_t take = static_cast<int64_t>(std::min<uint64_t>((end - i) & ~uint64_t(7), kBatchElems));
-    if (static_cast<uint32_t>(block0) > 0xFFFFFFFFu - kBlocksPerBatch) {
-      // The low counter word would wrap inside the batch: scalar blocks keep the 64-bit counter exact.
-      for (int64_t b = 0; b < take / 8; ++b) {
+    const int64_t lead = static_cast<int64_t>(i & 7);
+    const int64_t take = static_cast<int64_t>(std::min<uint64_t>(kBatchElems - lead, end - i));
+    if (!no_counter_wrap(block0, kBlocksPerBatch)) {
+      // Scalar blocks keep the 64-bit counter exact where the low word wraps inside a batch.
+      for (int64_t b = 0; b < (lead + take + 7) / 8; ++b) {
         const Philox4 r = mask_block(key, block0 + b);
         for (int lane = 0; lane < 8; ++lane) tmp[b * 8 + lane] = lane_u16(r, lane) >= threshold ? scale : acc_t(0);
       }
-    } else if (stride == 1 && take == kBatchElems) {
+    } else if (stride == 1 && lead == 0 && take == kBatchElems) {
       batch_mult_acc<2>(key, block0, threshold, scale, out);
       out += kBatchElems;
       i += kBatchElems;
       continue;
-    } else if (take <= kBatchElems / 2) {
+    } else if (lead + take <= kBatchElems / 2) {
       batch_mult_acc<1>(key, block0, threshold, scale, tmp);  // half a batch is enough
     } else {
       batch_mult_acc<2>(key, block0, threshold, scale, tmp);
     }
-    for (int64_t k = 0; k < take; ++k, out += stride) *out = tmp[k];
+    for (int64_t k = 0; k < take; ++k, out += stride) *out = tmp[lead + k];
     i += take;
-  }
-  // Partial trailing block.
-  if (i < end) {
-    const Philox4 r = mask_block(key, i >> 3);
-    for (int lane = 0; i < end; ++lane, ++i, out += stride)
-      *out = lane_u16(r, lane) >= threshold ? scale : acc_t(0);
   }
 }
 
-// Two runs of 8..64 elements (starts[0], starts[1], both multiples of 8, n a multiple of 8) at once: the two
-// Philox sets interleave, which single runs this short cannot do. Falls back to fill_dropout_mult otherwise.
+// Two runs of up to 64 - (start & 7) elements each at once: their Philox sets interleave, which runs this short
+// cannot do alone. Falls back to fill_dropout_mult otherwise.
 template <typename acc_t>
 void fill_dropout_mult_pair(PhiloxKey key, const uint64_t starts[2], int64_t n, uint32_t threshold, acc_t scale,
                             acc_t* const out[2]) {
-  const bool paired = std::is_same_v<acc_t, float> && n > 0 && n <= 64 && (n & 7) == 0 && (starts[0] & 7) == 0 &&
-                      (starts[1] & 7) == 0 && static_cast<uint32_t>(starts[0] >> 3) <= 0xFFFFFFFFu - 8 &&
-                      static_cast<uint32_t>(starts[1] >> 3) <= 0xFFFFFFFFu - 8;
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (paired) {
+    const int64_t lead[2] = {static_cast<int64_t>(starts[0] & 7), static_cast<int64_t>(starts[1] & 7)};
+    const uint64_t first[2] = {starts[0] >> 3, starts[1] >> 3};
+    if (n > 0 && lead[0] + n <= 64 && lead[1] + n <= 64 && no_counter_wrap(first[0], 8) &&
+        no_counter_wrap(first[1], 8)) {
       alignas(32) float tmp[2][64];
-      const uint64_t first[2] = {starts[0] >> 3, starts[1] >> 3};
       float* const outs[2] = {tmp[0], tmp[1]};
       sets_mult<2>(key, first, threshold, scale, outs);
-      for (int h = 0; h < 2; ++h) std::copy(tmp[h], tmp[h] + n, out[h]);
+      for (int h = 0; h < 2; ++h) std::copy(tmp[h] + lead[h], tmp[h] + lead[h] + n, out[h]);
       return;
     }
   }
