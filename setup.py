@@ -46,7 +46,11 @@ def with_cuda():
 
 def extension():
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-std=c++20", "-fno-math-errno", "-ffp-contract=off", "-Wno-unknown-pragmas"] + cpu_capability_flags()
+    # -fopenmp: at::parallel_for is an inline template whose `#pragma omp parallel` is compiled into this
+    # extension; without the flag every CPU kernel silently runs on one thread. The link resolves to the
+    # libgomp.so.1 torch already loaded (same soname), so there is one OpenMP runtime.
+    cxx = ["-O3", "-std=c++20", "-fno-math-errno", "-ffp-contract=off", "-Wno-unknown-pragmas",
+           "-fopenmp"] + cpu_capability_flags()
     define_macros = []
     if with_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
@@ -56,9 +60,10 @@ def extension():
         define_macros.append(("BNFUSED_WITH_CUDA", None))
         return cpp_extension.CUDAExtension(
             "bnfused._C", sources, include_dirs=[os.path.join(ROOT, "csrc")], define_macros=define_macros,
-            extra_compile_args={"cxx": cxx, "nvcc": nvcc})
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"])
     return cpp_extension.CppExtension(
-        "bnfused._C", sources, include_dirs=[os.path.join(ROOT, "csrc")], extra_compile_args={"cxx": cxx})
+        "bnfused._C", sources, include_dirs=[os.path.join(ROOT, "csrc")], extra_compile_args={"cxx": cxx},
+        extra_link_args=["-fopenmp"])
 
 
 setup(
