@@ -22,6 +22,7 @@ sys.path[:0] = [str(HERE), str(REPO)]  # the sibling modules, and bnfused from t
 import torch  # noqa: E402
 
 import bnfused  # noqa: E402
+import bench_sync  # noqa: E402
 from cases import MODES, Case, Suite, make_suite  # noqa: E402
 from e2e import run_e2e  # noqa: E402
 from environment import device_name, load_average, run_meta, slug  # noqa: E402
@@ -47,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="CPU threads for every peer (default: %(default)s)")
     parser.add_argument("--p", type=float, default=0.1, help="dropout probability (default: %(default)s)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile peers")
+    parser.add_argument("--no-sync", action="store_true",
+                        help="skip the SyncBatchNorm rows (2 gloo processes; always skipped with --quick)")
     args = parser.parse_args(argv)
     args.device = torch.device(args.device)
     if args.device.type not in ("cpu", "cuda"):
@@ -142,6 +145,10 @@ def main(argv=None) -> int:
         run_case(run, case, args, suite, i, len(suite.cases), start)
     say("end to end: small CNN training steps, unfused vs bnfused.convert(model) ...")
     run.e2e = run_e2e(args.device, suite.e2e_steps, args.p)
+    sync_md = ""
+    if suite.name != "quick" and not args.no_sync:
+        say("sync: SyncBatchNormReLUDropout vs nn.SyncBatchNorm chain, 2 gloo processes ...")
+        sync_md = bench_sync.markdown(bench_sync.run(quick=suite.name == "default"))
     # The device's bandwidth is the better of two copies: one measured while a neighbour loads the machine
     # would otherwise inflate every "% copy".
     copy_last = copy_bandwidth(args.device, args.threads)
@@ -156,7 +163,8 @@ def main(argv=None) -> int:
     targets_title, checks = check_targets(run, args.device)
     elapsed = time.perf_counter() - start
     results_path = args.out / f"{stem}.md"
-    results_path.write_text(results_markdown(run, targets_title, checks, elapsed))
+    sync_section = f"\n## Multi-process: SyncBatchNorm\n\n{sync_md}\n" if sync_md else ""
+    results_path.write_text(results_markdown(run, targets_title, checks, elapsed) + sync_section)
 
     say("\n## Comparison (median ms, IQR in parentheses)\n")
     say(summary_table(run))
@@ -164,6 +172,9 @@ def main(argv=None) -> int:
     say(targets_table(checks))
     say("\n## End to end\n")
     say(e2e_table(run))
+    if sync_md:
+        say("\n## Multi-process: SyncBatchNorm\n")
+        say(sync_md)
     say(f"\n% copy is relative to {run.copy_gbs:.1f} GB/s ({meta['copy bandwidth runs']})")
     say(f"load average: {meta['load average']}")
     say(f"results: {results_path}")
