@@ -11,9 +11,15 @@ matplotlib imports). Suites: default (< 5 min on a 2-core CPU), --quick (~1 min 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+# A fresh inductor cache per run: torch's on-disk graph caches are not keyed by a custom op's schema, so graphs
+# compiled against an older bnfused build could be replayed against this one.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="bnfused-bench-inductor-"))
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
