@@ -45,15 +45,6 @@ BNFUSED_HD Welford<acc_t> welford_merge(Welford<acc_t> a, Welford<acc_t> b) {
   return out;
 }
 
-template <typename acc_t>
-BNFUSED_HD acc_t inverse_std(acc_t var, double eps) {
-#if defined(__CUDACC__) || defined(__HIPCC__)
-  return acc_t(1) / sqrt(var + static_cast<acc_t>(eps));
-#else
-  return acc_t(1) / std::sqrt(var + static_cast<acc_t>(eps));
-#endif
-}
-
 // Per-channel scale/shift of the pre-activation (see channel_affine).
 template <typename acc_t>
 struct ChannelAffine {

@@ -52,15 +52,19 @@ void check_input(const at::Tensor& x, const char* op) {
   TORCH_CHECK(x.is_cpu() || x.is_cuda(), op, ": unsupported device ", x.device());
 }
 
-// A per-channel tensor: 1-d with C elements, on x's device, of the accumulation dtype or (for weight/bias)
-// the input dtype. Returns it contiguous in the accumulation dtype.
-at::Tensor channel_param(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
+// A per-channel tensor: 1-d with C elements, floating point, on x's device.
+void check_channel_param(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
   const int64_t C = x.size(1);
   TORCH_CHECK(t.dim() == 1 && t.numel() == C, op, ": ", name, " should contain ", C, " elements (one per channel), got shape ",
               t.sizes());
   TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but input is on ", x.device(),
               "; expected all tensors to be on the same device");
   TORCH_CHECK(t.is_floating_point(), op, ": ", name, " must be floating point, got ", t.scalar_type());
+}
+
+// A checked per-channel tensor, contiguous in the accumulation dtype (what the kernels read).
+at::Tensor channel_param(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
+  check_channel_param(t, x, op, name);
   return t.to(acc_dtype(x)).contiguous();
 }
 
@@ -144,8 +148,8 @@ std::tuple<at::Tensor, at::Tensor> batch_stats_update(const at::Tensor& input, c
   TORCH_CHECK(has_rm == has_rv, op, ": running_mean and running_var must be given together");
   if (has_rm) {
     check_input(input, op);
-    channel_param(*running_mean, input, op, "running_mean");
-    channel_param(*running_var, input, op, "running_var");
+    check_channel_param(*running_mean, input, op, "running_mean");  // updated in place, in their own dtype
+    check_channel_param(*running_var, input, op, "running_var");
   }
   auto [mean, var] = batch_stats(input);
   if (has_rm) {
