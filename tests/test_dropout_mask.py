@@ -149,6 +149,36 @@ def test_backward_uses_forward_mask(device, memory_format):
     torch.testing.assert_close(x.grad[y != 0], torch.full_like(x.grad[y != 0], 2.0 / math.sqrt(1 + 1e-5)))
 
 
+# channels_last inputs whose spatial size is a multiple of 8 take the kernels' block-row mask path (one Philox block
+# = 8 rows of one channel): channel counts below, at and above the 16 channels of a batch and not multiples of 8,
+# several row tiles per image (rows > 128), and 3-d input.
+BLOCK_ROW_SHAPES = [(2, 3, 4, 6), (2, 19, 10, 16), (3, 40, 8, 8), (2, 5, 2, 4, 4)]
+
+
+@pytest.mark.parametrize("shape", BLOCK_ROW_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_channels_last_block_row_mask(device, shape, dtype):
+    fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    c = shape[1]
+    x = (torch.rand(shape, device=device, dtype=dtype) + 0.5).contiguous(memory_format=fmt).requires_grad_()
+    rm, rv = torch.zeros(c, device=device, dtype=dtype), torch.ones(c, device=device, dtype=dtype)
+    # running statistics: z = x > 0 everywhere, so the zeros of y and dx are exactly the dropped elements
+    y = bnfused.bn_relu_dropout(x, rm, rv, None, None, False, 0.1, 1e-5, 0.3, seed=2**33 + 5, dropout_training=True)
+    keep = ops.dropout_mask(torch.tensor([2**33 + 5, 0], device=device), list(shape), 0.3)
+    assert torch.equal(y != 0, keep)
+    y.backward(torch.ones_like(y))
+    assert torch.equal(x.grad != 0, keep)
+    # batch statistics: forward and backward match the contiguous layout (checked against the reference elsewhere)
+    outs = []
+    for xl in (x.detach().contiguous(), x.detach().clone()):
+        xl.requires_grad_()
+        y2 = bnfused.bn_relu_dropout(xl, None, None, None, None, True, 0.1, 1e-5, 0.3, seed=2**33 + 5)
+        y2.backward(torch.arange(y2.numel(), device=device, dtype=dtype).reshape(shape) % 7)
+        outs.append((y2, xl.grad))
+    torch.testing.assert_close(outs[1], outs[0])
+    assert torch.equal(outs[1][0] != 0, outs[0][0] != 0)
+
+
 @pytest.mark.skipif(not (torch.cuda.is_available() and bnfused.WITH_CUDA), reason="needs a CUDA build and GPU")
 def test_same_mask_on_cpu_and_cuda():
     x = torch.randn(3, C, 7, 9)

@@ -60,7 +60,7 @@ void forward_kernel(const at::Tensor& x, const ChannelParams<cpu::acc_t<scalar_t
   }
   const cpu::RowTiles tiles(g);
   at::parallel_for(0, tiles.count(), 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc> xbuf(g.C), ybuf(g.C), mult(dp.active ? tiles.mult_elems() : 0), scratch(mult.size());
+    std::vector<acc> xbuf(g.C), ybuf(g.C), mult(dp.active ? tiles.mult_elems() : 0), scratch(dp.active ? tiles.scratch_elems() : 0);
     for (int64_t ti = begin; ti < end; ++ti) {
       const auto t = tiles.tile(ti);
       if (dp.active) tiles.fill_mult(t, dp, mult.data(), scratch.data());
@@ -137,7 +137,7 @@ void backward_input_kernel(const at::Tensor& dy_t, const at::Tensor& x, const Gr
   const cpu::RowTiles tiles(g);
   at::parallel_for(0, tiles.count(), 1, [&](int64_t begin, int64_t end) {
     std::vector<acc> xbuf(g.C), dybuf(g.C), outbuf(g.C), mult(dp.active ? tiles.mult_elems() : 0),
-        scratch(mult.size());
+        scratch(dp.active ? tiles.scratch_elems() : 0);
     for (int64_t ti = begin; ti < end; ++ti) {
       const auto t = tiles.tile(ti);
       if (dp.active) tiles.fill_mult(t, dp, mult.data(), scratch.data());

@@ -121,7 +121,7 @@ void reduce_kernel(const at::Tensor& dy_t, const at::Tensor& x, const ChannelPar
   std::vector<double> part_g(n_groups * g.C, 0.0), part_gx(n_groups * g.C, 0.0);
   at::parallel_for(0, n_groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc> xbuf(g.C), dybuf(g.C), sg(g.C), sgx(g.C), mult(dp.active ? tiles.mult_elems() : 0),
-        scratch(mult.size());
+        scratch(dp.active ? tiles.scratch_elems() : 0);
     for (int64_t grp = begin; grp < end; ++grp) {
       double* pg = part_g.data() + grp * g.C;
       double* pgx = part_gx.data() + grp * g.C;

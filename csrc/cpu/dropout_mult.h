@@ -19,49 +19,60 @@ constexpr int kBlocksPerBatch = 16;                          // Philox calls per
 constexpr int kBatchElems = kBlocksPerBatch * kMaskLanes;    // 128 elements
 
 #ifdef BNFUSED_PHILOX_AVX2
-// Philox of blocks block0 .. block0+8*kSets-1, one block per 32-bit lane: w[h][k] lane j = word k of block
-// block0 + 8h + j. Two independent sets of 8 lanes are interleaved so the multiply latency chain of one hides
-// behind the other; one set serves runs of only 8 blocks.
-// Set h starts at block first[h] (callers guarantee the low counter word does not wrap inside a set).
+// Philox of 8*kSets blocks, one per 32-bit lane: set h's lane j runs counter {lo[h]_j, hi[h]_j, offset} and
+// w[h][k] lane j receives output word k.
+// The even lanes (0,2,4,6) and the odd lanes (1,3,5,7) of a set run as two 4-lane streams held in the low words of
+// 64-bit slots: _mm256_mul_epu32 multiplies exactly those words, so no regrouping is needed between rounds (the
+// high words carry garbage nobody reads), and the 2*kSets independent streams hide the multiply latency.
 template <int kSets>
-inline void philox_sets(PhiloxKey key, const uint64_t first[2], __m256i w[2][4]) {
+inline void philox_lanes(PhiloxKey key, const __m256i lo[], const __m256i hi[], __m256i w[][4]) {
   static_assert(kSets == 1 || kSets == 2, "one or two sets of 8 blocks");
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  __m256i c0[2], c1[2];
-  for (int h = 0; h < kSets; ++h) {
-    c0[h] = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(first[h]))), lane);
-    c1[h] = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(first[h] >> 32)));
-  }
+  constexpr int kStreams = 2 * kSets;
   const __m256i off_lo = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(key.offset)));
   const __m256i off_hi = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(key.offset >> 32)));
-  __m256i c2[2] = {off_lo, off_lo}, c3[2] = {off_hi, off_hi};
+  __m256i c0[kStreams], c1[kStreams], c2[kStreams], c3[kStreams];
+  for (int h = 0; h < kSets; ++h) {
+    c0[2 * h] = lo[h];
+    c0[2 * h + 1] = _mm256_srli_epi64(lo[h], 32);
+    c1[2 * h] = hi[h];
+    c1[2 * h + 1] = _mm256_srli_epi64(hi[h], 32);
+  }
+  for (int s = 0; s < kStreams; ++s) {
+    c2[s] = off_lo;
+    c3[s] = off_hi;
+  }
   uint32_t k0 = static_cast<uint32_t>(key.seed), k1 = static_cast<uint32_t>(key.seed >> 32);
   const __m256i m0 = _mm256_set1_epi32(static_cast<int>(kPhiloxM0));
   const __m256i m1 = _mm256_set1_epi32(static_cast<int>(kPhiloxM1));
   for (int round = 0; round < 10; ++round) {
     const __m256i vk0 = _mm256_set1_epi32(static_cast<int>(k0)), vk1 = _mm256_set1_epi32(static_cast<int>(k1));
-    for (int h = 0; h < kSets; ++h) {
-      // 32x32 -> 64-bit products of even and odd lanes, regrouped into hi/lo words per lane.
-      const __m256i p0e = _mm256_mul_epu32(c0[h], m0), p0o = _mm256_mul_epu32(_mm256_srli_epi64(c0[h], 32), m0);
-      const __m256i p1e = _mm256_mul_epu32(c2[h], m1), p1o = _mm256_mul_epu32(_mm256_srli_epi64(c2[h], 32), m1);
-      const __m256i lo0 = _mm256_blend_epi32(p0e, _mm256_slli_epi64(p0o, 32), 0xAA);
-      const __m256i hi0 = _mm256_blend_epi32(_mm256_srli_epi64(p0e, 32), p0o, 0xAA);
-      const __m256i lo1 = _mm256_blend_epi32(p1e, _mm256_slli_epi64(p1o, 32), 0xAA);
-      const __m256i hi1 = _mm256_blend_epi32(_mm256_srli_epi64(p1e, 32), p1o, 0xAA);
-      c0[h] = _mm256_xor_si256(_mm256_xor_si256(hi1, c1[h]), vk0);
-      c1[h] = lo1;
-      c2[h] = _mm256_xor_si256(_mm256_xor_si256(hi0, c3[h]), vk1);
-      c3[h] = lo0;
+    for (int s = 0; s < kStreams; ++s) {
+      const __m256i p0 = _mm256_mul_epu32(c0[s], m0), p1 = _mm256_mul_epu32(c2[s], m1);  // 64-bit products
+      c0[s] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p1, 32), c1[s]), vk0);
+      c1[s] = p1;  // low word = lo(p1)
+      c2[s] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p0, 32), c3[s]), vk1);
+      c3[s] = p0;
     }
     k0 += kPhiloxW0;
     k1 += kPhiloxW1;
   }
   for (int h = 0; h < kSets; ++h) {
-    w[h][0] = c0[h];
-    w[h][1] = c1[h];
-    w[h][2] = c2[h];
-    w[h][3] = c3[h];
+    const __m256i* even[4] = {&c0[2 * h], &c1[2 * h], &c2[2 * h], &c3[2 * h]};
+    const __m256i* odd[4] = {&c0[2 * h + 1], &c1[2 * h + 1], &c2[2 * h + 1], &c3[2 * h + 1]};
+    for (int k = 0; k < 4; ++k) w[h][k] = _mm256_blend_epi32(*even[k], _mm256_slli_epi64(*odd[k], 32), 0xAA);
   }
+}
+
+// philox_lanes of blocks first[h] .. first[h]+7 (callers guarantee the low counter word does not wrap inside a set).
+template <int kSets>
+inline void philox_sets(PhiloxKey key, const uint64_t first[2], __m256i w[2][4]) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  __m256i lo[2], hi[2];
+  for (int h = 0; h < kSets; ++h) {
+    lo[h] = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(first[h]))), lane);
+    hi[h] = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(first[h] >> 32)));
+  }
+  philox_lanes<kSets>(key, lo, hi, w);
 }
 
 // Float multipliers, in element order, of the 8 blocks first[h] .. first[h]+7 of each set h into out[h].
@@ -154,6 +165,62 @@ void fill_dropout_mult(PhiloxKey key, uint64_t start, int64_t n, uint32_t thresh
     }
     for (int64_t k = 0; k < take; ++k, out += stride) *out = tmp[lead + k];
     i += take;
+  }
+}
+
+// Multipliers of 8 consecutive elements of `count` <= 16 runs whose blocks are first, first + stride, ...
+// (channel j of 8 rows of a channels_last tile), straight into row order: out[lane * ld + j] for lane 0..7.
+// Writes columns 0 .. round_up(count, 8) - 1 of each row.
+#ifdef BNFUSED_PHILOX_AVX2
+template <int kSets>
+inline void strided_rows_mult(PhiloxKey key, uint64_t first, uint64_t stride, uint32_t threshold, float scale,
+                              float* out, int64_t ld) {
+  // Lane j's 64-bit block first + j*stride, split into low and high counter words.
+  __m256i lo[2], hi[2];
+  const __m256i vfirst = _mm256_set1_epi64x(static_cast<long long>(first));
+  for (int h = 0; h < kSets; ++h) {
+    const uint64_t j0 = 8 * h;
+    const __m256i a = _mm256_add_epi64(vfirst, _mm256_setr_epi64x(j0 * stride, (j0 + 1) * stride, (j0 + 2) * stride,
+                                                                   (j0 + 3) * stride));
+    const __m256i b = _mm256_add_epi64(vfirst, _mm256_setr_epi64x((j0 + 4) * stride, (j0 + 5) * stride,
+                                                                   (j0 + 6) * stride, (j0 + 7) * stride));
+    const __m256 af = _mm256_castsi256_ps(a), bf = _mm256_castsi256_ps(b);
+    lo[h] = _mm256_permute4x64_epi64(_mm256_castps_si256(_mm256_shuffle_ps(af, bf, _MM_SHUFFLE(2, 0, 2, 0))),
+                                     _MM_SHUFFLE(3, 1, 2, 0));
+    hi[h] = _mm256_permute4x64_epi64(_mm256_castps_si256(_mm256_shuffle_ps(af, bf, _MM_SHUFFLE(3, 1, 3, 1))),
+                                     _MM_SHUFFLE(3, 1, 2, 0));
+  }
+  __m256i w[2][4];
+  philox_lanes<kSets>(key, lo, hi, w);
+  const __m256i below = _mm256_set1_epi32(static_cast<int>(threshold) - 1);  // keep iff u16 > threshold - 1
+  const __m256i low16 = _mm256_set1_epi32(0xFFFF);
+  const __m256 vscale = _mm256_set1_ps(scale);
+  for (int h = 0; h < kSets; ++h) {
+    for (int k = 0; k < 4; ++k) {  // word k holds lanes 2k (low half) and 2k+1 (high half)
+      const __m256i even = _mm256_cmpgt_epi32(_mm256_and_si256(w[h][k], low16), below);
+      const __m256i odd = _mm256_cmpgt_epi32(_mm256_srli_epi32(w[h][k], 16), below);
+      _mm256_storeu_ps(out + (2 * k) * ld + 8 * h, _mm256_and_ps(_mm256_castsi256_ps(even), vscale));
+      _mm256_storeu_ps(out + (2 * k + 1) * ld + 8 * h, _mm256_and_ps(_mm256_castsi256_ps(odd), vscale));
+    }
+  }
+}
+#endif
+
+template <typename acc_t>
+inline void fill_strided_rows_mult(PhiloxKey key, uint64_t first, uint64_t stride, int64_t count, uint32_t threshold,
+                                   acc_t scale, acc_t* out, int64_t ld) {
+#ifdef BNFUSED_PHILOX_AVX2
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (count > 8)
+      strided_rows_mult<2>(key, first, stride, threshold, scale, out, ld);
+    else
+      strided_rows_mult<1>(key, first, stride, threshold, scale, out, ld);
+    return;
+  }
+#endif
+  for (int64_t j = 0; j < count; ++j) {
+    const Philox4 r = mask_block(key, first + static_cast<uint64_t>(j) * stride);
+    for (int lane = 0; lane < kMaskLanes; ++lane) out[lane * ld + j] = lane_u16(r, lane) >= threshold ? scale : acc_t(0);
   }
 }
 

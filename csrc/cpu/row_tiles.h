@@ -1,7 +1,10 @@
 // Tiling of the ChannelsLast (N, S, C) layout into tiles of consecutive rows, and the dropout multipliers of a
-// tile laid out like the data (mult[t * C + c]). A tile never crosses a batch boundary when S > 1, so channel c
+// tile laid out like the data (mult[t * ld + c]). A tile never crosses a batch boundary when S > 1, so channel c
 // of a tile is one run of consecutive logical indices (n*C + c)*S + s0 ... ; for S == 1 (2-d input) row r is
 // itself the logical run r*C ... r*C + C - 1.
+// When S % 8 == 0 every channel run starts on a Philox block and tiles hold whole groups of 8 rows, so one block
+// is exactly 8 rows of one channel: the multipliers are generated straight into row order, 8 or 16 channels per
+// Philox batch. Otherwise each channel's run is generated contiguously and transposed.
 #pragma once
 #include "cpu/cpu_common.h"
 #include "cpu/dropout_mult.h"
@@ -17,6 +20,7 @@ struct RowTiles {
     // Up to 16K elements per tile (multipliers stay in L2), and up to kBatchElems rows so one Philox batch
     // serves a whole channel run of the tile.
     rows_per_tile = std::max<int64_t>(1, std::min<int64_t>(kBatchElems, 16384 / std::max<int64_t>(C, 1)));
+    if (block_rows()) rows_per_tile = std::max<int64_t>(kMaskLanes, rows_per_tile / kMaskLanes * kMaskLanes);
     tiles_per_batch = S > 1 ? (S + rows_per_tile - 1) / rows_per_tile : 0;
   }
   int64_t count() const { return S > 1 ? N * tiles_per_batch : (N + rows_per_tile - 1) / rows_per_tile; }
@@ -35,17 +39,35 @@ struct RowTiles {
     return Tile{r0, std::min(rows_per_tile, N - r0), r0, 0};
   }
 
-  // Row stride of a tile's multipliers: padded when S > 1 so the transposed stores of 8x8 blocks do not alias
-  // the loads 4 KiB apart.
-  int64_t mult_stride() const { return S > 1 ? C + 8 : C; }
-  int64_t mult_elems() const { return rows_per_tile * mult_stride(); }
+  // Channel runs start on Philox blocks (see the top of the file).
+  bool block_rows() const { return S > 1 && S % kMaskLanes == 0; }
 
-  // Multipliers of tile t as mult[r * mult_stride() + c]. For S > 1 each channel's run is generated contiguously
-  // into `scratch` (C * rows_per_tile values), two channels at a time, and transposed.
+  // Row stride of a tile's multipliers: block rows write whole groups of 8 channels; the transposed path pads so
+  // the stores of 8x8 blocks do not alias the loads 4 KiB apart.
+  int64_t mult_stride() const {
+    if (block_rows()) return (C + 7) / 8 * 8;
+    return S > 1 ? C + 8 : C;
+  }
+  int64_t mult_elems() const { return rows_per_tile * mult_stride(); }
+  int64_t scratch_elems() const { return S > 1 && !block_rows() ? mult_elems() : 0; }  // fill_mult's scratch
+
+  // Multipliers of tile t as mult[r * mult_stride() + c]. Without block rows, for S > 1 each channel's run is
+  // generated contiguously into `scratch` (C * rows_per_tile values), two channels at a time, and transposed.
   template <typename acc_type>
   void fill_mult(const Tile& t, const DropoutParams<acc_type>& dp, acc_type* mult, acc_type* scratch) const {
     if (S == 1) {
       fill_dropout_mult(dp.key, static_cast<uint64_t>(t.row0 * C), t.rows * C, dp.threshold, dp.scale, mult);
+      return;
+    }
+    if (block_rows()) {
+      const int64_t ld = mult_stride();
+      const uint64_t blocks_per_channel = static_cast<uint64_t>(S / kMaskLanes);
+      for (int64_t r0 = 0; r0 < t.rows; r0 += kMaskLanes) {
+        const uint64_t channel0 = static_cast<uint64_t>((t.n * C * S + t.s0 + r0) / kMaskLanes);  // block of c = 0
+        for (int64_t c0 = 0; c0 < C; c0 += 16)
+          fill_strided_rows_mult(dp.key, channel0 + c0 * blocks_per_channel, blocks_per_channel,
+                                 std::min<int64_t>(16, C - c0), dp.threshold, dp.scale, mult + r0 * ld + c0, ld);
+      }
       return;
     }
     auto start = [&](int64_t c) { return static_cast<uint64_t>((t.n * C + c) * S + t.s0); };
