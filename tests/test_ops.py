@@ -155,6 +155,21 @@ def test_batch_stats(device, dtype, shape, memory_format):
     torch.testing.assert_close(var.double(), ref_var, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("channels", [1, 3, 13, 37, 70, 600])
+def test_batch_stats_row_widths(device, dtype, channels):
+    """Rows of C (2-d and channels_last): every column-block width of the row kernel, partial vectors, several
+    column tiles (C > 512), and a partial last block of rows."""
+    x = (torch.randn(203, channels, device=device) * 3 - 1).to(dtype)
+    x_cl = (torch.randn(3, channels, 5, 8, device=device) + 2).to(dtype).contiguous(memory_format=torch.channels_last)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for t in (x, x_cl):
+        mean, var = ops.batch_stats(t)
+        ref_var, ref_mean = torch.var_mean(t.double(), dim=_channel_dims(t), unbiased=False)
+        torch.testing.assert_close(mean.double(), ref_mean, rtol=tol, atol=tol)
+        torch.testing.assert_close(var.double(), ref_var, rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_batch_stats_survive_large_offset(device, memory_format):
     # Naive E[x^2] - E[x]^2 in float32 loses every digit of a unit variance at a 1e4 offset.

@@ -71,35 +71,35 @@ inline void store(const at::vec::Vectorized<acc_type>& v, acc_type* p, int count
     v.store(p, count);
 }
 
-// Welford triple of n values (two passes over a chunk that sits in L1: sum, then squared deviations).
+// Welford triple of n values (two passes over a chunk that sits in L1: sum, then squared deviations). Four
+// accumulators per pass keep the add latency off the critical path.
 template <typename acc_type>
 Welford<double> chunk_welford(const acc_type* x, int64_t n) {
   using Vec = at::vec::Vectorized<acc_type>;
-  Vec s0(0), s1(0);
+  constexpr int64_t V = Vec::size();
+  auto sum4 = [](const Vec (&v)[4]) { return (v[0] + v[1]) + (v[2] + v[3]); };
+  Vec s[4] = {Vec(0), Vec(0), Vec(0), Vec(0)};
   int64_t i = 0;
-  for (; i + 2 * Vec::size() <= n; i += 2 * Vec::size()) {
-    s0 += Vec::loadu(x + i);
-    s1 += Vec::loadu(x + i + Vec::size());
-  }
-  for (; i < n; i += Vec::size()) s0 += load(x + i, static_cast<int>(std::min<int64_t>(Vec::size(), n - i)));
-  const acc_type mean = at::vec::vec_reduce_all<acc_type>([](Vec& a, Vec& b) { return a + b; }, s0 + s1) /
-                        static_cast<acc_type>(n);
+  for (; i + 4 * V <= n; i += 4 * V)
+    for (int k = 0; k < 4; ++k) s[k] += Vec::loadu(x + i + k * V);
+  for (; i < n; i += V) s[0] += load(x + i, static_cast<int>(std::min<int64_t>(V, n - i)));
+  const acc_type mean =
+      at::vec::vec_reduce_all<acc_type>([](Vec& a, Vec& b) { return a + b; }, sum4(s)) / static_cast<acc_type>(n);
   const Vec vmean(mean);
-  Vec q0(0), q1(0);
+  Vec q[4] = {Vec(0), Vec(0), Vec(0), Vec(0)};
   i = 0;
-  for (; i + 2 * Vec::size() <= n; i += 2 * Vec::size()) {
-    const Vec d0 = Vec::loadu(x + i) - vmean, d1 = Vec::loadu(x + i + Vec::size()) - vmean;
-    q0 += d0 * d0;
-    q1 += d1 * d1;
-  }
-  for (; i < n; i += Vec::size()) {
-    const int count = static_cast<int>(std::min<int64_t>(Vec::size(), n - i));
+  for (; i + 4 * V <= n; i += 4 * V)
+    for (int k = 0; k < 4; ++k) {
+      const Vec d = Vec::loadu(x + i + k * V) - vmean;
+      q[k] = at::vec::fmadd(d, d, q[k]);
+    }
+  for (; i < n; i += V) {
+    const int count = static_cast<int>(std::min<int64_t>(V, n - i));
     // Partial loads zero the missing lanes; mask their deviation out.
-    const Vec d = load(x + i, count) - vmean;
-    const Vec valid = Vec::set(Vec(0), Vec(1), count);
-    q0 += d * d * valid;
+    const Vec d = Vec::set(Vec(0), load(x + i, count) - vmean, count);
+    q[0] = at::vec::fmadd(d, d, q[0]);
   }
-  const acc_type m2 = at::vec::vec_reduce_all<acc_type>([](Vec& a, Vec& b) { return a + b; }, q0 + q1);
+  const acc_type m2 = at::vec::vec_reduce_all<acc_type>([](Vec& a, Vec& b) { return a + b; }, sum4(q));
   return Welford<double>{static_cast<double>(n), static_cast<double>(mean), static_cast<double>(m2)};
 }
 

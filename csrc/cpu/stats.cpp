@@ -4,7 +4,9 @@
 // a large common offset (1e4) does not cancel the variance away.
 #include <ATen/ops/empty.h>
 
+#include <algorithm>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/cpu_common.h"
@@ -42,6 +44,37 @@ void stats_channels_first(const at::Tensor& x, const Geometry& g, double* mean_o
   });
 }
 
+// Chunk mean and m2 of columns [cb, cb + NV vectors) of `rows` rows (clipped at `width`), accumulated in
+// registers: sums of x - shift, shift = the first row where finite (a float sum of large, similar values -- a 1e4
+// offset -- would lose the mean), then squared deviations from the chunk mean.
+template <typename acc, int NV>
+inline void column_block_stats(const acc* const* rowp, int64_t rows, int64_t cb, int64_t width, acc inv_rows,
+                               acc* mean_out, acc* m2_out) {
+  using Vec = at::vec::Vectorized<acc>;
+  int cnt[NV];
+  for (int k = 0; k < NV; ++k)
+    cnt[k] = static_cast<int>(std::clamp<int64_t>(width - cb - k * Vec::size(), 0, Vec::size()));
+  Vec shift[NV], s[NV], q[NV];
+  for (int k = 0; k < NV; ++k) {
+    const Vec first = cpu::load(rowp[0] + cb + k * Vec::size(), cnt[k]);
+    shift[k] = Vec::blendv(Vec(0), first, (first - first) == Vec(0));
+    s[k] = Vec(0);
+    q[k] = Vec(0);
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int k = 0; k < NV; ++k) s[k] += cpu::load(rowp[r] + cb + k * Vec::size(), cnt[k]) - shift[k];
+  for (int k = 0; k < NV; ++k) s[k] = shift[k] + s[k] * Vec(inv_rows);  // chunk mean
+  for (int64_t r = 0; r < rows; ++r)
+    for (int k = 0; k < NV; ++k) {
+      const Vec d = cpu::load(rowp[r] + cb + k * Vec::size(), cnt[k]) - s[k];
+      q[k] = at::vec::fmadd(d, d, q[k]);
+    }
+  for (int k = 0; k < NV; ++k) {
+    cpu::store(s[k], mean_out + cb + k * Vec::size(), cnt[k]);
+    cpu::store(q[k], m2_out + cb + k * Vec::size(), cnt[k]);
+  }
+}
+
 // (N, S, C) memory: rows of C. Work is split into a fixed grid of row blocks x column tiles; each task keeps
 // per-column (mean, m2) for its rows, updated from sub-chunks of rows that fit in L1.
 template <typename scalar_t>
@@ -61,7 +94,7 @@ void stats_channels_last(const at::Tensor& x, const Geometry& g, double* mean_ou
 
   std::vector<double> part_mean(n_blocks * C), part_m2(n_blocks * C);
   at::parallel_for(0, n_blocks * n_tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc> xbuf(sub_rows * tile), sum(tile), m2c(tile), shift(tile);
+    std::vector<acc> xbuf(sub_rows * tile), sum(tile), m2c(tile);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t rb = task / n_tiles, c0 = (task % n_tiles) * tile;
       const int64_t width = std::min(tile, C - c0);
@@ -75,28 +108,19 @@ void stats_channels_last(const at::Tensor& x, const Geometry& g, double* mean_ou
         const acc* rowp[64 * 64];
         for (int64_t r = 0; r < rows; ++r)
           rowp[r] = cpu::as_acc(data + (r0 + r) * C + c0, width, xbuf.data() + r * tile);
-        // Sums of x - shift, shift = the first row where finite: a float sum of large, similar values (a 1e4
-        // offset) would lose the mean.
-        cpu::vec_loop<acc>(width, [&](int64_t i, int cnt) {
-          const Vec first = cpu::load(rowp[0] + i, cnt);
-          cpu::store(Vec::blendv(Vec(0), first, (first - first) == Vec(0)), shift.data() + i, cnt);
-        });
-        std::fill(sum.begin(), sum.begin() + width, acc(0));
-        std::fill(m2c.begin(), m2c.begin() + width, acc(0));
-        for (int64_t r = 0; r < rows; ++r)
-          cpu::vec_loop<acc>(width, [&](int64_t i, int cnt) {
-            const Vec shifted = cpu::load(rowp[r] + i, cnt) - cpu::load(shift.data() + i, cnt);
-            cpu::store(cpu::load(sum.data() + i, cnt) + shifted, sum.data() + i, cnt);
-          });
-        const Vec inv_rows(acc(1) / static_cast<acc>(rows));
-        cpu::vec_loop<acc>(width, [&](int64_t i, int cnt) {  // sum -> chunk mean
-          cpu::store(cpu::load(shift.data() + i, cnt) + cpu::load(sum.data() + i, cnt) * inv_rows, sum.data() + i, cnt);
-        });
-        for (int64_t r = 0; r < rows; ++r)
-          cpu::vec_loop<acc>(width, [&](int64_t i, int cnt) {
-            const Vec d = cpu::load(rowp[r] + i, cnt) - cpu::load(sum.data() + i, cnt);
-            cpu::store(cpu::load(m2c.data() + i, cnt) + d * d, m2c.data() + i, cnt);
-          });
+        const acc inv_rows = acc(1) / static_cast<acc>(rows);
+        // Column blocks of 8, 4, 2 or 1 vectors: a row's 64 floats are read in order, with one accumulator each.
+        for (int64_t cb = 0; cb < width;) {
+          const int64_t vecs = (width - cb + Vec::size() - 1) / Vec::size();
+          auto run = [&](auto nv) {
+            column_block_stats<acc, decltype(nv)::value>(rowp, rows, cb, width, inv_rows, sum.data(), m2c.data());
+            cb += decltype(nv)::value * Vec::size();
+          };
+          if (vecs >= 8) run(std::integral_constant<int, 8>());
+          else if (vecs >= 4) run(std::integral_constant<int, 4>());
+          else if (vecs >= 2) run(std::integral_constant<int, 2>());
+          else run(std::integral_constant<int, 1>());
+        }
         // Merge (rows, chunk mean, chunk m2) into the task's running triples; counts are equal per column.
         const double total = count + rows, frac = rows / total, cross = count * frac;
         for (int64_t c = 0; c < width; ++c) {
