@@ -16,7 +16,7 @@ namespace bnfused::cpu {
 namespace {
 
 constexpr size_t kHugePage = size_t(2) << 20;
-constexpr size_t kMinHugeBytes = size_t(32) << 20;  // glibc's largest mmap threshold: above it every malloc faults
+constexpr size_t kMinHugeBytes = size_t(8) << 20;  // see huge_page_allocator.h
 
 struct Block {
   void* ptr;
