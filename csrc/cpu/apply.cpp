@@ -13,9 +13,9 @@ struct VecAffine {
   at::vec::Vectorized<acc> a, b;
 };
 
-// y = max(fma(x, a, b), 0) [* mult] over n elements.
-template <typename acc>
-inline void forward_run(const acc* x, const acc* a, const acc* b, const acc* mult, acc* y, int64_t n,
+// y = max(fma(x, a, b), 0) [* mult] over n elements (x, y in scalar_t, math in acc).
+template <typename scalar_t, typename acc>
+inline void forward_run(const scalar_t* x, const acc* a, const acc* b, const acc* mult, scalar_t* y, int64_t n,
                         bool per_element_affine) {
   using Vec = at::vec::Vectorized<acc>;
   const Vec zero(0);
@@ -23,9 +23,9 @@ inline void forward_run(const acc* x, const acc* a, const acc* b, const acc* mul
   cpu::vec_loop<acc>(n, [&](int64_t i, int cnt) {
     const Vec va = per_element_affine ? cpu::load(a + i, cnt) : va0;
     const Vec vb = per_element_affine ? cpu::load(b + i, cnt) : vb0;
-    Vec r = at::vec::maximum(at::vec::fmadd(cpu::load(x + i, cnt), va, vb), zero);
+    Vec r = at::vec::maximum(at::vec::fmadd(cpu::load_as<scalar_t, acc>(x + i, cnt), va, vb), zero);
     if (mult) r = r * cpu::load(mult + i, cnt);
-    cpu::store(r, y + i, cnt);
+    cpu::store_as(r, y + i, cnt);
   });
 }
 
@@ -44,32 +44,28 @@ void forward_kernel(const at::Tensor& x, const ChannelParams<cpu::acc_t<scalar_t
   }
   if (g.layout == Layout::ChannelsFirst) {
     at::parallel_for(0, g.N * g.C, cpu::planes_grain(g), [&](int64_t begin, int64_t end) {
-      std::vector<acc> xbuf(kChunk), ybuf(kChunk), mult(kChunk);
+      std::vector<acc> mult(kChunk);
       cpu::for_each_run(g, begin, end, [&](int64_t off, int64_t len) {
         if (dp.active) cpu::fill_dropout_mult(dp.key, off, len, dp.threshold, dp.scale, mult.data());
-        const acc* x = cpu::as_acc(xd + off, len, xbuf.data());
-        acc* y = cpu::out_acc(yd + off, ybuf.data());
         cpu::for_each_segment(g, off, len, [&](int64_t rel, int64_t n, int64_t plane) {
           const int64_t c = plane % g.C;
-          forward_run<acc>(x + rel, &a[c], &b[c], dp.active ? mult.data() + rel : nullptr, y + rel, n, false);
+          forward_run<scalar_t, acc>(xd + off + rel, &a[c], &b[c], dp.active ? mult.data() + rel : nullptr,
+                                     yd + off + rel, n, false);
         });
-        cpu::store_from(y, yd + off, len);
       });
     });
     return;
   }
   const cpu::RowTiles tiles(g);
   at::parallel_for(0, tiles.count(), 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc> xbuf(g.C), ybuf(g.C), mult(dp.active ? tiles.mult_elems() : 0), scratch(dp.active ? tiles.scratch_elems() : 0);
+    std::vector<acc> mult(dp.active ? tiles.mult_elems() : 0), scratch(dp.active ? tiles.scratch_elems() : 0);
     for (int64_t ti = begin; ti < end; ++ti) {
       const auto t = tiles.tile(ti);
       if (dp.active) tiles.fill_mult(t, dp, mult.data(), scratch.data());
       for (int64_t r = 0; r < t.rows; ++r) {
         const int64_t off = (t.row0 + r) * g.C;
-        acc* y = cpu::out_acc(yd + off, ybuf.data());
-        forward_run<acc>(cpu::as_acc(xd + off, g.C, xbuf.data()), a.data(), b.data(),
-                         dp.active ? mult.data() + r * tiles.mult_stride() : nullptr, y, g.C, true);
-        cpu::store_from(y, yd + off, g.C);
+        forward_run<scalar_t, acc>(xd + off, a.data(), b.data(),
+                                   dp.active ? mult.data() + r * tiles.mult_stride() : nullptr, yd + off, g.C, true);
       }
     }
   });
@@ -82,9 +78,9 @@ struct GradCoefs {
 };
 
 // dx over n elements; per_element selects per-lane coefficients (ChannelsLast rows) or lane 0's (a plane).
-template <typename acc, bool kBatchStats>
-inline void grad_input_run(const acc* dy, const acc* x, const acc* mult, const GradCoefs<acc>& k, int64_t c0,
-                           acc* dx, int64_t n, bool per_element) {
+template <typename scalar_t, typename acc, bool kBatchStats>
+inline void grad_input_run(const scalar_t* dy, const scalar_t* x, const acc* mult, const GradCoefs<acc>& k, int64_t c0,
+                           scalar_t* dx, int64_t n, bool per_element) {
   using Vec = at::vec::Vectorized<acc>;
   const Vec zero(0);
   // Per-plane coefficients are broadcast once: dx stores could alias the coefficient arrays, so the compiler
@@ -94,9 +90,9 @@ inline void grad_input_run(const acc* dy, const acc* x, const acc* mult, const G
     return per_element ? cpu::load(v.data() + c0 + i, cnt) : broadcast;
   };
   cpu::vec_loop<acc>(n, [&](int64_t i, int cnt) {
-    const Vec xv = cpu::load(x + i, cnt);
+    const Vec xv = cpu::load_as<scalar_t, acc>(x + i, cnt);
     const Vec z = at::vec::fmadd(xv, coef(k.a, a0, i, cnt), coef(k.b, b0, i, cnt));
-    Vec gm = cpu::load(dy + i, cnt);
+    Vec gm = cpu::load_as<scalar_t, acc>(dy + i, cnt);
     if (mult) gm = gm * cpu::load(mult + i, cnt);
     const Vec grad = Vec::blendv(zero, gm, z > zero);
     Vec out;
@@ -105,7 +101,7 @@ inline void grad_input_run(const acc* dy, const acc* x, const acc* mult, const G
                            coef(k.C, C0, i, cnt) - (xv - coef(k.mean, m0, i, cnt)) * coef(k.K, K0, i, cnt));
     else
       out = grad * coef(k.A, A0, i, cnt);
-    cpu::store(out, dx + i, cnt);
+    cpu::store_as(out, dx + i, cnt);
   });
 }
 
@@ -119,35 +115,29 @@ void backward_input_kernel(const at::Tensor& dy_t, const at::Tensor& x, const Gr
   scalar_t* dxd = dx_t.data_ptr<scalar_t>();
   if (g.layout == Layout::ChannelsFirst) {
     at::parallel_for(0, g.N * g.C, cpu::planes_grain(g), [&](int64_t begin, int64_t end) {
-      std::vector<acc> xbuf(kChunk), dybuf(kChunk), outbuf(kChunk), mult(kChunk);
+      std::vector<acc> mult(kChunk);
       cpu::for_each_run(g, begin, end, [&](int64_t off, int64_t len) {
         if (dp.active) cpu::fill_dropout_mult(dp.key, off, len, dp.threshold, dp.scale, mult.data());
-        const acc* dy = cpu::as_acc(dyd + off, len, dybuf.data());
-        const acc* x = cpu::as_acc(xd + off, len, xbuf.data());
-        acc* out = cpu::out_acc(dxd + off, outbuf.data());
         cpu::for_each_segment(g, off, len, [&](int64_t rel, int64_t n, int64_t plane) {
-          grad_input_run<acc, kBatchStats>(dy + rel, x + rel, dp.active ? mult.data() + rel : nullptr, k, plane % g.C,
-                                           out + rel, n, false);
+          grad_input_run<scalar_t, acc, kBatchStats>(dyd + off + rel, xd + off + rel,
+                                                     dp.active ? mult.data() + rel : nullptr, k, plane % g.C,
+                                                     dxd + off + rel, n, false);
         });
-        cpu::store_from(out, dxd + off, len);
       });
     });
     return;
   }
   const cpu::RowTiles tiles(g);
   at::parallel_for(0, tiles.count(), 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc> xbuf(g.C), dybuf(g.C), outbuf(g.C), mult(dp.active ? tiles.mult_elems() : 0),
-        scratch(dp.active ? tiles.scratch_elems() : 0);
+    std::vector<acc> mult(dp.active ? tiles.mult_elems() : 0), scratch(dp.active ? tiles.scratch_elems() : 0);
     for (int64_t ti = begin; ti < end; ++ti) {
       const auto t = tiles.tile(ti);
       if (dp.active) tiles.fill_mult(t, dp, mult.data(), scratch.data());
       for (int64_t r = 0; r < t.rows; ++r) {
         const int64_t off = (t.row0 + r) * g.C;
-        acc* out = cpu::out_acc(dxd + off, outbuf.data());
-        grad_input_run<acc, kBatchStats>(cpu::as_acc(dyd + off, g.C, dybuf.data()),
-                                         cpu::as_acc(xd + off, g.C, xbuf.data()),
-                                         dp.active ? mult.data() + r * tiles.mult_stride() : nullptr, k, 0, out, g.C, true);
-        cpu::store_from(out, dxd + off, g.C);
+        grad_input_run<scalar_t, acc, kBatchStats>(dyd + off, xd + off,
+                                                   dp.active ? mult.data() + r * tiles.mult_stride() : nullptr, k, 0,
+                                                   dxd + off, g.C, true);
       }
     }
   });

@@ -8,6 +8,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <cstring>
 #include <type_traits>
 
 #include "bnfused.h"
@@ -26,6 +27,19 @@ template <typename scalar_t, typename acc_type>
 const acc_type* as_acc(const scalar_t* src, int64_t n, acc_type* buf) {
   if constexpr (std::is_same_v<scalar_t, acc_type>) {
     return src;
+  } else if constexpr (at::is_reduced_floating_point_v<scalar_t> && std::is_same_v<acc_type, float>) {
+    // at::vec::convert has no vectorised BFloat16/Half -> float overload (its scalar loop cost bf16 half the
+    // speed of float32); widen whole vectors instead.
+    using RVec = at::vec::Vectorized<scalar_t>;
+    using FVec = at::vec::Vectorized<float>;
+    int64_t i = 0;
+    for (; i + RVec::size() <= n; i += RVec::size()) {
+      const auto [lo, hi] = at::vec::convert_to_float<scalar_t>(RVec::loadu(src + i));
+      lo.store(buf + i);
+      hi.store(buf + i + FVec::size());
+    }
+    for (; i < n; ++i) buf[i] = static_cast<float>(src[i]);
+    return buf;
   } else {
     at::vec::convert(src, buf, n);
     return buf;
@@ -69,6 +83,57 @@ inline void store(const at::vec::Vectorized<acc_type>& v, acc_type* p, int count
     v.store(p);
   else
     v.store(p, count);
+}
+
+// One vector of acc_type from `count` scalar_t elements, and back: float32/float64 load and store directly;
+// BFloat16/Half widen to float in registers (the elementwise passes then need no conversion buffers).
+template <typename scalar_t, typename acc_type>
+inline at::vec::Vectorized<acc_type> load_as(const scalar_t* p, int count) {
+  using Vec = at::vec::Vectorized<acc_type>;
+  if constexpr (std::is_same_v<scalar_t, acc_type>) {
+    return load(p, count);
+  } else {
+#if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
+    static_assert(Vec::size() == 8 && sizeof(scalar_t) == 2, "8 16-bit floats per 128-bit load");
+    __m128i raw;
+    if (count == 8) {
+      raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    } else {
+      raw = _mm_setzero_si128();
+      std::memcpy(&raw, p, sizeof(scalar_t) * count);
+    }
+    __m256 out;
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>)
+      at::vec::cvtbf16_fp32(raw, out);
+    else
+      at::vec::cvtfp16_fp32(raw, out);
+    return Vec(out);
+#else
+    alignas(64) acc_type tmp[Vec::size()] = {};
+    for (int k = 0; k < count; ++k) tmp[k] = static_cast<acc_type>(p[k]);
+    return Vec::loadu(tmp);
+#endif
+  }
+}
+
+template <typename scalar_t, typename acc_type>
+inline void store_as(const at::vec::Vectorized<acc_type>& v, scalar_t* p, int count) {
+  if constexpr (std::is_same_v<scalar_t, acc_type>) {
+    store(v, p, count);
+  } else {
+#if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
+    const __m128i packed = std::is_same_v<scalar_t, at::BFloat16> ? at::vec::cvtfp32_bf16(__m256(v))
+                                                                  : at::vec::cvtfp32_fp16(__m256(v));
+    if (count == 8)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+    else
+      std::memcpy(p, &packed, sizeof(scalar_t) * count);
+#else
+    alignas(64) acc_type tmp[at::vec::Vectorized<acc_type>::size()];
+    v.store(tmp);
+    for (int k = 0; k < count; ++k) p[k] = static_cast<scalar_t>(tmp[k]);
+#endif
+  }
 }
 
 // Welford triple of n values (two passes over a chunk that sits in L1: sum, then squared deviations). Four
