@@ -14,27 +14,28 @@ namespace {
 using cpu::kChunk;
 
 // g = dy * mult masked by [z > 0] for one vector of elements; partial loads give x = dy = 0, hence g = 0.
-template <typename acc>
-inline at::vec::Vectorized<acc> grad_vec(const at::vec::Vectorized<acc>& xv, const acc* dy, const acc* mult,
+template <typename scalar_t, typename acc>
+inline at::vec::Vectorized<acc> grad_vec(const at::vec::Vectorized<acc>& xv, const scalar_t* dy, const acc* mult,
                                          const at::vec::Vectorized<acc>& a, const at::vec::Vectorized<acc>& b,
                                          int64_t i, int cnt) {
   using Vec = at::vec::Vectorized<acc>;
   const Vec z = at::vec::fmadd(xv, a, b);
-  Vec gm = cpu::load(dy + i, cnt);
+  Vec gm = cpu::load_as<scalar_t, acc>(dy + i, cnt);
   if (mult) gm = gm * cpu::load(mult + i, cnt);
   return Vec::blendv(Vec(0), gm, z > Vec(0));
 }
 
 // One channel (a plane chunk): Σ g and Σ g·(x − mean) into register accumulators (two pairs for ILP).
-template <typename acc>
-inline void reduce_plane(const acc* dy, const acc* x, const acc* mult, acc a, acc b, acc mean, int64_t n, acc* sg,
+template <typename scalar_t, typename acc>
+inline void reduce_plane(const scalar_t* dy, const scalar_t* x, const acc* mult, acc a, acc b, acc mean, int64_t n, acc* sg,
                          acc* sgx) {
   using Vec = at::vec::Vectorized<acc>;
   const Vec va(a), vb(b), vm(mean);
   Vec g0(0), g1(0), gx0(0), gx1(0);
   int64_t i = 0;
   for (; i + 2 * Vec::size() <= n; i += 2 * Vec::size()) {
-    const Vec x0 = Vec::loadu(x + i), x1 = Vec::loadu(x + i + Vec::size());
+    const Vec x0 = cpu::load_as<scalar_t, acc>(x + i, Vec::size());
+    const Vec x1 = cpu::load_as<scalar_t, acc>(x + i + Vec::size(), Vec::size());
     const Vec d0 = grad_vec(x0, dy, mult, va, vb, i, Vec::size());
     const Vec d1 = grad_vec(x1, dy, mult, va, vb, i + Vec::size(), Vec::size());
     g0 += d0;
@@ -44,7 +45,7 @@ inline void reduce_plane(const acc* dy, const acc* x, const acc* mult, acc a, ac
   }
   for (; i < n; i += Vec::size()) {
     const int cnt = static_cast<int>(std::min<int64_t>(Vec::size(), n - i));
-    const Vec x0 = cpu::load(x + i, cnt);
+    const Vec x0 = cpu::load_as<scalar_t, acc>(x + i, cnt);
     const Vec d0 = grad_vec(x0, dy, mult, va, vb, i, cnt);
     g0 += d0;
     gx0 = at::vec::fmadd(d0, x0 - vm, gx0);
@@ -54,12 +55,12 @@ inline void reduce_plane(const acc* dy, const acc* x, const acc* mult, acc a, ac
 }
 
 // One row of the ChannelsLast layout: per-channel Σ g and Σ g·(x − mean) added into sg[c], sgx[c].
-template <typename acc>
-inline void reduce_row(const acc* dy, const acc* x, const acc* mult, const acc* a, const acc* b, const acc* mean,
+template <typename scalar_t, typename acc>
+inline void reduce_row(const scalar_t* dy, const scalar_t* x, const acc* mult, const acc* a, const acc* b, const acc* mean,
                        int64_t n, acc* sg, acc* sgx) {
   using Vec = at::vec::Vectorized<acc>;
   cpu::vec_loop<acc>(n, [&](int64_t i, int cnt) {
-    const Vec xv = cpu::load(x + i, cnt);
+    const Vec xv = cpu::load_as<scalar_t, acc>(x + i, cnt);
     const Vec grad = grad_vec(xv, dy, mult, cpu::load(a + i, cnt), cpu::load(b + i, cnt), i, cnt);
     cpu::store(cpu::load(sg + i, cnt) + grad, sg + i, cnt);
     cpu::store(at::vec::fmadd(grad, xv - cpu::load(mean + i, cnt), cpu::load(sgx + i, cnt)), sgx + i, cnt);
@@ -87,16 +88,14 @@ void reduce_kernel(const at::Tensor& dy_t, const at::Tensor& x, const ChannelPar
   if (g.layout == Layout::ChannelsFirst) {
     std::vector<double> plane_g(g.N * g.C, 0.0), plane_gx(g.N * g.C, 0.0);
     at::parallel_for(0, g.N * g.C, cpu::planes_grain(g), [&](int64_t begin, int64_t end) {
-      std::vector<acc> xbuf(kChunk), dybuf(kChunk), mult(kChunk);
+      std::vector<acc> mult(kChunk);
       alignas(64) acc sg[Vec::size()], sgx[Vec::size()];
       // Planes of [begin, end) belong to this thread alone: their totals are accumulated in place.
       cpu::for_each_run(g, begin, end, [&](int64_t off, int64_t len) {
         if (dp.active) cpu::fill_dropout_mult(dp.key, off, len, dp.threshold, dp.scale, mult.data());
-        const acc* dy = cpu::as_acc(dyd + off, len, dybuf.data());
-        const acc* x = cpu::as_acc(xd + off, len, xbuf.data());
         cpu::for_each_segment(g, off, len, [&](int64_t rel, int64_t n, int64_t plane) {
           const int64_t c = plane % g.C;
-          reduce_plane<acc>(dy + rel, x + rel, dp.active ? mult.data() + rel : nullptr, a[c], b[c], mean[c], n, sg,
+          reduce_plane<scalar_t, acc>(dyd + off + rel, xd + off + rel, dp.active ? mult.data() + rel : nullptr, a[c], b[c], mean[c], n, sg,
                             sgx);
           plane_g[plane] += hsum(sg);
           plane_gx[plane] += hsum(sgx);
@@ -120,7 +119,7 @@ void reduce_kernel(const at::Tensor& dy_t, const at::Tensor& x, const ChannelPar
   const int64_t n_groups = std::min<int64_t>(n_tiles, 64);
   std::vector<double> part_g(n_groups * g.C, 0.0), part_gx(n_groups * g.C, 0.0);
   at::parallel_for(0, n_groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc> xbuf(g.C), dybuf(g.C), sg(g.C), sgx(g.C), mult(dp.active ? tiles.mult_elems() : 0),
+    std::vector<acc> sg(g.C), sgx(g.C), mult(dp.active ? tiles.mult_elems() : 0),
         scratch(dp.active ? tiles.scratch_elems() : 0);
     for (int64_t grp = begin; grp < end; ++grp) {
       double* pg = part_g.data() + grp * g.C;
@@ -132,7 +131,7 @@ void reduce_kernel(const at::Tensor& dy_t, const at::Tensor& x, const ChannelPar
         std::fill(sgx.begin(), sgx.end(), acc(0));
         for (int64_t r = 0; r < t.rows; ++r) {
           const int64_t off = (t.row0 + r) * g.C;
-          reduce_row<acc>(cpu::as_acc(dyd + off, g.C, dybuf.data()), cpu::as_acc(xd + off, g.C, xbuf.data()),
+          reduce_row<scalar_t, acc>(dyd + off, xd + off,
                           dp.active ? mult.data() + r * tiles.mult_stride() : nullptr, a.data(), b.data(), mean.data(), g.C,
                           sg.data(), sgx.data());
         }

@@ -46,21 +46,6 @@ const acc_type* as_acc(const scalar_t* src, int64_t n, acc_type* buf) {
   }
 }
 
-// Where to compute n output values: dst itself when no conversion is needed, else buf (then store_from).
-template <typename scalar_t, typename acc_type>
-acc_type* out_acc(scalar_t* dst, acc_type* buf) {
-  if constexpr (std::is_same_v<scalar_t, acc_type>) {
-    return dst;
-  } else {
-    return buf;
-  }
-}
-
-template <typename scalar_t, typename acc_type>
-void store_from(const acc_type* buf, scalar_t* dst, int64_t n) {
-  if constexpr (!std::is_same_v<scalar_t, acc_type>) at::vec::convert(buf, dst, n);
-}
-
 // f(Vec, offset, count) over [0, n) in vector steps; the last step is partial (count < Vec::size()).
 template <typename acc_type, typename F>
 inline void vec_loop(int64_t n, F f) {
