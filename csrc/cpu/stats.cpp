@@ -26,20 +26,30 @@ void stats_channels_first(const at::Tensor& x, const Geometry& g, double* mean_o
     std::vector<acc> buf(kChunk);
     for (int64_t plane = begin; plane < end; ++plane) {
       const scalar_t* px = data + plane * g.S;
-      Welford<double> w{0, 0, 0};
-      for (int64_t s0 = 0; s0 < g.S; s0 += kChunk) {
+      const int64_t n0 = std::min(kChunk, g.S);
+      Welford<double> w = cpu::chunk_welford(cpu::as_acc(px, n0, buf.data()), n0);
+      for (int64_t s0 = kChunk; s0 < g.S; s0 += kChunk) {
         const int64_t n = std::min(kChunk, g.S - s0);
         w = welford_merge(w, cpu::chunk_welford(cpu::as_acc(px + s0, n, buf.data()), n));
       }
       planes[plane] = w;
     }
   });
+  // Every plane holds S elements: the merge of N equal-count triples is the mean of the means plus
+  // S * (squared deviations of the plane means), without a division per plane.
   at::parallel_for(0, g.C, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
-      Welford<double> w{0, 0, 0};
-      for (int64_t n = 0; n < g.N; ++n) w = welford_merge(w, planes[n * g.C + c]);
-      mean_out[c] = w.mean;
-      var_out[c] = w.m2 / w.count;
+      double mean = 0, m2 = 0, spread = 0;
+      for (int64_t n = 0; n < g.N; ++n) mean += planes[n * g.C + c].mean;
+      mean /= static_cast<double>(g.N);
+      for (int64_t n = 0; n < g.N; ++n) {
+        const Welford<double>& w = planes[n * g.C + c];
+        const double d = w.mean - mean;
+        m2 += w.m2;
+        spread += d * d;
+      }
+      mean_out[c] = mean;
+      var_out[c] = (m2 + spread * static_cast<double>(g.S)) / (static_cast<double>(g.N) * static_cast<double>(g.S));
     }
   });
 }
