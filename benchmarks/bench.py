@@ -170,7 +170,10 @@ def main(argv=None) -> int:
     elapsed = time.perf_counter() - start
     results_path = args.out / f"{stem}.md"
     sync_section = f"\n## Multi-process: SyncBatchNorm\n\n{sync_md}\n" if sync_md else ""
-    results_path.write_text(results_markdown(run, targets_title, checks, elapsed) + sync_section)
+    # The hand-kept before/after record of this device (what moved the numbers, commit by commit), if any.
+    history_path = HERE / "results" / f"{slug(device_name(args.device))}-history.md"
+    history = f"\n## Before / after\n\n{history_path.read_text()}" if history_path.exists() else ""
+    results_path.write_text(results_markdown(run, targets_title, checks, elapsed) + sync_section + history)
 
     say("\n## Comparison (median ms, IQR in parentheses)\n")
     say(summary_table(run))

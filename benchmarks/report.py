@@ -123,7 +123,8 @@ def results_markdown(run: RunResults, targets_title: str, checks: list[Check], e
 - **copy bandwidth**: {run.copy_gbs:.1f} GB/s (256 MiB float32 `dst.copy_(src)`, read + write, same run)
 - **run time**: {elapsed_s:.0f} s
 
-Peers: {', '.join(run.peers)}. Times are medians over torch.utils.benchmark runs, IQR in parentheses.
+Peers: {', '.join(run.peers)}. Times are medians over torch.utils.benchmark runs, IQR in parentheses; each
+measurement is split into 3 rounds and keeps the round with the lowest median (peers and copy alike).
 Dropout p = {run.meta['dropout p']}; train modes take an input with requires_grad; fwd+bwd returns the grads of
 the input, weight and bias (torch.autograd.grad); eval runs under no_grad.
 
