@@ -65,17 +65,26 @@ def forward(x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor], bia
     return _ops.forward.default(x, mean, rstd, weight, bias, key, p, batch_stats)
 
 
+def forward_keep_bits(x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                      key: Tensor, p: float, batch_stats: bool) -> tuple[Tensor, Tensor]:
+    """CPU: forward's output plus the keep pattern packed 1 bit per element (uint8[ceil(numel / 8)], bit k of
+    byte b = logical element 8b + k), for the backward ops to read instead of regenerating the mask."""
+    return _ops.forward_keep_bits.default(x, mean, rstd, weight, bias, key, p, batch_stats)
+
+
 def backward_reduce(grad_out: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor],
-                    bias: Optional[Tensor], key: Tensor, p: float) -> tuple[Tensor, Tensor]:
-    return _ops.backward_reduce.default(grad_out, x, mean, rstd, weight, bias, key, p)
+                    bias: Optional[Tensor], key: Tensor, p: float,
+                    keep_bits: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    return _ops.backward_reduce.default(grad_out, x, mean, rstd, weight, bias, key, p, keep_bits)
 
 
 def backward_input(grad_out: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor],
                    bias: Optional[Tensor], key: Tensor, p: float, sum_g: Optional[Tensor],
-                   sum_g_xhat: Optional[Tensor], count: int = 1) -> Tensor:
+                   sum_g_xhat: Optional[Tensor], count: int = 1, keep_bits: Optional[Tensor] = None) -> Tensor:
     """grad_input; with the per-channel sums of g and g*xhat over `count` elements (batch statistics) their
     terms are included, without them (running statistics) it is w * rstd * g."""
-    return _ops.backward_input.default(grad_out, x, mean, rstd, weight, bias, key, p, sum_g, sum_g_xhat, count)
+    return _ops.backward_input.default(grad_out, x, mean, rstd, weight, bias, key, p, sum_g, sum_g_xhat, count,
+                                       keep_bits)
 
 
 def dropout_mask(key: Tensor, shape: Sequence[int], p: float) -> Tensor:
@@ -102,15 +111,21 @@ def _forward_fake(x, mean, rstd, weight, bias, key, p, batch_stats):
     return torch.empty_like(x, memory_format=kernel_memory_format(x))
 
 
+@torch.library.register_fake("bnfused::forward_keep_bits")
+def _forward_keep_bits_fake(x, mean, rstd, weight, bias, key, p, batch_stats):
+    return _forward_fake(x, mean, rstd, weight, bias, key, p, batch_stats), x.new_empty(((x.numel() + 7) // 8,),
+                                                                                         dtype=torch.uint8)
+
+
 @torch.library.register_fake("bnfused::backward_reduce")
-def _backward_reduce_fake(grad_out, x, mean, rstd, weight, bias, key, p):
+def _backward_reduce_fake(grad_out, x, mean, rstd, weight, bias, key, p, keep_bits=None):
     c = x.shape[1]
     dt = acc_dtype(x.dtype)
     return x.new_empty((c,), dtype=dt), x.new_empty((c,), dtype=dt)
 
 
 @torch.library.register_fake("bnfused::backward_input")
-def _backward_input_fake(grad_out, x, mean, rstd, weight, bias, key, p, sum_g, sum_g_xhat, count):
+def _backward_input_fake(grad_out, x, mean, rstd, weight, bias, key, p, sum_g, sum_g_xhat, count, keep_bits=None):
     return torch.empty_like(x, memory_format=kernel_memory_format(x))
 
 

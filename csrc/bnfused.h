@@ -44,15 +44,18 @@ ChannelParams<acc_t> channel_params(const at::Tensor& mean, const at::Tensor& rs
 
 // ---- CPU backend (csrc/cpu) ----
 std::tuple<at::Tensor, at::Tensor> batch_stats_cpu(const at::Tensor& x);
+// keep_bits_out (forward) receives the packed keep bits (cpu/keep_bits.h); keep_bits_in (backward), when not null,
+// replaces the Philox key as the source of the mask.
 void forward_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd, const OptTensor& weight,
-                 const OptTensor& bias, PhiloxKey key, double p, at::Tensor& out);
+                 const OptTensor& bias, PhiloxKey key, double p, at::Tensor& out, uint8_t* keep_bits_out = nullptr);
 std::tuple<at::Tensor, at::Tensor> backward_reduce_cpu(const at::Tensor& dy, const at::Tensor& x,
                                                        const at::Tensor& mean, const at::Tensor& rstd,
                                                        const OptTensor& weight, const OptTensor& bias,
-                                                       PhiloxKey key, double p);
+                                                       PhiloxKey key, double p, const uint8_t* keep_bits_in = nullptr);
 void backward_input_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
                         const OptTensor& weight, const OptTensor& bias, PhiloxKey key, double p,
-                        const OptTensor& mean_g, const OptTensor& mean_g_xhat, at::Tensor& dx);
+                        const OptTensor& mean_g, const OptTensor& mean_g_xhat, at::Tensor& dx,
+                        const uint8_t* keep_bits_in = nullptr);
 void dropout_mask_cpu(PhiloxKey key, double p, at::Tensor& keep);
 
 #ifdef BNFUSED_WITH_CUDA

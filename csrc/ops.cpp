@@ -124,6 +124,24 @@ KernelArgs prepare(const char* op, const at::Tensor& input, const at::Tensor& me
   return a;
 }
 
+// Bytes of the packed keep bits of an input with `numel` elements (cpu/keep_bits.h).
+int64_t keep_bits_bytes(int64_t numel) { return (numel + 7) / 8; }
+
+// The optional packed keep bits of a backward op: a CPU-kernel input (the CUDA kernels regenerate the mask from
+// the key); nullptr when absent.
+const uint8_t* keep_bits_of(const OptTensor& keep_bits, const at::Tensor& x, const char* op) {
+  if (!keep_bits.has_value() || !keep_bits->defined()) return nullptr;
+  const at::Tensor& k = *keep_bits;
+  TORCH_CHECK(x.is_cpu(), op, ": keep_bits are read by the CPU kernels only; on ", x.device(),
+              " pass the Philox key alone");
+  TORCH_CHECK(k.device() == x.device(), op, ": keep_bits is on ", k.device(), " but input is on ", x.device());
+  TORCH_CHECK(k.scalar_type() == at::kByte && k.dim() == 1 && k.numel() == keep_bits_bytes(x.numel()) &&
+                  k.is_contiguous(),
+              op, ": keep_bits must be a contiguous uint8 tensor of ceil(numel / 8) = ", keep_bits_bytes(x.numel()),
+              " bytes, got ", k.scalar_type(), " of shape ", k.sizes());
+  return k.const_data_ptr<uint8_t>();
+}
+
 // ---- op implementations (device-generic; the backend is picked from the input's device) ----
 
 std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& input) {
@@ -176,17 +194,34 @@ at::Tensor forward(const at::Tensor& input, const at::Tensor& mean, const at::Te
   return out;
 }
 
+// The training forward of the CPU autograd path: out as forward() gives it, plus the keep pattern packed
+// 1 bit per element for the backward ops (all ones when p == 0).
+std::tuple<at::Tensor, at::Tensor> forward_keep_bits(const at::Tensor& input, const at::Tensor& mean,
+                                                     const at::Tensor& rstd, const OptTensor& weight,
+                                                     const OptTensor& bias, const at::Tensor& key, double p,
+                                                     bool /*batch_stats*/) {
+  constexpr const char* op = "bnfused.forward_keep_bits";
+  const KernelArgs a = prepare(op, input, mean, rstd, weight, bias, key, p);
+  TORCH_CHECK(a.x.is_cpu(), op, ": a CPU op (the CUDA kernels regenerate the mask from the key); got ", a.x.device());
+  auto out = cpu::empty_output(a.x, kernel_memory_format(a.x));
+  auto bits = at::empty({keep_bits_bytes(a.x.numel())}, a.x.options().dtype(at::kByte));
+  if (p == 0.0) bits.fill_(0xFF);
+  forward_cpu(a.x, a.mean, a.rstd, a.weight, a.bias, host_key(key), p, out, bits.data_ptr<uint8_t>());
+  return {out, bits};
+}
+
 std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& grad_out, const at::Tensor& input,
                                                    const at::Tensor& mean, const at::Tensor& rstd,
                                                    const OptTensor& weight, const OptTensor& bias,
-                                                   const at::Tensor& key, double p) {
+                                                   const at::Tensor& key, double p, const OptTensor& keep_bits) {
   constexpr const char* op = "bnfused.backward_reduce";
   const KernelArgs a = prepare(op, input, mean, rstd, weight, bias, key, p);
+  const uint8_t* bits = keep_bits_of(keep_bits, a.x, op);
   const auto dy = like_input_layout(grad_out, a.x, op);
 #ifdef BNFUSED_WITH_CUDA
   if (a.x.is_cuda()) return backward_reduce_cuda(dy, a.x, a.mean, a.rstd, a.weight, a.bias, key, p);
 #endif
-  return backward_reduce_cpu(dy, a.x, a.mean, a.rstd, a.weight, a.bias, host_key(key), p);
+  return backward_reduce_cpu(dy, a.x, a.mean, a.rstd, a.weight, a.bias, host_key(key), p, bits);
 }
 
 // sum_g/sum_g_xhat (with the element count they were summed over: the global count under SyncBN) turn on the
@@ -195,7 +230,7 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& grad_out, c
 at::Tensor backward_input(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
                           const at::Tensor& rstd, const OptTensor& weight, const OptTensor& bias,
                           const at::Tensor& key, double p, const OptTensor& sum_g, const OptTensor& sum_g_xhat,
-                          c10::SymInt count) {
+                          c10::SymInt count, const OptTensor& keep_bits) {
   constexpr const char* op = "bnfused.backward_input";
   const bool has_g = sum_g.has_value() && sum_g->defined();
   const bool has_gx = sum_g_xhat.has_value() && sum_g_xhat->defined();
@@ -203,6 +238,7 @@ at::Tensor backward_input(const at::Tensor& grad_out, const at::Tensor& input, c
   const int64_t n = count.expect_int();
   TORCH_CHECK(!has_g || n > 0, op, ": count must be positive with batch statistics, got ", n);
   const KernelArgs a = prepare(op, input, mean, rstd, weight, bias, key, p);
+  const uint8_t* bits = keep_bits_of(keep_bits, a.x, op);
   const auto dy = like_input_layout(grad_out, a.x, op);
   OptTensor mg, mgx;
   if (has_g) {
@@ -216,7 +252,7 @@ at::Tensor backward_input(const at::Tensor& grad_out, const at::Tensor& input, c
     return dx;
   }
 #endif
-  backward_input_cpu(dy, a.x, a.mean, a.rstd, a.weight, a.bias, host_key(key), p, mg, mgx, dx);
+  backward_input_cpu(dy, a.x, a.mean, a.rstd, a.weight, a.bias, host_key(key), p, mg, mgx, dx, bits);
   return dx;
 }
 
@@ -253,15 +289,21 @@ TORCH_LIBRARY(bnfused, m) {
   m.def(
       "forward(Tensor input, Tensor mean, Tensor rstd, Tensor? weight, Tensor? bias, Tensor key, float p, "
       "bool batch_stats) -> Tensor");
+  // CPU only: forward plus the keep pattern packed 1 bit per element (uint8[ceil(numel / 8)], bit k of byte b =
+  // element 8b + k in logical order), which the backward ops then read instead of regenerating it.
+  m.def(
+      "forward_keep_bits(Tensor input, Tensor mean, Tensor rstd, Tensor? weight, Tensor? bias, Tensor key, "
+      "float p, bool batch_stats) -> (Tensor out, Tensor keep_bits)");
   // Per-channel sums of g and g * xhat, g = grad_out * keep / (1 - p) * [z > 0].
   m.def(
       "backward_reduce(Tensor grad_out, Tensor input, Tensor mean, Tensor rstd, Tensor? weight, Tensor? bias, "
-      "Tensor key, float p) -> (Tensor sum_g, Tensor sum_g_xhat)");
+      "Tensor key, float p, Tensor? keep_bits=None) -> (Tensor sum_g, Tensor sum_g_xhat)");
   // grad_input; with sum_g/sum_g_xhat (over `count` elements, global under SyncBN) the statistics were batch
-  // statistics and their terms are included.
+  // statistics and their terms are included. In both backward ops keep_bits (CPU, from forward_keep_bits), when
+  // given, is the mask instead of the key.
   m.def(
       "backward_input(Tensor grad_out, Tensor input, Tensor mean, Tensor rstd, Tensor? weight, Tensor? bias, "
-      "Tensor key, float p, Tensor? sum_g, Tensor? sum_g_xhat, SymInt count) -> Tensor");
+      "Tensor key, float p, Tensor? sum_g, Tensor? sum_g_xhat, SymInt count, Tensor? keep_bits=None) -> Tensor");
   // Keep pattern (bool) of the fused kernels for a tensor of `shape` in logical (NCHW) order, on key's device.
   m.def("dropout_mask(Tensor key, SymInt[] shape, float p) -> Tensor");
 }
@@ -275,7 +317,10 @@ TORCH_LIBRARY(bnfused, m) {
   m.impl("backward_input", &bnfused::backward_input);           \
   m.impl("dropout_mask", &bnfused::dropout_mask);
 
-TORCH_LIBRARY_IMPL(bnfused, CPU, m) { BNFUSED_REGISTER_BACKEND(m) }
+TORCH_LIBRARY_IMPL(bnfused, CPU, m) {
+  BNFUSED_REGISTER_BACKEND(m)
+  m.impl("forward_keep_bits", &bnfused::forward_keep_bits);
+}
 #ifdef BNFUSED_WITH_CUDA
 TORCH_LIBRARY_IMPL(bnfused, CUDA, m) { BNFUSED_REGISTER_BACKEND(m) }
 #endif
@@ -315,7 +360,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("philox_block", &philox_block, "Philox output used for mask block `block` (elements 8*block ... 8*block+7)",
         pybind11::arg("seed"), pybind11::arg("offset"), pybind11::arg("block"));
   m.def("empty_cache", &bnfused::cpu::release_cached_outputs,
-        "Free the CPU output blocks (>= 32 MiB) bnfused keeps for reuse; returns the bytes released");
+        "Free the CPU output blocks (>= 8 MiB) bnfused keeps for reuse; returns the bytes released");
   m.def("threshold16", &bnfused::threshold16, "Drop threshold (out of 65536) the kernels use for probability p",
         pybind11::arg("p"));
 }

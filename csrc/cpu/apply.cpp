@@ -46,7 +46,7 @@ void forward_kernel(const at::Tensor& x, const ChannelParams<cpu::acc_t<scalar_t
     at::parallel_for(0, g.N * g.C, cpu::planes_grain(g), [&](int64_t begin, int64_t end) {
       std::vector<acc> mult(kChunk);
       cpu::for_each_run(g, begin, end, [&](int64_t off, int64_t len) {
-        if (dp.active) cpu::fill_dropout_mult(dp.key, off, len, dp.threshold, dp.scale, mult.data());
+        if (dp.active) cpu::fill_run_mult(dp, off, len, mult.data());
         cpu::for_each_segment(g, off, len, [&](int64_t rel, int64_t n, int64_t plane) {
           const int64_t c = plane % g.C;
           forward_run<scalar_t, acc>(xd + off + rel, &a[c], &b[c], dp.active ? mult.data() + rel : nullptr,
@@ -117,7 +117,7 @@ void backward_input_kernel(const at::Tensor& dy_t, const at::Tensor& x, const Gr
     at::parallel_for(0, g.N * g.C, cpu::planes_grain(g), [&](int64_t begin, int64_t end) {
       std::vector<acc> mult(kChunk);
       cpu::for_each_run(g, begin, end, [&](int64_t off, int64_t len) {
-        if (dp.active) cpu::fill_dropout_mult(dp.key, off, len, dp.threshold, dp.scale, mult.data());
+        if (dp.active) cpu::fill_run_mult(dp, off, len, mult.data());
         cpu::for_each_segment(g, off, len, [&](int64_t rel, int64_t n, int64_t plane) {
           grad_input_run<scalar_t, acc, kBatchStats>(dyd + off + rel, xd + off + rel,
                                                      dp.active ? mult.data() + rel : nullptr, k, plane % g.C,
@@ -146,18 +146,19 @@ void backward_input_kernel(const at::Tensor& dy_t, const at::Tensor& x, const Gr
 }  // namespace
 
 void forward_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd, const OptTensor& weight,
-                 const OptTensor& bias, PhiloxKey key, double p, at::Tensor& out) {
+                 const OptTensor& bias, PhiloxKey key, double p, at::Tensor& out, uint8_t* keep_bits_out) {
   if (x.numel() == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnfused_forward_cpu", [&] {
     using acc = cpu::acc_t<scalar_t>;
-    forward_kernel<scalar_t>(x, channel_params<acc>(mean, rstd, weight, bias), cpu::dropout_params<acc>(key, p),
-                             out);
+    forward_kernel<scalar_t>(x, channel_params<acc>(mean, rstd, weight, bias),
+                             cpu::dropout_params<acc>(key, p, nullptr, keep_bits_out), out);
   });
 }
 
 void backward_input_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
                         const OptTensor& weight, const OptTensor& bias, PhiloxKey key, double p,
-                        const OptTensor& mean_g, const OptTensor& mean_g_xhat, at::Tensor& dx) {
+                        const OptTensor& mean_g, const OptTensor& mean_g_xhat, at::Tensor& dx,
+                        const uint8_t* keep_bits_in) {
   if (x.numel() == 0) return;
   const bool batch_stats = mean_g.has_value();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnfused_backward_input_cpu", [&] {
@@ -179,7 +180,7 @@ void backward_input_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Ten
       k.K[c] = bc.K;
       k.mean[c] = bc.mean;
     }
-    const auto dp = cpu::dropout_params<acc>(key, p);
+    const auto dp = cpu::dropout_params<acc>(key, p, keep_bits_in);
     if (batch_stats)
       backward_input_kernel<scalar_t, true>(dy, x, k, dp, dx);
     else

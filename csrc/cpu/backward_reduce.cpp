@@ -92,7 +92,7 @@ void reduce_kernel(const at::Tensor& dy_t, const at::Tensor& x, const ChannelPar
       alignas(64) acc sg[Vec::size()], sgx[Vec::size()];
       // Planes of [begin, end) belong to this thread alone: their totals are accumulated in place.
       cpu::for_each_run(g, begin, end, [&](int64_t off, int64_t len) {
-        if (dp.active) cpu::fill_dropout_mult(dp.key, off, len, dp.threshold, dp.scale, mult.data());
+        if (dp.active) cpu::fill_run_mult(dp, off, len, mult.data());
         cpu::for_each_segment(g, off, len, [&](int64_t rel, int64_t n, int64_t plane) {
           const int64_t c = plane % g.C;
           reduce_plane<scalar_t, acc>(dyd + off + rel, xd + off + rel, dp.active ? mult.data() + rel : nullptr, a[c], b[c], mean[c], n, sg,
@@ -158,7 +158,7 @@ void reduce_kernel(const at::Tensor& dy_t, const at::Tensor& x, const ChannelPar
 std::tuple<at::Tensor, at::Tensor> backward_reduce_cpu(const at::Tensor& dy, const at::Tensor& x,
                                                        const at::Tensor& mean, const at::Tensor& rstd,
                                                        const OptTensor& weight, const OptTensor& bias,
-                                                       PhiloxKey key, double p) {
+                                                       PhiloxKey key, double p, const uint8_t* keep_bits_in) {
   const int64_t C = x.size(1);
   const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto sum_g = at::zeros({C}, x.options().dtype(at::kDouble));
@@ -167,7 +167,7 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_cpu(const at::Tensor& dy, con
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnfused_backward_reduce_cpu", [&] {
       using acc = cpu::acc_t<scalar_t>;
       reduce_kernel<scalar_t>(dy, x, channel_params<acc>(mean, rstd, weight, bias),
-                              cpu::dropout_params<acc>(key, p), sum_g.data_ptr<double>(), sum_gx.data_ptr<double>());
+                              cpu::dropout_params<acc>(key, p, keep_bits_in), sum_g.data_ptr<double>(), sum_gx.data_ptr<double>());
     });
   }
   // Σ g·x̂ = rstd · Σ g·(x − mean)

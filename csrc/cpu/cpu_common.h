@@ -214,12 +214,15 @@ struct DropoutParams {
   PhiloxKey key;
   uint32_t threshold;
   acc_type scale;
-  bool active;  // p > 0
+  bool active;                       // p > 0
+  const uint8_t* bits_in = nullptr;  // packed keep bits to read instead of running Philox (keep_bits.h)
+  uint8_t* bits_out = nullptr;       // where to pack the keep bits Philox generates
 };
 
 template <typename acc_type>
-DropoutParams<acc_type> dropout_params(PhiloxKey key, double p) {
-  return DropoutParams<acc_type>{key, threshold16(p), dropout_scale<acc_type>(p), p > 0.0};
+DropoutParams<acc_type> dropout_params(PhiloxKey key, double p, const uint8_t* bits_in = nullptr,
+                                       uint8_t* bits_out = nullptr) {
+  return DropoutParams<acc_type>{key, threshold16(p), dropout_scale<acc_type>(p), p > 0.0, bits_in, bits_out};
 }
 
 }  // namespace bnfused::cpu

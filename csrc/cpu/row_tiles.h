@@ -8,6 +8,7 @@
 #pragma once
 #include "cpu/cpu_common.h"
 #include "cpu/dropout_mult.h"
+#include "cpu/keep_bits.h"
 
 namespace bnfused::cpu {
 
@@ -56,7 +57,7 @@ struct RowTiles {
   template <typename acc_type>
   void fill_mult(const Tile& t, const DropoutParams<acc_type>& dp, acc_type* mult, acc_type* scratch) const {
     if (S == 1) {
-      fill_dropout_mult(dp.key, static_cast<uint64_t>(t.row0 * C), t.rows * C, dp.threshold, dp.scale, mult);
+      fill_run_mult(dp, static_cast<uint64_t>(t.row0 * C), t.rows * C, mult);
       return;
     }
     if (block_rows()) {
@@ -64,20 +65,34 @@ struct RowTiles {
       const uint64_t blocks_per_channel = static_cast<uint64_t>(S / kMaskLanes);
       for (int64_t r0 = 0; r0 < t.rows; r0 += kMaskLanes) {
         const uint64_t channel0 = static_cast<uint64_t>((t.n * C * S + t.s0 + r0) / kMaskLanes);  // block of c = 0
-        for (int64_t c0 = 0; c0 < C; c0 += 16)
-          fill_strided_rows_mult(dp.key, channel0 + c0 * blocks_per_channel, blocks_per_channel,
-                                 std::min<int64_t>(16, C - c0), dp.threshold, dp.scale, mult + r0 * ld + c0, ld);
+        for (int64_t c0 = 0; c0 < C; c0 += 16) {
+          const uint64_t first = channel0 + c0 * blocks_per_channel;
+          const int64_t count = std::min<int64_t>(16, C - c0);
+          acc_type* out = mult + r0 * ld + c0;
+          if (dp.bits_in) {
+            unpack_block_rows(dp.bits_in, first, blocks_per_channel, count, dp.scale, out, ld);
+            continue;
+          }
+          fill_strided_rows_mult(dp.key, first, blocks_per_channel, count, dp.threshold, dp.scale, out, ld);
+          if (dp.bits_out) pack_block_rows(out, ld, count, first, blocks_per_channel, dp.bits_out);
+        }
       }
       return;
     }
     auto start = [&](int64_t c) { return static_cast<uint64_t>((t.n * C + c) * S + t.s0); };
-    int64_t c = 0;
-    for (; c + 2 <= C; c += 2) {
-      const uint64_t starts[2] = {start(c), start(c + 1)};
-      acc_type* const outs[2] = {scratch + c * t.rows, scratch + (c + 1) * t.rows};
-      fill_dropout_mult_pair(dp.key, starts, t.rows, dp.threshold, dp.scale, outs);
+    if (dp.bits_in) {
+      for (int64_t c = 0; c < C; ++c) unpack_keep_bits(dp.bits_in, start(c), t.rows, dp.scale, scratch + c * t.rows);
+    } else {
+      int64_t c = 0;
+      for (; c + 2 <= C; c += 2) {
+        const uint64_t starts[2] = {start(c), start(c + 1)};
+        acc_type* const outs[2] = {scratch + c * t.rows, scratch + (c + 1) * t.rows};
+        fill_dropout_mult_pair(dp.key, starts, t.rows, dp.threshold, dp.scale, outs);
+      }
+      for (; c < C; ++c) fill_dropout_mult(dp.key, start(c), t.rows, dp.threshold, dp.scale, scratch + c * t.rows);
+      if (dp.bits_out)
+        for (c = 0; c < C; ++c) pack_keep_bits(scratch + c * t.rows, start(c), t.rows, dp.key, dp.threshold, dp.bits_out);
     }
-    for (; c < C; ++c) fill_dropout_mult(dp.key, start(c), t.rows, dp.threshold, dp.scale, scratch + c * t.rows);
     transpose(scratch, C, t.rows, mult, mult_stride());
   }
 

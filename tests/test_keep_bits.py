@@ -1,0 +1,131 @@
+"""The CPU keep bits (csrc/cpu/keep_bits.h): ops.forward_keep_bits packs the dropout keep pattern 1 bit per
+element, and the backward ops given those bits compute exactly what they compute from the Philox key."""
+import pytest
+import torch
+
+import bnfused
+from bnfused import ops
+from bnfused.reference import reference_bn_relu_dropout
+
+CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+# (shape, channels_last): 2-d rows, 3-d, small planes whose thread ranges end mid-byte (15*100 planes of 49),
+# channels_last with H*W % 8 == 0 (block rows, several tiles, C not a multiple of 8) and without, 5-d.
+CASES = [((37, 13), False), ((4, 3, 9), False), ((15, 100, 7, 7), False), ((2, 19, 10, 16), True),
+         ((2, 5, 5, 7), True), ((2, 5, 2, 4, 4), True), ((2, 3, 3, 5, 3), False)]
+
+
+def make_x(shape, channels_last, dtype=torch.float32):
+    x = torch.randn(shape, dtype=dtype)
+    return x.contiguous(memory_format=CHANNELS_LAST[len(shape)]) if channels_last else x
+
+
+def stats_args(x):
+    c = x.shape[1]
+    mean, var = ops.batch_stats(x)
+    return mean, (var + 1e-5).rsqrt(), torch.rand(c, dtype=mean.dtype) + 0.5, torch.randn(c, dtype=mean.dtype)
+
+
+def packed(keep):
+    """Bytes of a flat bool keep pattern whose length is a multiple of 8: bit k of byte b = element 8b + k."""
+    weights = 2 ** torch.arange(8)
+    return (keep.reshape(-1, 8).long() * weights).sum(1).to(torch.uint8)
+
+
+def case_id(case):
+    shape, cl = case
+    return f"{shape}{'_cl' if cl else ''}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("p", [0.3, 1.0])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_forward_keep_bits_are_the_mask(case, p, threads):
+    x = make_x(*case)
+    mean, rstd, w, b = stats_args(x)
+    key = torch.tensor([2**40 + 9, 77])
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out, bits = ops.forward_keep_bits(x, mean, rstd, w, b, key, p, True)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(out, ops.forward(x, mean, rstd, w, b, key, p, True))
+    nbytes = (x.numel() + 7) // 8
+    assert bits.dtype == torch.uint8 and bits.shape == (nbytes,)
+    assert torch.equal(bits, packed(ops.dropout_mask(key, [8 * nbytes], p)))
+
+
+def test_forward_keep_bits_without_dropout_keeps_everything():
+    x = make_x((3, 4, 5), False)
+    mean, rstd, w, b = stats_args(x)
+    out, bits = ops.forward_keep_bits(x, mean, rstd, w, b, torch.tensor([1, 2]), 0.0, True)
+    assert torch.equal(bits, torch.full((8,), 255, dtype=torch.uint8))
+    assert torch.equal(out, ops.forward(x, mean, rstd, w, b, torch.tensor([1, 2]), 0.0, True))
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("batch_stats", [True, False])
+def test_backward_from_bits_equals_backward_from_key(case, dtype, batch_stats):
+    x = make_x(*case, dtype=dtype)
+    mean, rstd, w, b = stats_args(x)
+    key = torch.tensor([5, 2**35])
+    dy = make_x(*case, dtype=dtype)
+    _, bits = ops.forward_keep_bits(x, mean, rstd, w, b, key, 0.5, batch_stats)
+    sums = ops.backward_reduce(dy, x, mean, rstd, w, b, key, 0.5)
+    sums_bits = ops.backward_reduce(dy, x, mean, rstd, w, b, key, 0.5, bits)
+    for s, s_bits in zip(sums, sums_bits):
+        assert torch.equal(s, s_bits)
+    count = x.numel() // x.shape[1]
+    sg, sgx = sums if batch_stats else (None, None)
+    dx = ops.backward_input(dy, x, mean, rstd, w, b, key, 0.5, sg, sgx, count)
+    dx_bits = ops.backward_input(dy, x, mean, rstd, w, b, key, 0.5, sg, sgx, count, bits)
+    assert torch.equal(dx, dx_bits)
+    # the bits, not the key, decide: a different key with the same bits gives the same gradient
+    other = ops.backward_input(dy, x, mean, rstd, w, b, torch.tensor([6, 1]), 0.5, sg, sgx, count, bits)
+    assert torch.equal(other, dx)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_autograd_function_saves_bits_for_channels_first(channels_last):
+    x = make_x((4, 6, 8, 8), channels_last).requires_grad_()
+    saved = []
+
+    def pack(t):
+        saved.append(t.dtype)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = bnfused.bn_relu_dropout(x, None, None, None, None, True, 0.1, 1e-5, 0.5, seed=4)
+    assert (torch.uint8 in saved) == (not channels_last)  # channels_last regenerates its row-order masks
+    y.backward(torch.ones_like(y))
+    x2 = x.detach().clone().requires_grad_()
+    ref = reference_bn_relu_dropout(x2, None, None, None, None, True, 0.1, 1e-5, 0.5, key=torch.tensor([4, 0]))
+    ref.backward(torch.ones_like(ref))
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_keep_bits_are_rejected():
+    x = make_x((2, 3, 5), False)
+    mean, rstd, w, b = stats_args(x)
+    key = torch.tensor([1, 2])
+    for bad in (torch.zeros(3, dtype=torch.uint8), torch.zeros(4, dtype=torch.int32),
+                torch.zeros(8, dtype=torch.uint8)[::2]):
+        with pytest.raises(RuntimeError, match="keep_bits must be a contiguous uint8 tensor of ceil"):
+            ops.backward_reduce(x, x, mean, rstd, w, b, key, 0.5, bad)
+        with pytest.raises(RuntimeError, match="keep_bits must be a contiguous uint8 tensor of ceil"):
+            ops.backward_input(x, x, mean, rstd, w, b, key, 0.5, None, None, 1, bad)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_opcheck(channels_last):
+    x = make_x((2, 5, 4, 6), channels_last)
+    mean, rstd, w, b = stats_args(x)
+    key = torch.tensor([3, 4])
+    _, bits = ops.forward_keep_bits(x, mean, rstd, w, b, key, 0.3, True)
+    dy = torch.randn_like(x)
+    torch.library.opcheck(torch.ops.bnfused.forward_keep_bits.default, (x, mean, rstd, w, b, key, 0.3, True))
+    torch.library.opcheck(torch.ops.bnfused.backward_reduce.default, (dy, x, mean, rstd, w, b, key, 0.3, bits))
+    torch.library.opcheck(torch.ops.bnfused.backward_input.default,
+                          (dy, x, mean, rstd, w, b, key, 0.3, None, None, 1, bits))
