@@ -175,7 +175,9 @@ def test_channels_last_block_row_mask(device, shape, dtype):
         y2 = bnfused.bn_relu_dropout(xl, None, None, None, None, True, 0.1, 1e-5, 0.3, seed=2**33 + 5)
         y2.backward(torch.arange(y2.numel(), device=device, dtype=dtype).reshape(shape) % 7)
         outs.append((y2, xl.grad))
-    torch.testing.assert_close(outs[1], outs[0])
+    # the two layouts sum the statistics in different orders: float32 results agree to rounding, masks exactly
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else {}
+    torch.testing.assert_close(outs[1], outs[0], **tol)
     assert torch.equal(outs[1][0] != 0, outs[0][0] != 0)
 
 

@@ -95,9 +95,11 @@ void stats_channels_last(const at::Tensor& x, const Geometry& g, double* mean_ou
   const int64_t R = g.N * g.S, C = g.C;
   const int64_t tile = std::min<int64_t>(C, 512);
   const int64_t n_tiles = (C + tile - 1) / tile;
-  const int64_t sub_rows = std::max<int64_t>(1, 4096 / tile);
-  // At most 64 row blocks, each of at least 64 rows: the final per-column merge (a division per block) stays
-  // small next to the data even for short, wide inputs such as (256, 2048).
+  // Sub-chunks of ~16K elements (L2): the per-column double merge after each one then costs little per element.
+  constexpr int64_t kMaxSubRows = 4096;
+  const int64_t sub_rows = std::clamp<int64_t>(16384 / tile, 1, kMaxSubRows);
+  // At most 64 row blocks, each of at least 64 rows: the final per-column merge stays small next to the data
+  // even for short, wide inputs such as (256, 2048).
   int64_t block_rows = std::max({sub_rows, (R + 63) / 64, int64_t(64)});
   block_rows = (block_rows + sub_rows - 1) / sub_rows * sub_rows;
   const int64_t n_blocks = (R + block_rows - 1) / block_rows;
@@ -115,7 +117,7 @@ void stats_channels_last(const at::Tensor& x, const Geometry& g, double* mean_ou
       for (int64_t r0 = r_begin; r0 < r_end; r0 += sub_rows) {
         const int64_t rows = std::min(sub_rows, r_end - r0);
         // Gather the sub-chunk as acc rows of `width` (a view when no conversion is needed).
-        const acc* rowp[64 * 64];
+        const acc* rowp[kMaxSubRows];
         for (int64_t r = 0; r < rows; ++r)
           rowp[r] = cpu::as_acc(data + (r0 + r) * C + c0, width, xbuf.data() + r * tile);
         const acc inv_rows = acc(1) / static_cast<acc>(rows);
@@ -142,16 +144,22 @@ void stats_channels_last(const at::Tensor& x, const Geometry& g, double* mean_ou
       }
     }
   });
+  // Blocks hold block_rows rows (the last one fewer): their merge is the count-weighted mean of the block means
+  // plus the count-weighted squared deviations from it, with no division per block (a Welford merge per block
+  // and column cost 0.5 ms at 4096x1024). Channels innermost: unit stride.
   at::parallel_for(0, C, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      Welford<double> w{0, 0, 0};
-      for (int64_t rb = 0; rb < n_blocks; ++rb) {
-        const double rows = static_cast<double>(std::min(block_rows, R - rb * block_rows));
-        w = welford_merge(w, Welford<double>{rows, part_mean[rb * C + c], part_m2[rb * C + c]});
+    auto rows_of = [&](int64_t rb) { return static_cast<double>(std::min(block_rows, R - rb * block_rows)); };
+    std::fill(mean_out + begin, mean_out + end, 0.0);
+    std::fill(var_out + begin, var_out + end, 0.0);
+    for (int64_t rb = 0; rb < n_blocks; ++rb)
+      for (int64_t c = begin; c < end; ++c) mean_out[c] += rows_of(rb) * part_mean[rb * C + c];
+    for (int64_t c = begin; c < end; ++c) mean_out[c] /= static_cast<double>(R);
+    for (int64_t rb = 0; rb < n_blocks; ++rb)
+      for (int64_t c = begin; c < end; ++c) {
+        const double d = part_mean[rb * C + c] - mean_out[c];
+        var_out[c] += part_m2[rb * C + c] + rows_of(rb) * d * d;
       }
-      mean_out[c] = w.mean;
-      var_out[c] = w.m2 / w.count;
-    }
+    for (int64_t c = begin; c < end; ++c) var_out[c] /= static_cast<double>(R);
   });
 }
 
