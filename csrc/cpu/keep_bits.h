@@ -6,6 +6,7 @@
 // Packing is thread-safe without atomics: a byte is written by the run that holds its first element; when the
 // block continues past the run's end, the whole byte comes from that block's own Philox call.
 #pragma once
+#include "cpu/cpu_common.h"
 #include "cpu/dropout_mult.h"
 
 namespace bnfused::cpu {
@@ -37,8 +38,13 @@ inline uint8_t keep_byte(const acc_t* mult, int64_t stride = 1) {
 template <typename acc_t>
 void pack_keep_bits(const acc_t* mult, uint64_t start, int64_t n, PhiloxKey key, uint32_t threshold, uint8_t* bits) {
   const uint64_t end = start + static_cast<uint64_t>(n);
-  uint64_t b = (start + 7) >> 3;  // the first byte whose first element lies in the run
-  for (; 8 * b + 8 <= end; ++b) bits[b] = keep_byte(mult + (8 * b - start));
+  const uint64_t b0 = (start + 7) >> 3;  // the first byte whose first element lies in the run
+  const uint64_t full = end / 8 > b0 ? end / 8 - b0 : 0;  // bytes whose 8 elements all lie in the run
+  const acc_t* m = mult + (8 * b0 - start);
+  uint8_t* out = bits + b0;
+  // Locals only in the loop: a uint8_t store may alias anything, so members would be reloaded every byte.
+  for (uint64_t i = 0; i < full; ++i) out[i] = keep_byte(m + 8 * i);
+  const uint64_t b = b0 + full;
   if (8 * b < end) bits[b] = philox_keep_byte(key, b, threshold);
 }
 
