@@ -8,11 +8,6 @@ namespace {
 
 using cpu::kChunk;
 
-template <typename acc>
-struct VecAffine {
-  at::vec::Vectorized<acc> a, b;
-};
-
 // y = max(fma(x, a, b), 0) [* mult] over n elements (x, y in scalar_t, math in acc).
 template <typename scalar_t, typename acc>
 inline void forward_run(const scalar_t* x, const acc* a, const acc* b, const acc* mult, scalar_t* y, int64_t n,

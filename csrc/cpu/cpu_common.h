@@ -22,29 +22,6 @@ using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float
 // Elements per chunk: small enough that a chunk of x, dy and multipliers stays in L1.
 constexpr int64_t kChunk = 2048;
 
-// Pointer to n elements of src as acc_type: src itself when no conversion is needed, else buf.
-template <typename scalar_t, typename acc_type>
-const acc_type* as_acc(const scalar_t* src, int64_t n, acc_type* buf) {
-  if constexpr (std::is_same_v<scalar_t, acc_type>) {
-    return src;
-  } else if constexpr (at::is_reduced_floating_point_v<scalar_t> && std::is_same_v<acc_type, float>) {
-    // at::vec::convert has no vectorised BFloat16/Half -> float overload (its scalar loop cost bf16 half the
-    // speed of float32); widen whole vectors instead.
-    using RVec = at::vec::Vectorized<scalar_t>;
-    using FVec = at::vec::Vectorized<float>;
-    int64_t i = 0;
-    for (; i + RVec::size() <= n; i += RVec::size()) {
-      const auto [lo, hi] = at::vec::convert_to_float<scalar_t>(RVec::loadu(src + i));
-      lo.store(buf + i);
-      hi.store(buf + i + FVec::size());
-    }
-    for (; i < n; ++i) buf[i] = static_cast<float>(src[i]);
-    return buf;
-  } else {
-    at::vec::convert(src, buf, n);
-    return buf;
-  }
-}
 
 // f(Vec, offset, count) over [0, n) in vector steps; the last step is partial (count < Vec::size()).
 template <typename acc_type, typename F>
@@ -146,6 +123,18 @@ inline void store_as(const at::vec::Vectorized<acc_type>& v, scalar_t* p, int co
     v.store(tmp);
     for (int k = 0; k < count; ++k) p[k] = static_cast<scalar_t>(tmp[k]);
 #endif
+  }
+}
+
+// Pointer to n elements of src as acc_type: src itself when no conversion is needed, else buf.
+template <typename scalar_t, typename acc_type>
+const acc_type* as_acc(const scalar_t* src, int64_t n, acc_type* buf) {
+  if constexpr (std::is_same_v<scalar_t, acc_type>) {
+    return src;
+  } else {
+    // load_as widens in registers: at::vec::convert has no vectorised BFloat16/Half -> float overload.
+    vec_loop<acc_type>(n, [&](int64_t i, int cnt) { store(load_as<scalar_t, acc_type>(src + i, cnt), buf + i, cnt); });
+    return buf;
   }
 }
 
