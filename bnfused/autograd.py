@@ -49,10 +49,24 @@ def _backward(ctx, grad_out):
 torch.library.register_autograd("bnfused::forward", _backward, setup_context=_setup_context)
 
 
+def _setup_context_keep_bits(ctx, inputs, output):
+    _setup_context(ctx, inputs, output, keep_bits=output[1])
+
+
+def _backward_keep_bits(ctx, grad_out, _grad_keep_bits):
+    return _backward(ctx, grad_out)
+
+
+# The compiled CPU path (functional under torch.compile) calls forward_keep_bits; its bits output is uint8, so
+# autograd never sends a gradient for it.
+torch.library.register_autograd("bnfused::forward_keep_bits", _backward_keep_bits,
+                                setup_context=_setup_context_keep_bits)
+
+
 def _saves_keep_bits(x: Tensor, p: float) -> bool:
     """Whether the training forward packs the keep bits for the backward: on the CPU, for channels-first and
     2-d input. There reading the bits saves both backward passes a Philox run (64x64x56x56 float32:
-    backward_reduce 7.5 -> 5.7 ms, backward_input 10.6 -> 8.1 ms, forward about even). channels_last images
+    backward_reduce 7.5 -> 5.7 ms, backward_input 10.6 -> 8.1 ms, forward +0.2-0.5 ms). channels_last images
     generate their row-order masks cheaply already: packing cost the forward ~1.8 ms and gained it back at best."""
     return (x.device.type == "cpu" and 0.0 < p < 1.0
             and ops.kernel_memory_format(x) == torch.contiguous_format)

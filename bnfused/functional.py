@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from . import _extension, ops
-from .autograd import BNReLUDropoutFunction  # importing also registers the op's autograd
+from .autograd import BNReLUDropoutFunction, _saves_keep_bits  # importing also registers the ops' autograd
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -107,7 +107,10 @@ def bn_relu_dropout_unchecked(input: Tensor, running_mean: Optional[Tensor], run
     else:
         key = torch.zeros(2, dtype=torch.int64, device=input.device)
     if torch.compiler.is_compiling():  # the custom op (fake impl + registered autograd) traces as one node
-        return ops.forward(input, mean, rstd, weight, bias, key, p_eff, bool(training))
+        args = (input, mean, rstd, weight, bias, key, p_eff, bool(training))
+        if _saves_keep_bits(input, p_eff) and torch.is_grad_enabled():
+            return ops.forward_keep_bits(*args)[0]  # its registered autograd saves the bits for backward
+        return ops.forward(*args)
     # Eager: the same kernels and backward through a plain autograd.Function, without the op's Python wrapper.
     return BNReLUDropoutFunction.apply(input, mean, rstd, weight, bias, key, p_eff, bool(training))
 

@@ -129,3 +129,20 @@ def test_opcheck(channels_last):
     torch.library.opcheck(torch.ops.bnfused.backward_reduce.default, (dy, x, mean, rstd, w, b, key, 0.3, bits))
     torch.library.opcheck(torch.ops.bnfused.backward_input.default,
                           (dy, x, mean, rstd, w, b, key, 0.3, None, None, 1, bits))
+
+
+def test_compiled_training_step_uses_bits_and_matches_eager():
+    block = bnfused.BatchNormReLUDropout2d(8, p=0.3)
+    compiled = torch.compile(block, fullgraph=True)
+    x = torch.randn(4, 8, 6, 6, requires_grad=True)
+    grads = []
+    for fn in (block, compiled):
+        x.grad = None
+        torch.manual_seed(0)
+        with torch.profiler.profile() as prof:
+            y = fn(x)
+            y.sum().backward()
+        grads.append((y.detach(), x.grad.clone()))
+        if fn is compiled:
+            assert "bnfused::forward_keep_bits" in {e.name for e in prof.events()}
+    torch.testing.assert_close(grads[1], grads[0])
