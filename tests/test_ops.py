@@ -170,10 +170,35 @@ def test_batch_stats_row_widths(device, dtype, channels):
         torch.testing.assert_close(var.double(), ref_var, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("plane", [1, 7, 49, 256, 257, 2048, 4100])
+def test_batch_stats_plane_sizes(device, dtype, plane):
+    """Channels-first planes around the CPU kernel's paths: groups of small planes (S * 8 <= 2048) with partial
+    groups at the end of a thread's range, one plane per L1 chunk, and planes of several chunks. The statistics do
+    not depend on the thread count, bit for bit."""
+    n, c = (37, 5) if plane <= 256 else (3, 2)
+    x = (torch.randn(n, c, plane, device=device, dtype=torch.float64) * 2 + 3).to(dtype)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    ref_var, ref_mean = torch.var_mean(x.double(), dim=[0, 2], unbiased=False)
+    results = []
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(ops.batch_stats(x))
+    finally:
+        torch.set_num_threads(old)
+    for mean, var in results:
+        torch.testing.assert_close(mean.double(), ref_mean, rtol=tol, atol=tol)
+        torch.testing.assert_close(var.double(), ref_var, rtol=tol, atol=tol)
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
-def test_batch_stats_survive_large_offset(device, memory_format):
+@pytest.mark.parametrize("shape", [(8, 3, 16, 16), (64, 3, 7, 7)])
+def test_batch_stats_survive_large_offset(device, memory_format, shape):
     # Naive E[x^2] - E[x]^2 in float32 loses every digit of a unit variance at a 1e4 offset.
-    x = (torch.randn(8, 3, 16, 16, device=device, dtype=torch.float64) + 1e4).float()
+    x = (torch.randn(shape, device=device, dtype=torch.float64) + 1e4).float()
     x = x.contiguous(memory_format=memory_format)
     mean, var = ops.batch_stats(x)
     ref_var, ref_mean = torch.var_mean(x.double(), dim=[0, 2, 3], unbiased=False)
@@ -241,6 +266,32 @@ def test_forward_and_backward_ops_match_formulas(device, shape, memory_format, a
     dx_train = ops.backward_input(dy, x, mean, rstd, w, b, key, p, sum_g, sum_g_xhat, count)
     torch.testing.assert_close(dx_train, scale * (g - _bcast(mg, x) - xhat * _bcast(mgx, x)), rtol=1e-10, atol=1e-10)
     assert dx_train.is_contiguous(memory_format=memory_format)
+
+
+@pytest.mark.parametrize("plane", [1, 7, 49, 2047, 4100])
+def test_backward_reduce_plane_sizes(device, plane):
+    """Channels-first planes that share a chunk (their partial sums are reduced several planes at a time), planes
+    cut at a chunk end, and planes of several chunks: the sums match the formula in float64 and do not depend on
+    the thread count in float32, bit for bit."""
+    n = 41 if plane < 100 else 3
+    x, mean, rstd, w, b, key = _op_args(device, (n, 3, plane), torch.contiguous_format, True)
+    dy = torch.randn_like(x)
+    p = 0.3
+    g = _g(dy, _z(x, mean, rstd, w, b), ops.dropout_mask(key, x.shape, p).double(), p)
+    xhat = (x - _bcast(mean, x)) * _bcast(rstd, x)
+    sum_g, sum_g_xhat = ops.backward_reduce(dy, x, mean, rstd, w, b, key, p)
+    torch.testing.assert_close(sum_g, g.sum([0, 2]), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(sum_g_xhat, (g * xhat).sum([0, 2]), rtol=1e-10, atol=1e-10)
+    args32 = [t.float() if t is not None and t.is_floating_point() else t for t in (dy, x, mean, rstd, w, b, key)]
+    results = []
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(ops.backward_reduce(*args32, p))
+    finally:
+        torch.set_num_threads(old)
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
 
 
 def test_forward_op_bfloat16_params_are_accepted_as_float32(device):

@@ -42,8 +42,7 @@ void forward_kernel(const at::Tensor& x, const ChannelParams<cpu::acc_t<scalar_t
       std::vector<acc> mult(kChunk);
       cpu::for_each_run(g, begin, end, [&](int64_t off, int64_t len) {
         if (dp.active) cpu::fill_run_mult(dp, off, len, mult.data());
-        cpu::for_each_segment(g, off, len, [&](int64_t rel, int64_t n, int64_t plane) {
-          const int64_t c = plane % g.C;
+        cpu::for_each_segment(g, off, len, [&](int64_t rel, int64_t n, int64_t plane, int64_t c) {
           forward_run<scalar_t, acc>(xd + off + rel, &a[c], &b[c], dp.active ? mult.data() + rel : nullptr,
                                      yd + off + rel, n, false);
         });
@@ -113,9 +112,9 @@ void backward_input_kernel(const at::Tensor& dy_t, const at::Tensor& x, const Gr
       std::vector<acc> mult(kChunk);
       cpu::for_each_run(g, begin, end, [&](int64_t off, int64_t len) {
         if (dp.active) cpu::fill_run_mult(dp, off, len, mult.data());
-        cpu::for_each_segment(g, off, len, [&](int64_t rel, int64_t n, int64_t plane) {
+        cpu::for_each_segment(g, off, len, [&](int64_t rel, int64_t n, int64_t plane, int64_t c) {
           grad_input_run<scalar_t, acc, kBatchStats>(dyd + off + rel, xd + off + rel,
-                                                     dp.active ? mult.data() + rel : nullptr, k, plane % g.C,
+                                                     dp.active ? mult.data() + rel : nullptr, k, c,
                                                      dxd + off + rel, n, false);
         });
       });

@@ -25,10 +25,10 @@ inline at::vec::Vectorized<acc> grad_vec(const at::vec::Vectorized<acc>& xv, con
   return Vec::blendv(Vec(0), gm, z > Vec(0));
 }
 
-// One channel (a plane chunk): Σ g and Σ g·(x − mean) into register accumulators (two pairs for ILP).
+// One channel (a plane chunk): Σ g and Σ g·(x − mean) as vectors of partial sums (two pairs for ILP).
 template <typename scalar_t, typename acc>
-inline void reduce_plane(const scalar_t* dy, const scalar_t* x, const acc* mult, acc a, acc b, acc mean, int64_t n, acc* sg,
-                         acc* sgx) {
+inline void reduce_plane(const scalar_t* dy, const scalar_t* x, const acc* mult, acc a, acc b, acc mean, int64_t n,
+                         at::vec::Vectorized<acc>& sg, at::vec::Vectorized<acc>& sgx) {
   using Vec = at::vec::Vectorized<acc>;
   const Vec va(a), vb(b), vm(mean);
   Vec g0(0), g1(0), gx0(0), gx1(0);
@@ -50,9 +50,40 @@ inline void reduce_plane(const scalar_t* dy, const scalar_t* x, const acc* mult,
     g0 += d0;
     gx0 = at::vec::fmadd(d0, x0 - vm, gx0);
   }
-  (g0 + g1).store(sg);
-  (gx0 + gx1).store(sgx);
+  sg = g0 + g1;
+  sgx = gx0 + gx1;
 }
+
+// Plane segments' partial-sum vectors waiting for one shared transpose-reduction (cpu::lane_sums), then added to
+// their planes' double totals in segment order (so the totals do not depend on where a flush fell).
+template <typename acc>
+struct PendingPlaneSums {
+  using Vec = at::vec::Vectorized<acc>;
+  static constexpr int kSlots = cpu::kLaneSums / 2;  // a (Σ g, Σ g·(x − mean)) pair per segment
+  double* plane_g;
+  double* plane_gx;
+  Vec v[cpu::kLaneSums];
+  int64_t plane[kSlots];
+  int used = 0;
+
+  void add(int64_t p, const Vec& g, const Vec& gx) {
+    v[2 * used] = g;
+    v[2 * used + 1] = gx;
+    plane[used++] = p;
+    if (used == kSlots) flush();
+  }
+  void flush() {
+    if (used == 0) return;
+    for (int k = 2 * used; k < cpu::kLaneSums; ++k) v[k] = Vec(0);
+    acc sums[cpu::kLaneSums];
+    cpu::lane_sums(v, sums);
+    for (int k = 0; k < used; ++k) {
+      plane_g[plane[k]] += sums[2 * k];
+      plane_gx[plane[k]] += sums[2 * k + 1];
+    }
+    used = 0;
+  }
+};
 
 // One row of the ChannelsLast layout: per-channel Σ g and Σ g·(x − mean) added into sg[c], sgx[c].
 template <typename scalar_t, typename acc>
@@ -82,35 +113,31 @@ void reduce_kernel(const at::Tensor& dy_t, const at::Tensor& x, const ChannelPar
     b[c] = ab.b;
     mean[c] = prm.mean[c];
   }
-  auto hsum = [](const acc* v) {
-    return at::vec::vec_reduce_all<acc>([](Vec& p, Vec& q) { return p + q; }, Vec::loadu(v));
-  };
   if (g.layout == Layout::ChannelsFirst) {
     std::vector<double> plane_g(g.N * g.C, 0.0), plane_gx(g.N * g.C, 0.0);
     at::parallel_for(0, g.N * g.C, cpu::planes_grain(g), [&](int64_t begin, int64_t end) {
       std::vector<acc> mult(kChunk);
-      alignas(64) acc sg[Vec::size()], sgx[Vec::size()];
       // Planes of [begin, end) belong to this thread alone: their totals are accumulated in place.
+      PendingPlaneSums<acc> pending{plane_g.data(), plane_gx.data()};
       cpu::for_each_run(g, begin, end, [&](int64_t off, int64_t len) {
         if (dp.active) cpu::fill_run_mult(dp, off, len, mult.data());
-        cpu::for_each_segment(g, off, len, [&](int64_t rel, int64_t n, int64_t plane) {
-          const int64_t c = plane % g.C;
-          reduce_plane<scalar_t, acc>(dyd + off + rel, xd + off + rel, dp.active ? mult.data() + rel : nullptr, a[c], b[c], mean[c], n, sg,
-                            sgx);
-          plane_g[plane] += hsum(sg);
-          plane_gx[plane] += hsum(sgx);
+        cpu::for_each_segment(g, off, len, [&](int64_t rel, int64_t n, int64_t plane, int64_t c) {
+          Vec sg, sgx;
+          reduce_plane<scalar_t, acc>(dyd + off + rel, xd + off + rel, dp.active ? mult.data() + rel : nullptr, a[c],
+                                      b[c], mean[c], n, sg, sgx);
+          pending.add(plane, sg, sgx);
         });
       });
+      pending.flush();
     });
-    for (int64_t c = 0; c < g.C; ++c) {
-      double tg = 0, tgx = 0;
-      for (int64_t n = 0; n < g.N; ++n) {
-        tg += plane_g[n * g.C + c];
-        tgx += plane_gx[n * g.C + c];
+    // Images in ascending order for every channel, channels innermost (unit stride).
+    std::fill(sum_g, sum_g + g.C, 0.0);
+    std::fill(sum_gx, sum_gx + g.C, 0.0);
+    for (int64_t n = 0; n < g.N; ++n)
+      for (int64_t c = 0; c < g.C; ++c) {
+        sum_g[c] += plane_g[n * g.C + c];
+        sum_gx[c] += plane_gx[n * g.C + c];
       }
-      sum_g[c] = tg;
-      sum_gx[c] = tgx;
-    }
     return;
   }
   // ChannelsLast: a fixed number of groups of row tiles, each with per-column double accumulators.

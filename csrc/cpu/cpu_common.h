@@ -138,35 +138,79 @@ const acc_type* as_acc(const scalar_t* src, int64_t n, acc_type* buf) {
   }
 }
 
-// Welford triple of n values (two passes over a chunk that sits in L1: sum, then squared deviations). Four
-// accumulators per pass keep the add latency off the critical path.
+// Horizontal sums of kLaneSums vectors at once: out[j] = the lanes of v[j] added pairwise, adjacent lanes first
+// ((l0+l1)+(l2+l3))+((l4+l5)+(l6+l7)), the same tree for every j, so a plane's sum does not depend on the slot it
+// took. With AVX2 one transpose-reduction serves 8 planes: a reduction per plane costs more than reading a 7x7 one.
+constexpr int kLaneSums = 8;
+
 template <typename acc_type>
-Welford<double> chunk_welford(const acc_type* x, int64_t n) {
+inline acc_type lane_sum(const at::vec::Vectorized<acc_type>& v) {
+  using Vec = at::vec::Vectorized<acc_type>;
+  alignas(64) acc_type t[Vec::size()];
+  v.store(t);
+  for (int width = Vec::size() / 2; width >= 1; width /= 2)
+    for (int i = 0; i < width; ++i) t[i] = t[2 * i] + t[2 * i + 1];
+  return t[0];
+}
+
+template <typename acc_type>
+inline void lane_sums(const at::vec::Vectorized<acc_type> (&v)[kLaneSums], acc_type* out) {
+#if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc_type, float>) {
+    // hadd(a, b) = [a0+a1, a2+a3, b0+b1, b2+b3 | a4+a5, a6+a7, b4+b5, b6+b7]; two levels leave v[j]'s low and high
+    // 4-lane sums in 128-bit halves, and one add of the regrouped halves finishes all 8.
+    const __m256 s01 = _mm256_hadd_ps(v[0], v[1]), s23 = _mm256_hadd_ps(v[2], v[3]);
+    const __m256 s45 = _mm256_hadd_ps(v[4], v[5]), s67 = _mm256_hadd_ps(v[6], v[7]);
+    const __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
+    const __m256 low = _mm256_permute2f128_ps(s0123, s4567, 0x20), high = _mm256_permute2f128_ps(s0123, s4567, 0x31);
+    _mm256_storeu_ps(out, _mm256_add_ps(low, high));
+    return;
+  }
+#endif
+  for (int j = 0; j < kLaneSums; ++j) out[j] = lane_sum(v[j]);
+}
+
+// Σ x over n scalar_t elements as a vector of partial sums (four accumulators keep the add latency off the
+// critical path; partial loads add zeros).
+template <typename scalar_t, typename acc_type>
+inline at::vec::Vectorized<acc_type> vec_sum(const scalar_t* x, int64_t n) {
   using Vec = at::vec::Vectorized<acc_type>;
   constexpr int64_t V = Vec::size();
-  auto sum4 = [](const Vec (&v)[4]) { return (v[0] + v[1]) + (v[2] + v[3]); };
   Vec s[4] = {Vec(0), Vec(0), Vec(0), Vec(0)};
   int64_t i = 0;
   for (; i + 4 * V <= n; i += 4 * V)
-    for (int k = 0; k < 4; ++k) s[k] += Vec::loadu(x + i + k * V);
-  for (; i < n; i += V) s[0] += load(x + i, static_cast<int>(std::min<int64_t>(V, n - i)));
-  const acc_type mean =
-      at::vec::vec_reduce_all<acc_type>([](Vec& a, Vec& b) { return a + b; }, sum4(s)) / static_cast<acc_type>(n);
+    for (int k = 0; k < 4; ++k) s[k] += load_as<scalar_t, acc_type>(x + i + k * V, V);
+  for (; i < n; i += V) s[0] += load_as<scalar_t, acc_type>(x + i, static_cast<int>(std::min<int64_t>(V, n - i)));
+  return (s[0] + s[1]) + (s[2] + s[3]);
+}
+
+// Σ (x - mean)^2 over n elements as a vector of partial sums.
+template <typename scalar_t, typename acc_type>
+inline at::vec::Vectorized<acc_type> vec_sq_dev(const scalar_t* x, int64_t n, acc_type mean) {
+  using Vec = at::vec::Vectorized<acc_type>;
+  constexpr int64_t V = Vec::size();
   const Vec vmean(mean);
   Vec q[4] = {Vec(0), Vec(0), Vec(0), Vec(0)};
-  i = 0;
+  int64_t i = 0;
   for (; i + 4 * V <= n; i += 4 * V)
     for (int k = 0; k < 4; ++k) {
-      const Vec d = Vec::loadu(x + i + k * V) - vmean;
+      const Vec d = load_as<scalar_t, acc_type>(x + i + k * V, V) - vmean;
       q[k] = at::vec::fmadd(d, d, q[k]);
     }
   for (; i < n; i += V) {
     const int count = static_cast<int>(std::min<int64_t>(V, n - i));
     // Partial loads zero the missing lanes; mask their deviation out.
-    const Vec d = Vec::set(Vec(0), load(x + i, count) - vmean, count);
+    const Vec d = Vec::set(Vec(0), load_as<scalar_t, acc_type>(x + i, count) - vmean, count);
     q[0] = at::vec::fmadd(d, d, q[0]);
   }
-  const acc_type m2 = at::vec::vec_reduce_all<acc_type>([](Vec& a, Vec& b) { return a + b; }, sum4(q));
+  return (q[0] + q[1]) + (q[2] + q[3]);
+}
+
+// Welford triple of n values (two passes over a chunk that sits in L1: sum, then squared deviations).
+template <typename scalar_t, typename acc_type = acc_t<scalar_t>>
+Welford<double> chunk_welford(const scalar_t* x, int64_t n) {
+  const acc_type mean = lane_sum(vec_sum<scalar_t, acc_type>(x, n)) / static_cast<acc_type>(n);
+  const acc_type m2 = lane_sum(vec_sq_dev<scalar_t, acc_type>(x, n, mean));
   return Welford<double>{static_cast<double>(n), static_cast<double>(mean), static_cast<double>(m2)};
 }
 
@@ -187,13 +231,19 @@ inline void for_each_run(const Geometry& g, int64_t plane_begin, int64_t plane_e
   }
 }
 
-template <typename F>  // f(rel, len, plane): elements [off + rel, off + rel + len) all lie in `plane`
+// Planes and channels are stepped, not divided out per segment: two integer divisions per 7x7 plane cost about
+// as much as the plane's arithmetic.
+template <typename F>  // f(rel, len, plane, c): elements [off + rel, off + rel + len) all lie in `plane`, channel c
 inline void for_each_segment(const Geometry& g, int64_t off, int64_t len, F f) {
+  int64_t plane = off / g.S, c = plane % g.C;
+  int64_t plane_end = (plane + 1) * g.S;  // memory offset where `plane` ends
   for (int64_t rel = 0; rel < len;) {
-    const int64_t plane = (off + rel) / g.S;
-    const int64_t seg = std::min(len - rel, (plane + 1) * g.S - (off + rel));
-    f(rel, seg, plane);
+    const int64_t seg = std::min(len - rel, plane_end - (off + rel));
+    f(rel, seg, plane, c);
     rel += seg;
+    ++plane;
+    plane_end += g.S;
+    if (++c == g.C) c = 0;
   }
 }
 

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -20,37 +21,63 @@ template <typename scalar_t>
 void stats_channels_first(const at::Tensor& x, const Geometry& g, double* mean_out, double* var_out) {
   using acc = cpu::acc_t<scalar_t>;
   const scalar_t* data = x.const_data_ptr<scalar_t>();
-  std::vector<Welford<double>> planes(g.N * g.C);
+  // Per-plane mean and m2 (every plane holds S elements), written once each: no zero fill.
+  const std::unique_ptr<double[]> plane_mean(new double[g.N * g.C]), plane_m2(new double[g.N * g.C]);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(g.S, 1));
-  at::parallel_for(0, g.N * g.C, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc> buf(kChunk);
-    for (int64_t plane = begin; plane < end; ++plane) {
-      const scalar_t* px = data + plane * g.S;
-      const int64_t n0 = std::min(kChunk, g.S);
-      Welford<double> w = cpu::chunk_welford(cpu::as_acc(px, n0, buf.data()), n0);
-      for (int64_t s0 = kChunk; s0 < g.S; s0 += kChunk) {
-        const int64_t n = std::min(kChunk, g.S - s0);
-        w = welford_merge(w, cpu::chunk_welford(cpu::as_acc(px + s0, n, buf.data()), n));
+  if (g.S * cpu::kLaneSums <= kChunk) {
+    // Small planes, kLaneSums at a time: the horizontal sums of the group share one transpose-reduction (one per
+    // plane cost as much as reading a 7x7 plane), and the group is small enough that its second pass reads L1.
+    using Vec = at::vec::Vectorized<acc>;
+    at::parallel_for(0, g.N * g.C, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t p0 = begin; p0 < end; p0 += cpu::kLaneSums) {
+        const int np = static_cast<int>(std::min<int64_t>(cpu::kLaneSums, end - p0));
+        const scalar_t* px = data + p0 * g.S;
+        Vec part[cpu::kLaneSums];
+        acc mean[cpu::kLaneSums], m2[cpu::kLaneSums];
+        for (int j = 0; j < cpu::kLaneSums; ++j) part[j] = j < np ? cpu::vec_sum<scalar_t, acc>(px + j * g.S, g.S) : Vec(0);
+        cpu::lane_sums(part, mean);
+        for (int j = 0; j < np; ++j) {
+          mean[j] /= static_cast<acc>(g.S);
+          part[j] = cpu::vec_sq_dev<scalar_t, acc>(px + j * g.S, g.S, mean[j]);
+        }
+        cpu::lane_sums(part, m2);
+        for (int j = 0; j < np; ++j) {
+          plane_mean[p0 + j] = static_cast<double>(mean[j]);
+          plane_m2[p0 + j] = static_cast<double>(m2[j]);
+        }
       }
-      planes[plane] = w;
-    }
-  });
-  // Every plane holds S elements: the merge of N equal-count triples is the mean of the means plus
-  // S * (squared deviations of the plane means), without a division per plane.
-  at::parallel_for(0, g.C, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      double mean = 0, m2 = 0, spread = 0;
-      for (int64_t n = 0; n < g.N; ++n) mean += planes[n * g.C + c].mean;
-      mean /= static_cast<double>(g.N);
-      for (int64_t n = 0; n < g.N; ++n) {
-        const Welford<double>& w = planes[n * g.C + c];
-        const double d = w.mean - mean;
-        m2 += w.m2;
-        spread += d * d;
+    });
+  } else {
+    at::parallel_for(0, g.N * g.C, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t plane = begin; plane < end; ++plane) {
+        const scalar_t* px = data + plane * g.S;
+        Welford<double> w = cpu::chunk_welford(px, std::min(kChunk, g.S));
+        for (int64_t s0 = kChunk; s0 < g.S; s0 += kChunk)
+          w = welford_merge(w, cpu::chunk_welford(px + s0, std::min(kChunk, g.S - s0)));
+        plane_mean[plane] = w.mean;
+        plane_m2[plane] = w.m2;
       }
-      mean_out[c] = mean;
-      var_out[c] = (m2 + spread * static_cast<double>(g.S)) / (static_cast<double>(g.N) * static_cast<double>(g.S));
-    }
+    });
+  }
+  // The merge of N equal-count triples is the mean of the means plus S * (squared deviations of the plane means),
+  // without a division per plane. Channels innermost (unit stride), images in ascending order for every channel.
+  at::parallel_for(0, g.C, 256, [&](int64_t begin, int64_t end) {
+    const int64_t width = end - begin;
+    std::vector<double> m2(width, 0.0), spread(width, 0.0);
+    double* mean = mean_out + begin;
+    std::fill(mean, mean + width, 0.0);
+    for (int64_t n = 0; n < g.N; ++n)
+      for (int64_t c = 0; c < width; ++c) mean[c] += plane_mean[n * g.C + begin + c];
+    for (int64_t c = 0; c < width; ++c) mean[c] /= static_cast<double>(g.N);
+    for (int64_t n = 0; n < g.N; ++n)
+      for (int64_t c = 0; c < width; ++c) {
+        const double d = plane_mean[n * g.C + begin + c] - mean[c];
+        m2[c] += plane_m2[n * g.C + begin + c];
+        spread[c] += d * d;
+      }
+    for (int64_t c = 0; c < width; ++c)
+      var_out[begin + c] =
+          (m2[c] + spread[c] * static_cast<double>(g.S)) / (static_cast<double>(g.N) * static_cast<double>(g.S));
   });
 }
 
