@@ -44,6 +44,9 @@ ChannelParams<acc_t> channel_params(const at::Tensor& mean, const at::Tensor& rs
 
 // ---- CPU backend (csrc/cpu) ----
 std::tuple<at::Tensor, at::Tensor> batch_stats_cpu(const at::Tensor& x);
+// (mean, rstd) of the batch, with running_mean/running_var (when given) updated in place.
+std::tuple<at::Tensor, at::Tensor> batch_stats_update_cpu(const at::Tensor& x, const OptTensor& running_mean,
+                                                          const OptTensor& running_var, double momentum, double eps);
 // keep_bits_out (forward) receives the packed keep bits (cpu/keep_bits.h); keep_bits_in (backward), when not null,
 // replaces the Philox key as the source of the mask.
 void forward_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd, const OptTensor& weight,

@@ -65,6 +65,7 @@ void check_channel_param(const at::Tensor& t, const at::Tensor& x, const char* o
 // A checked per-channel tensor, contiguous in the accumulation dtype (what the kernels read).
 at::Tensor channel_param(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
   check_channel_param(t, x, op, name);
+  if (t.scalar_type() == acc_dtype(x) && t.is_contiguous()) return t;  // the common case, without a dispatch
   return t.to(acc_dtype(x)).contiguous();
 }
 
@@ -154,23 +155,13 @@ std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& input) {
   return batch_stats_cpu(x);
 }
 
-// batch_stats only tells autograd whether mean/rstd are this batch's statistics; the forward ignores it.
-// Batch statistics for the training forward in one call: (mean, rstd) and, when given, the running
-// statistics updated in place (running_var with the unbiased variance), all on the input's device without a
-// host sync. Saves the half-dozen small Python-level ops per call that dominate small inputs.
-std::tuple<at::Tensor, at::Tensor> batch_stats_update(const at::Tensor& input, const OptTensor& running_mean,
-                                                      const OptTensor& running_var, double momentum, double eps) {
-  constexpr const char* op = "bnfused.batch_stats_update";
-  const bool has_rm = running_mean.has_value() && running_mean->defined();
-  const bool has_rv = running_var.has_value() && running_var->defined();
-  TORCH_CHECK(has_rm == has_rv, op, ": running_mean and running_var must be given together");
-  if (has_rm) {
-    check_input(input, op);
-    check_channel_param(*running_mean, input, op, "running_mean");  // updated in place, in their own dtype
-    check_channel_param(*running_var, input, op, "running_var");
-  }
+#ifdef BNFUSED_WITH_CUDA
+// The device path of batch_stats_update: tensor ops on the statistics, no host sync.
+std::tuple<at::Tensor, at::Tensor> batch_stats_update_tensor_ops(const at::Tensor& input, const OptTensor& running_mean,
+                                                                 const OptTensor& running_var, double momentum,
+                                                                 double eps) {
   auto [mean, var] = batch_stats(input);
-  if (has_rm) {
+  if (running_mean.has_value() && running_mean->defined()) {
     const int64_t count = input.numel() / input.size(1);
     const double unbias = count > 1 ? static_cast<double>(count) / static_cast<double>(count - 1) : 1.0;
     at::Tensor rm = *running_mean, rv = *running_var;
@@ -179,7 +170,30 @@ std::tuple<at::Tensor, at::Tensor> batch_stats_update(const at::Tensor& input, c
   }
   return {mean, var.add(eps).rsqrt_()};
 }
+#endif
 
+// Batch statistics for the training forward in one call: (mean, rstd) and, when given, the running
+// statistics updated in place (running_var with the unbiased variance), all on the input's device without a
+// host sync. Saves the half-dozen small Python-level ops per call that dominate small inputs; on the CPU the
+// per-channel finish is one loop (cpu/stats.cpp).
+std::tuple<at::Tensor, at::Tensor> batch_stats_update(const at::Tensor& input, const OptTensor& running_mean,
+                                                      const OptTensor& running_var, double momentum, double eps) {
+  constexpr const char* op = "bnfused.batch_stats_update";
+  const bool has_rm = running_mean.has_value() && running_mean->defined();
+  const bool has_rv = running_var.has_value() && running_var->defined();
+  TORCH_CHECK(has_rm == has_rv, op, ": running_mean and running_var must be given together");
+  check_input(input, op);
+  if (has_rm) {
+    check_channel_param(*running_mean, input, op, "running_mean");  // updated in place, in their own dtype
+    check_channel_param(*running_var, input, op, "running_var");
+  }
+#ifdef BNFUSED_WITH_CUDA
+  if (input.is_cuda()) return batch_stats_update_tensor_ops(input, running_mean, running_var, momentum, eps);
+#endif
+  return batch_stats_update_cpu(in_kernel_layout(input), running_mean, running_var, momentum, eps);
+}
+
+// batch_stats only tells autograd whether mean/rstd are this batch's statistics; the forward ignores it.
 at::Tensor forward(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& rstd, const OptTensor& weight,
                    const OptTensor& bias, const at::Tensor& key, double p, bool /*batch_stats*/) {
   const KernelArgs a = prepare("bnfused.forward", input, mean, rstd, weight, bias, key, p);

@@ -194,6 +194,36 @@ def test_batch_stats_plane_sizes(device, dtype, plane):
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype,running_dtype", [(torch.float32, torch.float32), (torch.float64, torch.float64),
+                                                 (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                 (torch.float32, torch.float16)])
+@pytest.mark.parametrize("strided", [False, True])
+def test_batch_stats_update(device, dtype, running_dtype, strided):
+    """(mean, rstd) and the in-place running update: momentum * batch + (1 - momentum) * running, the variance
+    unbiased, in the running tensors' own dtype and strides (a strided view is updated through its strides)."""
+    c, momentum, eps = 5, 0.3, 1e-3
+    x = (torch.randn(6, c, 7, device=device, dtype=torch.float64) * 2 + 1).to(dtype)
+    base_m = torch.randn(2 * c, device=device, dtype=torch.float64).to(running_dtype)
+    base_v = (torch.rand(2 * c, device=device, dtype=torch.float64) + 0.5).to(running_dtype)
+    rm, rv = (base_m[::2], base_v[::2]) if strided else (base_m[:c].clone(), base_v[:c].clone())
+    rm0, rv0, others0 = rm.double().clone(), rv.double().clone(), base_m[1::2].clone()
+    mean, rstd = ops.batch_stats_update(x, rm, rv, momentum, eps)
+    ref_var, ref_mean = torch.var_mean(x.double(), dim=[0, 2], unbiased=False)
+    acc = ops.acc_dtype(dtype)
+    assert mean.dtype == acc and rstd.dtype == acc and rm.dtype == running_dtype
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=tol, atol=tol)
+    torch.testing.assert_close(rstd.double(), (ref_var + eps).rsqrt(), rtol=tol, atol=tol)
+    n = x.numel() // c
+    exp_m = momentum * ref_mean + (1 - momentum) * rm0
+    exp_v = momentum * ref_var * n / (n - 1) + (1 - momentum) * rv0
+    rtol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(running_dtype, 1e-2)
+    torch.testing.assert_close(rm.double(), exp_m, rtol=rtol, atol=rtol)
+    torch.testing.assert_close(rv.double(), exp_v, rtol=rtol, atol=rtol)
+    if strided:  # the other elements of the base are untouched
+        assert torch.equal(base_m[1::2], others0)
+
+
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("shape", [(8, 3, 16, 16), (64, 3, 7, 7)])
 def test_batch_stats_survive_large_offset(device, memory_format, shape):

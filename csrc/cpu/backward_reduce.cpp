@@ -3,7 +3,6 @@
 // Σ g·(x − mean) is accumulated (then × rstd) so a large common offset in x does not cancel; partial sums are
 // float per L1 chunk and double across chunks, merged in a fixed order (thread-count independent).
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mul.h>
 #include <ATen/ops/zeros.h>
 
 #include "cpu/row_tiles.h"
@@ -197,9 +196,14 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_cpu(const at::Tensor& dy, con
                               cpu::dropout_params<acc>(key, p, keep_bits_in), sum_g.data_ptr<double>(), sum_gx.data_ptr<double>());
     });
   }
-  // Σ g·x̂ = rstd · Σ g·(x − mean)
-  auto sum_g_xhat = at::mul(sum_gx, rstd.to(at::kDouble));
-  return {sum_g.to(acc_dtype), sum_g_xhat.to(acc_dtype)};
+  // Σ g·x̂ = rstd · Σ g·(x − mean), in double, then rounded to acc (a loop: tensor ops cost more for few channels).
+  AT_DISPATCH_FLOATING_TYPES(rstd.scalar_type(), "bnfused_backward_reduce_scale", [&] {
+    const scalar_t* r = rstd.const_data_ptr<scalar_t>();
+    double* gx = sum_gx.data_ptr<double>();
+    for (int64_t c = 0; c < C; ++c) gx[c] *= static_cast<double>(r[c]);
+  });
+  if (acc_dtype == at::kDouble) return {sum_g, sum_gx};
+  return {cpu::to_float(sum_g), cpu::to_float(sum_gx)};
 }
 
 }  // namespace bnfused

@@ -5,6 +5,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
@@ -245,6 +246,15 @@ inline void for_each_segment(const Geometry& g, int64_t off, int64_t len, F f) {
     plane_end += g.S;
     if (++c == g.C) c = 0;
   }
+}
+
+// A small double tensor (per-channel results) rounded to float in a plain loop: cheaper than a dispatched .to().
+inline at::Tensor to_float(const at::Tensor& t) {
+  auto out = at::empty(t.sizes(), t.options().dtype(at::kFloat));
+  const double* src = t.const_data_ptr<double>();
+  float* dst = out.data_ptr<float>();
+  for (int64_t i = 0; i < t.numel(); ++i) dst[i] = static_cast<float>(src[i]);
+  return out;
 }
 
 // Dropout parameters derived once per call.

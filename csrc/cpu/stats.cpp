@@ -192,23 +192,76 @@ void stats_channels_last(const at::Tensor& x, const Geometry& g, double* mean_ou
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> batch_stats_cpu(const at::Tensor& x) {
+namespace {
+
+// Per-channel mean and biased variance in double (NaN for an empty input).
+std::tuple<at::Tensor, at::Tensor> stats_double(const at::Tensor& x) {
   const Geometry g = geometry_of(x);
-  const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto mean64 = at::empty({g.C}, x.options().dtype(at::kDouble));
   auto var64 = at::empty({g.C}, x.options().dtype(at::kDouble));
   if (x.numel() == 0) {
     mean64.fill_(std::numeric_limits<double>::quiet_NaN());
     var64.fill_(std::numeric_limits<double>::quiet_NaN());
-  } else {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnfused_batch_stats_cpu", [&] {
-      if (g.layout == Layout::ChannelsFirst)
-        stats_channels_first<scalar_t>(x, g, mean64.data_ptr<double>(), var64.data_ptr<double>());
-      else
-        stats_channels_last<scalar_t>(x, g, mean64.data_ptr<double>(), var64.data_ptr<double>());
-    });
+    return {mean64, var64};
   }
-  return {mean64.to(acc_dtype), var64.to(acc_dtype)};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnfused_batch_stats_cpu", [&] {
+    if (g.layout == Layout::ChannelsFirst)
+      stats_channels_first<scalar_t>(x, g, mean64.data_ptr<double>(), var64.data_ptr<double>());
+    else
+      stats_channels_last<scalar_t>(x, g, mean64.data_ptr<double>(), var64.data_ptr<double>());
+  });
+  return {mean64, var64};
+}
+
+// running = momentum * batch + (1 - momentum) * running, in double (nn.BatchNorm's CPU update), stored in the
+// running tensor's own dtype and strides.
+void update_running(at::Tensor& running, const double* batch, double momentum) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running.scalar_type(), "bnfused_update_running", [&] {
+    scalar_t* r = running.data_ptr<scalar_t>();
+    const int64_t stride = running.stride(0);
+    for (int64_t c = 0; c < running.numel(); ++c)
+      r[c * stride] = static_cast<scalar_t>(momentum * batch[c] + (1.0 - momentum) * static_cast<double>(r[c * stride]));
+  });
+}
+
+}  // namespace
+
+// The statistics are few (one per channel): they are finished in plain loops, not a handful of tiny tensor ops
+// whose dispatch cost more than the statistics of a small batch.
+std::tuple<at::Tensor, at::Tensor> batch_stats_cpu(const at::Tensor& x) {
+  auto [mean64, var64] = stats_double(x);
+  if (x.scalar_type() == at::kDouble) return {mean64, var64};
+  return {cpu::to_float(mean64), cpu::to_float(var64)};
+}
+
+std::tuple<at::Tensor, at::Tensor> batch_stats_update_cpu(const at::Tensor& x, const OptTensor& running_mean,
+                                                          const OptTensor& running_var, double momentum, double eps) {
+  auto [mean64, var64] = stats_double(x);
+  const int64_t C = mean64.numel();
+  const double* m64 = mean64.const_data_ptr<double>();
+  const double* v64 = var64.const_data_ptr<double>();
+  const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto mean = at::empty({C}, x.options().dtype(acc_dtype));
+  auto rstd = at::empty({C}, x.options().dtype(acc_dtype));
+  AT_DISPATCH_FLOATING_TYPES(acc_dtype, "bnfused_batch_stats_update_cpu", [&] {
+    scalar_t* mo = mean.data_ptr<scalar_t>();
+    scalar_t* ro = rstd.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      mo[c] = static_cast<scalar_t>(m64[c]);
+      // The variance is rounded to acc first, as batch_stats returns it: rsqrt(var + eps) in acc.
+      ro[c] = scalar_t(1) / std::sqrt(static_cast<scalar_t>(v64[c]) + static_cast<scalar_t>(eps));
+    }
+  });
+  if (running_mean.has_value() && running_mean->defined()) {
+    const int64_t count = x.numel() / x.size(1);
+    const double unbias = count > 1 ? static_cast<double>(count) / static_cast<double>(count - 1) : 1.0;
+    std::vector<double> unbiased(C);
+    for (int64_t c = 0; c < C; ++c) unbiased[c] = v64[c] * unbias;
+    at::Tensor rm = *running_mean, rv = *running_var;
+    update_running(rm, m64, momentum);
+    update_running(rv, unbiased.data(), momentum);
+  }
+  return {mean, rstd};
 }
 
 }  // namespace bnfused
