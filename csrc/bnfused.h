@@ -55,9 +55,10 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_cpu(const at::Tensor& dy, con
                                                        const at::Tensor& mean, const at::Tensor& rstd,
                                                        const OptTensor& weight, const OptTensor& bias,
                                                        PhiloxKey key, double p, const uint8_t* keep_bits_in = nullptr);
+// sum_g/sum_g_xhat (batch statistics; divided by count in the coefficient loop) or none (running statistics).
 void backward_input_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
                         const OptTensor& weight, const OptTensor& bias, PhiloxKey key, double p,
-                        const OptTensor& mean_g, const OptTensor& mean_g_xhat, at::Tensor& dx,
+                        const OptTensor& sum_g, const OptTensor& sum_g_xhat, int64_t count, at::Tensor& dx,
                         const uint8_t* keep_bits_in = nullptr);
 void dropout_mask_cpu(PhiloxKey key, double p, at::Tensor& keep);
 

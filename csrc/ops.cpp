@@ -254,19 +254,24 @@ at::Tensor backward_input(const at::Tensor& grad_out, const at::Tensor& input, c
   const KernelArgs a = prepare(op, input, mean, rstd, weight, bias, key, p);
   const uint8_t* bits = keep_bits_of(keep_bits, a.x, op);
   const auto dy = like_input_layout(grad_out, a.x, op);
-  OptTensor mg, mgx;
+  OptTensor sg, sgx;
   if (has_g) {
-    mg = channel_param(*sum_g, a.x, op, "sum_g").div(static_cast<double>(n));
-    mgx = channel_param(*sum_g_xhat, a.x, op, "sum_g_xhat").div(static_cast<double>(n));
+    sg = channel_param(*sum_g, a.x, op, "sum_g");
+    sgx = channel_param(*sum_g_xhat, a.x, op, "sum_g_xhat");
   }
   auto dx = cpu::empty_output(a.x, kernel_memory_format(a.x));
 #ifdef BNFUSED_WITH_CUDA
   if (a.x.is_cuda()) {
+    OptTensor mg, mgx;
+    if (has_g) {
+      mg = sg->div(static_cast<double>(n));
+      mgx = sgx->div(static_cast<double>(n));
+    }
     backward_input_cuda(dy, a.x, a.mean, a.rstd, a.weight, a.bias, key, p, mg, mgx, dx);
     return dx;
   }
 #endif
-  backward_input_cpu(dy, a.x, a.mean, a.rstd, a.weight, a.bias, host_key(key), p, mg, mgx, dx, bits);
+  backward_input_cpu(dy, a.x, a.mean, a.rstd, a.weight, a.bias, host_key(key), p, sg, sgx, n, dx, bits);
   return dx;
 }
 

@@ -151,22 +151,23 @@ void forward_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& 
 
 void backward_input_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
                         const OptTensor& weight, const OptTensor& bias, PhiloxKey key, double p,
-                        const OptTensor& mean_g, const OptTensor& mean_g_xhat, at::Tensor& dx,
+                        const OptTensor& sum_g, const OptTensor& sum_g_xhat, int64_t count, at::Tensor& dx,
                         const uint8_t* keep_bits_in) {
   if (x.numel() == 0) return;
-  const bool batch_stats = mean_g.has_value();
+  const bool batch_stats = sum_g.has_value();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnfused_backward_input_cpu", [&] {
     using acc = cpu::acc_t<scalar_t>;
     const auto prm = channel_params<acc>(mean, rstd, weight, bias);
     const int64_t C = x.size(1);
     GradCoefs<acc> k{std::vector<acc>(C), std::vector<acc>(C), std::vector<acc>(C),
                      std::vector<acc>(C), std::vector<acc>(C), std::vector<acc>(C)};
-    const acc* mg = batch_stats ? mean_g->data_ptr<acc>() : nullptr;
-    const acc* mgx = batch_stats ? mean_g_xhat->data_ptr<acc>() : nullptr;
+    const acc* sg = batch_stats ? sum_g->const_data_ptr<acc>() : nullptr;
+    const acc* sgx = batch_stats ? sum_g_xhat->const_data_ptr<acc>() : nullptr;
+    const acc n = static_cast<acc>(count);
     for (int64_t c = 0; c < C; ++c) {
       const auto ab = prm.affine(c);
-      const auto bc = backward_coef<acc>(prm.mean[c], prm.rstd[c], prm.w(c), batch_stats, mg ? mg[c] : acc(0),
-                                         mgx ? mgx[c] : acc(0));
+      const auto bc = backward_coef<acc>(prm.mean[c], prm.rstd[c], prm.w(c), batch_stats, sg ? sg[c] / n : acc(0),
+                                         sgx ? sgx[c] / n : acc(0));
       k.a[c] = ab.a;
       k.b[c] = ab.b;
       k.A[c] = bc.A;
