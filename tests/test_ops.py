@@ -264,8 +264,12 @@ def _g(dy, z, keep, p):
     return dy * (z > 0) * keep / (1 - p) if p < 1 else torch.zeros_like(dy)
 
 
+# Planes and rows of 7, 9, 17 and 49 elements as well: the elementwise CPU passes finish a ragged plane or row with
+# a full vector overlapping the previous one (and a partial one below 8 elements).
 _OP_CASES = [((2, 3, 4, 5), torch.contiguous_format), ((2, 3, 4, 5), torch.channels_last),
-             ((5, 3), torch.contiguous_format), ((2, 3, 2, 3, 2), torch.channels_last_3d)]
+             ((5, 3), torch.contiguous_format), ((2, 3, 2, 3, 2), torch.channels_last_3d),
+             ((3, 2, 7), torch.contiguous_format), ((2, 3, 3, 3), torch.contiguous_format),
+             ((3, 2, 7, 7), torch.contiguous_format), ((2, 9, 2, 2), torch.channels_last), ((4, 17), torch.contiguous_format)]
 
 
 @pytest.mark.parametrize("shape,memory_format", _OP_CASES)

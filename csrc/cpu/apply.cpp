@@ -15,7 +15,7 @@ inline void forward_run(const scalar_t* x, const acc* a, const acc* b, const acc
   using Vec = at::vec::Vectorized<acc>;
   const Vec zero(0);
   const Vec va0(a[0]), vb0(b[0]);
-  cpu::vec_loop<acc>(n, [&](int64_t i, int cnt) {
+  cpu::elementwise_loop<acc>(n, [&](int64_t i, int cnt) {
     const Vec va = per_element_affine ? cpu::load(a + i, cnt) : va0;
     const Vec vb = per_element_affine ? cpu::load(b + i, cnt) : vb0;
     Vec r = at::vec::maximum(at::vec::fmadd(cpu::load_as<scalar_t, acc>(x + i, cnt), va, vb), zero);
@@ -83,7 +83,7 @@ inline void grad_input_run(const scalar_t* dy, const scalar_t* x, const acc* mul
   auto coef = [&](const std::vector<acc>& v, const Vec& broadcast, int64_t i, int cnt) {
     return per_element ? cpu::load(v.data() + c0 + i, cnt) : broadcast;
   };
-  cpu::vec_loop<acc>(n, [&](int64_t i, int cnt) {
+  cpu::elementwise_loop<acc>(n, [&](int64_t i, int cnt) {
     const Vec xv = cpu::load_as<scalar_t, acc>(x + i, cnt);
     const Vec z = at::vec::fmadd(xv, coef(k.a, a0, i, cnt), coef(k.b, b0, i, cnt));
     Vec gm = cpu::load_as<scalar_t, acc>(dy + i, cnt);

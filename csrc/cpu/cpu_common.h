@@ -33,6 +33,23 @@ inline void vec_loop(int64_t n, F f) {
   if (i < n) f(i, static_cast<int>(n - i));
 }
 
+// vec_loop for elementwise passes (each output a function of the same-index inputs, written to a buffer no input
+// aliases): a ragged end of n >= size() is one full vector ending at n, overlapping the one before it, whose
+// elements are recomputed to the same bits. A 7x7 plane then needs no masked store (slow on AMD) and no masked load.
+template <typename acc_type, typename F>
+inline void elementwise_loop(int64_t n, F f) {
+  using Vec = at::vec::Vectorized<acc_type>;
+  if (n < Vec::size()) {
+    if (n > 0) f(0, static_cast<int>(n));
+    return;
+  }
+  // One full-width call site, so the (large) body stays inlined.
+  for (int64_t i = 0;; i = std::min<int64_t>(i + Vec::size(), n - Vec::size())) {
+    f(i, static_cast<int>(Vec::size()));
+    if (i + Vec::size() >= n) break;
+  }
+}
+
 #if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
 // Lane mask with the first `count` 32-bit lanes set (count in 0..8), for AVX2 masked loads and stores: the partial
 // vectors at plane ends then cost one instruction instead of Vectorized's copy through a stack buffer.
