@@ -25,10 +25,12 @@ def input_grads(grad_out: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight:
         sum_g, sum_g_xhat = sums if batch_stats else (None, None)
         grad_x = ops.backward_input(grad_out, x, mean, rstd, weight, bias, key, p, sum_g, sum_g_xhat,
                                     x.numel() // x.shape[1], keep_bits)
+    # The sums are in the accumulation dtype; .to() is skipped when that is already the parameter's (a few us of
+    # argument parsing per call, which small batches feel).
     if need_w and weight is not None:
-        grad_w = sums[1].to(weight.dtype)
+        grad_w = sums[1] if sums[1].dtype == weight.dtype else sums[1].to(weight.dtype)
     if need_b and bias is not None:
-        grad_b = sums[0].to(bias.dtype)
+        grad_b = sums[0] if sums[0].dtype == bias.dtype else sums[0].to(bias.dtype)
     return grad_x, grad_w, grad_b
 
 
