@@ -34,7 +34,8 @@ void stats_channels_first(const at::Tensor& x, const Geometry& g, double* mean_o
         const scalar_t* px = data + p0 * g.S;
         Vec part[cpu::kLaneSums];
         acc mean[cpu::kLaneSums], m2[cpu::kLaneSums];
-        for (int j = 0; j < cpu::kLaneSums; ++j) part[j] = j < np ? cpu::vec_sum<scalar_t, acc>(px + j * g.S, g.S) : Vec(0);
+        for (int j = 0; j < cpu::kLaneSums; ++j)
+          part[j] = j < np ? cpu::vec_sum<scalar_t, acc>(px + j * g.S, g.S) : Vec(0);
         cpu::lane_sums(part, mean);
         for (int j = 0; j < np; ++j) {
           mean[j] /= static_cast<acc>(g.S);
@@ -219,8 +220,10 @@ void update_running(at::Tensor& running, const double* batch, double momentum) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running.scalar_type(), "bnfused_update_running", [&] {
     scalar_t* r = running.data_ptr<scalar_t>();
     const int64_t stride = running.stride(0);
-    for (int64_t c = 0; c < running.numel(); ++c)
-      r[c * stride] = static_cast<scalar_t>(momentum * batch[c] + (1.0 - momentum) * static_cast<double>(r[c * stride]));
+    for (int64_t c = 0; c < running.numel(); ++c) {
+      const double old = static_cast<double>(r[c * stride]);
+      r[c * stride] = static_cast<scalar_t>(momentum * batch[c] + (1.0 - momentum) * old);
+    }
   });
 }
 
