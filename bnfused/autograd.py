@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from . import ops
 
@@ -97,4 +98,6 @@ class BNReLUDropoutFunction(torch.autograd.Function):
             _setup_context(ctx, inputs, None)
             return ops.forward(*inputs)
 
-    backward = staticmethod(_backward)
+    # The backward ops have no derivatives of their own: a double backward through this node raises instead of
+    # silently returning zeros (the compiled path, register_autograd above, still only warns).
+    backward = staticmethod(once_differentiable(_backward))

@@ -144,3 +144,12 @@ def test_function_saves_no_full_size_tensor_but_x(device):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         bnfused.BNReLUDropoutFunction.apply(x, mean, torch.rsqrt(var + 1e-5), w, b, key, 0.5, True)
     assert len(full_size) == 1 and full_size[0].data_ptr() == x.data_ptr()
+
+
+def test_double_backward_raises(device):
+    """The backward kernels have no derivatives: differentiating the gradient again is an error, not zeros."""
+    x = torch.randn(4, 3, 5, device=device, dtype=torch.float64, requires_grad=True)
+    m = bnfused.BatchNormReLUDropout1d(3, p=0.2).to(device, torch.float64)
+    (g,) = torch.autograd.grad(m(x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
+        g.sum().backward()
