@@ -22,6 +22,11 @@
 
 namespace bnfused {
 
+// Bessel's correction of the running variance: count / (count - 1), and 1 for a single value (as nn.BatchNorm).
+BNFUSED_HD double unbiased_var_factor(int64_t count) {
+  return count > 1 ? static_cast<double>(count) / static_cast<double>(count - 1) : 1.0;
+}
+
 // Running (count, mean, M2) of a set of values; merged with Chan et al.'s parallel formula.
 template <typename acc_t>
 struct Welford {

@@ -163,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor> batch_stats_update_tensor_ops(const at::Tenso
   auto [mean, var] = batch_stats(input);
   if (running_mean.has_value() && running_mean->defined()) {
     const int64_t count = input.numel() / input.size(1);
-    const double unbias = count > 1 ? static_cast<double>(count) / static_cast<double>(count - 1) : 1.0;
+    const double unbias = unbiased_var_factor(count);
     at::Tensor rm = *running_mean, rv = *running_var;
     rm.mul_(1.0 - momentum).add_(mean.to(rm.scalar_type()), momentum);
     rv.mul_(1.0 - momentum).add_(var.mul(unbias).to(rv.scalar_type()), momentum);

@@ -23,7 +23,6 @@ using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float
 // Elements per chunk: small enough that a chunk of x, dy and multipliers stays in L1.
 constexpr int64_t kChunk = 2048;
 
-
 // f(Vec, offset, count) over [0, n) in vector steps; the last step is partial (count < Vec::size()).
 template <typename acc_type, typename F>
 inline void vec_loop(int64_t n, F f) {
