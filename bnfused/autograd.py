@@ -99,5 +99,6 @@ class BNReLUDropoutFunction(torch.autograd.Function):
             return ops.forward(*inputs)
 
     # The backward ops have no derivatives of their own: a double backward through this node raises instead of
-    # silently returning zeros (the compiled path, register_autograd above, still only warns).
+    # silently returning zeros. (Through the raw op's register_autograd, the backward ops' Autograd kernel in
+    # ops.cpp raises; torch.compile rejects double backward itself.)
     backward = staticmethod(once_differentiable(_backward))

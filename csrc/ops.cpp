@@ -2,6 +2,7 @@
 // pybind11 module with build information and test helpers. Kernels live in cpu/ and cuda/.
 #include <torch/extension.h>
 #include <torch/library.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 
 #include "bnfused.h"
 #include "cpu/huge_page_allocator.h"
@@ -343,6 +344,14 @@ TORCH_LIBRARY_IMPL(bnfused, CPU, m) {
 #ifdef BNFUSED_WITH_CUDA
 TORCH_LIBRARY_IMPL(bnfused, CUDA, m) { BNFUSED_REGISTER_BACKEND(m) }
 #endif
+
+// The backward ops have no derivatives. Without an Autograd kernel, PyTorch's default fallback lets a double
+// backward through them (create_graph=True on the raw op) run with a warning and silently give zeros; this one
+// makes differentiating their outputs an error ("derivative for bnfused::backward_input is not implemented").
+TORCH_LIBRARY_IMPL(bnfused, Autograd, m) {
+  m.impl("backward_reduce", torch::autograd::autogradNotImplementedFallback());
+  m.impl("backward_input", torch::autograd::autogradNotImplementedFallback());
+}
 
 namespace {
 

@@ -153,3 +153,21 @@ def test_double_backward_raises(device):
     (g,) = torch.autograd.grad(m(x).pow(2).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
         g.sum().backward()
+
+
+@pytest.mark.parametrize("op", ["forward", "forward_keep_bits"])
+def test_double_backward_raw_op_raises(device, op):
+    """The same through the custom op's registered autograd (the raw op, and what torch.compile traces): the
+    backward ops' outputs carry an erroring grad_fn instead of PyTorch's warn-and-return-zeros fallback."""
+    if op == "forward_keep_bits" and device == "cuda":
+        pytest.skip("forward_keep_bits is CPU only")
+    x = torch.randn(4, 3, 5, device=device, dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(3, device=device, dtype=torch.float64) + 0.5).requires_grad_()
+    mean, var = ops.batch_stats(x.detach())
+    key = ops.philox_key(x.device, seed=0)
+    y = getattr(torch.ops.bnfused, op)(x, mean, torch.rsqrt(var + 1e-5), w, None, key, 0.2, True)
+    y = y[0] if isinstance(y, (tuple, list)) else y
+    gx, gw = torch.autograd.grad(y.pow(2).sum(), (x, w), create_graph=True)
+    for g in (gx, gw):
+        with pytest.raises(RuntimeError, match="derivative for bnfused::backward_(input|reduce) is not implemented"):
+            torch.autograd.grad(g.sum(), x, retain_graph=True)
