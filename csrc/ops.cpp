@@ -387,6 +387,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("counter"), pybind11::arg("key"));
   m.def("philox_block", &philox_block, "Philox output used for mask block `block` (elements 8*block ... 8*block+7)",
         pybind11::arg("seed"), pybind11::arg("offset"), pybind11::arg("block"));
+  m.def("keep_run", [](uint64_t seed, uint64_t offset, double p, uint64_t start, int64_t n) {
+          return bnfused::keep_run_cpu(bnfused::PhiloxKey{seed, offset}, p, start, n);
+        }, "Test hook: CPU keep pattern of logical elements start .. start + n - 1");
+  m.def("keep_block_rows", [](uint64_t seed, uint64_t offset, double p, uint64_t first, uint64_t stride,
+                              int64_t count) {
+          return bnfused::keep_block_rows_cpu(bnfused::PhiloxKey{seed, offset}, p, first, stride, count);
+        }, "Test hook: CPU keep pattern of 8 rows x `count` channels whose blocks are first + j * stride (row-major)");
   m.def("empty_cache", &bnfused::cpu::release_cached_outputs,
         "Free the CPU output blocks (>= 8 MiB) bnfused keeps for reuse; returns the bytes released");
   m.def("threshold16", &bnfused::threshold16, "Drop threshold (out of 65536) the kernels use for probability p",

@@ -98,6 +98,25 @@ def test_dropout_mask_matches_scalar_definition(device, seed, offset, p):
     assert torch.equal(keep.cpu(), py_keep_range(seed, offset, 0, n, p))
 
 
+# Blocks around 2^32 (elements around 2^35): the vectorised generators take the low counter word in SIMD lanes and
+# the high word as one value per set, so runs and block rows that reach or cross that boundary must keep the exact
+# 64-bit counter.
+@pytest.mark.parametrize("start", [0, 8 * (2**32 - 20) + 3, 8 * (2**32 - 8), 8 * 2**32 + 5, 8 * (3 * 2**32 - 9) + 1])
+@pytest.mark.parametrize("n", [1, 61, 128, 300])
+def test_cpu_keep_run_at_high_counters(start, n):
+    seed, offset, p = 2**64 - 3, 2**35 + 1, 0.5
+    assert _C.keep_run(seed, offset, p, start, n) == [bool(k) for k in py_keep_range(seed, offset, start, n, p)]
+
+
+@pytest.mark.parametrize("first", [0, 2**32 - 5, 2**32 - 100, 2**32 + 7, 2**34 - 1])
+@pytest.mark.parametrize("stride", [1, 7, 2**20])
+@pytest.mark.parametrize("count", [1, 8, 13, 16])
+def test_cpu_keep_block_rows_at_high_counters(first, stride, count):
+    seed, offset, p = 12345, 678, 0.3
+    expected = [py_keep(seed, offset, 8 * (first + j * stride) + r, p) for r in range(8) for j in range(count)]
+    assert _C.keep_block_rows(seed, offset, p, first, stride, count) == expected
+
+
 @pytest.mark.parametrize("shape", [(1,), (7,), (9,), (3, 5, 7), (2, 3, 2, 3, 3)])
 def test_dropout_mask_shape_is_logical_flat_index(device, shape):
     seed, offset, p = 99, 5, 0.5

@@ -41,7 +41,12 @@ void forward_kernel(const at::Tensor& x, const ChannelParams<cpu::acc_t<scalar_t
     at::parallel_for(0, g.N * g.C, cpu::planes_grain(g), [&](int64_t begin, int64_t end) {
       std::vector<acc> mult(kChunk);
       cpu::for_each_run(g, begin, end, [&](int64_t off, int64_t len) {
-        if (dp.active) cpu::fill_run_mult(dp, off, len, mult.data());
+        if (dp.active) {
+          const int64_t next = off + len;
+          cpu::NextRunPrefetch prefetch(xd + next, nullptr, yd + next,
+                                        cpu::next_run_len(g, end, off, len) * sizeof(scalar_t));
+          cpu::fill_run_mult(dp, off, len, mult.data(), &prefetch);
+        }
         cpu::for_each_segment(g, off, len, [&](int64_t rel, int64_t n, int64_t plane, int64_t c) {
           forward_run<scalar_t, acc>(xd + off + rel, &a[c], &b[c], dp.active ? mult.data() + rel : nullptr,
                                      yd + off + rel, n, false);
@@ -111,7 +116,12 @@ void backward_input_kernel(const at::Tensor& dy_t, const at::Tensor& x, const Gr
     at::parallel_for(0, g.N * g.C, cpu::planes_grain(g), [&](int64_t begin, int64_t end) {
       std::vector<acc> mult(kChunk);
       cpu::for_each_run(g, begin, end, [&](int64_t off, int64_t len) {
-        if (dp.active) cpu::fill_run_mult(dp, off, len, mult.data());
+        if (dp.active) {
+          const int64_t next = off + len;
+          cpu::NextRunPrefetch prefetch(dyd + next, xd + next, dxd + next,
+                                        cpu::next_run_len(g, end, off, len) * sizeof(scalar_t));
+          cpu::fill_run_mult(dp, off, len, mult.data(), &prefetch);
+        }
         cpu::for_each_segment(g, off, len, [&](int64_t rel, int64_t n, int64_t plane, int64_t c) {
           grad_input_run<scalar_t, acc, kBatchStats>(dyd + off + rel, xd + off + rel,
                                                      dp.active ? mult.data() + rel : nullptr, k, c,
@@ -195,6 +205,22 @@ void dropout_mask_cpu(PhiloxKey key, double p, at::Tensor& keep) {
       for (int64_t i = 0; i < len; ++i) out[off + i] = mult[i] != 0.0f;
     }
   });
+}
+
+std::vector<bool> keep_run_cpu(PhiloxKey key, double p, uint64_t start, int64_t n) {
+  std::vector<float> mult(n);
+  cpu::fill_dropout_mult<float>(key, start, n, threshold16(p), 1.0f, mult.data());
+  return std::vector<bool>(mult.begin(), mult.end());
+}
+
+std::vector<bool> keep_block_rows_cpu(PhiloxKey key, double p, uint64_t first, uint64_t stride, int64_t count) {
+  TORCH_CHECK(count >= 1 && count <= 16, "keep_block_rows_cpu: count must be in 1..16");
+  std::vector<float> mult(kMaskLanes * 16);
+  cpu::fill_strided_rows_mult<float>(key, first, stride, count, threshold16(p), 1.0f, mult.data(), 16);
+  std::vector<bool> keep;
+  for (int r = 0; r < kMaskLanes; ++r)
+    for (int64_t j = 0; j < count; ++j) keep.push_back(mult[r * 16 + j] != 0.0f);
+  return keep;
 }
 
 }  // namespace bnfused

@@ -119,7 +119,12 @@ void reduce_kernel(const at::Tensor& dy_t, const at::Tensor& x, const ChannelPar
       // Planes of [begin, end) belong to this thread alone: their totals are accumulated in place.
       PendingPlaneSums<acc> pending{plane_g.data(), plane_gx.data()};
       cpu::for_each_run(g, begin, end, [&](int64_t off, int64_t len) {
-        if (dp.active) cpu::fill_run_mult(dp, off, len, mult.data());
+        if (dp.active) {
+          const int64_t next = off + len;
+          cpu::NextRunPrefetch prefetch(dyd + next, xd + next, nullptr,
+                                        cpu::next_run_len(g, end, off, len) * sizeof(scalar_t));
+          cpu::fill_run_mult(dp, off, len, mult.data(), &prefetch);
+        }
         cpu::for_each_segment(g, off, len, [&](int64_t rel, int64_t n, int64_t plane, int64_t c) {
           Vec sg, sgx;
           reduce_plane<scalar_t, acc>(dyd + off + rel, xd + off + rel, dp.active ? mult.data() + rel : nullptr, a[c],

@@ -248,6 +248,42 @@ inline void for_each_run(const Geometry& g, int64_t plane_begin, int64_t plane_e
   }
 }
 
+// Length of the run that follows [off, off + len) in the same walk (0 after the last one).
+inline int64_t next_run_len(const Geometry& g, int64_t plane_end, int64_t off, int64_t len) {
+  const int64_t next = off + len;
+  return std::max<int64_t>(0, std::min(kChunk - next % kChunk, plane_end * g.S - next));
+}
+
+// Software prefetch of the next run's streams (one or two inputs and at most one output, `bytes` each), issued a slice at a
+// time between the Philox batches of the current run (upto(done, total): the first done/total of its lines).
+// Philox keeps the core busy for ~1 us per 2048-element run with no loads in flight, and the hardware prefetcher
+// does not run ahead over that gap: without this, a pass with dropout costs Philox + memory instead of about the
+// larger of the two (standalone model of the forward, 64 MB float32, 2 threads: 0.49-0.59 -> 0.37-0.44 ns/elem).
+// The output's lines are prefetched for writing, so its read-for-ownership is off the store path too.
+class NextRunPrefetch {
+ public:
+  NextRunPrefetch(const void* in0, const void* in1, void* out, int64_t bytes)
+      : in0_(static_cast<const char*>(in0)), in1_(static_cast<const char*>(in1)), out_(static_cast<char*>(out)),
+        lines_(bytes > 0 ? (bytes + kLine - 1) / kLine : 0) {}
+
+  void upto(int64_t done, int64_t total) {
+    const int64_t target = total > 0 ? lines_ * done / total : lines_;
+    for (; issued_ < target; ++issued_) {
+      __builtin_prefetch(in0_ + issued_ * kLine, 0, 3);
+      if (in1_) __builtin_prefetch(in1_ + issued_ * kLine, 0, 3);
+      if (out_) __builtin_prefetch(out_ + issued_ * kLine, 1, 3);
+    }
+  }
+
+ private:
+  static constexpr int64_t kLine = 64;
+  const char* in0_;
+  const char* in1_;
+  char* out_;
+  int64_t lines_;
+  int64_t issued_ = 0;
+};
+
 // Planes and channels are stepped, not divided out per segment: two integer divisions per 7x7 plane cost about
 // as much as the plane's arithmetic.
 template <typename F>  // f(rel, len, plane, c): elements [off + rel, off + rel + len) all lie in `plane`, channel c

@@ -122,14 +122,20 @@ void unpack_block_rows(const uint8_t* bits, uint64_t first, uint64_t stride, int
 }
 
 // Multipliers of the run [start, start + n) for a kernel: from the bits when the backward has them, else from
-// Philox (packing the bits on the way when the forward is asked for them).
+// Philox (packing the bits on the way when the forward is asked for them). With Philox, `prefetch` (if given)
+// fetches the kernel's next run meanwhile; unpacking bits leaves the memory stream no gap to fill.
 template <typename acc_t>
-void fill_run_mult(const DropoutParams<acc_t>& dp, uint64_t start, int64_t n, acc_t* out) {
+void fill_run_mult(const DropoutParams<acc_t>& dp, uint64_t start, int64_t n, acc_t* out,
+                   NextRunPrefetch* prefetch = nullptr) {
   if (dp.bits_in) {
     unpack_keep_bits(dp.bits_in, start, n, dp.scale, out);
     return;
   }
-  fill_dropout_mult(dp.key, start, n, dp.threshold, dp.scale, out);
+  if (prefetch)
+    fill_dropout_mult(dp.key, start, n, dp.threshold, dp.scale, out, 1,
+                      [prefetch](int64_t done, int64_t total) { prefetch->upto(done, total); });
+  else
+    fill_dropout_mult(dp.key, start, n, dp.threshold, dp.scale, out);
   if (dp.bits_out) pack_keep_bits(out, start, n, dp.key, dp.threshold, dp.bits_out);
 }
 
