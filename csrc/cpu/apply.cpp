@@ -60,7 +60,10 @@ void forward_kernel(const at::Tensor& x, const ChannelParams<cpu::acc_t<scalar_t
     std::vector<acc> mult(dp.active ? tiles.mult_elems() : 0), scratch(dp.active ? tiles.scratch_elems() : 0);
     for (int64_t ti = begin; ti < end; ++ti) {
       const auto t = tiles.tile(ti);
-      if (dp.active) tiles.fill_mult(t, dp, mult.data(), scratch.data());
+      if (dp.active) {
+        auto prefetch = tiles.next_tile_prefetch(ti, end, xd, nullptr, yd, sizeof(scalar_t));
+        tiles.fill_mult(t, dp, mult.data(), scratch.data(), &prefetch);
+      }
       for (int64_t r = 0; r < t.rows; ++r) {
         const int64_t off = (t.row0 + r) * g.C;
         forward_run<scalar_t, acc>(xd + off, a.data(), b.data(),
@@ -136,7 +139,10 @@ void backward_input_kernel(const at::Tensor& dy_t, const at::Tensor& x, const Gr
     std::vector<acc> mult(dp.active ? tiles.mult_elems() : 0), scratch(dp.active ? tiles.scratch_elems() : 0);
     for (int64_t ti = begin; ti < end; ++ti) {
       const auto t = tiles.tile(ti);
-      if (dp.active) tiles.fill_mult(t, dp, mult.data(), scratch.data());
+      if (dp.active) {
+        auto prefetch = tiles.next_tile_prefetch(ti, end, dyd, xd, dxd, sizeof(scalar_t));
+        tiles.fill_mult(t, dp, mult.data(), scratch.data(), &prefetch);
+      }
       for (int64_t r = 0; r < t.rows; ++r) {
         const int64_t off = (t.row0 + r) * g.C;
         grad_input_run<scalar_t, acc, kBatchStats>(dyd + off, xd + off,

@@ -157,7 +157,10 @@ void reduce_kernel(const at::Tensor& dy_t, const at::Tensor& x, const ChannelPar
       double* pgx = part_gx.data() + grp * g.C;
       for (int64_t ti = grp * n_tiles / n_groups; ti < (grp + 1) * n_tiles / n_groups; ++ti) {
         const auto t = tiles.tile(ti);
-        if (dp.active) tiles.fill_mult(t, dp, mult.data(), scratch.data());
+        if (dp.active) {
+          auto prefetch = tiles.next_tile_prefetch(ti, end * n_tiles / n_groups, dyd, xd, nullptr, sizeof(scalar_t));
+          tiles.fill_mult(t, dp, mult.data(), scratch.data(), &prefetch);
+        }
         std::fill(sg.begin(), sg.end(), acc(0));
         std::fill(sgx.begin(), sgx.end(), acc(0));
         for (int64_t r = 0; r < t.rows; ++r) {

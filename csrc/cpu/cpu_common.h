@@ -260,18 +260,26 @@ inline int64_t next_run_len(const Geometry& g, int64_t plane_end, int64_t off, i
 // does not run ahead over that gap: without this, a pass with dropout costs Philox + memory instead of about the
 // larger of the two (standalone model of the forward, 64 MB float32, 2 threads: 0.49-0.59 -> 0.37-0.44 ns/elem).
 // The output's lines are prefetched for writing, so its read-for-ownership is off the store path too.
+// to_l2: into L2 only, for runs (channels_last tiles) that with their multipliers outgrow L1.
 class NextRunPrefetch {
  public:
-  NextRunPrefetch(const void* in0, const void* in1, void* out, int64_t bytes)
+  NextRunPrefetch(const void* in0, const void* in1, void* out, int64_t bytes, bool to_l2 = false)
       : in0_(static_cast<const char*>(in0)), in1_(static_cast<const char*>(in1)), out_(static_cast<char*>(out)),
-        lines_(bytes > 0 ? (bytes + kLine - 1) / kLine : 0) {}
+        lines_(bytes > 0 ? (bytes + kLine - 1) / kLine : 0), to_l2_(to_l2) {}
 
   void upto(int64_t done, int64_t total) {
     const int64_t target = total > 0 ? lines_ * done / total : lines_;
     for (; issued_ < target; ++issued_) {
-      __builtin_prefetch(in0_ + issued_ * kLine, 0, 3);
-      if (in1_) __builtin_prefetch(in1_ + issued_ * kLine, 0, 3);
-      if (out_) __builtin_prefetch(out_ + issued_ * kLine, 1, 3);
+      const int64_t at = issued_ * kLine;
+      if (to_l2_) {
+        __builtin_prefetch(in0_ + at, 0, 2);
+        if (in1_) __builtin_prefetch(in1_ + at, 0, 2);
+        if (out_) __builtin_prefetch(out_ + at, 0, 2);  // no line is shared: a read prefetch gets it exclusive
+      } else {
+        __builtin_prefetch(in0_ + at, 0, 3);
+        if (in1_) __builtin_prefetch(in1_ + at, 0, 3);
+        if (out_) __builtin_prefetch(out_ + at, 1, 3);
+      }
     }
   }
 
@@ -281,6 +289,7 @@ class NextRunPrefetch {
   const char* in1_;
   char* out_;
   int64_t lines_;
+  bool to_l2_;
   int64_t issued_ = 0;
 };
 

@@ -40,6 +40,17 @@ struct RowTiles {
     return Tile{r0, std::min(rows_per_tile, N - r0), r0, 0};
   }
 
+  // Prefetch (into L2) of the streams' part in tile ti + 1 if it is below `end`, else of nothing. The bases are the
+  // tensors' data pointers; a tile's rows are contiguous in memory.
+  NextRunPrefetch next_tile_prefetch(int64_t ti, int64_t end, const void* in0, const void* in1, void* out,
+                                     int64_t elem_size) const {
+    if (ti + 1 >= end) return NextRunPrefetch(nullptr, nullptr, nullptr, 0);
+    const Tile next = tile(ti + 1);
+    const int64_t at = next.row0 * C * elem_size;
+    auto shift = [at](const void* base) { return base ? static_cast<const char*>(base) + at : nullptr; };
+    return NextRunPrefetch(shift(in0), shift(in1), const_cast<char*>(shift(out)), next.rows * C * elem_size, true);
+  }
+
   // Channel runs start on Philox blocks (see the top of the file).
   bool block_rows() const { return S > 1 && S % kMaskLanes == 0; }
 
@@ -54,10 +65,12 @@ struct RowTiles {
 
   // Multipliers of tile t as mult[r * mult_stride() + c]. Without block rows, for S > 1 each channel's run is
   // generated contiguously into `scratch` (C * rows_per_tile values), two channels at a time, and transposed.
+  // With Philox, `prefetch` (if given) fetches the kernel's next tile meanwhile.
   template <typename acc_type>
-  void fill_mult(const Tile& t, const DropoutParams<acc_type>& dp, acc_type* mult, acc_type* scratch) const {
+  void fill_mult(const Tile& t, const DropoutParams<acc_type>& dp, acc_type* mult, acc_type* scratch,
+                 NextRunPrefetch* prefetch = nullptr) const {
     if (S == 1) {
-      fill_run_mult(dp, static_cast<uint64_t>(t.row0 * C), t.rows * C, mult);
+      fill_run_mult(dp, static_cast<uint64_t>(t.row0 * C), t.rows * C, mult, prefetch);
       return;
     }
     if (block_rows()) {
@@ -75,6 +88,7 @@ struct RowTiles {
           }
           fill_strided_rows_mult(dp.key, first, blocks_per_channel, count, dp.threshold, dp.scale, out, ld);
           if (dp.bits_out) pack_block_rows(out, ld, count, first, blocks_per_channel, dp.bits_out);
+          if (prefetch) prefetch->upto(r0 * C + (c0 + count) * kMaskLanes, t.rows * C);
         }
       }
       return;
@@ -88,8 +102,10 @@ struct RowTiles {
         const uint64_t starts[2] = {start(c), start(c + 1)};
         acc_type* const outs[2] = {scratch + c * t.rows, scratch + (c + 1) * t.rows};
         fill_dropout_mult_pair(dp.key, starts, t.rows, dp.threshold, dp.scale, outs);
+        if (prefetch) prefetch->upto(c + 2, C);
       }
       for (; c < C; ++c) fill_dropout_mult(dp.key, start(c), t.rows, dp.threshold, dp.scale, scratch + c * t.rows);
+      if (prefetch) prefetch->upto(C, C);
       if (dp.bits_out)
         for (c = 0; c < C; ++c) pack_keep_bits(scratch + c * t.rows, start(c), t.rows, dp.key, dp.threshold, dp.bits_out);
     }
