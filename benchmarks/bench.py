@@ -34,9 +34,11 @@ from e2e import run_e2e  # noqa: E402
 from environment import device_name, load_average, run_meta, slug  # noqa: E402
 from kernels import time_kernels  # noqa: E402
 from measure import copy_bandwidth, first_call_seconds, peak_step_bytes, saved_bytes, time_fn  # noqa: E402
+from parity import measure_parity, parity_pairs  # noqa: E402
 from peers import COMPILE, EAGER, FUSED, Peer, make_peers, peer_names, step  # noqa: E402
 from plot import plot_speedups  # noqa: E402
-from report import e2e_table, fmt_ms, fmt_x, results_markdown, summary_table, targets_table  # noqa: E402
+from report import (e2e_table, fmt_ms, fmt_x, parity_table, results_markdown, summary_table,  # noqa: E402
+                    targets_table)
 from results import CaseResult, RunResults  # noqa: E402
 from targets import check_targets  # noqa: E402
 
@@ -149,6 +151,9 @@ def main(argv=None) -> int:
     run = RunResults(meta=meta, peers=names, modes=MODES, copy_gbs=copy_first)
     for i, case in enumerate(suite.cases):
         run_case(run, case, args, suite, i, len(suite.cases), start)
+    if parity_pairs(suite.cases):
+        say("per-byte parity: channels_last / bfloat16 vs contiguous float32, rounds interleaved ...")
+        run.parity = measure_parity(suite, args.p, args.device, args.threads)
     say("end to end: small CNN training steps, unfused vs bnfused.convert(model) ...")
     run.e2e = run_e2e(args.device, suite.e2e_steps, args.p)
     sync_md = ""
@@ -177,6 +182,9 @@ def main(argv=None) -> int:
 
     say("\n## Comparison (median ms, IQR in parentheses)\n")
     say(summary_table(run))
+    if run.parity:
+        say("\n## Per-byte parity (rounds interleaved)\n")
+        say(parity_table(run))
     say(f"\n## Targets: {targets_title}\n")
     say(targets_table(checks))
     say("\n## End to end\n")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch.utils import benchmark
@@ -40,15 +40,26 @@ def time_fn(fn: Callable[[], object], device: torch.device, threads: int, *, min
     machine a neighbour's burst inflates whole rounds, and the quietest round is the best estimate of what the
     code costs. Every peer and the copy bandwidth are measured the same way, so ratios stay fair.
     """
-    estimate = first_call_seconds(fn, device)  # also a warm-up call
-    run_time = min(max(min_time, min_samples * estimate), max_time)
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
-    best = None
+    return time_interleaved([fn], device, threads, min_time=min_time, max_time=max_time, min_samples=min_samples,
+                            rounds=rounds)[0]
+
+
+def time_interleaved(fns: Sequence[Callable[[], object]], device: torch.device, threads: int, *, min_time: float,
+                     max_time: float, min_samples: int, rounds: int = 3) -> list[Timing]:
+    """time_fn of each of fns, with their rounds taken in turn (round 1 of each, then round 2 of each, ...): where
+    two measurements are compared with each other, a slow phase of the machine then hits both alike."""
+    run_times = []
+    for fn in fns:
+        estimate = first_call_seconds(fn, device)  # also a warm-up call
+        run_times.append(min(max(min_time, min_samples * estimate), max_time))
+    timers = [benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads) for fn in fns]
+    best: list = [None] * len(fns)
     for _ in range(max(1, rounds)):
-        m = timer.blocked_autorange(min_run_time=run_time / max(1, rounds))
-        if best is None or m.median < best.median:
-            best = m
-    return Timing(best.median, best.iqr, len(best.times))
+        for i, timer in enumerate(timers):
+            m = timer.blocked_autorange(min_run_time=run_times[i] / max(1, rounds))
+            if best[i] is None or m.median < best[i].median:
+                best[i] = m
+    return [Timing(m.median, m.iqr, len(m.times)) for m in best]
 
 
 def copy_bandwidth(device: torch.device, threads: int, nbytes: int = 256 * 2**20, min_time: float = 0.5) -> float:

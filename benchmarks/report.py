@@ -108,11 +108,35 @@ def e2e_table(run: RunResults) -> str:
     return table(["model", "batch", "images/s", "step ms (IQR)", "speedup"], rows)
 
 
+def parity_table(run: RunResults) -> str:
+    rows = []
+    for r in run.parity:
+        gbs, gbs_ref = run.gbs(r.case, r.mode, r.timing), run.gbs(r.ref, r.mode, r.ref_timing)
+        rows.append([r.case.label, r.mode, fmt_timing(r.timing), r.ref.label, fmt_timing(r.ref_timing),
+                     f"{gbs:.1f}", f"{gbs_ref:.1f}", f"{gbs / gbs_ref:.2f}"])
+    return table(["case", "mode", "bnfused ms", "reference", "reference ms", "GB/s", "reference GB/s",
+                  "per-byte ratio"], rows)
+
+
 def targets_table(checks: list[Check]) -> str:
     if not checks:
         return "(no targeted case in this run)"
     return table(["check", "measured", "target", "met"],
                  [[c.what, c.measured, c.target, "yes" if c.met else "MISSED"] for c in checks])
+
+
+def parity_section(run: RunResults) -> str:
+    if not run.parity:
+        return ""
+    return f"""## Per-byte parity (rounds interleaved)
+
+The per-byte targets compare each channels_last / bfloat16 case with contiguous float32 of the same shape. Both
+bnfused modules are timed here with their rounds taken in turn, so a slow phase of the machine hits both alike
+(the main table measures them minutes apart). GB/s uses the byte model above.
+
+{parity_table(run)}
+
+"""
 
 
 def results_markdown(run: RunResults, targets_title: str, checks: list[Check], elapsed_s: float) -> str:
@@ -138,7 +162,7 @@ Byte model: {BYTE_MODEL}
 
 {targets_table(checks)}
 
-## End to end: small CNN training step (Conv -> BN -> ReLU -> Dropout x4, SGD)
+{parity_section(run)}## End to end: small CNN training step (Conv -> BN -> ReLU -> Dropout x4, SGD)
 
 {e2e_table(run)}
 

@@ -8,6 +8,7 @@ from cases import Case
 from e2e import E2EResult
 from kernels import KernelTiming
 from measure import Timing
+from parity import ParityResult
 
 
 @dataclass
@@ -28,6 +29,7 @@ class RunResults:
     copy_gbs: float
     cases: list[CaseResult] = field(default_factory=list)
     e2e: list[E2EResult] = field(default_factory=list)
+    parity: list[ParityResult] = field(default_factory=list)  # per-byte pairs, rounds interleaved
     plot_note: str = ""
 
     def gbs(self, case: Case, mode: str, t: Timing) -> float:

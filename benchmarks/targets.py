@@ -36,23 +36,13 @@ def _speedup_checks(run: RunResults, shape, dtypes, needs: dict[str, float]) -> 
 
 
 def _per_byte_checks(run: RunResults) -> list[Check]:
-    """channels_last and bfloat16 at least as fast per byte as contiguous float32 of the same shape and mode."""
+    """channels_last and bfloat16 at least as fast per byte as contiguous float32 of the same shape and mode, from
+    the pairs timed with interleaved rounds (parity.py)."""
     checks = []
-    by_key = {(cr.case.shape, cr.case.dtype, cr.case.channels_last): cr for cr in run.cases}
-    for cr in run.cases:
-        c = cr.case
-        if (c.dtype, c.channels_last) == (torch.float32, False):
-            continue
-        ref = by_key.get((c.shape, torch.float32, False))
-        if ref is None:
-            continue
-        for mode in run.modes:
-            t, t_ref = cr.timings.get((mode, FUSED)), ref.timings.get((mode, FUSED))
-            if t is None or t_ref is None:
-                continue
-            gbs, gbs_ref = run.gbs(c, mode, t), run.gbs(ref.case, mode, t_ref)
-            checks.append(Check(f"{c.label} {mode} GB/s vs {ref.case.label}", f"{gbs:.1f} vs {gbs_ref:.1f}",
-                                ">= 1.0x per byte", gbs >= gbs_ref))
+    for r in run.parity:
+        gbs, gbs_ref = run.gbs(r.case, r.mode, r.timing), run.gbs(r.ref, r.mode, r.ref_timing)
+        checks.append(Check(f"{r.case.label} {r.mode} GB/s vs {r.ref.label}", f"{gbs:.1f} vs {gbs_ref:.1f}",
+                            ">= 1.0x per byte", gbs >= gbs_ref))
     return checks
 
 

@@ -86,12 +86,13 @@ def bench_modules(monkeypatch):
     import measure
     import plot
     import results
+    import parity
     import targets
-    return cases, measure, plot, results, targets
+    return cases, measure, plot, results, targets, parity
 
 
 def _synthetic_run(bench_modules, fused_ms: float):
-    cases, measure, _, results, _ = bench_modules
+    cases, measure, _, results, _ = bench_modules[:5]
     case = cases.Case(cases.CNN_SHAPES[0], torch.float32)
     cr = results.CaseResult(case)
     for mode in MODES:
@@ -122,3 +123,32 @@ def test_plot_skipped_without_matplotlib(bench_modules, monkeypatch, tmp_path):
     note = plot.plot_speedups(_synthetic_run(bench_modules, 10.0), tmp_path / "x.png")
     assert note == "plot skipped: matplotlib not available"
     assert not (tmp_path / "x.png").exists()
+
+
+def test_parity_pairs_interleaved_timings(bench_modules):
+    """Every channels_last / reduced-precision case is paired with contiguous float32 of its shape (when the suite
+    has it), and each mode of a pair gets a timing per side."""
+    cases, parity = bench_modules[0], bench_modules[5]
+    f32, shape = torch.float32, (2, 4, 8, 8)
+    suite_cases = (cases.Case(shape, f32), cases.Case(shape, f32, True), cases.Case(shape, torch.bfloat16),
+                   cases.Case((16, 8), torch.bfloat16))  # no float32 (16, 8): unpaired
+    pairs = parity.parity_pairs(suite_cases)
+    assert pairs == [(suite_cases[1], suite_cases[0]), (suite_cases[2], suite_cases[0])]
+    suite = cases.Suite("test", suite_cases, min_time=0.01, max_time=0.02, min_samples=2, e2e_steps=1)
+    res = parity.measure_parity(suite, 0.1, torch.device("cpu"), 1)
+    assert [(r.case, r.ref, r.mode) for r in res] == [(c, ref, m) for c, ref in pairs for m in MODES]
+    assert all(r.timing.median > 0 and r.ref_timing.median > 0 for r in res)
+
+
+def test_per_byte_checks_use_interleaved_pairs(bench_modules):
+    cases, measure, _, _, targets, parity = bench_modules
+    run = _synthetic_run(bench_modules, fused_ms=10.0)
+    ref = run.cases[0].case
+    cl, bf16 = cases.Case(ref.shape, torch.float32, True), cases.Case(ref.shape, torch.bfloat16)
+    t = measure.Timing(0.010, 0.0, 5)
+    run.parity = [parity.ParityResult(cl, ref, "train fwd", measure.Timing(0.009, 0.0, 5), t),   # faster: met
+                  parity.ParityResult(bf16, ref, "train fwd", measure.Timing(0.006, 0.0, 5), t)]  # half the bytes
+    per_byte = [c for c in targets.cpu_checks(run) if "per byte" in c.target]
+    assert [c.met for c in per_byte] == [True, False]
+    assert per_byte[1].measured == f"{run.gbs(bf16, 'train fwd', run.parity[1].timing):.1f} vs " \
+                                   f"{run.gbs(ref, 'train fwd', t):.1f}"
