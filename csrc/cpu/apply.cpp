@@ -42,9 +42,7 @@ void forward_kernel(const at::Tensor& x, const ChannelParams<cpu::acc_t<scalar_t
       std::vector<acc> mult(kChunk);
       cpu::for_each_run(g, begin, end, [&](int64_t off, int64_t len) {
         if (dp.active) {
-          const int64_t next = off + len;
-          cpu::NextRunPrefetch prefetch(xd + next, nullptr, yd + next,
-                                        cpu::next_run_len(g, end, off, len) * sizeof(scalar_t));
+          auto prefetch = cpu::next_run_prefetch(g, end, off, len, xd, nullptr, yd, sizeof(scalar_t));
           cpu::fill_run_mult(dp, off, len, mult.data(), &prefetch);
         }
         cpu::for_each_segment(g, off, len, [&](int64_t rel, int64_t n, int64_t plane, int64_t c) {
@@ -120,9 +118,7 @@ void backward_input_kernel(const at::Tensor& dy_t, const at::Tensor& x, const Gr
       std::vector<acc> mult(kChunk);
       cpu::for_each_run(g, begin, end, [&](int64_t off, int64_t len) {
         if (dp.active) {
-          const int64_t next = off + len;
-          cpu::NextRunPrefetch prefetch(dyd + next, xd + next, dxd + next,
-                                        cpu::next_run_len(g, end, off, len) * sizeof(scalar_t));
+          auto prefetch = cpu::next_run_prefetch(g, end, off, len, dyd, xd, dxd, sizeof(scalar_t));
           cpu::fill_run_mult(dp, off, len, mult.data(), &prefetch);
         }
         cpu::for_each_segment(g, off, len, [&](int64_t rel, int64_t n, int64_t plane, int64_t c) {

@@ -120,9 +120,7 @@ void reduce_kernel(const at::Tensor& dy_t, const at::Tensor& x, const ChannelPar
       PendingPlaneSums<acc> pending{plane_g.data(), plane_gx.data()};
       cpu::for_each_run(g, begin, end, [&](int64_t off, int64_t len) {
         if (dp.active) {
-          const int64_t next = off + len;
-          cpu::NextRunPrefetch prefetch(dyd + next, xd + next, nullptr,
-                                        cpu::next_run_len(g, end, off, len) * sizeof(scalar_t));
+          auto prefetch = cpu::next_run_prefetch(g, end, off, len, dyd, xd, nullptr, sizeof(scalar_t));
           cpu::fill_run_mult(dp, off, len, mult.data(), &prefetch);
         }
         cpu::for_each_segment(g, off, len, [&](int64_t rel, int64_t n, int64_t plane, int64_t c) {

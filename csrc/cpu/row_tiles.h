@@ -46,9 +46,7 @@ struct RowTiles {
                                      int64_t elem_size) const {
     if (ti + 1 >= end) return NextRunPrefetch(nullptr, nullptr, nullptr, 0);
     const Tile next = tile(ti + 1);
-    const int64_t at = next.row0 * C * elem_size;
-    auto shift = [at](const void* base) { return base ? static_cast<const char*>(base) + at : nullptr; };
-    return NextRunPrefetch(shift(in0), shift(in1), const_cast<char*>(shift(out)), next.rows * C * elem_size, true);
+    return NextRunPrefetch::range(in0, in1, out, next.row0 * C * elem_size, next.rows * C * elem_size, true);
   }
 
   // Channel runs start on Philox blocks (see the top of the file).
