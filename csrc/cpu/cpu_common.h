@@ -254,7 +254,9 @@ inline void for_each_run(const Geometry& g, int64_t plane_begin, int64_t plane_e
 // Philox keeps the core busy for ~1 us per 2048-element run with no loads in flight, and the hardware prefetcher
 // does not run ahead over that gap: without this, a pass with dropout costs Philox + memory instead of about the
 // larger of the two (standalone model of the forward, 64 MB float32, 2 threads: 0.49-0.59 -> 0.37-0.44 ns/elem).
-// The output's lines are prefetched for writing, so its read-for-ownership is off the store path too.
+// The output's lines are prefetched too (asked for writing; without -mprfchw GCC emits a read prefetch, which gets
+// an unshared line exclusive anyway), so its read-for-ownership is off the store path: prefetching the inputs
+// alone gained little in the model.
 // to_l2: into L2 only, for runs (channels_last tiles) that with their multipliers outgrow L1.
 class NextRunPrefetch {
  public:
