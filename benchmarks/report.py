@@ -111,7 +111,7 @@ def e2e_table(run: RunResults) -> str:
 def parity_table(run: RunResults) -> str:
     rows = []
     for r in run.parity:
-        gbs, gbs_ref = run.gbs(r.case, r.mode, r.timing), run.gbs(r.ref, r.mode, r.ref_timing)
+        gbs, gbs_ref = run.parity_gbs(r)
         rows.append([r.case.label, r.mode, fmt_timing(r.timing), r.ref.label, fmt_timing(r.ref_timing),
                      f"{gbs:.1f}", f"{gbs_ref:.1f}", f"{gbs / gbs_ref:.2f}"])
     return table(["case", "mode", "bnfused ms", "reference", "reference ms", "GB/s", "reference GB/s",

@@ -35,6 +35,10 @@ class RunResults:
     def gbs(self, case: Case, mode: str, t: Timing) -> float:
         return case.bytes_moved(mode) / t.median / 1e9
 
+    def parity_gbs(self, r: ParityResult) -> tuple[float, float]:
+        """(GB/s of the case, GB/s of its float32 reference) of one interleaved parity measurement."""
+        return self.gbs(r.case, r.mode, r.timing), self.gbs(r.ref, r.mode, r.ref_timing)
+
     def pct_copy(self, gbs: float) -> float:
         return 100.0 * gbs / self.copy_gbs
 

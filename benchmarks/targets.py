@@ -40,7 +40,7 @@ def _per_byte_checks(run: RunResults) -> list[Check]:
     the pairs timed with interleaved rounds (parity.py)."""
     checks = []
     for r in run.parity:
-        gbs, gbs_ref = run.gbs(r.case, r.mode, r.timing), run.gbs(r.ref, r.mode, r.ref_timing)
+        gbs, gbs_ref = run.parity_gbs(r)
         checks.append(Check(f"{r.case.label} {r.mode} GB/s vs {r.ref.label}", f"{gbs:.1f} vs {gbs_ref:.1f}",
                             ">= 1.0x per byte", gbs >= gbs_ref))
     return checks

@@ -131,11 +131,9 @@ void fill_run_mult(const DropoutParams<acc_t>& dp, uint64_t start, int64_t n, ac
     unpack_keep_bits(dp.bits_in, start, n, dp.scale, out);
     return;
   }
-  if (prefetch)
-    fill_dropout_mult(dp.key, start, n, dp.threshold, dp.scale, out, 1,
-                      [prefetch](int64_t done, int64_t total) { prefetch->upto(done, total); });
-  else
-    fill_dropout_mult(dp.key, start, n, dp.threshold, dp.scale, out);
+  fill_dropout_mult(dp.key, start, n, dp.threshold, dp.scale, out, 1, [prefetch](int64_t done, int64_t total) {
+    if (prefetch) prefetch->upto(done, total);
+  });
   if (dp.bits_out) pack_keep_bits(out, start, n, dp.key, dp.threshold, dp.bits_out);
 }
 
