@@ -197,7 +197,9 @@ inline at::vec::Vectorized<acc_type> vec_sum(const scalar_t* x, int64_t n) {
   int64_t i = 0;
   for (; i + 4 * V <= n; i += 4 * V)
     for (int k = 0; k < 4; ++k) s[k] += load_as<scalar_t, acc_type>(x + i + k * V, V);
-  for (; i < n; i += V) s[0] += load_as<scalar_t, acc_type>(x + i, static_cast<int>(std::min<int64_t>(V, n - i)));
+  // Full vectors, then one partial: the loop of a 7x7 plane then has no per-step count (same order of adds).
+  for (; i + V <= n; i += V) s[0] += load_as<scalar_t, acc_type>(x + i, V);
+  if (i < n) s[0] += load_as<scalar_t, acc_type>(x + i, static_cast<int>(n - i));
   return (s[0] + s[1]) + (s[2] + s[3]);
 }
 
@@ -214,8 +216,12 @@ inline at::vec::Vectorized<acc_type> vec_sq_dev(const scalar_t* x, int64_t n, ac
       const Vec d = load_as<scalar_t, acc_type>(x + i + k * V, V) - vmean;
       q[k] = at::vec::fmadd(d, d, q[k]);
     }
-  for (; i < n; i += V) {
-    const int count = static_cast<int>(std::min<int64_t>(V, n - i));
+  for (; i + V <= n; i += V) {
+    const Vec d = load_as<scalar_t, acc_type>(x + i, V) - vmean;
+    q[0] = at::vec::fmadd(d, d, q[0]);
+  }
+  if (i < n) {
+    const int count = static_cast<int>(n - i);
     // Partial loads zero the missing lanes; mask their deviation out.
     const Vec d = Vec::set(Vec(0), load_as<scalar_t, acc_type>(x + i, count) - vmean, count);
     q[0] = at::vec::fmadd(d, d, q[0]);
