@@ -158,7 +158,7 @@ class RowBlockPrefetch {
 constexpr int64_t kPrefetchMinBytes = int64_t(4) << 20;
 
 // (N, S, C) memory: rows of C. Work is split into a fixed grid of row blocks x column tiles; each task keeps
-// per-column (mean, m2) for its rows, updated from sub-chunks of rows that fit in L1.
+// per-column (mean, m2) for its rows, updated from sub-chunks of rows that fit in L2.
 template <typename scalar_t>
 void stats_channels_last(const at::Tensor& x, const Geometry& g, double* mean_out, double* var_out) {
   using acc = cpu::acc_t<scalar_t>;
