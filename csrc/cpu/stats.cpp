@@ -117,10 +117,12 @@ inline void column_block_stats(const acc* const* rowp, int64_t rows, int64_t cb,
   }
 }
 
-// How many column blocks of 8, 4, 2 or 1 vectors stats_channels_last splits `vecs` vectors into.
+// Width in vectors (8, 4, 2 or 1) of the next column block when `vecs` vectors of the tile are left, and how many
+// blocks a tile of `vecs` vectors is split into.
+inline int column_block_width(int64_t vecs) { return vecs >= 8 ? 8 : vecs >= 4 ? 4 : vecs >= 2 ? 2 : 1; }
 inline int64_t column_blocks(int64_t vecs) {
-  int64_t n = vecs / 8;
-  for (int64_t rest = vecs % 8; rest > 0; ++n) rest -= rest >= 4 ? 4 : rest >= 2 ? 2 : 1;
+  int64_t n = 0;
+  for (; vecs > 0; ++n) vecs -= column_block_width(vecs);
   return n;
 }
 
@@ -203,11 +205,12 @@ void stats_channels_last(const at::Tensor& x, const Geometry& g, double* mean_ou
       const int64_t r_begin = rb * block_rows, r_end = std::min(R, r_begin + block_rows);
       double* bmean = part_mean.data() + rb * C + c0;
       double* bm2 = part_m2.data() + rb * C + c0;
+      const int64_t n_column_blocks = column_blocks((width + Vec::size() - 1) / Vec::size());
       double count = 0;
       for (int64_t r0 = r_begin; r0 < r_end; r0 += sub_rows) {
         const int64_t rows = std::min(sub_rows, r_end - r0);
         // Ticks: one per row of each column block in each of its two passes.
-        const int64_t ticks = 2 * rows * column_blocks((width + Vec::size() - 1) / Vec::size());
+        const int64_t ticks = 2 * rows * n_column_blocks;
         RowBlockPrefetch prefetch;
         if (prefetch_next) prefetch = after_sub_chunk(task, end, r0 + rows, r_end, ticks);
         auto tick = [&]() __attribute__((always_inline)) { prefetch.tick(); };
@@ -219,15 +222,17 @@ void stats_channels_last(const at::Tensor& x, const Geometry& g, double* mean_ou
         // Column blocks of 8, 4, 2 or 1 vectors: a row's 64 floats are read in order, with one accumulator each.
         for (int64_t cb = 0; cb < width;) {
           const int64_t vecs = (width - cb + Vec::size() - 1) / Vec::size();
-          auto run = [&](auto nv) {  // column_blocks() counts these steps
+          auto run = [&](auto nv) {
             column_block_stats<acc, decltype(nv)::value>(rowp, rows, cb, width, inv_rows, sum.data(), m2c.data(),
                                                          tick);
             cb += decltype(nv)::value * Vec::size();
           };
-          if (vecs >= 8) run(std::integral_constant<int, 8>());
-          else if (vecs >= 4) run(std::integral_constant<int, 4>());
-          else if (vecs >= 2) run(std::integral_constant<int, 2>());
-          else run(std::integral_constant<int, 1>());
+          switch (column_block_width(vecs)) {  // the split column_blocks() counts
+            case 8: run(std::integral_constant<int, 8>()); break;
+            case 4: run(std::integral_constant<int, 4>()); break;
+            case 2: run(std::integral_constant<int, 2>()); break;
+            default: run(std::integral_constant<int, 1>());
+          }
         }
         // Merge (rows, chunk mean, chunk m2) into the task's running triples; counts are equal per column.
         const double total = count + rows, frac = rows / total, cross = count * frac;
