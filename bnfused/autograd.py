@@ -67,12 +67,11 @@ torch.library.register_autograd("bnfused::forward_keep_bits", _backward_keep_bit
 
 
 def _saves_keep_bits(x: Tensor, p: float) -> bool:
-    """Whether the training forward packs the keep bits for the backward: on the CPU, for channels-first and
-    2-d input. There reading the bits saves both backward passes a Philox run (64x64x56x56 float32:
-    backward_reduce 7.5 -> 5.7 ms, backward_input 10.6 -> 8.1 ms, forward +0.2-0.5 ms). channels_last images
-    generate their row-order masks cheaply already: packing cost the forward ~1.8 ms and gained it back at best."""
-    return (x.device.type == "cpu" and 0.0 < p < 1.0
-            and ops.kernel_memory_format(x) == torch.contiguous_format)
+    """Whether the training forward packs the keep bits for the backward: on the CPU, when 0 < p < 1. Reading
+    the bits saves both backward passes a Philox run (64x64x56x56 float32, module forward+backward: NCHW
+    backward_reduce 7.5 -> 5.7 ms and backward_input 10.6 -> 8.1 ms; channels_last 28.2 -> 23.2 ms in all) for
+    +0.2-0.5 ms of forward. channels_last packs them in memory order, so a tile's bits are written sequentially."""
+    return x.device.type == "cpu" and 0.0 < p < 1.0
 
 
 class BNReLUDropoutFunction(torch.autograd.Function):
@@ -81,8 +80,8 @@ class BNReLUDropoutFunction(torch.autograd.Function):
     apply(x, mean, rstd, weight, bias, key, p, batch_stats): mean/rstd are per-channel constants (no grad);
     with batch_stats=True they are the batch's statistics and the input gradient includes their terms.
     key is the int64[2] Philox key (see bnfused.ops.philox_key). Saves x, mean, rstd and the key; on the CPU
-    with 0 < p < 1 (channels-first or 2-d input) also the keep pattern packed 1 bit per element, so the backward
-    reads the mask instead of running Philox twice more (Philox costs about as much as a memory pass there).
+    with 0 < p < 1 also the keep pattern packed 1 bit per element, so the backward reads the mask instead of
+    running Philox twice more (Philox costs about as much as a memory pass there).
     """
 
     # forward(ctx, ...) rather than a separate setup_context: apply() then skips an inspect.signature bind per call.

@@ -68,7 +68,9 @@ def forward(x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor], bia
 def forward_keep_bits(x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                       key: Tensor, p: float, batch_stats: bool) -> tuple[Tensor, Tensor]:
     """CPU: forward's output plus the keep pattern packed 1 bit per element (uint8[ceil(numel / 8)], bit k of
-    byte b = logical element 8b + k), for the backward ops to read instead of regenerating the mask."""
+    byte b = element 8b + k in the memory order of kernel_memory_format(x): logical NC... order for contiguous
+    and 2-d input, (N, spatial..., C) for channels_last; bits past numel are unspecified), for the backward ops to
+    read instead of regenerating the mask."""
     return _ops.forward_keep_bits.default(x, mean, rstd, weight, bias, key, p, batch_stats)
 
 

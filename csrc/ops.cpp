@@ -310,7 +310,8 @@ TORCH_LIBRARY(bnfused, m) {
       "forward(Tensor input, Tensor mean, Tensor rstd, Tensor? weight, Tensor? bias, Tensor key, float p, "
       "bool batch_stats) -> Tensor");
   // CPU only: forward plus the keep pattern packed 1 bit per element (uint8[ceil(numel / 8)], bit k of byte b =
-  // element 8b + k in logical order), which the backward ops then read instead of regenerating it.
+  // element 8b + k in the kernel's memory order: logical for contiguous and 2-d input, (N, spatial..., C) for
+  // channels_last), which the backward ops then read instead of regenerating it.
   m.def(
       "forward_keep_bits(Tensor input, Tensor mean, Tensor rstd, Tensor? weight, Tensor? bias, Tensor key, "
       "float p, bool batch_stats) -> (Tensor out, Tensor keep_bits)");

@@ -1,5 +1,6 @@
 """The CPU keep bits (csrc/cpu/keep_bits.h): ops.forward_keep_bits packs the dropout keep pattern 1 bit per
-element, and the backward ops given those bits compute exactly what they compute from the Philox key."""
+element in the kernel's memory order, and the backward ops given those bits compute exactly what they compute from
+the Philox key."""
 import pytest
 import torch
 
@@ -10,9 +11,11 @@ from bnfused.reference import reference_bn_relu_dropout
 CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 # (shape, channels_last): 2-d rows, 3-d, small planes whose thread ranges end mid-byte (15*100 planes of 49),
-# channels_last with H*W % 8 == 0 (block rows, several tiles, C not a multiple of 8) and without, 5-d.
+# channels_last with H*W % 8 == 0 (block rows) and without, each with C a multiple of 8 (whole bytes per row) and
+# not (bytes span rows), 5-d; (2, 129, 15, 17) has tiles of 127 rows whose bits start and end mid-byte.
 CASES = [((37, 13), False), ((4, 3, 9), False), ((15, 100, 7, 7), False), ((2, 19, 10, 16), True),
-         ((2, 5, 5, 7), True), ((2, 5, 2, 4, 4), True), ((2, 3, 3, 5, 3), False)]
+         ((3, 16, 8, 8), True), ((2, 5, 5, 7), True), ((2, 8, 5, 7), True), ((2, 129, 15, 17), True),
+         ((2, 5, 2, 4, 4), True), ((2, 24, 3, 2, 4), True), ((2, 3, 3, 5, 3), False)]
 
 
 def make_x(shape, channels_last, dtype=torch.float32):
@@ -26,10 +29,15 @@ def stats_args(x):
     return mean, (var + 1e-5).rsqrt(), torch.rand(c, dtype=mean.dtype) + 0.5, torch.randn(c, dtype=mean.dtype)
 
 
-def packed(keep):
-    """Bytes of a flat bool keep pattern whose length is a multiple of 8: bit k of byte b = element 8b + k."""
-    weights = 2 ** torch.arange(8)
-    return (keep.reshape(-1, 8).long() * weights).sum(1).to(torch.uint8)
+def unpacked(bits, numel):
+    """The first numel bits of uint8 bits as bools: bit k of byte b = element 8b + k."""
+    return ((bits.long()[:, None] >> torch.arange(8)) & 1).bool().reshape(-1)[:numel]
+
+
+def in_memory_order(t, like):
+    """t (shaped like `like`) flattened in like's memory order: dims by decreasing stride."""
+    dims = sorted(range(like.dim()), key=lambda d: -like.stride(d))
+    return t.permute(dims).reshape(-1)
 
 
 def case_id(case):
@@ -51,9 +59,8 @@ def test_forward_keep_bits_are_the_mask(case, p, threads):
     finally:
         torch.set_num_threads(old)
     assert torch.equal(out, ops.forward(x, mean, rstd, w, b, key, p, True))
-    nbytes = (x.numel() + 7) // 8
-    assert bits.dtype == torch.uint8 and bits.shape == (nbytes,)
-    assert torch.equal(bits, packed(ops.dropout_mask(key, [8 * nbytes], p)))
+    assert bits.dtype == torch.uint8 and bits.shape == ((x.numel() + 7) // 8,)
+    assert torch.equal(unpacked(bits, x.numel()), in_memory_order(ops.dropout_mask(key, x.shape, p), x))
 
 
 def test_forward_keep_bits_without_dropout_keeps_everything():
@@ -88,7 +95,7 @@ def test_backward_from_bits_equals_backward_from_key(case, dtype, batch_stats):
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_autograd_function_saves_bits_for_channels_first(channels_last):
+def test_autograd_function_saves_bits(channels_last):
     x = make_x((4, 6, 8, 8), channels_last).requires_grad_()
     saved = []
 
@@ -98,7 +105,7 @@ def test_autograd_function_saves_bits_for_channels_first(channels_last):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         y = bnfused.bn_relu_dropout(x, None, None, None, None, True, 0.1, 1e-5, 0.5, seed=4)
-    assert (torch.uint8 in saved) == (not channels_last)  # channels_last regenerates its row-order masks
+    assert torch.uint8 in saved
     y.backward(torch.ones_like(y))
     x2 = x.detach().clone().requires_grad_()
     ref = reference_bn_relu_dropout(x2, None, None, None, None, True, 0.1, 1e-5, 0.5, key=torch.tensor([4, 0]))

@@ -1,10 +1,12 @@
 // The dropout keep pattern packed 1 bit per element (DESIGN: "the mask as 1 bit per element"): byte b holds
-// elements 8b .. 8b+7 of the logical (NC...) order, bit k = element 8b+k, i.e. one byte per Philox block.
+// elements 8b .. 8b+7 in the kernel's memory order, bit k = element 8b+k. For channels-first and 2-d input that is
+// the logical (NC...) order, i.e. one byte per Philox block; for channels_last it is (N, spatial, C), so a tile of
+// rows packs and unpacks its bits sequentially (row_tiles.h). Bits past numel are unspecified.
 // On the CPU, Philox costs about as much as the memory traffic of a pass, so the training forward packs the bits
 // it generates anyway and both backward passes read them instead of running Philox again.
 //
 // Packing is thread-safe without atomics: a byte is written by the run that holds its first element; when the
-// block continues past the run's end, the whole byte comes from that block's own Philox call.
+// byte continues past the run's end, its remaining bits come from Philox at those elements' indices.
 #pragma once
 #include "cpu/cpu_common.h"
 #include "cpu/dropout_mult.h"
@@ -19,22 +21,26 @@ inline uint8_t philox_keep_byte(PhiloxKey key, uint64_t block, uint32_t threshol
   return static_cast<uint8_t>(byte);
 }
 
+// Keep bit of logical element i straight from Philox.
+inline bool philox_keep_bit(PhiloxKey key, uint64_t i, uint32_t threshold) {
+  return lane_u16(mask_block(key, i >> 3), static_cast<int>(i & 7)) >= threshold;
+}
+
 // Keep byte of 8 consecutive multipliers (nonzero = kept).
 template <typename acc_t>
-inline uint8_t keep_byte(const acc_t* mult, int64_t stride = 1) {
+inline uint8_t keep_byte(const acc_t* mult) {
 #ifdef BNFUSED_PHILOX_AVX2
-  if constexpr (std::is_same_v<acc_t, float>) {
-    if (stride == 1)
-      return static_cast<uint8_t>(
-          _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(mult), _mm256_setzero_ps(), _CMP_NEQ_UQ)));
-  }
+  if constexpr (std::is_same_v<acc_t, float>)
+    return static_cast<uint8_t>(
+        _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(mult), _mm256_setzero_ps(), _CMP_NEQ_UQ)));
 #endif
   uint32_t byte = 0;
-  for (int k = 0; k < kMaskLanes; ++k) byte |= static_cast<uint32_t>(mult[k * stride] != acc_t(0)) << k;
+  for (int k = 0; k < kMaskLanes; ++k) byte |= static_cast<uint32_t>(mult[k] != acc_t(0)) << k;
   return static_cast<uint8_t>(byte);
 }
 
-// Bits of the run of logical elements [start, start + n) whose multipliers are mult[0 .. n).
+// Bits of the run of logical elements [start, start + n) whose multipliers are mult[0 .. n) (channels-first and
+// 2-d input, where memory order is logical order).
 template <typename acc_t>
 void pack_keep_bits(const acc_t* mult, uint64_t start, int64_t n, PhiloxKey key, uint32_t threshold, uint8_t* bits) {
   const uint64_t end = start + static_cast<uint64_t>(n);
@@ -48,77 +54,24 @@ void pack_keep_bits(const acc_t* mult, uint64_t start, int64_t n, PhiloxKey key,
   if (8 * b < end) bits[b] = philox_keep_byte(key, b, threshold);
 }
 
-// out[k * stride] = multiplier of logical element start + k, for k in [0, n), from the packed bits.
+// out[k] = multiplier of element start + k (in the bits' order), for k in [0, n), from the packed bits.
 template <typename acc_t>
-void unpack_keep_bits(const uint8_t* bits, uint64_t start, int64_t n, acc_t scale, acc_t* out, int64_t stride = 1) {
+void unpack_keep_bits(const uint8_t* bits, uint64_t start, int64_t n, acc_t scale, acc_t* out) {
   auto bit = [&](uint64_t i) { return (bits[i >> 3] >> (i & 7)) & 1u; };
   int64_t k = 0;
 #ifdef BNFUSED_PHILOX_AVX2
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (stride == 1) {
-      for (; k < n && ((start + k) & 7); ++k) out[k] = bit(start + k) ? scale : 0.0f;
-      const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-      const __m256 vscale = _mm256_set1_ps(scale);
-      for (; k + 8 <= n; k += 8) {
-        const __m256i byte = _mm256_set1_epi32(bits[(start + k) >> 3]);
-        const __m256i kept = _mm256_cmpeq_epi32(_mm256_and_si256(byte, lane_bit), lane_bit);
-        _mm256_storeu_ps(out + k, _mm256_and_ps(_mm256_castsi256_ps(kept), vscale));
-      }
-    }
-  }
-#endif
-  for (; k < n; ++k) out[k * stride] = bit(start + k) ? scale : acc_t(0);
-}
-
-// Block rows of a channels_last tile (see row_tiles.h): the `count` channels j of 8 rows whose bytes are
-// first + j * stride, with multipliers mult[k * ld + j].
-template <typename acc_t>
-void pack_block_rows(const acc_t* mult, int64_t ld, int64_t count, uint64_t first, uint64_t stride, uint8_t* bits) {
-  int64_t j0 = 0;
-#ifdef BNFUSED_PHILOX_AVX2
-  if constexpr (std::is_same_v<acc_t, float>) {
-    for (; j0 + 8 <= count; j0 += 8) {  // 8 channels at once: bit k of lane j = row k of channel j0 + j
-      __m256i byte = _mm256_setzero_si256();
-      for (int k = 0; k < kMaskLanes; ++k) {
-        const __m256 kept = _mm256_cmp_ps(_mm256_loadu_ps(mult + k * ld + j0), _mm256_setzero_ps(), _CMP_NEQ_UQ);
-        byte = _mm256_or_si256(byte, _mm256_and_si256(_mm256_castps_si256(kept), _mm256_set1_epi32(1 << k)));
-      }
-      alignas(32) int32_t lanes[8];
-      _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), byte);
-      for (int j = 0; j < 8; ++j) bits[first + static_cast<uint64_t>(j0 + j) * stride] = static_cast<uint8_t>(lanes[j]);
-    }
-  }
-#endif
-  for (int64_t j = j0; j < count; ++j) bits[first + static_cast<uint64_t>(j) * stride] = keep_byte(mult + j, ld);
-}
-
-// The inverse: writes columns 0 .. round_up(count, 8) - 1 of each row for float (columns past count are 0),
-// 0 .. count - 1 otherwise.
-template <typename acc_t>
-void unpack_block_rows(const uint8_t* bits, uint64_t first, uint64_t stride, int64_t count, acc_t scale, acc_t* out,
-                       int64_t ld) {
-  int64_t j0 = 0;
-#ifdef BNFUSED_PHILOX_AVX2
-  if constexpr (std::is_same_v<acc_t, float>) {
+    for (; k < n && ((start + k) & 7); ++k) out[k] = bit(start + k) ? scale : 0.0f;
+    const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
     const __m256 vscale = _mm256_set1_ps(scale);
-    for (; j0 < count; j0 += 8) {
-      alignas(32) int32_t byte[8];
-      for (int j = 0; j < 8; ++j)
-        byte[j] = j0 + j < count ? bits[first + static_cast<uint64_t>(j0 + j) * stride] : 0;
-      const __m256i bytes = _mm256_load_si256(reinterpret_cast<const __m256i*>(byte));
-      for (int k = 0; k < kMaskLanes; ++k) {
-        const __m256i lane_bit = _mm256_set1_epi32(1 << k);
-        const __m256i kept = _mm256_cmpeq_epi32(_mm256_and_si256(bytes, lane_bit), lane_bit);
-        _mm256_storeu_ps(out + k * ld + j0, _mm256_and_ps(_mm256_castsi256_ps(kept), vscale));
-      }
+    for (; k + 8 <= n; k += 8) {
+      const __m256i byte = _mm256_set1_epi32(bits[(start + k) >> 3]);
+      const __m256i kept = _mm256_cmpeq_epi32(_mm256_and_si256(byte, lane_bit), lane_bit);
+      _mm256_storeu_ps(out + k, _mm256_and_ps(_mm256_castsi256_ps(kept), vscale));
     }
-    return;
   }
 #endif
-  for (int64_t j = j0; j < count; ++j) {
-    const uint32_t byte = bits[first + static_cast<uint64_t>(j) * stride];
-    for (int k = 0; k < kMaskLanes; ++k) out[k * ld + j] = (byte >> k) & 1u ? scale : acc_t(0);
-  }
+  for (; k < n; ++k) out[k] = bit(start + k) ? scale : acc_t(0);
 }
 
 // Multipliers of the run [start, start + n) for a kernel: from the bits when the backward has them, else from

@@ -5,6 +5,7 @@
 // When S % 8 == 0 every channel run starts on a Philox block and tiles hold whole groups of 8 rows, so one block
 // is exactly 8 rows of one channel: the multipliers are generated straight into row order, 8 or 16 channels per
 // Philox batch. Otherwise each channel's run is generated contiguously and transposed.
+// The keep bits (keep_bits.h) follow memory order, so a tile's bits are the contiguous bit range of its rows.
 #pragma once
 #include "cpu/cpu_common.h"
 #include "cpu/dropout_mult.h"
@@ -61,40 +62,36 @@ struct RowTiles {
   int64_t mult_elems() const { return rows_per_tile * mult_stride(); }
   int64_t scratch_elems() const { return S > 1 && !block_rows() ? mult_elems() : 0; }  // fill_mult's scratch
 
-  // Multipliers of tile t as mult[r * mult_stride() + c]. Without block rows, for S > 1 each channel's run is
-  // generated contiguously into `scratch` (C * rows_per_tile values), two channels at a time, and transposed.
-  // With Philox, `prefetch` (if given) fetches the kernel's next tile meanwhile.
+  // Multipliers of tile t as mult[r * mult_stride() + c]: unpacked from the keep bits when the backward has them,
+  // else from Philox (packing the bits when the forward is asked for them). Without block rows, for S > 1 each
+  // channel's run is generated contiguously into `scratch` (C * rows_per_tile values), two channels at a time, and
+  // transposed. With Philox, `prefetch` (if given) fetches the kernel's next tile meanwhile.
   template <typename acc_type>
   void fill_mult(const Tile& t, const DropoutParams<acc_type>& dp, acc_type* mult, acc_type* scratch,
                  NextRunPrefetch* prefetch = nullptr) const {
-    if (S == 1) {
+    if (S == 1) {  // memory order is logical order
       fill_run_mult(dp, static_cast<uint64_t>(t.row0 * C), t.rows * C, mult, prefetch);
       return;
     }
+    const int64_t ld = mult_stride();
+    if (dp.bits_in) {
+      for (int64_t r = 0; r < t.rows; ++r)
+        unpack_keep_bits(dp.bits_in, static_cast<uint64_t>((t.row0 + r) * C), C, dp.scale, mult + r * ld);
+      return;
+    }
     if (block_rows()) {
-      const int64_t ld = mult_stride();
       const uint64_t blocks_per_channel = static_cast<uint64_t>(S / kMaskLanes);
       for (int64_t r0 = 0; r0 < t.rows; r0 += kMaskLanes) {
         const uint64_t channel0 = static_cast<uint64_t>((t.n * C * S + t.s0 + r0) / kMaskLanes);  // block of c = 0
         for (int64_t c0 = 0; c0 < C; c0 += 16) {
-          const uint64_t first = channel0 + c0 * blocks_per_channel;
           const int64_t count = std::min<int64_t>(16, C - c0);
-          acc_type* out = mult + r0 * ld + c0;
-          if (dp.bits_in) {
-            unpack_block_rows(dp.bits_in, first, blocks_per_channel, count, dp.scale, out, ld);
-            continue;
-          }
-          fill_strided_rows_mult(dp.key, first, blocks_per_channel, count, dp.threshold, dp.scale, out, ld);
-          if (dp.bits_out) pack_block_rows(out, ld, count, first, blocks_per_channel, dp.bits_out);
+          fill_strided_rows_mult(dp.key, channel0 + c0 * blocks_per_channel, blocks_per_channel, count, dp.threshold,
+                                 dp.scale, mult + r0 * ld + c0, ld);
           if (prefetch) prefetch->upto(r0 * C + (c0 + count) * kMaskLanes, t.rows * C);
         }
       }
-      return;
-    }
-    auto start = [&](int64_t c) { return static_cast<uint64_t>((t.n * C + c) * S + t.s0); };
-    if (dp.bits_in) {
-      for (int64_t c = 0; c < C; ++c) unpack_keep_bits(dp.bits_in, start(c), t.rows, dp.scale, scratch + c * t.rows);
     } else {
+      auto start = [&](int64_t c) { return static_cast<uint64_t>((t.n * C + c) * S + t.s0); };
       int64_t c = 0;
       for (; c + 2 <= C; c += 2) {
         const uint64_t starts[2] = {start(c), start(c + 1)};
@@ -104,10 +101,43 @@ struct RowTiles {
       }
       for (; c < C; ++c) fill_dropout_mult(dp.key, start(c), t.rows, dp.threshold, dp.scale, scratch + c * t.rows);
       if (prefetch) prefetch->upto(C, C);
-      if (dp.bits_out)
-        for (c = 0; c < C; ++c) pack_keep_bits(scratch + c * t.rows, start(c), t.rows, dp.key, dp.threshold, dp.bits_out);
+      transpose(scratch, C, t.rows, mult, ld);
     }
-    transpose(scratch, C, t.rows, mult, mult_stride());
+    if (dp.bits_out) pack_bits(t, mult, dp);
+  }
+
+  // Logical index ((n * C + c) * S + s) of the element at memory index m = (n * S + s) * C + c (S > 1).
+  uint64_t logical_index(uint64_t m) const {
+    const uint64_t row = m / C, c = m % C, n = row / S, s = row % S;
+    return (n * C + c) * S + s;
+  }
+
+  // Packs tile t's keep bits from its multipliers: the bytes whose first element lies in the tile, in memory order.
+  template <typename acc_type>
+  void pack_bits(const Tile& t, const acc_type* mult, const DropoutParams<acc_type>& dp) const {
+    const int64_t ld = mult_stride(), c8 = C / 8;
+    if (C % 8 == 0) {  // every row is whole bytes: one movemask per 8 channels, written sequentially
+      uint8_t* out = dp.bits_out + t.row0 * c8;
+      for (int64_t r = 0; r < t.rows; ++r)
+        for (int64_t j = 0; j < c8; ++j) out[r * c8 + j] = keep_byte(mult + r * ld + 8 * j);
+      return;
+    }
+    // Bytes span rows: gather bit by bit. The last byte's bits past the tile come from Philox (past numel: 0).
+    const uint64_t m0 = static_cast<uint64_t>(t.row0 * C), end = static_cast<uint64_t>((t.row0 + t.rows) * C);
+    const uint64_t numel = static_cast<uint64_t>(N * S * C), width = static_cast<uint64_t>(C);
+    for (uint64_t byte_index = (m0 + 7) / 8; 8 * byte_index < end; ++byte_index) {
+      uint32_t byte = 0;
+      for (int k = 0; k < kMaskLanes; ++k) {
+        const uint64_t m = 8 * byte_index + k;
+        bool kept;
+        if (m < end)
+          kept = mult[(m - m0) / width * ld + (m - m0) % width] != acc_type(0);
+        else
+          kept = m < numel && philox_keep_bit(dp.key, logical_index(m), dp.threshold);
+        byte |= static_cast<uint32_t>(kept) << k;
+      }
+      dp.bits_out[byte_index] = static_cast<uint8_t>(byte);
+    }
   }
 
   // out[r * ld + c] = in[c * rows + r]
