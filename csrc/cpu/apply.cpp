@@ -53,7 +53,7 @@ void forward_kernel(const at::Tensor& x, const ChannelParams<cpu::acc_t<scalar_t
     });
     return;
   }
-  const cpu::RowTiles tiles(g);
+  const cpu::RowTiles tiles(g, dp.active && !dp.bits_in);
   at::parallel_for(0, tiles.count(), 1, [&](int64_t begin, int64_t end) {
     std::vector<acc> mult(dp.active ? tiles.mult_elems() : 0), scratch(dp.active ? tiles.scratch_elems() : 0);
     for (int64_t ti = begin; ti < end; ++ti) {
@@ -130,7 +130,7 @@ void backward_input_kernel(const at::Tensor& dy_t, const at::Tensor& x, const Gr
     });
     return;
   }
-  const cpu::RowTiles tiles(g);
+  const cpu::RowTiles tiles(g, dp.active && !dp.bits_in);
   at::parallel_for(0, tiles.count(), 1, [&](int64_t begin, int64_t end) {
     std::vector<acc> mult(dp.active ? tiles.mult_elems() : 0), scratch(dp.active ? tiles.scratch_elems() : 0);
     for (int64_t ti = begin; ti < end; ++ti) {

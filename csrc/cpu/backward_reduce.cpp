@@ -143,7 +143,9 @@ void reduce_kernel(const at::Tensor& dy_t, const at::Tensor& x, const ChannelPar
     return;
   }
   // ChannelsLast: a fixed number of groups of row tiles, each with per-column double accumulators.
-  const cpu::RowTiles tiles(g);
+  // The tiles group the float partial sums, so they must not depend on where the mask comes from: the same
+  // sums from keep bits as from the key.
+  const cpu::RowTiles tiles(g, /*philox_mult=*/false);
   const int64_t n_tiles = tiles.count();
   const int64_t n_groups = std::min<int64_t>(n_tiles, 64);
   std::vector<double> part_g(n_groups * g.C, 0.0), part_gx(n_groups * g.C, 0.0);
