@@ -30,6 +30,7 @@ import torch  # noqa: E402
 import bnfused  # noqa: E402
 import bench_sync  # noqa: E402
 from cases import MODES, Case, Suite, make_suite  # noqa: E402
+from copy_floor import measure_floor  # noqa: E402
 from e2e import run_e2e  # noqa: E402
 from environment import device_name, load_average, run_meta, slug  # noqa: E402
 from kernels import time_kernels  # noqa: E402
@@ -120,6 +121,9 @@ def run_case(run: RunResults, case: Case, args: argparse.Namespace, suite: Suite
     for m, mode in enumerate(MODES):
         peers = measure_mode(cr, peers, mode, x, grad_out, suite, args.threads)
         say(progress_line(run, cr, mode, index * len(MODES) + m + 1, total * len(MODES), start))
+    fused = next((peer for peer in peers if peer.name == FUSED), None)
+    if fused is not None and args.device.type == "cpu":  # the CPU targets' copy floor
+        cr.floor = measure_floor(fused, x, grad_out, suite, args.threads)
     for peer in peers:
         peer.module.train()
         with peer.context():

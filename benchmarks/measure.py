@@ -62,13 +62,26 @@ def time_interleaved(fns: Sequence[Callable[[], object]], device: torch.device, 
     return [Timing(m.median, m.iqr, len(m.times)) for m in best]
 
 
-def copy_bandwidth(device: torch.device, threads: int, nbytes: int = 256 * 2**20, min_time: float = 0.5) -> float:
-    """GB/s of dst.copy_(src) for an nbytes float32 tensor: 2 x nbytes moved (read + write) per copy."""
+COPY_BYTES = 256 * 2**20  # the reference copy: far beyond any cache
+
+
+def copy_step(device: torch.device, nbytes: int = COPY_BYTES) -> Callable[[], object]:
+    """A no-argument callable copying an nbytes float32 tensor (dst.copy_(src))."""
     src = torch.full((nbytes // 4,), 1.0, device=device)  # written once, so every page is touched
     dst = torch.empty_like(src)
-    t = time_fn(lambda: dst.copy_(src), device, threads, min_time=min_time, max_time=max(min_time, 2.0),
-                min_samples=10)
+    return lambda: dst.copy_(src)
+
+
+def copy_gbs(t: Timing, nbytes: int = COPY_BYTES) -> float:
+    """GB/s of a copy_step of nbytes timed at t: 2 x nbytes moved (read + write) per copy."""
     return 2 * nbytes / t.median / 1e9
+
+
+def copy_bandwidth(device: torch.device, threads: int, nbytes: int = COPY_BYTES, min_time: float = 0.5) -> float:
+    """GB/s of dst.copy_(src) for an nbytes float32 tensor."""
+    t = time_fn(copy_step(device, nbytes), device, threads, min_time=min_time, max_time=max(min_time, 2.0),
+                min_samples=10)
+    return copy_gbs(t, nbytes)
 
 
 def saved_bytes(fn: Callable[[], object]) -> int:

@@ -148,7 +148,9 @@ def results_markdown(run: RunResults, targets_title: str, checks: list[Check], e
 - **run time**: {elapsed_s:.0f} s
 
 Peers: {', '.join(run.peers)}. Times are medians over torch.utils.benchmark runs, IQR in parentheses; each
-measurement is split into 3 rounds and keeps the round with the lowest median (peers and copy alike).
+measurement is split into 3 rounds and keeps the round with the lowest median (peers and copy alike). The
+"within 2x of copy floor" targets time each case's bnfused training forward in rounds interleaved with the
+same 256 MiB copy (the "% copy" columns use the run's copy bandwidth above).
 Dropout p = {run.meta['dropout p']}; train modes take an input with requires_grad; fwd+bwd returns the grads of
 the input, weight and bias (torch.autograd.grad); eval runs under no_grad.
 

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from cases import Case
+from copy_floor import FloorResult
 from e2e import E2EResult
 from kernels import KernelTiming
 from measure import Timing
@@ -19,6 +20,7 @@ class CaseResult:
     peak_bytes: dict[str, int] = field(default_factory=dict)               # peer -> peak of a train step (CUDA)
     warmup_s: dict[str, float] = field(default_factory=dict)               # peer -> first calls (compilation)
     kernels: list[KernelTiming] = field(default_factory=list)
+    floor: Optional[FloorResult] = None  # bnfused train fwd interleaved with the reference copy (CPU)
 
 
 @dataclass

@@ -152,3 +152,25 @@ def test_per_byte_checks_use_interleaved_pairs(bench_modules):
     assert [c.met for c in per_byte] == [True, False]
     assert per_byte[1].measured == f"{run.gbs(bf16, 'train fwd', run.parity[1].timing):.1f} vs " \
                                    f"{run.gbs(ref, 'train fwd', t):.1f}"
+
+
+def test_copy_floor_check_uses_the_interleaved_copy(bench_modules):
+    """With an interleaved floor measurement the check compares against its copy, not the run's."""
+    measure, targets = bench_modules[1], bench_modules[4]
+    from copy_floor import FloorResult
+    run = _synthetic_run(bench_modules, fused_ms=10.0)  # 41 % of the run's 38 GB/s
+    run.cases[0].floor = FloorResult(measure.Timing(0.010, 0.0, 5), copy_gbs=20.0)  # 15.4 of 20 GB/s
+    floor = [c for c in targets.cpu_checks(run) if "copy floor" in c.what]
+    assert len(floor) == 1 and floor[0].met and floor[0].measured.startswith("77 % of copy (15.4 of 20.0 GB/s")
+
+
+def test_measure_floor_times_module_and_copy(bench_modules):
+    cases = bench_modules[0]
+    from copy_floor import measure_floor
+    from peers import FUSED, Peer, fused_block
+    case = cases.Case((2, 4, 8, 8), torch.float32)
+    module = fused_block(case, 0.1, torch.device("cpu"))
+    x = case.make_input(torch.device("cpu")).requires_grad_()
+    suite = cases.Suite("test", (case,), min_time=0.01, max_time=0.02, min_samples=2, e2e_steps=1)
+    res = measure_floor(Peer(FUSED, module, module), x, torch.randn_like(x), suite, 1, nbytes=2**20)
+    assert res.timing.median > 0 and res.copy_gbs > 0
