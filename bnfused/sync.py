@@ -2,7 +2,8 @@
 
 Training statistics are taken over the whole process group's batch:
   forward:  local ops.batch_stats -> all_gather of (mean, M2, count) per rank -> Chan merge (float64) -> global
-            mean/rstd, running stats (identical on every rank) -> ops.forward
+            mean/rstd, running stats (identical on every rank) -> ops.forward (on the CPU, forward_keep_bits:
+            the 1-bit mask is saved and read back by both backward ops instead of running Philox again)
   backward: local ops.backward_reduce -> one all_reduce of [sum_g, sum_g_xhat] -> ops.backward_input with the
             sums divided by the global count.
 Weight/bias gradients are the LOCAL sums, as nn.SyncBatchNorm returns them: DistributedDataParallel's gradient
@@ -22,6 +23,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import functional, ops
+from .autograd import _saves_keep_bits
 from .modules import _BatchNormReLUDropout
 
 
@@ -79,15 +81,20 @@ class SyncBNReLUDropoutFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, mean, rstd, key, p, global_count, group):
-        ctx.save_for_backward(x, weight, bias, mean, rstd, key)
         ctx.p, ctx.global_count, ctx.group = p, global_count, group
         if x.numel() == 0:
+            ctx.save_for_backward(x, weight, bias, mean, rstd, key, None)
             return torch.empty_like(x)
+        if _saves_keep_bits(x, p) and any(ctx.needs_input_grad):  # as BNReLUDropoutFunction: no Philox in backward
+            out, keep_bits = ops.forward_keep_bits(x, mean, rstd, weight, bias, key, p, True)
+            ctx.save_for_backward(x, weight, bias, mean, rstd, key, keep_bits)
+            return out
+        ctx.save_for_backward(x, weight, bias, mean, rstd, key, None)
         return ops.forward(x, mean, rstd, weight, bias, key, p, True)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, bias, mean, rstd, key = ctx.saved_tensors
+        x, weight, bias, mean, rstd, key, keep_bits = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         channels = x.shape[1]
         if x.numel() == 0:
@@ -99,7 +106,7 @@ class SyncBNReLUDropoutFunction(torch.autograd.Function):
                     torch.zeros_like(weight) if need_w and weight is not None else None,
                     torch.zeros_like(bias) if need_b and bias is not None else None,
                     None, None, None, None, None, None)
-        sum_g, sum_g_xhat = ops.backward_reduce(grad_out, x, mean, rstd, weight, bias, key, ctx.p)
+        sum_g, sum_g_xhat = ops.backward_reduce(grad_out, x, mean, rstd, weight, bias, key, ctx.p, keep_bits)
         grad_x = None
         if need_x:
             # As nn.SyncBatchNorm: only the input gradient needs the global sums.
@@ -107,7 +114,7 @@ class SyncBNReLUDropoutFunction(torch.autograd.Function):
             dist.all_reduce(sums, group=ctx.group)
             global_sum_g, global_sum_g_xhat = sums.split(channels)
             grad_x = ops.backward_input(grad_out, x, mean, rstd, weight, bias, key, ctx.p, global_sum_g,
-                                        global_sum_g_xhat, ctx.global_count)
+                                        global_sum_g_xhat, ctx.global_count, keep_bits)
         grad_w = sum_g_xhat.to(weight.dtype) if need_w and weight is not None else None
         grad_b = sum_g.to(bias.dtype) if need_b and bias is not None else None
         return grad_x, grad_w, grad_b, None, None, None, None, None, None

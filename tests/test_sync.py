@@ -225,7 +225,10 @@ def check_dropout(rank, world_size, device, p=0.3):
     x_local = x[lo:hi].clone().requires_grad_()
 
     torch.manual_seed(11)  # the same seed on every rank, as a DDP job would set it
-    y = sync(x_local)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.dtype) or t, lambda t: t):
+        y = sync(x_local)
+    assert (torch.uint8 in saved) == (device.type == "cpu")  # the CPU backward reads the 1-bit mask
     y.backward(grad[lo:hi])
     torch.manual_seed(11)
     key = ops.philox_key(device)  # the key the module drew, before the rank was folded in
