@@ -77,6 +77,9 @@ def forward_keep_bits(x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Te
 def backward_reduce(grad_out: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor],
                     bias: Optional[Tensor], key: Tensor, p: float,
                     keep_bits: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """Per-channel (sum g, sum g*xhat), g = grad_out * keep / (1 - p) * [z > 0]. keep_bits (CPU), when given, is
+    the mask instead of the key: forward_keep_bits' bits of this same x, in the same memory format (the bits
+    follow memory order, so channels_last bits do not describe a contiguous copy of x)."""
     return _ops.backward_reduce.default(grad_out, x, mean, rstd, weight, bias, key, p, keep_bits)
 
 
@@ -84,7 +87,8 @@ def backward_input(grad_out: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weig
                    bias: Optional[Tensor], key: Tensor, p: float, sum_g: Optional[Tensor],
                    sum_g_xhat: Optional[Tensor], count: int = 1, keep_bits: Optional[Tensor] = None) -> Tensor:
     """grad_input; with the per-channel sums of g and g*xhat over `count` elements (batch statistics) their
-    terms are included, without them (running statistics) it is w * rstd * g."""
+    terms are included, without them (running statistics) it is w * rstd * g. keep_bits: as in
+    backward_reduce."""
     return _ops.backward_input.default(grad_out, x, mean, rstd, weight, bias, key, p, sum_g, sum_g_xhat, count,
                                        keep_bits)
 

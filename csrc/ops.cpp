@@ -320,8 +320,8 @@ TORCH_LIBRARY(bnfused, m) {
       "backward_reduce(Tensor grad_out, Tensor input, Tensor mean, Tensor rstd, Tensor? weight, Tensor? bias, "
       "Tensor key, float p, Tensor? keep_bits=None) -> (Tensor sum_g, Tensor sum_g_xhat)");
   // grad_input; with sum_g/sum_g_xhat (over `count` elements, global under SyncBN) the statistics were batch
-  // statistics and their terms are included. In both backward ops keep_bits (CPU, from forward_keep_bits), when
-  // given, is the mask instead of the key.
+  // statistics and their terms are included. In both backward ops keep_bits (CPU, from forward_keep_bits of the
+  // same input in the same memory format: the bits follow memory order), when given, is the mask instead of the key.
   m.def(
       "backward_input(Tensor grad_out, Tensor input, Tensor mean, Tensor rstd, Tensor? weight, Tensor? bias, "
       "Tensor key, float p, Tensor? sum_g, Tensor? sum_g_xhat, SymInt count, Tensor? keep_bits=None) -> Tensor");
