@@ -49,8 +49,9 @@ def case_id(case):
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 @pytest.mark.parametrize("p", [0.3, 1.0])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_forward_keep_bits_are_the_mask(case, p, threads):
-    x = make_x(*case)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)  # SIMD and scalar packing
+def test_forward_keep_bits_are_the_mask(case, p, threads, dtype):
+    x = make_x(*case, dtype=dtype)
     mean, rstd, w, b = stats_args(x)
     key = torch.tensor([2**40 + 9, 77])
     old = torch.get_num_threads()

@@ -4,6 +4,7 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
@@ -102,9 +103,11 @@ inline void philox_sets(PhiloxKey key, const uint64_t first[2], __m256i w[2][4])
   philox_lanes<kSets>(key, lo, hi, w);
 }
 
-// Float multipliers, in element order, of the 8 blocks first[h] .. first[h]+7 of each set h into out[h].
+// Float multipliers, in element order, of the 8 blocks first[h] .. first[h]+7 of each set h into out[h]; with
+// `bits`, also each block's keep byte (bit k = lane k), set h's at bits[8h .. 8h+7] (keep_bits.h's format).
 template <int kSets>
-inline void sets_mult(PhiloxKey key, const uint64_t first[2], uint32_t threshold, float scale, float* const out[2]) {
+inline void sets_mult(PhiloxKey key, const uint64_t first[2], uint32_t threshold, float scale, float* const out[2],
+                      uint8_t* bits = nullptr) {
   __m256i w[2][4];
   philox_sets<kSets>(key, first, w);
   const __m256i below = _mm256_set1_epi32(static_cast<int>(threshold) - 1);  // keep iff u16 > threshold - 1
@@ -115,44 +118,58 @@ inline void sets_mult(PhiloxKey key, const uint64_t first[2], uint32_t threshold
     const __m256i a23lo = _mm256_unpacklo_epi32(w[h][2], w[h][3]), a23hi = _mm256_unpackhi_epi32(w[h][2], w[h][3]);
     const __m256i t[4] = {_mm256_unpacklo_epi64(a01lo, a23lo), _mm256_unpackhi_epi64(a01lo, a23lo),
                           _mm256_unpacklo_epi64(a01hi, a23hi), _mm256_unpackhi_epi64(a01hi, a23hi)};
+    uint64_t bytes = 0;
     for (int half = 0; half < 2; ++half) {
       for (int k = 0; k < 4; ++k) {
         const __m128i lanes = half ? _mm256_extracti128_si256(t[k], 1) : _mm256_castsi256_si128(t[k]);
-        const __m256i keep = _mm256_cmpgt_epi32(_mm256_cvtepu16_epi32(lanes), below);
-        _mm256_storeu_ps(out[h] + (half * 4 + k) * kMaskLanes, _mm256_and_ps(_mm256_castsi256_ps(keep), vscale));
+        const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_cvtepu16_epi32(lanes), below));
+        _mm256_storeu_ps(out[h] + (half * 4 + k) * kMaskLanes, _mm256_and_ps(keep, vscale));
+        if (bits) bytes |= static_cast<uint64_t>(_mm256_movemask_ps(keep)) << (8 * (half * 4 + k));
       }
     }
+    if (bits) std::memcpy(bits + 8 * h, &bytes, 8);  // x86 is little-endian: byte j = block j
   }
 }
 #else
 template <int kSets>
-inline void sets_mult(PhiloxKey key, const uint64_t first[2], uint32_t threshold, float scale, float* const out[2]) {
+inline void sets_mult(PhiloxKey key, const uint64_t first[2], uint32_t threshold, float scale, float* const out[2],
+                      uint8_t* bits = nullptr) {
   for (int h = 0; h < kSets; ++h) {
     float* o = out[h];
     for (int j = 0; j < 8; ++j) {
       const Philox4 r = mask_block(key, first[h] + j);
-      for (int lane = 0; lane < kMaskLanes; ++lane) *o++ = lane_u16(r, lane) >= threshold ? scale : 0.0f;
+      uint32_t byte = 0;
+      for (int lane = 0; lane < kMaskLanes; ++lane) {
+        const bool kept = lane_u16(r, lane) >= threshold;
+        *o++ = kept ? scale : 0.0f;
+        byte |= static_cast<uint32_t>(kept) << lane;
+      }
+      if (bits) bits[8 * h + j] = static_cast<uint8_t>(byte);
     }
   }
 }
 #endif
 
-// Float multipliers of the 64*kSets elements of blocks block0 .. block0+8*kSets-1, in element order.
+// Float multipliers of the 64*kSets elements of blocks block0 .. block0+8*kSets-1, in element order (and with
+// `bits`, their keep bytes bits[0 .. 8*kSets)).
 template <int kSets = 2>
-inline void batch_mult(PhiloxKey key, uint64_t block0, uint32_t threshold, float scale, float* out) {
+inline void batch_mult(PhiloxKey key, uint64_t block0, uint32_t threshold, float scale, float* out,
+                       uint8_t* bits = nullptr) {
   const uint64_t first[2] = {block0, block0 + 8};
   float* const outs[2] = {out, out + 64};
-  sets_mult<kSets>(key, first, threshold, scale, outs);
+  sets_mult<kSets>(key, first, threshold, scale, outs, bits);
 }
 
-// Multipliers of the kBatchElems elements of blocks block0 .. block0+kBlocksPerBatch-1 as acc_t (double gets an exact 1/(1-p)).
+// Multipliers of the 64*kSets elements of blocks block0 .. block0+8*kSets-1 as acc_t (double gets an exact
+// 1/(1-p)), and with `bits` their keep bytes.
 template <int kSets, typename acc_t>
-inline void batch_mult_acc(PhiloxKey key, uint64_t block0, uint32_t threshold, acc_t scale, acc_t* out) {
+inline void batch_mult_acc(PhiloxKey key, uint64_t block0, uint32_t threshold, acc_t scale, acc_t* out,
+                           uint8_t* bits = nullptr) {
   if constexpr (std::is_same_v<acc_t, float>) {
-    batch_mult<kSets>(key, block0, threshold, scale, out);
+    batch_mult<kSets>(key, block0, threshold, scale, out, bits);
   } else {
     float keep[kBatchElems];
-    batch_mult<kSets>(key, block0, threshold, 1.0f, keep);
+    batch_mult<kSets>(key, block0, threshold, 1.0f, keep, bits);
     for (int i = 0; i < 64 * kSets; ++i) out[i] = keep[i] != 0.0f ? scale : acc_t(0);
   }
 }
@@ -170,9 +187,12 @@ struct NoAfterBatch {
 // out[k * stride] = multiplier of logical element start + k, for k in [0, n). Every Philox call goes through the
 // SIMD sets: a run that starts inside a block takes its lanes from the batch that begins at that block.
 // after_batch(done, n) runs between batches (the kernels prefetch their next run there).
+// With `bits` (keep_bits.h's format, indexed by block), the keep byte of every block whose first element lies in
+// the run is written too, from the same Philox output: a block that continues past the run's end has all its
+// lanes computed anyway. A block that starts before the run belongs to the run that holds its first element.
 template <typename acc_t, typename AfterBatch = NoAfterBatch>
 void fill_dropout_mult(PhiloxKey key, uint64_t start, int64_t n, uint32_t threshold, acc_t scale, acc_t* out,
-                       int64_t stride = 1, AfterBatch&& after_batch = {}) {
+                       int64_t stride = 1, AfterBatch&& after_batch = {}, uint8_t* bits = nullptr) {
   alignas(32) acc_t tmp[kBatchElems];
   uint64_t i = start;
   const uint64_t end = start + static_cast<uint64_t>(n);
@@ -180,22 +200,35 @@ void fill_dropout_mult(PhiloxKey key, uint64_t start, int64_t n, uint32_t thresh
     const uint64_t block0 = i >> 3;
     const int64_t lead = static_cast<int64_t>(i & 7);
     const int64_t take = static_cast<int64_t>(std::min<uint64_t>(kBatchElems - lead, end - i));
+    const int64_t blocks = (lead + take + 7) / 8;  // blocks the batch's elements touch
     if (!no_counter_wrap(block0, kBlocksPerBatch)) {
       // Scalar blocks keep the 64-bit counter exact where the low word wraps inside a batch.
-      for (int64_t b = 0; b < (lead + take + 7) / 8; ++b) {
+      for (int64_t b = 0; b < blocks; ++b) {
         const Philox4 r = mask_block(key, block0 + b);
         for (int lane = 0; lane < 8; ++lane) tmp[b * 8 + lane] = lane_u16(r, lane) >= threshold ? scale : acc_t(0);
       }
+      if (bits)
+        for (int64_t b = lead ? 1 : 0; b < blocks; ++b) {
+          uint32_t byte = 0;
+          for (int lane = 0; lane < 8; ++lane) byte |= static_cast<uint32_t>(tmp[b * 8 + lane] != acc_t(0)) << lane;
+          bits[block0 + b] = static_cast<uint8_t>(byte);
+        }
     } else if (stride == 1 && lead == 0 && take == kBatchElems) {
-      batch_mult_acc<2>(key, block0, threshold, scale, out);
+      batch_mult_acc<2>(key, block0, threshold, scale, out, bits ? bits + block0 : nullptr);
       out += kBatchElems;
       i += kBatchElems;
       after_batch(static_cast<int64_t>(i - start), n);
       continue;
-    } else if (lead + take <= kBatchElems / 2) {
-      batch_mult_acc<1>(key, block0, threshold, scale, tmp);  // half a batch is enough
     } else {
-      batch_mult_acc<2>(key, block0, threshold, scale, tmp);
+      // Half a batch is enough for up to 8 blocks. The keep bytes go to a local first: the first block's byte is
+      // the previous run's when the run starts inside it.
+      alignas(8) uint8_t bytes[kBlocksPerBatch];
+      if (blocks <= 8)
+        batch_mult_acc<1>(key, block0, threshold, scale, tmp, bits ? bytes : nullptr);
+      else
+        batch_mult_acc<2>(key, block0, threshold, scale, tmp, bits ? bytes : nullptr);
+      if (bits)
+        for (int64_t b = lead ? 1 : 0; b < blocks; ++b) bits[block0 + b] = bytes[b];
     }
     for (int64_t k = 0; k < take; ++k, out += stride) *out = tmp[lead + k];
     i += take;
@@ -206,10 +239,12 @@ void fill_dropout_mult(PhiloxKey key, uint64_t start, int64_t n, uint32_t thresh
 // Multipliers of 8 consecutive elements of `count` <= 16 runs whose blocks are first, first + stride, ...
 // (channel j of 8 rows of a channels_last tile), straight into row order: out[lane * ld + j] for lane 0..7.
 // Writes columns 0 .. round_up(count, 8) - 1 of each row. The `count` blocks must share their high counter word.
+// With row_bits (count a multiple of 8), also the keep byte of each row's channels 8g .. 8g+7 (bit j = channel
+// 8g + j: keep_bits.h's memory order) at row_bits[lane * row_bytes + g].
 #ifdef BNFUSED_PHILOX_AVX2
 template <int kSets>
 inline void strided_rows_mult(PhiloxKey key, uint64_t first, uint64_t stride, uint32_t threshold, float scale,
-                              float* out, int64_t ld) {
+                              float* out, int64_t ld, uint8_t* row_bits, int64_t row_bytes) {
   // Lane j's low counter word: the low 32 bits of first + j*stride depend only on the operands' low 32 bits.
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   __m256i lo[2];
@@ -228,6 +263,10 @@ inline void strided_rows_mult(PhiloxKey key, uint64_t first, uint64_t stride, ui
       const __m256i odd = _mm256_cmpgt_epi32(_mm256_srli_epi32(w[h][k], 16), below);
       _mm256_storeu_ps(out + (2 * k) * ld + 8 * h, _mm256_and_ps(_mm256_castsi256_ps(even), vscale));
       _mm256_storeu_ps(out + (2 * k + 1) * ld + 8 * h, _mm256_and_ps(_mm256_castsi256_ps(odd), vscale));
+      if (row_bits) {
+        row_bits[(2 * k) * row_bytes + h] = static_cast<uint8_t>(_mm256_movemask_ps(_mm256_castsi256_ps(even)));
+        row_bits[(2 * k + 1) * row_bytes + h] = static_cast<uint8_t>(_mm256_movemask_ps(_mm256_castsi256_ps(odd)));
+      }
     }
   }
 }
@@ -235,7 +274,8 @@ inline void strided_rows_mult(PhiloxKey key, uint64_t first, uint64_t stride, ui
 
 template <typename acc_t>
 inline void fill_strided_rows_mult(PhiloxKey key, uint64_t first, uint64_t stride, int64_t count, uint32_t threshold,
-                                   acc_t scale, acc_t* out, int64_t ld) {
+                                   acc_t scale, acc_t* out, int64_t ld, uint8_t* row_bits = nullptr,
+                                   int64_t row_bytes = 0) {
 #ifdef BNFUSED_PHILOX_AVX2
   // SIMD unless the blocks cross a multiple of 2^32 (tensors of 2^35+ elements), where the scalar loop keeps the
   // 64-bit counter exact.
@@ -243,9 +283,9 @@ inline void fill_strided_rows_mult(PhiloxKey key, uint64_t first, uint64_t strid
   if constexpr (std::is_same_v<acc_t, float>) {
     if (same_high_word) {
       if (count > 8)
-        strided_rows_mult<2>(key, first, stride, threshold, scale, out, ld);
+        strided_rows_mult<2>(key, first, stride, threshold, scale, out, ld, row_bits, row_bytes);
       else
-        strided_rows_mult<1>(key, first, stride, threshold, scale, out, ld);
+        strided_rows_mult<1>(key, first, stride, threshold, scale, out, ld, row_bits, row_bytes);
       return;
     }
   }
@@ -254,6 +294,13 @@ inline void fill_strided_rows_mult(PhiloxKey key, uint64_t first, uint64_t strid
     const Philox4 r = mask_block(key, first + static_cast<uint64_t>(j) * stride);
     for (int lane = 0; lane < kMaskLanes; ++lane) out[lane * ld + j] = lane_u16(r, lane) >= threshold ? scale : acc_t(0);
   }
+  if (row_bits)
+    for (int lane = 0; lane < kMaskLanes; ++lane)
+      for (int64_t g = 0; g < count / 8; ++g) {
+        uint32_t byte = 0;
+        for (int j = 0; j < 8; ++j) byte |= static_cast<uint32_t>(out[lane * ld + 8 * g + j] != acc_t(0)) << j;
+        row_bits[lane * row_bytes + g] = static_cast<uint8_t>(byte);
+      }
 }
 
 // Two runs of up to 64 - (start & 7) elements each at once: their Philox sets interleave, which runs this short

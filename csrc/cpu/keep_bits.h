@@ -6,20 +6,14 @@
 // it generates anyway and both backward passes read them instead of running Philox again.
 //
 // Packing is thread-safe without atomics: a byte is written by the run that holds its first element; when the
-// byte continues past the run's end, its remaining bits come from Philox at those elements' indices.
+// byte continues past the run's end, its remaining bits come from Philox at those elements' indices. Channels-first
+// runs and channels_last block rows take their bytes straight from the Philox pass (dropout_mult.h); other tiles
+// pack them from the multipliers (RowTiles::pack_bits).
 #pragma once
 #include "cpu/cpu_common.h"
 #include "cpu/dropout_mult.h"
 
 namespace bnfused::cpu {
-
-// Keep byte of one block straight from Philox (the scalar definition; used at run ends).
-inline uint8_t philox_keep_byte(PhiloxKey key, uint64_t block, uint32_t threshold) {
-  const Philox4 r = mask_block(key, block);
-  uint32_t byte = 0;
-  for (int lane = 0; lane < kMaskLanes; ++lane) byte |= static_cast<uint32_t>(lane_u16(r, lane) >= threshold) << lane;
-  return static_cast<uint8_t>(byte);
-}
 
 // Keep bit of logical element i straight from Philox.
 inline bool philox_keep_bit(PhiloxKey key, uint64_t i, uint32_t threshold) {
@@ -37,21 +31,6 @@ inline uint8_t keep_byte(const acc_t* mult) {
   uint32_t byte = 0;
   for (int k = 0; k < kMaskLanes; ++k) byte |= static_cast<uint32_t>(mult[k] != acc_t(0)) << k;
   return static_cast<uint8_t>(byte);
-}
-
-// Bits of the run of logical elements [start, start + n) whose multipliers are mult[0 .. n) (channels-first and
-// 2-d input, where memory order is logical order).
-template <typename acc_t>
-void pack_keep_bits(const acc_t* mult, uint64_t start, int64_t n, PhiloxKey key, uint32_t threshold, uint8_t* bits) {
-  const uint64_t end = start + static_cast<uint64_t>(n);
-  const uint64_t b0 = (start + 7) >> 3;  // the first byte whose first element lies in the run
-  const uint64_t full = end / 8 > b0 ? end / 8 - b0 : 0;  // bytes whose 8 elements all lie in the run
-  const acc_t* m = mult + (8 * b0 - start);
-  uint8_t* out = bits + b0;
-  // Locals only in the loop: a uint8_t store may alias anything, so members would be reloaded every byte.
-  for (uint64_t i = 0; i < full; ++i) out[i] = keep_byte(m + 8 * i);
-  const uint64_t b = b0 + full;
-  if (8 * b < end) bits[b] = philox_keep_byte(key, b, threshold);
 }
 
 // out[k] = multiplier of element start + k (in the bits' order), for k in [0, n), from the packed bits.
@@ -84,10 +63,12 @@ void fill_run_mult(const DropoutParams<acc_t>& dp, uint64_t start, int64_t n, ac
     unpack_keep_bits(dp.bits_in, start, n, dp.scale, out);
     return;
   }
-  fill_dropout_mult(dp.key, start, n, dp.threshold, dp.scale, out, 1, [prefetch](int64_t done, int64_t total) {
-    if (prefetch) prefetch->upto(done, total);
-  });
-  if (dp.bits_out) pack_keep_bits(out, start, n, dp.key, dp.threshold, dp.bits_out);
+  fill_dropout_mult(
+      dp.key, start, n, dp.threshold, dp.scale, out, 1,
+      [prefetch](int64_t done, int64_t total) {
+        if (prefetch) prefetch->upto(done, total);
+      },
+      dp.bits_out);
 }
 
 }  // namespace bnfused::cpu

@@ -98,16 +98,20 @@ struct RowTiles {
       return;
     }
     if (block_rows()) {
+      // With C % 8 == 0 each row is whole bytes of the keep bits, which the Philox pass writes itself.
+      const bool row_bits = dp.bits_out && C % kMaskLanes == 0;
       const uint64_t blocks_per_channel = static_cast<uint64_t>(S / kMaskLanes);
       for (int64_t r0 = 0; r0 < t.rows; r0 += kMaskLanes) {
         const uint64_t channel0 = static_cast<uint64_t>((t.n * C * S + t.s0 + r0) / kMaskLanes);  // block of c = 0
         for (int64_t c0 = 0; c0 < C; c0 += 16) {
           const int64_t count = std::min<int64_t>(16, C - c0);
           fill_strided_rows_mult(dp.key, channel0 + c0 * blocks_per_channel, blocks_per_channel, count, dp.threshold,
-                                 dp.scale, mult + r0 * ld + c0, ld);
+                                 dp.scale, mult + r0 * ld + c0, ld,
+                                 row_bits ? dp.bits_out + ((t.row0 + r0) * C + c0) / 8 : nullptr, C / 8);
           if (prefetch) prefetch->upto(r0 * C + (c0 + count) * kMaskLanes, t.rows * C);
         }
       }
+      if (row_bits) return;
     } else {
       auto start = [&](int64_t c) { return static_cast<uint64_t>((t.n * C + c) * S + t.s0); };
       if (t.rows == S) {  // a whole image: its channel runs are one logical run
