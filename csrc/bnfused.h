@@ -66,6 +66,7 @@ void dropout_mask_cpu(PhiloxKey key, double p, at::Tensor& keep);
 // the channels_last block rows (8 rows x `count` blocks first, first + stride, ...; row-major). They reach counter
 // values (blocks of 2^32 and more) that no tensor in a test can.
 std::vector<bool> keep_run_cpu(PhiloxKey key, double p, uint64_t start, int64_t n);
+std::vector<uint8_t> keep_run_bytes_cpu(PhiloxKey key, double p, uint64_t start, int64_t n);
 std::vector<bool> keep_block_rows_cpu(PhiloxKey key, double p, uint64_t first, uint64_t stride, int64_t count);
 
 #ifdef BNFUSED_WITH_CUDA

@@ -391,6 +391,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("keep_run", [](uint64_t seed, uint64_t offset, double p, uint64_t start, int64_t n) {
           return bnfused::keep_run_cpu(bnfused::PhiloxKey{seed, offset}, p, start, n);
         }, "Test hook: CPU keep pattern of logical elements start .. start + n - 1");
+  m.def("keep_run_bytes", [](uint64_t seed, uint64_t offset, double p, uint64_t start, int64_t n) {
+          return bnfused::keep_run_bytes_cpu(bnfused::PhiloxKey{seed, offset}, p, start, n);
+        }, "Test hook: CPU keep bytes the same run writes, of the blocks whose first element lies in it");
   m.def("keep_block_rows", [](uint64_t seed, uint64_t offset, double p, uint64_t first, uint64_t stride,
                               int64_t count) {
           return bnfused::keep_block_rows_cpu(bnfused::PhiloxKey{seed, offset}, p, first, stride, count);

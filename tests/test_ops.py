@@ -108,6 +108,17 @@ def test_cpu_keep_run_at_high_counters(start, n):
     assert _C.keep_run(seed, offset, p, start, n) == [bool(k) for k in py_keep_range(seed, offset, start, n, p)]
 
 
+@pytest.mark.parametrize("start", [0, 8 * (2**32 - 20) + 3, 8 * (2**32 - 8), 8 * 2**32 + 5, 8 * (3 * 2**32 - 9) + 1])
+@pytest.mark.parametrize("n", [1, 61, 128, 300])
+def test_cpu_keep_run_bytes_at_high_counters(start, n):
+    """The keep bytes a run writes on the way (forward_keep_bits): those of the blocks whose first element lies in
+    the run, each with all 8 lanes, also where the block continues past the run's end."""
+    seed, offset, p = 2**64 - 3, 2**35 + 1, 0.5
+    first, end = (start + 7) // 8, (start + n + 7) // 8
+    expected = [sum(int(py_keep(seed, offset, 8 * b + k, p)) << k for k in range(8)) for b in range(first, end)]
+    assert _C.keep_run_bytes(seed, offset, p, start, n) == expected
+
+
 @pytest.mark.parametrize("first", [0, 2**32 - 5, 2**32 - 100, 2**32 + 7, 2**34 - 1])
 @pytest.mark.parametrize("stride", [1, 7, 2**20])
 @pytest.mark.parametrize("count", [1, 8, 13, 16])

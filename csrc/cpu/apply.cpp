@@ -215,6 +215,14 @@ std::vector<bool> keep_run_cpu(PhiloxKey key, double p, uint64_t start, int64_t 
   return std::vector<bool>(mult.begin(), mult.end());
 }
 
+std::vector<uint8_t> keep_run_bytes_cpu(PhiloxKey key, double p, uint64_t start, int64_t n) {
+  std::vector<float> mult(n);
+  std::vector<uint8_t> bytes(((start + n + 7) >> 3) - (start >> 3), 0);
+  cpu::fill_dropout_mult<float>(key, start, n, threshold16(p), 1.0f, mult.data(), 1, cpu::NoAfterBatch{}, bytes.data());
+  if (start & 7) bytes.erase(bytes.begin());  // that block belongs to the run holding its first element
+  return bytes;
+}
+
 std::vector<bool> keep_block_rows_cpu(PhiloxKey key, double p, uint64_t first, uint64_t stride, int64_t count) {
   TORCH_CHECK(count >= 1 && count <= 16, "keep_block_rows_cpu: count must be in 1..16");
   std::vector<float> mult(kMaskLanes * 16);

@@ -187,9 +187,10 @@ struct NoAfterBatch {
 // out[k * stride] = multiplier of logical element start + k, for k in [0, n). Every Philox call goes through the
 // SIMD sets: a run that starts inside a block takes its lanes from the batch that begins at that block.
 // after_batch(done, n) runs between batches (the kernels prefetch their next run there).
-// With `bits` (keep_bits.h's format, indexed by block), the keep byte of every block whose first element lies in
-// the run is written too, from the same Philox output: a block that continues past the run's end has all its
-// lanes computed anyway. A block that starts before the run belongs to the run that holds its first element.
+// With `bits` (keep_bits.h's format; bits[0] is the byte of block start / 8), the keep byte of every block whose
+// first element lies in the run is written too, from the same Philox output: a block that continues past the
+// run's end has all its lanes computed anyway. A block that starts before the run belongs to the run that holds
+// its first element, and its byte is left alone.
 template <typename acc_t, typename AfterBatch = NoAfterBatch>
 void fill_dropout_mult(PhiloxKey key, uint64_t start, int64_t n, uint32_t threshold, acc_t scale, acc_t* out,
                        int64_t stride = 1, AfterBatch&& after_batch = {}, uint8_t* bits = nullptr) {
@@ -198,6 +199,7 @@ void fill_dropout_mult(PhiloxKey key, uint64_t start, int64_t n, uint32_t thresh
   const uint64_t end = start + static_cast<uint64_t>(n);
   while (i < end) {
     const uint64_t block0 = i >> 3;
+    uint8_t* batch_bits = bits ? bits + (block0 - (start >> 3)) : nullptr;  // byte of block0
     const int64_t lead = static_cast<int64_t>(i & 7);
     const int64_t take = static_cast<int64_t>(std::min<uint64_t>(kBatchElems - lead, end - i));
     const int64_t blocks = (lead + take + 7) / 8;  // blocks the batch's elements touch
@@ -207,14 +209,14 @@ void fill_dropout_mult(PhiloxKey key, uint64_t start, int64_t n, uint32_t thresh
         const Philox4 r = mask_block(key, block0 + b);
         for (int lane = 0; lane < 8; ++lane) tmp[b * 8 + lane] = lane_u16(r, lane) >= threshold ? scale : acc_t(0);
       }
-      if (bits)
+      if (batch_bits)
         for (int64_t b = lead ? 1 : 0; b < blocks; ++b) {
           uint32_t byte = 0;
           for (int lane = 0; lane < 8; ++lane) byte |= static_cast<uint32_t>(tmp[b * 8 + lane] != acc_t(0)) << lane;
-          bits[block0 + b] = static_cast<uint8_t>(byte);
+          batch_bits[b] = static_cast<uint8_t>(byte);
         }
     } else if (stride == 1 && lead == 0 && take == kBatchElems) {
-      batch_mult_acc<2>(key, block0, threshold, scale, out, bits ? bits + block0 : nullptr);
+      batch_mult_acc<2>(key, block0, threshold, scale, out, batch_bits);
       out += kBatchElems;
       i += kBatchElems;
       after_batch(static_cast<int64_t>(i - start), n);
@@ -224,11 +226,11 @@ void fill_dropout_mult(PhiloxKey key, uint64_t start, int64_t n, uint32_t thresh
       // the previous run's when the run starts inside it.
       alignas(8) uint8_t bytes[kBlocksPerBatch];
       if (blocks <= 8)
-        batch_mult_acc<1>(key, block0, threshold, scale, tmp, bits ? bytes : nullptr);
+        batch_mult_acc<1>(key, block0, threshold, scale, tmp, batch_bits ? bytes : nullptr);
       else
-        batch_mult_acc<2>(key, block0, threshold, scale, tmp, bits ? bytes : nullptr);
-      if (bits)
-        for (int64_t b = lead ? 1 : 0; b < blocks; ++b) bits[block0 + b] = bytes[b];
+        batch_mult_acc<2>(key, block0, threshold, scale, tmp, batch_bits ? bytes : nullptr);
+      if (batch_bits)
+        for (int64_t b = lead ? 1 : 0; b < blocks; ++b) batch_bits[b] = bytes[b];
     }
     for (int64_t k = 0; k < take; ++k, out += stride) *out = tmp[lead + k];
     i += take;

@@ -68,7 +68,7 @@ void fill_run_mult(const DropoutParams<acc_t>& dp, uint64_t start, int64_t n, ac
       [prefetch](int64_t done, int64_t total) {
         if (prefetch) prefetch->upto(done, total);
       },
-      dp.bits_out);
+      dp.bits_out ? dp.bits_out + (start >> 3) : nullptr);
 }
 
 }  // namespace bnfused::cpu
