@@ -19,6 +19,19 @@ namespace bnfused::cpu {
 constexpr int kBlocksPerBatch = 16;                          // Philox calls per batch
 constexpr int kBatchElems = kBlocksPerBatch * kMaskLanes;    // 128 elements
 
+// Keep byte of 8 consecutive multipliers (nonzero = kept).
+template <typename acc_t>
+inline uint8_t keep_byte(const acc_t* mult) {
+#ifdef BNFUSED_PHILOX_AVX2
+  if constexpr (std::is_same_v<acc_t, float>)
+    return static_cast<uint8_t>(
+        _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(mult), _mm256_setzero_ps(), _CMP_NEQ_UQ)));
+#endif
+  uint32_t byte = 0;
+  for (int k = 0; k < kMaskLanes; ++k) byte |= static_cast<uint32_t>(mult[k] != acc_t(0)) << k;
+  return static_cast<uint8_t>(byte);
+}
+
 #ifdef BNFUSED_PHILOX_AVX2
 // One Philox round's two 32x32 -> 64-bit products per lane: hi/lo words of c * m. High words come from the
 // products of the even lanes and of the odd lanes (copied down); the odd products' high words already sit in odd
@@ -210,11 +223,7 @@ void fill_dropout_mult(PhiloxKey key, uint64_t start, int64_t n, uint32_t thresh
         for (int lane = 0; lane < 8; ++lane) tmp[b * 8 + lane] = lane_u16(r, lane) >= threshold ? scale : acc_t(0);
       }
       if (batch_bits)
-        for (int64_t b = lead ? 1 : 0; b < blocks; ++b) {
-          uint32_t byte = 0;
-          for (int lane = 0; lane < 8; ++lane) byte |= static_cast<uint32_t>(tmp[b * 8 + lane] != acc_t(0)) << lane;
-          batch_bits[b] = static_cast<uint8_t>(byte);
-        }
+        for (int64_t b = lead ? 1 : 0; b < blocks; ++b) batch_bits[b] = keep_byte(tmp + b * 8);
     } else if (stride == 1 && lead == 0 && take == kBatchElems) {
       batch_mult_acc<2>(key, block0, threshold, scale, out, batch_bits);
       out += kBatchElems;
@@ -298,11 +307,7 @@ inline void fill_strided_rows_mult(PhiloxKey key, uint64_t first, uint64_t strid
   }
   if (row_bits)
     for (int lane = 0; lane < kMaskLanes; ++lane)
-      for (int64_t g = 0; g < count / 8; ++g) {
-        uint32_t byte = 0;
-        for (int j = 0; j < 8; ++j) byte |= static_cast<uint32_t>(out[lane * ld + 8 * g + j] != acc_t(0)) << j;
-        row_bits[lane * row_bytes + g] = static_cast<uint8_t>(byte);
-      }
+      for (int64_t g = 0; g < count / 8; ++g) row_bits[lane * row_bytes + g] = keep_byte(out + lane * ld + 8 * g);
 }
 
 // Two runs of up to 64 - (start & 7) elements each at once: their Philox sets interleave, which runs this short

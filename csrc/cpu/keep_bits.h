@@ -20,19 +20,6 @@ inline bool philox_keep_bit(PhiloxKey key, uint64_t i, uint32_t threshold) {
   return lane_u16(mask_block(key, i >> 3), static_cast<int>(i & 7)) >= threshold;
 }
 
-// Keep byte of 8 consecutive multipliers (nonzero = kept).
-template <typename acc_t>
-inline uint8_t keep_byte(const acc_t* mult) {
-#ifdef BNFUSED_PHILOX_AVX2
-  if constexpr (std::is_same_v<acc_t, float>)
-    return static_cast<uint8_t>(
-        _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(mult), _mm256_setzero_ps(), _CMP_NEQ_UQ)));
-#endif
-  uint32_t byte = 0;
-  for (int k = 0; k < kMaskLanes; ++k) byte |= static_cast<uint32_t>(mult[k] != acc_t(0)) << k;
-  return static_cast<uint8_t>(byte);
-}
-
 // out[k] = multiplier of element start + k (in the bits' order), for k in [0, n), from the packed bits.
 template <typename acc_t>
 void unpack_keep_bits(const uint8_t* bits, uint64_t start, int64_t n, acc_t scale, acc_t* out) {
