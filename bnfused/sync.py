@@ -82,15 +82,15 @@ class SyncBNReLUDropoutFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, mean, rstd, key, p, global_count, group):
         ctx.p, ctx.global_count, ctx.group = p, global_count, group
+        keep_bits = None
         if x.numel() == 0:
-            ctx.save_for_backward(x, weight, bias, mean, rstd, key, None)
-            return torch.empty_like(x)
-        if _saves_keep_bits(x, p) and any(ctx.needs_input_grad):  # as BNReLUDropoutFunction: no Philox in backward
+            out = torch.empty_like(x)
+        elif _saves_keep_bits(x, p) and any(ctx.needs_input_grad):  # as BNReLUDropoutFunction: no Philox in backward
             out, keep_bits = ops.forward_keep_bits(x, mean, rstd, weight, bias, key, p, True)
-            ctx.save_for_backward(x, weight, bias, mean, rstd, key, keep_bits)
-            return out
-        ctx.save_for_backward(x, weight, bias, mean, rstd, key, None)
-        return ops.forward(x, mean, rstd, weight, bias, key, p, True)
+        else:
+            out = ops.forward(x, mean, rstd, weight, bias, key, p, True)
+        ctx.save_for_backward(x, weight, bias, mean, rstd, key, keep_bits)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):

@@ -62,9 +62,10 @@ void backward_input_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Ten
                         const OptTensor& sum_g, const OptTensor& sum_g_xhat, int64_t count, at::Tensor& dx,
                         const uint8_t* keep_bits_in = nullptr);
 void dropout_mask_cpu(PhiloxKey key, double p, at::Tensor& keep);
-// Test hooks: the CPU kernels' keep pattern (vectorised generators) of logical elements [start, start + n), and of
-// the channels_last block rows (8 rows x `count` blocks first, first + stride, ...; row-major). They reach counter
-// values (blocks of 2^32 and more) that no tensor in a test can.
+// Test hooks: the CPU kernels' keep pattern (vectorised generators) of logical elements [start, start + n), the
+// keep bytes that run writes (blocks whose first element lies in it), and the channels_last block rows (8 rows x
+// `count` blocks first, first + stride, ...; row-major). They reach counter values (blocks of 2^32 and more) that
+// no tensor in a test can.
 std::vector<bool> keep_run_cpu(PhiloxKey key, double p, uint64_t start, int64_t n);
 std::vector<uint8_t> keep_run_bytes_cpu(PhiloxKey key, double p, uint64_t start, int64_t n);
 std::vector<bool> keep_block_rows_cpu(PhiloxKey key, double p, uint64_t first, uint64_t stride, int64_t count);

@@ -303,6 +303,13 @@ class NextRunPrefetch {
   int64_t issued_ = 0;
 };
 
+// fill_dropout_mult's after_batch callback: advances `prefetch` (if given) with the run's progress.
+inline auto prefetch_progress(NextRunPrefetch* prefetch) {
+  return [prefetch](int64_t done, int64_t total) {
+    if (prefetch) prefetch->upto(done, total);
+  };
+}
+
 // Prefetch of the streams' part in the run that follows [off, off + len) in for_each_run's walk of planes up to
 // plane_end (nothing after the last run). The bases are the tensors' data pointers (in1, out may be null).
 // always_inline, like the constructor it replaced at the call sites: GCC kept it out of line, and backward_reduce

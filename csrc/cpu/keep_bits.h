@@ -50,12 +50,8 @@ void fill_run_mult(const DropoutParams<acc_t>& dp, uint64_t start, int64_t n, ac
     unpack_keep_bits(dp.bits_in, start, n, dp.scale, out);
     return;
   }
-  fill_dropout_mult(
-      dp.key, start, n, dp.threshold, dp.scale, out, 1,
-      [prefetch](int64_t done, int64_t total) {
-        if (prefetch) prefetch->upto(done, total);
-      },
-      dp.bits_out ? dp.bits_out + (start >> 3) : nullptr);
+  fill_dropout_mult(dp.key, start, n, dp.threshold, dp.scale, out, 1, prefetch_progress(prefetch),
+                    dp.bits_out ? dp.bits_out + (start >> 3) : nullptr);
 }
 
 }  // namespace bnfused::cpu

@@ -115,10 +115,7 @@ struct RowTiles {
     } else {
       auto start = [&](int64_t c) { return static_cast<uint64_t>((t.n * C + c) * S + t.s0); };
       if (t.rows == S) {  // a whole image: its channel runs are one logical run
-        fill_dropout_mult(dp.key, start(0), C * S, dp.threshold, dp.scale, scratch, 1,
-                          [prefetch](int64_t done, int64_t total) {
-                            if (prefetch) prefetch->upto(done, total);
-                          });
+        fill_dropout_mult(dp.key, start(0), C * S, dp.threshold, dp.scale, scratch, 1, prefetch_progress(prefetch));
       } else {
         int64_t c = 0;
         for (; c + 2 <= C; c += 2) {
