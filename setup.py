@@ -45,7 +45,7 @@ def with_cuda():
 
 
 def extension():
-    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     # -fopenmp: at::parallel_for is an inline template whose `#pragma omp parallel` is compiled into this
     # extension; without the flag every CPU kernel silently runs on one thread. The link resolves to the
     # libgomp.so.1 torch already loaded (same soname), so there is one OpenMP runtime.

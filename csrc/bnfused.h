@@ -70,6 +70,13 @@ std::vector<bool> keep_run_cpu(PhiloxKey key, double p, uint64_t start, int64_t 
 std::vector<uint8_t> keep_run_bytes_cpu(PhiloxKey key, double p, uint64_t start, int64_t n);
 std::vector<bool> keep_block_rows_cpu(PhiloxKey key, double p, uint64_t first, uint64_t stride, int64_t count);
 
+// ---- eager autograd path (eager_function.cpp) ----
+// functional.bn_relu_dropout_unchecked on plain CPU tensors: statistics (training: the batch's, running stats
+// updated; else the running ones), the fused forward and its C++ autograd node. key: None when p == 0.
+at::Tensor bn_relu_dropout_eager(const at::Tensor& input, const OptTensor& running_mean, const OptTensor& running_var,
+                                 const OptTensor& weight, const OptTensor& bias, bool training, double momentum,
+                                 double eps, double p, const OptTensor& key);
+
 #ifdef BNFUSED_WITH_CUDA
 // ---- CUDA backend (csrc/cuda) ----
 // The key lives in device memory (int64[2]: seed, offset) so CUDA graph replays read a fresh one.

@@ -147,10 +147,21 @@ def test_function_saves_no_full_size_tensor_but_x(device):
 
 
 def test_double_backward_raises(device):
-    """The backward kernels have no derivatives: differentiating the gradient again is an error, not zeros."""
+    """The backward kernels have no derivatives: differentiating the gradient again is an error, not zeros. The
+    module's eager CPU node (C++) calls the backward ops above autograd, so their not-implemented derivative
+    raises; the Python Function (the CUDA path) is once_differentiable."""
     x = torch.randn(4, 3, 5, device=device, dtype=torch.float64, requires_grad=True)
     m = bnfused.BatchNormReLUDropout1d(3, p=0.2).to(device, torch.float64)
-    (g,) = torch.autograd.grad(m(x).pow(2).sum(), x, create_graph=True)
+    gx, gw, gb = torch.autograd.grad(m(x).pow(2).sum(), (x, m.weight, m.bias), create_graph=True)
+    message = ("derivative for bnfused::backward_(input|reduce) is not implemented" if device.type == "cpu"
+               else "marked with @once_differentiable")
+    for g in (gx, gw, gb):
+        with pytest.raises(RuntimeError, match=message):
+            torch.autograd.grad(g.sum(), x, retain_graph=True)
+    mean, var = ops.batch_stats(x.detach())
+    y = bnfused.BNReLUDropoutFunction.apply(x, mean, torch.rsqrt(var + 1e-5), None, None, ops.philox_key(x.device),
+                                            0.2, True)
+    (g,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
         g.sum().backward()
 

@@ -206,3 +206,120 @@ def test_p1_gives_zeros_and_zero_grads(device):
     y.backward(torch.randn_like(y))
     assert not x.grad.any() and not w.grad.any() and not b.grad.any()
     assert not torch.equal(rm, rm0)  # statistics still update at p = 1
+
+
+# ---- the eager C++ path (_C.bn_relu_dropout_eager) against the Python one (BNReLUDropoutFunction) ----
+
+def run_path(cpp, monkeypatch, x, rm, rv, w, b, training, p, momentum=0.1, seed=None, x_grad=True):
+    """y, (grads of x, w, b), grad_fn name and the running stats after one call through the chosen path."""
+    with monkeypatch.context() as mp:
+        if not cpp:
+            mp.setattr(bnfused.functional, "_eager_cpp_path", lambda input: False)
+        x, w, b = leaf(x).requires_grad_(x_grad), leaf(w), leaf(b)
+        rm, rv = (None, None) if rm is None else (rm.clone(), rv.clone())
+        y = bnfused.bn_relu_dropout(x, rm, rv, w, b, training, momentum, 1e-5, p, seed=seed)
+        name = y.grad_fn.name() if y.grad_fn is not None else None
+        leaves = [t for t in (x, w, b) if t is not None and t.requires_grad]
+        grads = torch.autograd.grad(y, leaves, torch.randn_like(y, generator=torch.Generator().manual_seed(1)))
+    return y, grads, name, rm, rv
+
+
+@pytest.mark.parametrize("shape,layout", [((6, C), "contiguous"), ((3, C, 5), "noncontig"),
+                                          ((2, C, 4, 4), "channels_last"), ((2, C, 2, 3, 3), "contiguous")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("p", [0.0, 0.1, 1.0])
+def test_eager_cpp_path_matches_python_path(monkeypatch, shape, layout, dtype, training, p):
+    """Plain CPU tensors take the C++ node; it gives the Python Function's output, gradients and running stats
+    bit for bit (same ops, same formula)."""
+    x = make_input(shape, layout, dtype, torch.device("cpu"))
+    w, b, rm, rv = make_params(torch.device("cpu"), ops.acc_dtype(dtype))
+    runs = [run_path(cpp, monkeypatch, x, rm, rv, w, b, training, p, seed=5) for cpp in (True, False)]
+    assert runs[0][2] == "torch::autograd::CppNode<bnfused::BNReLUDropoutFunction>"
+    assert runs[1][2] == "BNReLUDropoutFunctionBackward"
+    for cpp_value, python_value in zip(runs[0][:2] + runs[0][3:], runs[1][:2] + runs[1][3:]):
+        torch.testing.assert_close(cpp_value, python_value, rtol=0, atol=0)
+    assert runs[0][0].stride() == runs[1][0].stride()
+
+
+@pytest.mark.parametrize("weight,bias", [(True, True), (True, False), (False, True), (False, False)])
+@pytest.mark.parametrize("x_grad", [True, False])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_eager_cpp_path_grad_edges(monkeypatch, weight, bias, x_grad, momentum):
+    """The node's needs_input_grad counts defined tensor inputs only; every weight/bias/x combination gets the
+    Python path's gradients, and the key is drawn from the default generator as there."""
+    if not (weight or bias or x_grad):
+        pytest.skip("nothing requires grad")
+    x = make_input((3, C, 5), "contiguous", torch.float64, torch.device("cpu"))
+    w, b, rm, rv = make_params(torch.device("cpu"), torch.float64)
+    w, b = (w if weight else None), (b if bias else None)
+    runs = []
+    for cpp in (True, False):
+        torch.manual_seed(3)
+        runs.append(run_path(cpp, monkeypatch, x, rm, rv, w, b, True, 0.5, momentum=momentum or 0.0,
+                             x_grad=x_grad))
+    assert len(runs[0][1]) == int(weight) + int(bias) + int(x_grad)
+    for cpp_value, python_value in zip(runs[0][:2] + runs[0][3:], runs[1][:2] + runs[1][3:]):
+        torch.testing.assert_close(cpp_value, python_value, rtol=0, atol=0)
+
+
+class _PassThroughMode(torch.utils._python_dispatch.TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+class _PassThroughFunctionMode(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+class _Subclass(torch.Tensor):
+    pass
+
+
+def test_eager_cpp_path_gate():
+    """Subclasses, dispatch and function modes and non-CPU tensors keep the Python path (the pybind call would
+    bypass their __torch_function__); the result is the same either way."""
+    x = torch.randn(4, C, 3, requires_grad=True)
+    assert bnfused.functional._eager_cpp_path(x)
+    assert not bnfused.functional._eager_cpp_path(x.detach().as_subclass(_Subclass))
+    assert not bnfused.functional._eager_cpp_path(torch.empty(4, C, device="meta"))
+    for mode in (_PassThroughMode(), _PassThroughFunctionMode()):
+        with mode:
+            assert not bnfused.functional._eager_cpp_path(x)
+            y = bnfused.bn_relu_dropout(x, None, None, training=True, p=0.5, seed=1)
+        assert y.grad_fn.name() == "BNReLUDropoutFunctionBackward"
+        torch.testing.assert_close(y, bnfused.bn_relu_dropout(x, None, None, training=True, p=0.5, seed=1),
+                                   rtol=0, atol=0)
+
+
+def test_eager_cpp_node_autograd_semantics():
+    """Saved x is version-checked, the graph frees after one backward unless retained, no_grad builds no node and
+    gives the same output, and checkpointing (saved-tensor hooks, recomputed forward) gives the same gradients."""
+    m = bnfused.BatchNormReLUDropout1d(C, p=0.3).double()
+    x = torch.randn(5, C, 6, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(4)
+    y = m(x)
+    (g1,) = torch.autograd.grad(y.sum(), x, retain_graph=True)
+    (g2,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(g1, g2, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        torch.autograd.grad(y.sum(), x)
+    xi = x.detach().clone().requires_grad_()
+    xv = xi * 1.0
+    yv = m(xv)
+    xv.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        yv.sum().backward()
+    torch.manual_seed(4)
+    with torch.no_grad():
+        y_nograd = m(x)
+    assert y_nograd.grad_fn is None
+    torch.testing.assert_close(y_nograd, y.detach(), rtol=0, atol=0)
+    for reentrant in (False, True):
+        xc = x.detach().clone().requires_grad_()
+        torch.manual_seed(4)
+        yc = torch.utils.checkpoint.checkpoint(m, xc, use_reentrant=reentrant)
+        yc.sum().backward()
+        torch.testing.assert_close(yc, y.detach(), rtol=0, atol=0)
+        torch.testing.assert_close(xc.grad, g1, rtol=0, atol=0)
