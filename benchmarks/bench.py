@@ -32,14 +32,15 @@ import bench_sync  # noqa: E402
 from cases import MODES, Case, Suite, make_suite  # noqa: E402
 from copy_floor import measure_floor  # noqa: E402
 from e2e import run_e2e  # noqa: E402
+from small_layers import run_small_layers  # noqa: E402
 from environment import device_name, load_average, run_meta, slug  # noqa: E402
 from kernels import time_kernels  # noqa: E402
 from measure import copy_bandwidth, first_call_seconds, peak_step_bytes, saved_bytes, time_fn  # noqa: E402
 from parity import measure_parity, parity_pairs  # noqa: E402
 from peers import COMPILE, EAGER, FUSED, Peer, make_peers, peer_names, step  # noqa: E402
 from plot import plot_speedups  # noqa: E402
-from report import (e2e_table, fmt_ms, fmt_x, parity_table, results_markdown, summary_table,  # noqa: E402
-                    targets_table)
+from report import (e2e_table, fmt_ms, fmt_x, parity_table, results_markdown, small_layers_table,  # noqa: E402
+                    summary_table, targets_table)
 from results import CaseResult, RunResults  # noqa: E402
 from targets import check_targets  # noqa: E402
 
@@ -160,6 +161,8 @@ def main(argv=None) -> int:
         run.parity = measure_parity(suite, args.p, args.device, args.threads)
     say("end to end: small CNN training steps, unfused vs bnfused.convert(model) ...")
     run.e2e = run_e2e(args.device, suite.e2e_steps, args.p)
+    say("small layers: fixed cost per call, bnfused vs the eager chain, rounds interleaved ...")
+    run.small = run_small_layers(suite, args.p, args.device, args.threads)
     sync_md = ""
     if suite.name != "quick" and not args.no_sync:
         say("sync: SyncBatchNormReLUDropout vs nn.SyncBatchNorm chain, 2 gloo processes ...")
@@ -193,6 +196,8 @@ def main(argv=None) -> int:
     say(targets_table(checks))
     say("\n## End to end\n")
     say(e2e_table(run))
+    say("\n## Small layers (fixed cost per call)\n")
+    say(small_layers_table(run))
     if sync_md:
         say("\n## Multi-process: SyncBatchNorm\n")
         say(sync_md)

@@ -108,6 +108,13 @@ def e2e_table(run: RunResults) -> str:
     return table(["model", "batch", "images/s", "step ms (IQR)", "speedup"], rows)
 
 
+def small_layers_table(run: RunResults) -> str:
+    if not run.small:
+        return "(not run)"
+    rows = [[r.case.label, r.mode, fmt_timing(r.unfused), fmt_timing(r.fused), fmt_x(r.speedup)] for r in run.small]
+    return table(["case", "mode", "eager ms", "bnfused ms", "bnfused vs eager"], rows)
+
+
 def parity_table(run: RunResults) -> str:
     rows = []
     for r in run.parity:
@@ -167,6 +174,13 @@ Byte model: {BYTE_MODEL}
 {parity_section(run)}## End to end: small CNN training step (Conv -> BN -> ReLU -> Dropout x4, SGD)
 
 {e2e_table(run)}
+
+## Small layers (fixed cost per call)
+
+Small float32 inputs, where Python, op dispatch and the autograd node outweigh the memory passes: bnfused's module
+against the eager nn chain, rounds interleaved (benchmarks/small_layers.py).
+
+{small_layers_table(run)}
 
 ## Memory
 

@@ -10,6 +10,7 @@ from e2e import E2EResult
 from kernels import KernelTiming
 from measure import Timing
 from parity import ParityResult
+from small_layers import SmallLayerResult
 
 
 @dataclass
@@ -32,6 +33,7 @@ class RunResults:
     cases: list[CaseResult] = field(default_factory=list)
     e2e: list[E2EResult] = field(default_factory=list)
     parity: list[ParityResult] = field(default_factory=list)  # per-byte pairs, rounds interleaved
+    small: list[SmallLayerResult] = field(default_factory=list)  # per-call overhead, vs the eager chain
     plot_note: str = ""
 
     def gbs(self, case: Case, mode: str, t: Timing) -> float:

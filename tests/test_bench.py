@@ -56,6 +56,12 @@ def test_quick_prints_progress_and_table(quick_run):
     assert "## Targets" in stdout and "## End to end" in stdout
     e2e = _table_rows(stdout, "| model |")
     assert len(e2e) == 3 and "bnfused.convert" in e2e[2][0]
+    small = _table_rows(stdout, "| case | mode | eager ms | bnfused ms |")
+    assert len(small) == 1 + 2 * 4  # 4 small shapes x (train fwd, train fwd+bwd)
+    for row in small[1:]:
+        assert row[1] in ("train fwd", "train fwd+bwd")
+        assert re.fullmatch(r"[\d.]+ \([\d.]+\)", row[2]) and re.fullmatch(r"[\d.]+ \([\d.]+\)", row[3]), row
+        assert re.fullmatch(r"[\d.]+x", row[4]), row
 
 
 def test_quick_writes_results_file_and_plot(quick_run):
@@ -65,7 +71,7 @@ def test_quick_writes_results_file_and_plot(quick_run):
     text = results[0].read_text()
     for needle in ("**device**", "**torch**", "**date**", "**git commit**", "**threads**", "**copy bandwidth**",
                    "Byte model:", "## Comparison", "## Targets", "## End to end", "saved B/elem bnfused",
-                   "backward_input", "## Every peer"):
+                   "backward_input", "## Every peer", "## Small layers"):
         assert needle in text, needle
     memory = _table_rows(text, "| case | saved B/elem")
     fused_col = memory[0].index("saved B/elem bnfused")
