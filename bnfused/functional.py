@@ -41,7 +41,7 @@ def check_inputs(input: Tensor, running_mean: Optional[Tensor], running_var: Opt
         raise ValueError(f"bn_relu_dropout(): expected input with at least 2 dims (N, C, ...), got {input.dim()}D input")
     check_p(p)
     check_eps(eps)
-    if momentum is not None and not isinstance(momentum, (int, float)):
+    if not isinstance(momentum, (int, float)):  # None too, as F.batch_norm (the modules pass their factor)
         raise TypeError(f"momentum must be a float, got {type(momentum).__name__}")
     if input.is_cuda and not _extension.WITH_CUDA:
         raise RuntimeError("bn_relu_dropout(): input is a CUDA tensor but bnfused was built without CUDA kernels "
@@ -124,7 +124,8 @@ def bn_relu_dropout_unchecked(input: Tensor, running_mean: Optional[Tensor], run
         if _saves_keep_bits(input, p_eff) and torch.is_grad_enabled():
             return ops.forward_keep_bits(*args)[0]  # its registered autograd saves the bits for backward
         return ops.forward(*args)
-    # Eager: the same kernels and backward through a plain autograd.Function, without the op's Python wrapper.
+    # Eager off the C++ path (CUDA, subclasses, modes): the same kernels and backward through a plain
+    # autograd.Function, without the op's Python wrapper.
     return BNReLUDropoutFunction.apply(input, mean, rstd, weight, bias, key, p_eff, bool(training))
 
 

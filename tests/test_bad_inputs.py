@@ -174,8 +174,9 @@ def _functional_args(device):
     (dict(input=torch.ones(1, C, 1)), ValueError, "Expected more than 1 value per channel when training"),
     (dict(weight=torch.ones(C + 1)), RuntimeError, f"weight should contain {C} elements not {C + 1}"),
     (dict(momentum="0.1"), TypeError, "momentum must be a float"),
+    (dict(momentum=None, training=False), TypeError, "momentum must be a float, got NoneType"),  # as F.batch_norm
 ], ids=["p", "eps", "var_none", "eval_no_stats", "not_tensor", "1d", "dtype", "uint8", "one_value", "weight",
-        "momentum"])
+        "momentum", "momentum_none"])
 def test_bad_functional_arguments(device, change, error, regex):
     x, rm, rv, w, b = _functional_args(device)
     kwargs = dict(input=x, running_mean=rm, running_var=rv, weight=w, bias=b, training=True, momentum=0.1,
