@@ -46,22 +46,23 @@ def check_inputs(input: Tensor, running_mean: Optional[Tensor], running_var: Opt
     if input.is_cuda and not _extension.WITH_CUDA:
         raise RuntimeError("bn_relu_dropout(): input is a CUDA tensor but bnfused was built without CUDA kernels "
                            "(CPU-only torch or no nvcc at build time); rebuild it on a CUDA machine")
-    if input.device.type not in ("cpu", "cuda", "meta"):
-        raise RuntimeError(f"bn_relu_dropout(): unsupported device {input.device}")
+    device = input.device
+    if device.type not in ("cpu", "cuda", "meta"):
+        raise RuntimeError(f"bn_relu_dropout(): unsupported device {device}")
     channels = input.shape[1]
-    for name, t, may_be_none in (("running_mean", running_mean, True), ("running_var", running_var, True),
-                                 ("weight", weight, True), ("bias", bias, True)):
+    param_dtypes = (input.dtype, ops.acc_dtype(input.dtype))  # hoisted: small layers feel every microsecond
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
         if t is None:
             continue
         if t.dim() != 1 or t.shape[0] != channels:
             raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}"
                                + ("" if t.dim() == 1 else f" (expected a 1-D tensor, got shape {tuple(t.shape)})"))
-        if t.device != input.device:
+        if t.device != device:
             raise RuntimeError(f"Expected all tensors to be on the same device, but {name} is on {t.device} and "
-                               f"input is on {input.device}")
+                               f"input is on {device}")
         if not t.is_floating_point():
             raise RuntimeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-        if t.dtype not in (input.dtype, ops.acc_dtype(input.dtype)):
+        if t.dtype not in param_dtypes:
             raise RuntimeError(f"mixed dtype: {name} is {t.dtype} but input is {input.dtype}; expected {input.dtype}"
                                + (" or float32" if input.dtype in (torch.float16, torch.bfloat16) else ""))
     if (running_mean is None) != (running_var is None):
