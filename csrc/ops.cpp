@@ -395,7 +395,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("seed"), pybind11::arg("offset"), pybind11::arg("block"));
   m.def("keep_run", [](uint64_t seed, uint64_t offset, double p, uint64_t start, int64_t n) {
           return bnfused::keep_run_cpu(bnfused::PhiloxKey{seed, offset}, p, start, n);
-        }, "Test hook: CPU keep pattern of logical elements start .. start + n - 1");
+        }, "Test hook: CPU keep pattern of logical elements start .. start + n - 1 (raises if the keep-flag "
+           "generator of the channels_last transposed tiles disagrees with it)");
   m.def("keep_run_bytes", [](uint64_t seed, uint64_t offset, double p, uint64_t start, int64_t n) {
           return bnfused::keep_run_bytes_cpu(bnfused::PhiloxKey{seed, offset}, p, start, n);
         }, "Test hook: CPU keep bytes the same run writes, of the blocks whose first element lies in it");

@@ -13,10 +13,13 @@ CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 # (shape, channels_last): 2-d rows, 3-d, small planes whose thread ranges end mid-byte (15*100 planes of 49),
 # channels_last with H*W % 8 == 0 (block rows) and without, each with C a multiple of 8 (whole bytes per row) and
 # not (bytes span rows), 5-d. Without block rows, images of up to 64K elements are one tile ((2, 129, 15, 17):
-# the second starts mid-byte); (2, 301, 15, 17) has tiles of 56 rows, one Philox run per channel.
+# the second starts mid-byte); (2, 301, 15, 17) has tiles of 56 rows, one Philox run per channel. With C % 8 == 0
+# those tiles expand their keep flags 8 rows at a time: whole 7x7 images, tiles of 64 rows and a last one of 63
+# ((2, 256, 15, 17): the last 8-row block overlaps), and images of fewer than 8 rows (S = 5), which do not.
 CASES = [((37, 13), False), ((4, 3, 9), False), ((15, 100, 7, 7), False), ((2, 19, 10, 16), True),
          ((3, 16, 8, 8), True), ((2, 5, 5, 7), True), ((2, 8, 5, 7), True), ((2, 129, 15, 17), True),
-         ((2, 301, 15, 17), True), ((2, 5, 2, 4, 4), True), ((2, 24, 3, 2, 4), True), ((2, 3, 3, 5, 3), False)]
+         ((2, 301, 15, 17), True), ((2, 5, 2, 4, 4), True), ((2, 24, 3, 2, 4), True), ((2, 3, 3, 5, 3), False),
+         ((3, 32, 7, 7), True), ((2, 256, 15, 17), True), ((3, 16, 1, 5), True)]
 
 
 def make_x(shape, channels_last, dtype=torch.float32):

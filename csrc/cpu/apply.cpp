@@ -55,18 +55,15 @@ void forward_kernel(const at::Tensor& x, const ChannelParams<cpu::acc_t<scalar_t
   }
   const cpu::RowTiles tiles(g, dp.active && !dp.bits_in);
   at::parallel_for(0, tiles.count(), 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc> mult(dp.active ? tiles.mult_elems() : 0), scratch(dp.active ? tiles.scratch_elems() : 0);
+    std::vector<acc> mult(dp.active ? tiles.mult_elems() : 0);
+    std::vector<uint8_t> scratch(dp.active ? tiles.scratch_bytes() : 0);
     for (int64_t ti = begin; ti < end; ++ti) {
       const auto t = tiles.tile(ti);
-      if (dp.active) {
-        auto prefetch = tiles.next_tile_prefetch(ti, end, xd, nullptr, yd, sizeof(scalar_t));
-        tiles.fill_mult(t, dp, mult.data(), scratch.data(), &prefetch);
-      }
-      for (int64_t r = 0; r < t.rows; ++r) {
+      auto prefetch = tiles.next_tile_prefetch(ti, end, xd, nullptr, yd, sizeof(scalar_t));
+      tiles.for_each_row(t, dp, mult.data(), scratch.data(), &prefetch, [&](int64_t r, const acc* row_mult) {
         const int64_t off = (t.row0 + r) * g.C;
-        forward_run<scalar_t, acc>(xd + off, a.data(), b.data(),
-                                   dp.active ? mult.data() + r * tiles.mult_stride() : nullptr, yd + off, g.C, true);
-      }
+        forward_run<scalar_t, acc>(xd + off, a.data(), b.data(), row_mult, yd + off, g.C, true);
+      });
     }
   });
 }
@@ -132,19 +129,15 @@ void backward_input_kernel(const at::Tensor& dy_t, const at::Tensor& x, const Gr
   }
   const cpu::RowTiles tiles(g, dp.active && !dp.bits_in);
   at::parallel_for(0, tiles.count(), 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc> mult(dp.active ? tiles.mult_elems() : 0), scratch(dp.active ? tiles.scratch_elems() : 0);
+    std::vector<acc> mult(dp.active ? tiles.mult_elems() : 0);
+    std::vector<uint8_t> scratch(dp.active ? tiles.scratch_bytes() : 0);
     for (int64_t ti = begin; ti < end; ++ti) {
       const auto t = tiles.tile(ti);
-      if (dp.active) {
-        auto prefetch = tiles.next_tile_prefetch(ti, end, dyd, xd, dxd, sizeof(scalar_t));
-        tiles.fill_mult(t, dp, mult.data(), scratch.data(), &prefetch);
-      }
-      for (int64_t r = 0; r < t.rows; ++r) {
+      auto prefetch = tiles.next_tile_prefetch(ti, end, dyd, xd, dxd, sizeof(scalar_t));
+      tiles.for_each_row(t, dp, mult.data(), scratch.data(), &prefetch, [&](int64_t r, const acc* row_mult) {
         const int64_t off = (t.row0 + r) * g.C;
-        grad_input_run<scalar_t, acc, kBatchStats>(dyd + off, xd + off,
-                                                   dp.active ? mult.data() + r * tiles.mult_stride() : nullptr, k, 0,
-                                                   dxd + off, g.C, true);
-      }
+        grad_input_run<scalar_t, acc, kBatchStats>(dyd + off, xd + off, row_mult, k, 0, dxd + off, g.C, true);
+      });
     }
   });
 }
@@ -212,6 +205,11 @@ void dropout_mask_cpu(PhiloxKey key, double p, at::Tensor& keep) {
 std::vector<bool> keep_run_cpu(PhiloxKey key, double p, uint64_t start, int64_t n) {
   std::vector<float> mult(n);
   cpu::fill_dropout_mult<float>(key, start, n, threshold16(p), 1.0f, mult.data());
+  // The keep flags of the channels_last transposed tiles (sets_flags) must be the same pattern.
+  std::vector<uint8_t> flags(n);
+  cpu::fill_dropout_mult<uint8_t>(key, start, n, threshold16(p), 1, flags.data());
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(flags[i] == (mult[i] != 0.0f ? 1 : 0), "keep_run: keep flag ", i, " differs from the multiplier");
   return std::vector<bool>(mult.begin(), mult.end());
 }
 

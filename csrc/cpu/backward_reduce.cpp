@@ -150,25 +150,22 @@ void reduce_kernel(const at::Tensor& dy_t, const at::Tensor& x, const ChannelPar
   const int64_t n_groups = std::min<int64_t>(n_tiles, 64);
   std::vector<double> part_g(n_groups * g.C, 0.0), part_gx(n_groups * g.C, 0.0);
   at::parallel_for(0, n_groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc> sg(g.C), sgx(g.C), mult(dp.active ? tiles.mult_elems() : 0),
-        scratch(dp.active ? tiles.scratch_elems() : 0);
+    std::vector<acc> sg(g.C), sgx(g.C), mult(dp.active ? tiles.mult_elems() : 0);
+    std::vector<uint8_t> scratch(dp.active ? tiles.scratch_bytes() : 0);
     for (int64_t grp = begin; grp < end; ++grp) {
       double* pg = part_g.data() + grp * g.C;
       double* pgx = part_gx.data() + grp * g.C;
       for (int64_t ti = grp * n_tiles / n_groups; ti < (grp + 1) * n_tiles / n_groups; ++ti) {
         const auto t = tiles.tile(ti);
-        if (dp.active) {
-          auto prefetch = tiles.next_tile_prefetch(ti, end * n_tiles / n_groups, dyd, xd, nullptr, sizeof(scalar_t));
-          tiles.fill_mult(t, dp, mult.data(), scratch.data(), &prefetch);
-        }
+        auto prefetch = tiles.next_tile_prefetch(ti, end * n_tiles / n_groups, dyd, xd, nullptr, sizeof(scalar_t));
         std::fill(sg.begin(), sg.end(), acc(0));
         std::fill(sgx.begin(), sgx.end(), acc(0));
-        for (int64_t r = 0; r < t.rows; ++r) {
+        // Rows in order, whatever the mask's source: the float sums come out the same from bits as from the key.
+        tiles.for_each_row(t, dp, mult.data(), scratch.data(), &prefetch, [&](int64_t r, const acc* row_mult) {
           const int64_t off = (t.row0 + r) * g.C;
-          reduce_row<scalar_t, acc>(dyd + off, xd + off,
-                          dp.active ? mult.data() + r * tiles.mult_stride() : nullptr, a.data(), b.data(), mean.data(), g.C,
-                          sg.data(), sgx.data());
-        }
+          reduce_row<scalar_t, acc>(dyd + off, xd + off, row_mult, a.data(), b.data(), mean.data(), g.C, sg.data(),
+                                    sgx.data());
+        });
         for (int64_t c = 0; c < g.C; ++c) {
           pg[c] += sg[c];
           pgx[c] += sgx[c];

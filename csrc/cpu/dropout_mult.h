@@ -163,6 +163,40 @@ inline void sets_mult(PhiloxKey key, const uint64_t first[2], uint32_t threshold
 }
 #endif
 
+#ifdef BNFUSED_PHILOX_AVX2
+// Keep flags (byte per element: `kept` or 0), in element order, of the 8 blocks first[h] .. first[h]+7 of each
+// set h into out[h]: the channels_last transposed tiles move a quarter of the bytes of float multipliers.
+template <int kSets>
+inline void sets_flags(PhiloxKey key, const uint64_t first[2], uint32_t threshold, uint8_t kept,
+                       uint8_t* const out[2]) {
+  __m256i w[2][4];
+  philox_sets<kSets>(key, first, w);
+  // Unsigned u16 >= threshold as a signed compare of both sides shifted by 2^15 (threshold 0 keeps everything,
+  // 65536, p = 1, nothing).
+  const __m256i bias = _mm256_set1_epi16(static_cast<int16_t>(-32768));
+  const __m256i below = _mm256_set1_epi16(static_cast<int16_t>(static_cast<int32_t>(threshold) - 1 - 32768));
+  const __m256i vkept = _mm256_set1_epi8(static_cast<char>(kept));
+  for (int h = 0; h < kSets; ++h) {
+    // The 4x8 word transpose of sets_mult: each 128-bit half of t[k] is one block's 8 u16 lanes in element order.
+    const __m256i a01lo = _mm256_unpacklo_epi32(w[h][0], w[h][1]), a01hi = _mm256_unpackhi_epi32(w[h][0], w[h][1]);
+    const __m256i a23lo = _mm256_unpacklo_epi32(w[h][2], w[h][3]), a23hi = _mm256_unpackhi_epi32(w[h][2], w[h][3]);
+    const __m256i t[4] = {_mm256_unpacklo_epi64(a01lo, a23lo), _mm256_unpackhi_epi64(a01lo, a23lo),
+                          _mm256_unpacklo_epi64(a01hi, a23hi), _mm256_unpackhi_epi64(a01hi, a23hi)};
+    __m256i keep[4];
+    for (int k = 0; k < 4; ++k)
+      keep[k] = threshold == 0       ? _mm256_set1_epi16(-1)
+                : threshold > 65535 ? _mm256_setzero_si256()
+                                    : _mm256_cmpgt_epi16(_mm256_xor_si256(t[k], bias), below);
+    // packs per 128-bit lane: (t0, t1) -> blocks [0 1 | 4 5] and (t2, t3) -> [2 3 | 6 7] as bytes (16 per block
+    // pair); the permute restores block order 0..7.
+    const __m256i p01 = _mm256_packs_epi16(keep[0], keep[1]), p23 = _mm256_packs_epi16(keep[2], keep[3]);
+    const __m256i lo = _mm256_permute2x128_si256(p01, p23, 0x20), hi = _mm256_permute2x128_si256(p01, p23, 0x31);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[h]), _mm256_and_si256(lo, vkept));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[h] + 32), _mm256_and_si256(hi, vkept));
+  }
+}
+#endif
+
 // Float multipliers of the 64*kSets elements of blocks block0 .. block0+8*kSets-1, in element order (and with
 // `bits`, their keep bytes bits[0 .. 8*kSets)).
 template <int kSets = 2>
@@ -174,13 +208,23 @@ inline void batch_mult(PhiloxKey key, uint64_t block0, uint32_t threshold, float
 }
 
 // Multipliers of the 64*kSets elements of blocks block0 .. block0+8*kSets-1 as acc_t (double gets an exact
-// 1/(1-p)), and with `bits` their keep bytes.
+// 1/(1-p); uint8_t: keep flags, `scale` or 0), and with `bits` their keep bytes.
 template <int kSets, typename acc_t>
 inline void batch_mult_acc(PhiloxKey key, uint64_t block0, uint32_t threshold, acc_t scale, acc_t* out,
                            uint8_t* bits = nullptr) {
   if constexpr (std::is_same_v<acc_t, float>) {
     batch_mult<kSets>(key, block0, threshold, scale, out, bits);
   } else {
+#ifdef BNFUSED_PHILOX_AVX2
+    if constexpr (std::is_same_v<acc_t, uint8_t>) {  // keep flags
+      if (!bits) {
+        const uint64_t first[2] = {block0, block0 + 8};
+        uint8_t* const outs[2] = {out, out + 64};
+        sets_flags<kSets>(key, first, threshold, scale, outs);
+        return;
+      }
+    }
+#endif
     float keep[kBatchElems];
     batch_mult<kSets>(key, block0, threshold, 1.0f, keep, bits);
     for (int i = 0; i < 64 * kSets; ++i) out[i] = keep[i] != 0.0f ? scale : acc_t(0);
@@ -315,15 +359,16 @@ inline void fill_strided_rows_mult(PhiloxKey key, uint64_t first, uint64_t strid
 template <typename acc_t>
 void fill_dropout_mult_pair(PhiloxKey key, const uint64_t starts[2], int64_t n, uint32_t threshold, acc_t scale,
                             acc_t* const out[2]) {
-  if constexpr (std::is_same_v<acc_t, float>) {
+  if constexpr (std::is_same_v<acc_t, float> || std::is_same_v<acc_t, uint8_t>) {  // multipliers or keep flags
     const int64_t lead[2] = {static_cast<int64_t>(starts[0] & 7), static_cast<int64_t>(starts[1] & 7)};
     const uint64_t first[2] = {starts[0] >> 3, starts[1] >> 3};
     if (n > 0 && lead[0] + n <= 64 && lead[1] + n <= 64 && no_counter_wrap(first[0], 8) &&
         no_counter_wrap(first[1], 8)) {
       alignas(32) float tmp[2][64];
       float* const outs[2] = {tmp[0], tmp[1]};
-      sets_mult<2>(key, first, threshold, scale, outs);
-      for (int h = 0; h < 2; ++h) std::copy(tmp[h] + lead[h], tmp[h] + lead[h] + n, out[h]);
+      sets_mult<2>(key, first, threshold, 1.0f, outs);
+      for (int h = 0; h < 2; ++h)
+        for (int64_t k = 0; k < n; ++k) out[h][k] = tmp[h][lead[h] + k] != 0.0f ? scale : acc_t(0);
       return;
     }
   }

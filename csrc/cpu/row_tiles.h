@@ -4,7 +4,7 @@
 // itself the logical run r*C ... r*C + C - 1.
 // When S % 8 == 0 every channel run starts on a Philox block and tiles hold whole groups of 8 rows, so one block
 // is exactly 8 rows of one channel: the multipliers are generated straight into row order, 8 or 16 channels per
-// Philox batch. Otherwise each channel's run is generated contiguously and transposed.
+// Philox batch. Otherwise each channel's run is generated contiguously as keep flags and transposed.
 // The keep bits (keep_bits.h) follow memory order, so a tile's bits are the contiguous bit range of its rows.
 #pragma once
 #include "cpu/cpu_common.h"
@@ -78,14 +78,15 @@ struct RowTiles {
     return S > 1 ? C + 8 : C;
   }
   int64_t mult_elems() const { return rows_per_tile * mult_stride(); }
-  int64_t scratch_elems() const { return S > 1 && !block_rows() ? mult_elems() : 0; }  // fill_mult's scratch
+  int64_t scratch_bytes() const { return S > 1 && !block_rows() ? mult_elems() : 0; }  // fill_mult's keep flags
 
   // Multipliers of tile t as mult[r * mult_stride() + c]: unpacked from the keep bits when the backward has them,
   // else from Philox (packing the bits when the forward is asked for them). Without block rows, for S > 1 each
-  // channel's run is generated contiguously into `scratch` (C * rows_per_tile values), two channels at a time, and
-  // transposed. With Philox, `prefetch` (if given) fetches the kernel's next tile meanwhile.
+  // channel's run is generated contiguously as keep flags (one byte per element) into `scratch` (C * rows_per_tile
+  // bytes), two channels at a time, and transposed into multipliers. With Philox, `prefetch` (if given) fetches the
+  // kernel's next tile meanwhile.
   template <typename acc_type>
-  void fill_mult(const Tile& t, const DropoutParams<acc_type>& dp, acc_type* mult, acc_type* scratch,
+  void fill_mult(const Tile& t, const DropoutParams<acc_type>& dp, acc_type* mult, uint8_t* scratch,
                  NextRunPrefetch* prefetch = nullptr) const {
     if (S == 1) {  // memory order is logical order
       fill_run_mult(dp, static_cast<uint64_t>(t.row0 * C), t.rows * C, mult, prefetch);
@@ -113,23 +114,63 @@ struct RowTiles {
       }
       if (row_bits) return;
     } else {
-      auto start = [&](int64_t c) { return static_cast<uint64_t>((t.n * C + c) * S + t.s0); };
-      if (t.rows == S) {  // a whole image: its channel runs are one logical run
-        fill_dropout_mult(dp.key, start(0), C * S, dp.threshold, dp.scale, scratch, 1, prefetch_progress(prefetch));
-      } else {
-        int64_t c = 0;
-        for (; c + 2 <= C; c += 2) {
-          const uint64_t starts[2] = {start(c), start(c + 1)};
-          acc_type* const outs[2] = {scratch + c * t.rows, scratch + (c + 1) * t.rows};
-          fill_dropout_mult_pair(dp.key, starts, t.rows, dp.threshold, dp.scale, outs);
-          if (prefetch) prefetch->upto(c + 2, C);
-        }
-        for (; c < C; ++c) fill_dropout_mult(dp.key, start(c), t.rows, dp.threshold, dp.scale, scratch + c * t.rows);
-        if (prefetch) prefetch->upto(C, C);
-      }
-      transpose(scratch, C, t.rows, mult, ld);
+      fill_flags(t, dp, scratch, prefetch);
+      expand_transpose(scratch, C, t.rows, dp.scale, mult, ld);
     }
     if (dp.bits_out) pack_bits(t, mult, dp);
+  }
+
+  // f(r, mult_row) for the rows r of tile t in order; mult_row = row r's multipliers (nullptr without dropout).
+  // Where the transposed path runs from Philox with C % 8 == 0, its keep flags are expanded 8 rows at a time (and
+  // the keep bits written from the same transpose), so the multipliers a row reads sit in L1: a whole 14x14x256
+  // image's are 207 KB. Elsewhere fill_mult fills the tile's multipliers first.
+  template <typename acc_type, typename RowFn>
+  void for_each_row(const Tile& t, const DropoutParams<acc_type>& dp, acc_type* mult, uint8_t* scratch,
+                    NextRunPrefetch* prefetch, RowFn&& f) const {
+    const int64_t ld = mult_stride();
+    if (!dp.active) {
+      for (int64_t r = 0; r < t.rows; ++r) f(r, static_cast<const acc_type*>(nullptr));
+      return;
+    }
+#ifdef BNFUSED_PHILOX_AVX2
+    if constexpr (std::is_same_v<acc_type, float>) {
+      if (S > 1 && !block_rows() && !dp.bits_in && C % kMaskLanes == 0 && t.rows >= kMaskLanes) {
+        fill_flags(t, dp, scratch, prefetch);
+        for (int64_t done = 0; done < t.rows;) {
+          const int64_t r0 = std::min(done, t.rows - kMaskLanes);  // the last block may overlap the one before
+          uint8_t* bits = dp.bits_out ? dp.bits_out + (t.row0 + r0) * (C / 8) : nullptr;
+          for (int64_t c0 = 0; c0 < C; c0 += 8)
+            expand_transpose8x8(scratch + c0 * t.rows + r0, t.rows, dp.scale, mult + c0, ld,
+                                bits ? bits + c0 / 8 : nullptr, C / 8);
+          for (; done < r0 + kMaskLanes; ++done) f(done, static_cast<const acc_type*>(mult + (done - r0) * ld));
+        }
+        return;
+      }
+    }
+#endif
+    fill_mult(t, dp, mult, scratch, prefetch);
+    for (int64_t r = 0; r < t.rows; ++r) f(r, static_cast<const acc_type*>(mult + r * ld));
+  }
+
+  // Keep flags (1 kept, 0 dropped) of tile t's channel runs (transposed path, S > 1): scratch[c * t.rows + r].
+  // Flags, not multipliers: a quarter of the bytes through the transpose.
+  template <typename acc_type>
+  void fill_flags(const Tile& t, const DropoutParams<acc_type>& dp, uint8_t* scratch, NextRunPrefetch* prefetch) const {
+    auto start = [&](int64_t c) { return static_cast<uint64_t>((t.n * C + c) * S + t.s0); };
+    constexpr uint8_t kept = 1;
+    if (t.rows == S) {  // a whole image: its channel runs are one logical run
+      fill_dropout_mult(dp.key, start(0), C * S, dp.threshold, kept, scratch, 1, prefetch_progress(prefetch));
+      return;
+    }
+    int64_t c = 0;
+    for (; c + 2 <= C; c += 2) {
+      const uint64_t starts[2] = {start(c), start(c + 1)};
+      uint8_t* const outs[2] = {scratch + c * t.rows, scratch + (c + 1) * t.rows};
+      fill_dropout_mult_pair(dp.key, starts, t.rows, dp.threshold, kept, outs);
+      if (prefetch) prefetch->upto(c + 2, C);
+    }
+    for (; c < C; ++c) fill_dropout_mult(dp.key, start(c), t.rows, dp.threshold, kept, scratch + c * t.rows);
+    if (prefetch) prefetch->upto(C, C);
   }
 
   // Logical index ((n * C + c) * S + s) of the element at memory index m = (n * S + s) * C + c (S > 1).
@@ -166,42 +207,56 @@ struct RowTiles {
     }
   }
 
-  // out[r * ld + c] = in[c * rows + r]
+  // out[r * ld + c] = in[c * rows + r] ? scale : 0, from keep flags (0 or 1).
   template <typename acc_type>
-  static void transpose(const acc_type* in, int64_t cols, int64_t rows, acc_type* out, int64_t ld) {
+  static void expand_transpose(const uint8_t* in, int64_t cols, int64_t rows, acc_type scale, acc_type* out,
+                               int64_t ld) {
     int64_t c0 = 0;
 #ifdef BNFUSED_PHILOX_AVX2
     if constexpr (std::is_same_v<acc_type, float>) {
-      for (; c0 + 8 <= cols; c0 += 8) {
-        int64_t r0 = 0;
-        for (; r0 + 8 <= rows; r0 += 8) transpose8x8(in + c0 * rows + r0, rows, out + r0 * ld + c0, ld);
-        for (; r0 < rows; ++r0)
-          for (int64_t c = c0; c < c0 + 8; ++c) out[r0 * ld + c] = in[c * rows + r0];
+      if (rows >= 8) {
+        for (; c0 + 8 <= cols; c0 += 8) {
+          // The last block of rows ends at `rows`, overlapping the one before: its rows are written twice, alike.
+          for (int64_t r0 = 0;; r0 = std::min(r0 + 8, rows - 8)) {
+            expand_transpose8x8(in + c0 * rows + r0, rows, scale, out + r0 * ld + c0, ld, nullptr, 0);
+            if (r0 + 8 >= rows) break;
+          }
+        }
       }
     }
 #endif
     for (; c0 < cols; ++c0)
-      for (int64_t r = 0; r < rows; ++r) out[r * ld + c0] = in[c0 * rows + r];
+      for (int64_t r = 0; r < rows; ++r) out[r * ld + c0] = in[c0 * rows + r] ? scale : acc_type(0);
   }
 
 #ifdef BNFUSED_PHILOX_AVX2
-  // 8x8 float transpose: rows of `in` (stride in_stride) become columns of `out` (stride out_stride).
-  static void transpose8x8(const float* in, int64_t in_stride, float* out, int64_t out_stride) {
-    __m256 r[8], t[8];
-    for (int k = 0; k < 8; ++k) r[k] = _mm256_loadu_ps(in + k * in_stride);
-    for (int k = 0; k < 8; k += 2) {
-      t[k] = _mm256_unpacklo_ps(r[k], r[k + 1]);
-      t[k + 1] = _mm256_unpackhi_ps(r[k], r[k + 1]);
-    }
-    for (int k = 0; k < 8; k += 4) {
-      r[k] = _mm256_shuffle_ps(t[k], t[k + 2], _MM_SHUFFLE(1, 0, 1, 0));
-      r[k + 1] = _mm256_shuffle_ps(t[k], t[k + 2], _MM_SHUFFLE(3, 2, 3, 2));
-      r[k + 2] = _mm256_shuffle_ps(t[k + 1], t[k + 3], _MM_SHUFFLE(1, 0, 1, 0));
-      r[k + 3] = _mm256_shuffle_ps(t[k + 1], t[k + 3], _MM_SHUFFLE(3, 2, 3, 2));
-    }
+  // 8x8 block of expand_transpose: flag rows k of `in` (8 bytes each, stride in_stride) become float columns. With
+  // `bits`, also each output row's keep byte (bit j = column j) at bits[row * bits_stride].
+  __attribute__((always_inline)) static void expand_transpose8x8(const uint8_t* in, int64_t in_stride, float scale, float* out, int64_t out_stride,
+                                  uint8_t* bits, int64_t bits_stride) {
+    __m128i a[8];
+    for (int k = 0; k < 8; ++k) a[k] = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(in + k * in_stride));
+    // Interleave bytes, then pairs, then quads: d[k] holds output rows 2k (low 8 bytes) and 2k + 1 (high 8 bytes),
+    // byte j of each = input row j.
+    const __m128i b0 = _mm_unpacklo_epi8(a[0], a[1]), b1 = _mm_unpacklo_epi8(a[2], a[3]);
+    const __m128i b2 = _mm_unpacklo_epi8(a[4], a[5]), b3 = _mm_unpacklo_epi8(a[6], a[7]);
+    const __m128i c0 = _mm_unpacklo_epi16(b0, b1), c1 = _mm_unpackhi_epi16(b0, b1);
+    const __m128i c2 = _mm_unpacklo_epi16(b2, b3), c3 = _mm_unpackhi_epi16(b2, b3);
+    const __m128i d[4] = {_mm_unpacklo_epi32(c0, c2), _mm_unpackhi_epi32(c0, c2), _mm_unpacklo_epi32(c1, c3),
+                          _mm_unpackhi_epi32(c1, c3)};
+    const __m256 vscale = _mm256_set1_ps(scale);
+    const __m256i zero = _mm256_setzero_si256();
     for (int k = 0; k < 4; ++k) {
-      _mm256_storeu_ps(out + k * out_stride, _mm256_permute2f128_ps(r[k], r[k + 4], 0x20));
-      _mm256_storeu_ps(out + (k + 4) * out_stride, _mm256_permute2f128_ps(r[k], r[k + 4], 0x31));
+      if (bits) {
+        const int rows2 = _mm_movemask_epi8(_mm_cmpgt_epi8(d[k], _mm_setzero_si128()));  // flags are 0 or 1
+        bits[(2 * k) * bits_stride] = static_cast<uint8_t>(rows2);
+        bits[(2 * k + 1) * bits_stride] = static_cast<uint8_t>(rows2 >> 8);
+      }
+      for (int half = 0; half < 2; ++half) {
+        const __m256i flags = _mm256_cvtepu8_epi32(half ? _mm_srli_si128(d[k], 8) : d[k]);
+        const __m256 dropped = _mm256_castsi256_ps(_mm256_cmpeq_epi32(flags, zero));
+        _mm256_storeu_ps(out + (2 * k + half) * out_stride, _mm256_andnot_ps(dropped, vscale));
+      }
     }
   }
 #endif
