@@ -1,5 +1,7 @@
 """Per-pass timing of bnfused's training step: each torch.ops.bnfused op on its own, with its own byte count,
-so a slow pass shows up (issue 9 asks for >= 85 % of the copy bandwidth per pass on a GPU)."""
+so a slow pass shows up (issue 9 asks for >= 85 % of the copy bandwidth per pass on a GPU). The ops are the ones
+the module's step runs: on the CPU (0 < p < 1) forward_keep_bits, and the backward ops reading its keep bits; on
+CUDA forward, and the backward ops regenerating the mask from the key."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from bnfused import ops
+from bnfused.autograd import _saves_keep_bits
 
 from cases import Case
 from measure import Timing, time_fn
@@ -38,15 +41,21 @@ def time_kernels(case: Case, x: torch.Tensor, grad_out: torch.Tensor, p: float, 
     bias = torch.zeros(c, device=device)
     key = ops.philox_key(device, seed=1234)
     mean, rstd = ops.batch_stats_update(x, running_mean, running_var, 0.1, 1e-5)
-    sum_g, sum_g_xhat = ops.backward_reduce(grad_out, x, mean, rstd, weight, bias, key, p)
+    bits = ops.forward_keep_bits(x, mean, rstd, weight, bias, key, p, True)[1] if _saves_keep_bits(x, p) else None
+    sum_g, sum_g_xhat = ops.backward_reduce(grad_out, x, mean, rstd, weight, bias, key, p, bits)
     count = x.numel() // c
     calls = {
         "batch_stats_update": lambda: ops.batch_stats_update(x, running_mean, running_var, 0.1, 1e-5),
         "forward": lambda: ops.forward(x, mean, rstd, weight, bias, key, p, True),
-        "backward_reduce": lambda: ops.backward_reduce(grad_out, x, mean, rstd, weight, bias, key, p),
+        "forward_keep_bits": lambda: ops.forward_keep_bits(x, mean, rstd, weight, bias, key, p, True),
+        "backward_reduce": lambda: ops.backward_reduce(grad_out, x, mean, rstd, weight, bias, key, p, bits),
         "backward_input": lambda: ops.backward_input(grad_out, x, mean, rstd, weight, bias, key, p, sum_g,
-                                                     sum_g_xhat, count),
+                                                     sum_g_xhat, count, bits),
     }
-    return [KernelTiming(op, passes, time_fn(calls[op], device, threads, min_time=min_time, max_time=max_time,
-                                             min_samples=min_samples))
-            for op, passes in KERNEL_PASSES]
+    timings = []
+    for op, passes in KERNEL_PASSES:
+        if op == "forward" and bits is not None:
+            op = "forward_keep_bits"  # its keep bits (1/32 of a float32 pass) are not counted, as masks are not
+        timings.append(KernelTiming(op, passes, time_fn(calls[op], device, threads, min_time=min_time,
+                                                        max_time=max_time, min_samples=min_samples)))
+    return timings

@@ -191,6 +191,9 @@ step above the live tensors (torch.cuda.max_memory_allocated, CUDA only).
 
 ## bnfused passes (each op of the training step timed alone)
 
+The ops the module's training step runs: on the CPU forward_keep_bits, and the backward ops reading its keep bits
+(1 bit per element, not counted in the passes); on CUDA forward, and the backward ops regenerating the mask.
+
 {kernel_table(run)}
 
 ## First-call (warm-up / compilation) seconds, summed over the modes
