@@ -80,8 +80,8 @@ struct RowTiles {
   int64_t mult_elems() const { return rows_per_tile * mult_stride(); }
   int64_t scratch_bytes() const { return S > 1 && !block_rows() ? mult_elems() : 0; }  // fill_mult's keep flags
 
-  // Multipliers of tile t as mult[r * mult_stride() + c]: unpacked from the keep bits when the backward has them,
-  // else from Philox (packing the bits when the forward is asked for them). Without block rows, for S > 1 each
+  // Multipliers of tile t from Philox as mult[r * mult_stride() + c] (packing the keep bits when the forward is
+  // asked for them; for_each_row unpacks bits itself, a row at a time). Without block rows, for S > 1 each
   // channel's run is generated contiguously as keep flags (one byte per element) into `scratch` (C * rows_per_tile
   // bytes), two channels at a time, and transposed into multipliers. With Philox, `prefetch` (if given) fetches the
   // kernel's next tile meanwhile.
@@ -93,11 +93,6 @@ struct RowTiles {
       return;
     }
     const int64_t ld = mult_stride();
-    if (dp.bits_in) {
-      for (int64_t r = 0; r < t.rows; ++r)
-        unpack_keep_bits(dp.bits_in, static_cast<uint64_t>((t.row0 + r) * C), C, dp.scale, mult + r * ld);
-      return;
-    }
     if (block_rows()) {
       // With C % 8 == 0 each row is whole bytes of the keep bits, which the Philox pass writes itself.
       const bool row_bits = dp.bits_out && C % kMaskLanes == 0;
@@ -130,6 +125,13 @@ struct RowTiles {
     const int64_t ld = mult_stride();
     if (!dp.active) {
       for (int64_t r = 0; r < t.rows; ++r) f(r, static_cast<const acc_type*>(nullptr));
+      return;
+    }
+    if (dp.bits_in) {  // each row's multipliers unpacked right before the row, into L1 (a tile's were 64 KB)
+      for (int64_t r = 0; r < t.rows; ++r) {
+        unpack_keep_bits(dp.bits_in, static_cast<uint64_t>((t.row0 + r) * C), C, dp.scale, mult);
+        f(r, static_cast<const acc_type*>(mult));
+      }
       return;
     }
 #ifdef BNFUSED_PHILOX_AVX2
