@@ -94,20 +94,8 @@ struct RowTiles {
     }
     const int64_t ld = mult_stride();
     if (block_rows()) {
-      // With C % 8 == 0 each row is whole bytes of the keep bits, which the Philox pass writes itself.
-      const bool row_bits = dp.bits_out && C % kMaskLanes == 0;
-      const uint64_t blocks_per_channel = static_cast<uint64_t>(S / kMaskLanes);
-      for (int64_t r0 = 0; r0 < t.rows; r0 += kMaskLanes) {
-        const uint64_t channel0 = static_cast<uint64_t>((t.n * C * S + t.s0 + r0) / kMaskLanes);  // block of c = 0
-        for (int64_t c0 = 0; c0 < C; c0 += 16) {
-          const int64_t count = std::min<int64_t>(16, C - c0);
-          fill_strided_rows_mult(dp.key, channel0 + c0 * blocks_per_channel, blocks_per_channel, count, dp.threshold,
-                                 dp.scale, mult + r0 * ld + c0, ld,
-                                 row_bits ? dp.bits_out + ((t.row0 + r0) * C + c0) / 8 : nullptr, C / 8);
-          if (prefetch) prefetch->upto(r0 * C + (c0 + count) * kMaskLanes, t.rows * C);
-        }
-      }
-      if (row_bits) return;
+      for (int64_t r0 = 0; r0 < t.rows; r0 += kMaskLanes) fill_row_block(t, dp, r0, mult + r0 * ld, prefetch);
+      if (dp.bits_out && C % kMaskLanes == 0) return;  // fill_row_block wrote them
     } else {
       fill_flags(t, dp, scratch, prefetch);
       expand_transpose(scratch, C, t.rows, dp.scale, mult, ld);
@@ -115,10 +103,29 @@ struct RowTiles {
     if (dp.bits_out) pack_bits(t, mult, dp);
   }
 
+  // Block rows: multipliers of rows r0 .. r0 + 7 of tile t into out[(r - r0) * mult_stride() + c], from Philox. With
+  // C % 8 == 0 each row is whole bytes of the keep bits, which the Philox pass writes itself.
+  template <typename acc_type>
+  void fill_row_block(const Tile& t, const DropoutParams<acc_type>& dp, int64_t r0, acc_type* out,
+                      NextRunPrefetch* prefetch) const {
+    const bool row_bits = dp.bits_out && C % kMaskLanes == 0;
+    const uint64_t blocks_per_channel = static_cast<uint64_t>(S / kMaskLanes);
+    const uint64_t channel0 = static_cast<uint64_t>((t.n * C * S + t.s0 + r0) / kMaskLanes);  // block of c = 0
+    for (int64_t c0 = 0; c0 < C; c0 += 16) {
+      const int64_t count = std::min<int64_t>(16, C - c0);
+      fill_strided_rows_mult(dp.key, channel0 + c0 * blocks_per_channel, blocks_per_channel, count, dp.threshold,
+                             dp.scale, out + c0, mult_stride(),
+                             row_bits ? dp.bits_out + ((t.row0 + r0) * C + c0) / 8 : nullptr, C / 8);
+      if (prefetch) prefetch->upto(r0 * C + (c0 + count) * kMaskLanes, t.rows * C);
+    }
+  }
+
   // f(r, mult_row) for the rows r of tile t in order; mult_row = row r's multipliers (nullptr without dropout).
-  // Where the transposed path runs from Philox with C % 8 == 0, its keep flags are expanded 8 rows at a time (and
-  // the keep bits written from the same transpose), so the multipliers a row reads sit in L1: a whole 14x14x256
-  // image's are 207 KB. Elsewhere fill_mult fills the tile's multipliers first.
+  // The multipliers are made as late as they can be, so the ones a row reads sit in L1: from keep bits a row at a
+  // time (a 16K-element tile's were 64 KB); block rows 8 rows at a time; the transposed path from Philox with
+  // C % 8 == 0 expands its keep flags 8 rows at a time, the keep bits coming from the same transpose (a whole
+  // 14x14x256 image's multipliers were 207 KB). Elsewhere (2-d rows, keep bits packed across rows when
+  // C % 8 != 0) fill_mult fills the tile's multipliers first.
   template <typename acc_type, typename RowFn>
   void for_each_row(const Tile& t, const DropoutParams<acc_type>& dp, acc_type* mult, uint8_t* scratch,
                     NextRunPrefetch* prefetch, RowFn&& f) const {
@@ -131,6 +138,13 @@ struct RowTiles {
       for (int64_t r = 0; r < t.rows; ++r) {
         unpack_keep_bits(dp.bits_in, static_cast<uint64_t>((t.row0 + r) * C), C, dp.scale, mult);
         f(r, static_cast<const acc_type*>(mult));
+      }
+      return;
+    }
+    if (block_rows() && (C % kMaskLanes == 0 || !dp.bits_out)) {  // 8 rows generated, then those 8 applied
+      for (int64_t r0 = 0; r0 < t.rows; r0 += kMaskLanes) {
+        fill_row_block(t, dp, r0, mult, prefetch);
+        for (int64_t r = r0; r < r0 + kMaskLanes; ++r) f(r, static_cast<const acc_type*>(mult + (r - r0) * ld));
       }
       return;
     }
