@@ -87,11 +87,17 @@ def _empty_batch(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
     return out
 
 
+# The private probes the C++ path's gate needs (present in the torch versions bnfused supports; without them every
+# call keeps the Python path rather than failing).
+_HAS_MODE_PROBES = all(hasattr(torch._C, name) for name in (
+    "_are_functorch_transforms_active", "_is_torch_function_mode_enabled", "_len_torch_dispatch_stack"))
+
+
 def _eager_cpp_path(input: Tensor) -> bool:
     """Whether the eager call can take the C++ path (_C.bn_relu_dropout_eager: the same ops and backward formula as
     BNReLUDropoutFunction, without its ~50 us of Python per layer and step): a plain CPU tensor, outside
     torch.compile, functorch transforms and torch function / dispatch modes, which keep the Python path."""
-    return (type(input) is Tensor and input.is_cpu and not torch.compiler.is_compiling()
+    return (_HAS_MODE_PROBES and type(input) is Tensor and input.is_cpu and not torch.compiler.is_compiling()
             and not torch._C._are_functorch_transforms_active() and not torch._C._is_torch_function_mode_enabled()
             and torch._C._len_torch_dispatch_stack() == 0)
 
