@@ -111,8 +111,8 @@ def bn_relu_dropout_unchecked(input: Tensor, running_mean: Optional[Tensor], run
         return _empty_batch(input, weight, bias)
     drop = training if dropout_training is None else dropout_training
     p_eff = float(p) if drop else 0.0
+    key = ops.philox_key(input.device, generator, seed) if p_eff > 0.0 else None
     if _eager_cpp_path(input):
-        key = ops.philox_key(input.device, generator, seed) if p_eff > 0.0 else None
         return _extension._C.bn_relu_dropout_eager(input, running_mean, running_var, weight, bias, bool(training),
                                                    float(momentum), float(eps), p_eff, key)
     acc = ops.acc_dtype(input.dtype)
@@ -122,9 +122,7 @@ def bn_relu_dropout_unchecked(input: Tensor, running_mean: Optional[Tensor], run
     else:
         mean = running_mean.detach().to(acc)
         rstd = torch.rsqrt(running_var.detach().to(acc) + eps)
-    if p_eff > 0.0:
-        key = ops.philox_key(input.device, generator, seed)
-    else:
+    if key is None:  # p == 0: the kernels skip the RNG, the key is a placeholder
         key = torch.zeros(2, dtype=torch.int64, device=input.device)
     if torch.compiler.is_compiling():  # the custom op (fake impl + registered autograd) traces as one node
         args = (input, mean, rstd, weight, bias, key, p_eff, bool(training))

@@ -83,10 +83,6 @@ struct BNReLUDropoutFunction : public torch::autograd::Function<BNReLUDropoutFun
     ctx->save_for_backward({x, mean, rstd, weight.value_or(at::Tensor()), bias.value_or(at::Tensor()), key, keep_bits});
     ctx->saved_data["p"] = p;
     ctx->saved_data["batch_stats"] = batch_stats;
-    // needs_input_grad counts the defined tensor inputs only: x, mean, rstd, then weight and bias when given.
-    const bool has_w = weight.has_value() && weight->defined(), has_b = bias.has_value() && bias->defined();
-    ctx->saved_data["weight_edge"] = has_w ? int64_t{3} : int64_t{-1};
-    ctx->saved_data["bias_edge"] = has_b ? int64_t{3 + has_w} : int64_t{-1};
     return out;
   }
 
@@ -99,11 +95,10 @@ struct BNReLUDropoutFunction : public torch::autograd::Function<BNReLUDropoutFun
                     keep_bits = defined_or_none(saved[6]);
     const double p = ctx->saved_data["p"].toDouble();
     const bool batch_stats = ctx->saved_data["batch_stats"].toBool();
-    auto needs = [&](const char* edge) {
-      const int64_t index = ctx->saved_data[edge].toInt();
-      return index >= 0 && ctx->needs_input_grad(static_cast<size_t>(index));
-    };
-    const bool need_x = ctx->needs_input_grad(0), need_w = needs("weight_edge"), need_b = needs("bias_edge");
+    // needs_input_grad counts the defined tensor inputs only: x, mean, rstd, then weight and bias when given.
+    const bool need_x = ctx->needs_input_grad(0);
+    const bool need_w = weight.has_value() && ctx->needs_input_grad(3);
+    const bool need_b = bias.has_value() && ctx->needs_input_grad(weight.has_value() ? 4 : 3);
     const at::Tensor& grad_out = grads[0];
     at::Tensor sum_g, sum_g_xhat, grad_x, grad_w, grad_b;
     if ((need_x && batch_stats) || need_w || need_b)

@@ -116,6 +116,17 @@ inline void philox_sets(PhiloxKey key, const uint64_t first[2], __m256i w[2][4])
   philox_lanes<kSets>(key, lo, hi, w);
 }
 
+// 4x8 transpose of one set's output words: afterwards each 128-bit half of t[k] holds one block's 8 u16 lanes in
+// element order (the low half block k, the high half block 4 + k).
+inline void block_lanes(const __m256i w[4], __m256i t[4]) {
+  const __m256i a01lo = _mm256_unpacklo_epi32(w[0], w[1]), a01hi = _mm256_unpackhi_epi32(w[0], w[1]);
+  const __m256i a23lo = _mm256_unpacklo_epi32(w[2], w[3]), a23hi = _mm256_unpackhi_epi32(w[2], w[3]);
+  t[0] = _mm256_unpacklo_epi64(a01lo, a23lo);
+  t[1] = _mm256_unpackhi_epi64(a01lo, a23lo);
+  t[2] = _mm256_unpacklo_epi64(a01hi, a23hi);
+  t[3] = _mm256_unpackhi_epi64(a01hi, a23hi);
+}
+
 // Float multipliers, in element order, of the 8 blocks first[h] .. first[h]+7 of each set h into out[h]; with
 // `bits`, also each block's keep byte (bit k = lane k), set h's at bits[8h .. 8h+7] (keep_bits.h's format).
 template <int kSets>
@@ -126,11 +137,8 @@ inline void sets_mult(PhiloxKey key, const uint64_t first[2], uint32_t threshold
   const __m256i below = _mm256_set1_epi32(static_cast<int>(threshold) - 1);  // keep iff u16 > threshold - 1
   const __m256 vscale = _mm256_set1_ps(scale);
   for (int h = 0; h < kSets; ++h) {
-    // 4x8 transpose of words: afterwards each 128-bit half holds one block's 8 u16 lanes in element order.
-    const __m256i a01lo = _mm256_unpacklo_epi32(w[h][0], w[h][1]), a01hi = _mm256_unpackhi_epi32(w[h][0], w[h][1]);
-    const __m256i a23lo = _mm256_unpacklo_epi32(w[h][2], w[h][3]), a23hi = _mm256_unpackhi_epi32(w[h][2], w[h][3]);
-    const __m256i t[4] = {_mm256_unpacklo_epi64(a01lo, a23lo), _mm256_unpackhi_epi64(a01lo, a23lo),
-                          _mm256_unpacklo_epi64(a01hi, a23hi), _mm256_unpackhi_epi64(a01hi, a23hi)};
+    __m256i t[4];
+    block_lanes(w[h], t);
     uint64_t bytes = 0;
     for (int half = 0; half < 2; ++half) {
       for (int k = 0; k < 4; ++k) {
@@ -177,11 +185,8 @@ inline void sets_flags(PhiloxKey key, const uint64_t first[2], uint32_t threshol
   const __m256i below = _mm256_set1_epi16(static_cast<int16_t>(static_cast<int32_t>(threshold) - 1 - 32768));
   const __m256i vkept = _mm256_set1_epi8(static_cast<char>(kept));
   for (int h = 0; h < kSets; ++h) {
-    // The 4x8 word transpose of sets_mult: each 128-bit half of t[k] is one block's 8 u16 lanes in element order.
-    const __m256i a01lo = _mm256_unpacklo_epi32(w[h][0], w[h][1]), a01hi = _mm256_unpackhi_epi32(w[h][0], w[h][1]);
-    const __m256i a23lo = _mm256_unpacklo_epi32(w[h][2], w[h][3]), a23hi = _mm256_unpackhi_epi32(w[h][2], w[h][3]);
-    const __m256i t[4] = {_mm256_unpacklo_epi64(a01lo, a23lo), _mm256_unpackhi_epi64(a01lo, a23lo),
-                          _mm256_unpacklo_epi64(a01hi, a23hi), _mm256_unpackhi_epi64(a01hi, a23hi)};
+    __m256i t[4];
+    block_lanes(w[h], t);
     __m256i keep[4];
     for (int k = 0; k < 4; ++k)
       keep[k] = threshold == 0       ? _mm256_set1_epi16(-1)

@@ -150,7 +150,7 @@ struct RowTiles {
     }
 #ifdef BNFUSED_PHILOX_AVX2
     if constexpr (std::is_same_v<acc_type, float>) {
-      if (S > 1 && !block_rows() && !dp.bits_in && C % kMaskLanes == 0 && t.rows >= kMaskLanes) {
+      if (S > 1 && !block_rows() && C % kMaskLanes == 0 && t.rows >= kMaskLanes) {
         fill_flags(t, dp, scratch, prefetch);
         for (int64_t done = 0; done < t.rows;) {
           const int64_t r0 = std::min(done, t.rows - kMaskLanes);  // the last block may overlap the one before
