@@ -119,10 +119,11 @@ def parity_table(run: RunResults) -> str:
     rows = []
     for r in run.parity:
         gbs, gbs_ref = run.parity_gbs(r)
+        mask = fmt_timing(r.mask_timing) if r.mask_timing is not None else "-"
         rows.append([r.case.label, r.mode, fmt_timing(r.timing), r.ref.label, fmt_timing(r.ref_timing),
-                     f"{gbs:.1f}", f"{gbs_ref:.1f}", f"{gbs / gbs_ref:.2f}"])
+                     f"{gbs:.1f}", f"{gbs_ref:.1f}", f"{gbs / gbs_ref:.2f}", fmt_ms(r.budget_s), mask])
     return table(["case", "mode", "bnfused ms", "reference", "reference ms", "GB/s", "reference GB/s",
-                  "per-byte ratio"], rows)
+                  "per-byte ratio", "ms at ratio 1.0", "mask alone ms"], rows)
 
 
 def targets_table(checks: list[Check]) -> str:
@@ -139,7 +140,10 @@ def parity_section(run: RunResults) -> str:
 
 The per-byte targets compare each channels_last / bfloat16 case with contiguous float32 of the same shape. Both
 bnfused modules are timed here with their rounds taken in turn, so a slow phase of the machine hits both alike
-(the main table measures them minutes apart). GB/s uses the byte model above.
+(the main table measures them minutes apart). GB/s uses the byte model above. "ms at ratio 1.0" is the time the
+case would have to take to match the reference per byte; "mask alone ms" (reduced-precision training modes) is
+its dropout mask generated alone in the same rounds (`ops.dropout_mask`): halving the bytes halves the memory
+time of every pass but not the Philox work, which a training forward has to fit too.
 
 {parity_table(run)}
 

@@ -144,6 +144,29 @@ def test_parity_pairs_interleaved_timings(bench_modules):
     res = parity.measure_parity(suite, 0.1, torch.device("cpu"), 1)
     assert [(r.case, r.ref, r.mode) for r in res] == [(c, ref, m) for c, ref in pairs for m in MODES]
     assert all(r.timing.median > 0 and r.ref_timing.median > 0 for r in res)
+    # The mask alone is timed for the reduced-precision training modes only.
+    with_mask = [(r.case.dtype, r.mode) for r in res if r.mask_timing is not None]
+    assert with_mask == [(torch.bfloat16, m) for m in MODES if m != "eval fwd"]
+    assert all(r.mask_timing.median > 0 for r in res if r.mask_timing is not None)
+
+
+def test_parity_budget_scales_the_reference_by_bytes(bench_modules):
+    """ms at ratio 1.0: the reference's time scaled by the two cases' bytes (half for bfloat16, same for
+    channels_last); the parity table prints it, and the mask column only where it was timed."""
+    cases, measure, _, results, _, parity = bench_modules
+    from report import parity_table
+    run = _synthetic_run(bench_modules, fused_ms=10.0)
+    ref = run.cases[0].case
+    cl, bf16 = cases.Case(ref.shape, torch.float32, True), cases.Case(ref.shape, torch.bfloat16)
+    t = measure.Timing(0.010, 0.0, 5)
+    run.parity = [parity.ParityResult(cl, ref, "train fwd", measure.Timing(0.009, 0.0, 5), t),
+                  parity.ParityResult(bf16, ref, "train fwd", measure.Timing(0.006, 0.0, 5), t,
+                                      measure.Timing(0.0042, 0.0, 5))]
+    assert run.parity[0].budget_s == pytest.approx(0.010)
+    assert run.parity[1].budget_s == pytest.approx(0.010 * bf16.bytes_moved("train fwd") / ref.bytes_moved("train fwd"))
+    rows = [line for line in parity_table(run).splitlines() if "train fwd" in line]
+    assert rows[0].rstrip(" |").endswith("10.0 | -")
+    assert rows[1].rstrip(" |").endswith("| 4.20 (0.000)")
 
 
 def test_per_byte_checks_use_interleaved_pairs(bench_modules):

@@ -75,16 +75,17 @@ struct GradCoefs {
 };
 
 // dx over n elements; per_element selects per-lane coefficients (ChannelsLast rows) or lane 0's (a plane).
-template <typename scalar_t, typename acc, bool kBatchStats>
+template <typename scalar_t, typename acc, bool kBatchStats, bool per_element>
 inline void grad_input_run(const scalar_t* dy, const scalar_t* x, const acc* mult, const GradCoefs<acc>& k, int64_t c0,
-                           scalar_t* dx, int64_t n, bool per_element) {
+                           scalar_t* dx, int64_t n) {
   using Vec = at::vec::Vectorized<acc>;
   const Vec zero(0);
   // Per-plane coefficients are broadcast once: dx stores could alias the coefficient arrays, so the compiler
   // would otherwise reload them every step.
   const Vec a0(k.a[c0]), b0(k.b[c0]), A0(k.A[c0]), C0(k.C[c0]), K0(k.K[c0]), m0(k.mean[c0]);
   auto coef = [&](const std::vector<acc>& v, const Vec& broadcast, int64_t i, int cnt) {
-    return per_element ? cpu::load(v.data() + c0 + i, cnt) : broadcast;
+    if constexpr (per_element) return cpu::load(v.data() + c0 + i, cnt);
+    else return broadcast;
   };
   cpu::elementwise_loop<acc>(n, [&](int64_t i, int cnt) {
     const Vec xv = cpu::load_as<scalar_t, acc>(x + i, cnt);
@@ -119,9 +120,9 @@ void backward_input_kernel(const at::Tensor& dy_t, const at::Tensor& x, const Gr
           cpu::fill_run_mult(dp, off, len, mult.data(), &prefetch);
         }
         cpu::for_each_segment(g, off, len, [&](int64_t rel, int64_t n, int64_t plane, int64_t c) {
-          grad_input_run<scalar_t, acc, kBatchStats>(dyd + off + rel, xd + off + rel,
-                                                     dp.active ? mult.data() + rel : nullptr, k, c,
-                                                     dxd + off + rel, n, false);
+          grad_input_run<scalar_t, acc, kBatchStats, false>(dyd + off + rel, xd + off + rel,
+                                                            dp.active ? mult.data() + rel : nullptr, k, c,
+                                                            dxd + off + rel, n);
         });
       });
     });
@@ -136,7 +137,7 @@ void backward_input_kernel(const at::Tensor& dy_t, const at::Tensor& x, const Gr
       auto prefetch = tiles.next_tile_prefetch(ti, end, dyd, xd, dxd, sizeof(scalar_t));
       tiles.for_each_row(t, dp, mult.data(), scratch.data(), &prefetch, [&](int64_t r, const acc* row_mult) {
         const int64_t off = (t.row0 + r) * g.C;
-        grad_input_run<scalar_t, acc, kBatchStats>(dyd + off, xd + off, row_mult, k, 0, dxd + off, g.C, true);
+        grad_input_run<scalar_t, acc, kBatchStats, true>(dyd + off, xd + off, row_mult, k, 0, dxd + off, g.C);
       });
     }
   });
@@ -190,14 +191,13 @@ void backward_input_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Ten
 
 void dropout_mask_cpu(PhiloxKey key, double p, at::Tensor& keep) {
   const int64_t n = keep.numel();
-  bool* out = keep.data_ptr<bool>();
+  // Keep flags (1 or 0, one byte per element: a bool) straight from Philox into the output, no multipliers.
+  uint8_t* out = reinterpret_cast<uint8_t*>(keep.data_ptr<bool>());
   const uint32_t threshold = threshold16(p);
   at::parallel_for(0, (n + kChunk - 1) / kChunk, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> mult(kChunk);
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       const int64_t off = chunk * kChunk, len = std::min(kChunk, n - off);
-      cpu::fill_dropout_mult<float>(key, off, len, threshold, 1.0f, mult.data());
-      for (int64_t i = 0; i < len; ++i) out[off + i] = mult[i] != 0.0f;
+      cpu::fill_dropout_mult<uint8_t>(key, static_cast<uint64_t>(off), len, threshold, 1, out + off);
     }
   });
 }
