@@ -161,7 +161,9 @@ void reduce_kernel(const at::Tensor& dy_t, const at::Tensor& x, const ChannelPar
         std::fill(sg.begin(), sg.end(), acc(0));
         std::fill(sgx.begin(), sgx.end(), acc(0));
         // Rows in order, whatever the mask's source: the float sums come out the same from bits as from the key.
-        tiles.for_each_row(t, dp, mult.data(), scratch.data(), &prefetch, [&](int64_t r, const acc* row_mult) {
+        // One row at a time (see for_each_row).
+        tiles.for_each_row<1>(t, dp, mult.data(), scratch.data(), &prefetch,
+                              [&](int64_t r, int64_t, const acc* row_mult, int64_t) {
           const int64_t off = (t.row0 + r) * g.C;
           reduce_row<scalar_t, acc>(dyd + off, xd + off, row_mult, a.data(), b.data(), mean.data(), g.C, sg.data(),
                                     sgx.data());

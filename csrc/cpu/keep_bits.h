@@ -22,7 +22,7 @@ inline bool philox_keep_bit(PhiloxKey key, uint64_t i, uint32_t threshold) {
 
 // out[k] = multiplier of element start + k (in the bits' order), for k in [0, n), from the packed bits.
 template <typename acc_t>
-void unpack_keep_bits(const uint8_t* bits, uint64_t start, int64_t n, acc_t scale, acc_t* out) {
+__attribute__((always_inline)) inline void unpack_keep_bits(const uint8_t* bits, uint64_t start, int64_t n, acc_t scale, acc_t* out) {
   auto bit = [&](uint64_t i) { return (bits[i >> 3] >> (i & 7)) & 1u; };
   int64_t k = 0;
 #ifdef BNFUSED_PHILOX_AVX2

@@ -17,6 +17,15 @@ constexpr int64_t kTileElems = 16384;        // elements of a row tile (but see 
 constexpr int64_t kWholeImageElems = 65536;  // transposed path: images up to this size are one tile
 constexpr int64_t kMinRunRows = 56;          // transposed path: rows of a tile, at least (one Philox set each)
 constexpr int64_t kMaxTileElems = 1 << 20;   // transposed path: ... as long as its buffers stay within 4 MiB
+// body(std::integral_constant<int, K>{}) for a group of n rows (n = 1 or 2, see RowTiles::for_each_row): the row
+// passes are compiled for both counts.
+template <typename Body>
+inline void dispatch_rows(int64_t n, Body&& body) {
+  if (n == 2)
+    body(std::integral_constant<int, 2>{});
+  else
+    body(std::integral_constant<int, 1>{});
+}
 
 struct RowTiles {
   int64_t N, S, C;
@@ -81,7 +90,7 @@ struct RowTiles {
   int64_t scratch_bytes() const { return S > 1 && !block_rows() ? mult_elems() : 0; }  // fill_mult's keep flags
 
   // Multipliers of tile t from Philox as mult[r * mult_stride() + c] (packing the keep bits when the forward is
-  // asked for them; for_each_row unpacks bits itself, a row at a time). Without block rows, for S > 1 each
+  // asked for them; for_each_row unpacks bits itself, two rows at a time). Without block rows, for S > 1 each
   // channel's run is generated contiguously as keep flags (one byte per element) into `scratch` (C * rows_per_tile
   // bytes), two channels at a time, and transposed into multipliers. With Philox, `prefetch` (if given) fetches the
   // kernel's next tile meanwhile.
@@ -120,31 +129,44 @@ struct RowTiles {
     }
   }
 
-  // f(r, mult_row) for the rows r of tile t in order; mult_row = row r's multipliers (nullptr without dropout).
-  // The multipliers are made as late as they can be, so the ones a row reads sit in L1: from keep bits a row at a
-  // time (a 16K-element tile's were 64 KB); block rows 8 rows at a time; the transposed path from Philox with
+  // f(r, n, mult, ld) for the rows of tile t in order, in groups of n <= kGroup rows (kGroup = 1 or 2): rows
+  // r .. r + n - 1, row r + j's multipliers at mult + j * ld (nullptr without dropout). An elementwise pass loads
+  // each per-channel coefficient once per pair of rows: one row at a time, channels_last rows spent more L1 loads on
+  // coefficients than on data. But a group's pass walks its rows' columns side by side, which the memory system
+  // likes less than one row after another: backward_reduce and backward_input at 64x64x56x56 ran 25 % slower with
+  // groups of 4 rows, backward_reduce 2-4 % slower even with pairs, and backward_input with pairs 1.4-1.6x slower
+  // at C = 256 and 512, so both take kGroup = 1. The forward gains 10 % with pairs at C = 64 and 256.
+  // The multipliers are made as late as they can be, so the ones a row reads sit in L1: from keep bits a group at
+  // a time (a 16K-element tile's were 64 KB); block rows 8 rows at a time; the transposed path from Philox with
   // C % 8 == 0 expands its keep flags 8 rows at a time, the keep bits coming from the same transpose (a whole
   // 14x14x256 image's multipliers were 207 KB). Elsewhere (2-d rows, keep bits packed across rows when
   // C % 8 != 0) fill_mult fills the tile's multipliers first.
-  template <typename acc_type, typename RowFn>
+  template <int kGroup, typename acc_type, typename RowsFn>
   void for_each_row(const Tile& t, const DropoutParams<acc_type>& dp, acc_type* mult, uint8_t* scratch,
-                    NextRunPrefetch* prefetch, RowFn&& f) const {
+                    NextRunPrefetch* prefetch, RowsFn&& f) const {
+    static_assert(kGroup == 1 || kGroup == 2, "rows one or two at a time");
     const int64_t ld = mult_stride();
+    // Rows [from, to) in groups; row r's multipliers at base + (r - from) * row_ld.
+    auto groups = [&](int64_t from, int64_t to, const acc_type* base, int64_t row_ld) {
+      for (int64_t r = from; r < to; r += kGroup)
+        f(r, std::min<int64_t>(kGroup, to - r), base ? base + (r - from) * row_ld : base, row_ld);
+    };
     if (!dp.active) {
-      for (int64_t r = 0; r < t.rows; ++r) f(r, static_cast<const acc_type*>(nullptr));
+      groups(0, t.rows, static_cast<const acc_type*>(nullptr), 0);
       return;
     }
-    if (dp.bits_in) {  // each row's multipliers unpacked right before the row, into L1 (a tile's were 64 KB)
-      for (int64_t r = 0; r < t.rows; ++r) {
-        unpack_keep_bits(dp.bits_in, static_cast<uint64_t>((t.row0 + r) * C), C, dp.scale, mult);
-        f(r, static_cast<const acc_type*>(mult));
+    if (dp.bits_in) {  // each group's multipliers unpacked right before it, into L1 (a tile's were 64 KB)
+      for (int64_t r = 0; r < t.rows; r += kGroup) {
+        const int64_t n = std::min<int64_t>(kGroup, t.rows - r);
+        unpack_keep_bits(dp.bits_in, static_cast<uint64_t>((t.row0 + r) * C), n * C, dp.scale, mult);
+        f(r, n, static_cast<const acc_type*>(mult), C);
       }
       return;
     }
     if (block_rows() && (C % kMaskLanes == 0 || !dp.bits_out)) {  // 8 rows generated, then those 8 applied
       for (int64_t r0 = 0; r0 < t.rows; r0 += kMaskLanes) {
         fill_row_block(t, dp, r0, mult, prefetch);
-        for (int64_t r = r0; r < r0 + kMaskLanes; ++r) f(r, static_cast<const acc_type*>(mult + (r - r0) * ld));
+        groups(r0, r0 + kMaskLanes, static_cast<const acc_type*>(mult), ld);
       }
       return;
     }
@@ -158,14 +180,15 @@ struct RowTiles {
           for (int64_t c0 = 0; c0 < C; c0 += 8)
             expand_transpose8x8(scratch + c0 * t.rows + r0, t.rows, dp.scale, mult + c0, ld,
                                 bits ? bits + c0 / 8 : nullptr, C / 8);
-          for (; done < r0 + kMaskLanes; ++done) f(done, static_cast<const acc_type*>(mult + (done - r0) * ld));
+          groups(done, r0 + kMaskLanes, static_cast<const acc_type*>(mult + (done - r0) * ld), ld);
+          done = r0 + kMaskLanes;
         }
         return;
       }
     }
 #endif
     fill_mult(t, dp, mult, scratch, prefetch);
-    for (int64_t r = 0; r < t.rows; ++r) f(r, static_cast<const acc_type*>(mult + r * ld));
+    groups(0, t.rows, static_cast<const acc_type*>(mult), ld);
   }
 
   // Keep flags (1 kept, 0 dropped) of tile t's channel runs (transposed path, S > 1): scratch[c * t.rows + r].
