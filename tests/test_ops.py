@@ -358,6 +358,55 @@ def test_backward_reduce_plane_sizes(device, plane):
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("plane", [1, 7, 15, 16, 17, 49, 100, 3136, 2053])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_reduced_precision_forward_is_float32_forward_rounded(dtype, plane, p):
+    """CPU: the forward of bfloat16 / float16 input computes in float32, so its output is the float32 forward of the
+    widened input rounded once, bit for bit (NaN to NaN). Planes below, at and around 16 elements, odd and several
+    L1 chunks long, cover the 16-at-a-time bfloat16 path, its overlapping last step and the 8-wide path."""
+    x = (torch.randn(3, 5, plane, dtype=torch.float64) * 2 + 0.5).to(dtype)
+    x.view(-1)[::97] = float("nan")
+    mean = torch.randn(5)
+    rstd = torch.rand(5) + 0.5
+    w, b = torch.randn(5), torch.randn(5)
+    # Channel 0 scales by 1 + 2^-8 alone: half its outputs fall exactly halfway between two bfloat16 values, so
+    # rounding ties to even (not up, not down) is checked too.
+    mean[0], rstd[0], w[0], b[0] = 0.0, 1.0, 1.0 + 2.0 ** -8, 0.0
+    key = key_tensor(7, 11, "cpu")
+    for batch_stats in (False, True):
+        y = ops.forward(x, mean, rstd, w, b, key, p, batch_stats)
+        y32 = ops.forward(x.float(), mean, rstd, w, b, key, p, batch_stats)
+        assert y.dtype == dtype
+        torch.testing.assert_close(y, y32.to(dtype), rtol=0, atol=0, equal_nan=True)
+        if p > 0:
+            y_bits, _ = ops.forward_keep_bits(x, mean, rstd, w, b, key, p, batch_stats)
+            torch.testing.assert_close(y_bits, y, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("plane", [3, 40])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_forward_relu_keeps_negative_zero_and_nan_like_torch_relu(device, dtype, plane, channels_last):
+    """z = x exactly (a = 1, b = -0: x + -0 = x, -0 + -0 = -0), so y must be torch.relu(x) bit for bit: -0 stays
+    -0 (torch.relu(-0.) is -0.), NaN stays NaN, in every vector path and the scalar one."""
+    values = torch.tensor([-0.0, float("nan"), -1.5, 0.0, 2.0, float("-inf"), float("inf"), -3.0, 0.25])
+    x = values.repeat(2 * 4 * plane // len(values) + 1)[: 2 * 4 * plane].reshape(2, 4, plane, 1).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x = x.to(device)
+    acc = ops.acc_dtype(dtype)
+    mean, rstd = torch.zeros(4, device=device, dtype=acc), torch.ones(4, device=device, dtype=acc)
+    bias = torch.full((4,), -0.0, device=device, dtype=acc)
+    for p in (0.0, 0.5):
+        key = key_tensor(3, 4, device)
+        y = ops.forward(x, mean, rstd, None, bias, key, p, False)
+        mult = ops.dropout_mask(key, list(x.shape), p).to(dtype) / (1 - p)  # y = relu(z) * mult, also for inf * 0
+        expected = torch.relu(x) * mult
+        torch.testing.assert_close(y, expected, rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(torch.signbit(y)[x == 0], torch.signbit(expected)[x == 0])
+
+
 def test_forward_op_bfloat16_params_are_accepted_as_float32(device):
     x = torch.randn(2, 3, 4, device=device, dtype=torch.bfloat16)
     mean, rstd = torch.zeros(3, device=device), torch.ones(3, device=device)

@@ -8,16 +8,39 @@ namespace {
 
 using cpu::kChunk;
 
-// y = max(fma(x, a, b), 0) [* mult] over n elements of one channel (x, y in scalar_t, math in acc).
+// y = relu(fma(x, a, b)) [* mult] over n elements of one channel (x, y in scalar_t, math in acc). The ReLU is
+// clamp_min(z, 0), one max_ps(0, z): like relu_nan (bn_math.h) and torch.relu it passes NaN and -0 through
+// (at::vec::maximum(z, 0) turned -0 into +0, and costs two more instructions for its NaN check).
 template <typename scalar_t, typename acc>
 inline void forward_run(const scalar_t* x, acc a, acc b, const acc* mult, scalar_t* y, int64_t n) {
   using Vec = at::vec::Vectorized<acc>;
   const Vec zero(0);
   const Vec va(a), vb(b);
+  auto apply = [&](const Vec& xv, const Vec* m) {
+    const Vec r = at::vec::clamp_min(at::vec::fmadd(xv, va, vb), zero);  // relu_nan (bn_math.h), see below
+    return m ? r * *m : r;
+  };
+#ifdef BNFUSED_BF16X16
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    if (n >= 16) {  // 16 at a time (cpu::BF16x16), the last step overlapping the one before: same bits
+      auto relu = [&](__m256 xv) { return __m256(at::vec::clamp_min(at::vec::fmadd(Vec(xv), va, vb), zero)); };
+      for (int64_t i = 0;; i = std::min<int64_t>(i + 16, n - 16)) {
+        const cpu::BF16x16 xv = cpu::load_bf16x16(x + i);
+        cpu::BF16x16 r{relu(xv.lo), relu(xv.hi)};
+        if (mult) {
+          const cpu::BF16x16 m = cpu::load_f32x16_as_bf16_order(mult + i);
+          r = {_mm256_mul_ps(r.lo, m.lo), _mm256_mul_ps(r.hi, m.hi)};
+        }
+        cpu::store_bf16x16(r, y + i);
+        if (i + 16 >= n) break;
+      }
+      return;
+    }
+  }
+#endif
   cpu::elementwise_loop<acc>(n, [&](int64_t i, int cnt) {
-    Vec r = at::vec::maximum(at::vec::fmadd(cpu::load_as<scalar_t, acc>(x + i, cnt), va, vb), zero);
-    if (mult) r = r * cpu::load(mult + i, cnt);
-    cpu::store_as(r, y + i, cnt);
+    const Vec m = mult ? cpu::load(mult + i, cnt) : Vec(0);
+    cpu::store_as(apply(cpu::load_as<scalar_t, acc>(x + i, cnt), mult ? &m : nullptr), y + i, cnt);
   });
 }
 
@@ -31,7 +54,7 @@ inline void forward_rows(const scalar_t* x, const acc* a, const acc* b, const ac
   cpu::elementwise_loop<acc>(C, [&](int64_t i, int cnt) {
     const Vec va = cpu::load(a + i, cnt), vb = cpu::load(b + i, cnt);
     for (int j = 0; j < kRows; ++j) {
-      Vec r = at::vec::maximum(at::vec::fmadd(cpu::load_as<scalar_t, acc>(x + j * C + i, cnt), va, vb), zero);
+      Vec r = at::vec::clamp_min(at::vec::fmadd(cpu::load_as<scalar_t, acc>(x + j * C + i, cnt), va, vb), zero);
       if (mult) r = r * cpu::load(mult + j * ld + i, cnt);
       cpu::store_as(r, y + j * C + i, cnt);
     }

@@ -143,6 +143,39 @@ inline void store_as(const at::vec::Vectorized<acc_type>& v, scalar_t* p, int co
   }
 }
 
+#if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
+// 16 BFloat16 at a time as two float vectors, for the elementwise passes whose other operands are the same in
+// every lane: one 256-bit load and two in-lane unpacks widen them, and their rounding back ends in one in-lane pack
+// (the 8-wide load_as / store_as cross lanes once per 8 elements each way). The unpacks leave elements 0-3, 8-11
+// in `lo` and 4-7, 12-15 in `hi`; pack_bf16x16 undoes exactly that order. Rounding is at::vec::cvtfp32_bf16's,
+// bit for bit: to nearest even, every NaN to 0xFFFF.
+struct BF16x16 {
+  __m256 lo, hi;
+};
+inline BF16x16 load_bf16x16(const at::BFloat16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i zero = _mm256_setzero_si256();
+  return {_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, raw)), _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, raw))};
+}
+// Float multipliers (or any operand) of the same 16 elements, from element order into load_bf16x16's.
+inline BF16x16 load_f32x16_as_bf16_order(const float* p) {
+  const __m256 first = _mm256_loadu_ps(p), second = _mm256_loadu_ps(p + 8);
+  return {_mm256_permute2f128_ps(first, second, 0x20), _mm256_permute2f128_ps(first, second, 0x31)};
+}
+inline __m256i round_to_bf16_bits(__m256 v) {  // bf16 bits in the low 16 bits of each 32-bit lane
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)), bits), 16);
+  const __m256i ordered = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_ORD_Q));
+  return _mm256_blendv_epi8(_mm256_set1_epi32(0xffff), rounded, ordered);
+}
+inline void store_bf16x16(const BF16x16& v, at::BFloat16* p) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm256_packus_epi32(round_to_bf16_bits(v.lo), round_to_bf16_bits(v.hi)));
+}
+#define BNFUSED_BF16X16 1
+#endif
+
 // Pointer to n elements of src as acc_type: src itself when no conversion is needed, else buf.
 template <typename scalar_t, typename acc_type>
 const acc_type* as_acc(const scalar_t* src, int64_t n, acc_type* buf) {
