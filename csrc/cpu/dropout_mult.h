@@ -127,28 +127,52 @@ inline void block_lanes(const __m256i w[4], __m256i t[4]) {
   t[3] = _mm256_unpackhi_epi64(a01hi, a23hi);
 }
 
+// Keep masks of one set's 8 blocks after block_lanes (t[k]: blocks k and 4 + k): 16-bit lanes all ones where the
+// element is kept, i.e. u16 >= threshold, as a signed compare of both sides shifted by 2^15 (threshold 0 keeps
+// everything, 65536, p = 1, nothing).
+inline void keep_lanes16(const __m256i t[4], uint32_t threshold, __m256i keep[4]) {
+  const __m256i bias = _mm256_set1_epi16(static_cast<int16_t>(-32768));
+  const __m256i below = _mm256_set1_epi16(static_cast<int16_t>(static_cast<int32_t>(threshold) - 1 - 32768));
+  for (int k = 0; k < 4; ++k)
+    keep[k] = threshold == 0       ? _mm256_set1_epi16(-1)
+              : threshold > 65535 ? _mm256_setzero_si256()
+                                  : _mm256_cmpgt_epi16(_mm256_xor_si256(t[k], bias), below);
+}
+
+// keep_lanes16's masks as bytes in block order: lo = blocks 0-3, hi = blocks 4-7 (packs works per 128-bit lane:
+// (k0, k1) -> blocks [0 1 | 4 5] and (k2, k3) -> [2 3 | 6 7]; the permutes restore the order).
+inline void keep_bytes(const __m256i keep[4], __m256i& lo, __m256i& hi) {
+  const __m256i p01 = _mm256_packs_epi16(keep[0], keep[1]), p23 = _mm256_packs_epi16(keep[2], keep[3]);
+  lo = _mm256_permute2x128_si256(p01, p23, 0x20);
+  hi = _mm256_permute2x128_si256(p01, p23, 0x31);
+}
+
 // Float multipliers, in element order, of the 8 blocks first[h] .. first[h]+7 of each set h into out[h]; with
 // `bits`, also each block's keep byte (bit k = lane k), set h's at bits[8h .. 8h+7] (keep_bits.h's format).
+// The compares run on 16-bit lanes (16 elements per instruction) and the bits come from two byte movemasks.
 template <int kSets>
 inline void sets_mult(PhiloxKey key, const uint64_t first[2], uint32_t threshold, float scale, float* const out[2],
                       uint8_t* bits = nullptr) {
   __m256i w[2][4];
   philox_sets<kSets>(key, first, w);
-  const __m256i below = _mm256_set1_epi32(static_cast<int>(threshold) - 1);  // keep iff u16 > threshold - 1
   const __m256 vscale = _mm256_set1_ps(scale);
   for (int h = 0; h < kSets; ++h) {
-    __m256i t[4];
+    __m256i t[4], keep[4];
     block_lanes(w[h], t);
-    uint64_t bytes = 0;
-    for (int half = 0; half < 2; ++half) {
-      for (int k = 0; k < 4; ++k) {
-        const __m128i lanes = half ? _mm256_extracti128_si256(t[k], 1) : _mm256_castsi256_si128(t[k]);
-        const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_cvtepu16_epi32(lanes), below));
-        _mm256_storeu_ps(out[h] + (half * 4 + k) * kMaskLanes, _mm256_and_ps(keep, vscale));
-        if (bits) bytes |= static_cast<uint64_t>(_mm256_movemask_ps(keep)) << (8 * (half * 4 + k));
-      }
+    keep_lanes16(t, threshold, keep);
+    for (int k = 0; k < 4; ++k) {
+      const __m256 first_block = _mm256_castsi256_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(keep[k])));
+      const __m256 second_block = _mm256_castsi256_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(keep[k], 1)));
+      _mm256_storeu_ps(out[h] + k * kMaskLanes, _mm256_and_ps(first_block, vscale));
+      _mm256_storeu_ps(out[h] + (4 + k) * kMaskLanes, _mm256_and_ps(second_block, vscale));
     }
-    if (bits) std::memcpy(bits + 8 * h, &bytes, 8);  // x86 is little-endian: byte j = block j
+    if (bits) {
+      __m256i lo, hi;
+      keep_bytes(keep, lo, hi);
+      const uint64_t bytes = static_cast<uint32_t>(_mm256_movemask_epi8(lo)) |
+                             static_cast<uint64_t>(static_cast<uint32_t>(_mm256_movemask_epi8(hi))) << 32;
+      std::memcpy(bits + 8 * h, &bytes, 8);  // x86 is little-endian: byte j = block j
+    }
   }
 }
 #else
@@ -179,23 +203,12 @@ inline void sets_flags(PhiloxKey key, const uint64_t first[2], uint32_t threshol
                        uint8_t* const out[2]) {
   __m256i w[2][4];
   philox_sets<kSets>(key, first, w);
-  // Unsigned u16 >= threshold as a signed compare of both sides shifted by 2^15 (threshold 0 keeps everything,
-  // 65536, p = 1, nothing).
-  const __m256i bias = _mm256_set1_epi16(static_cast<int16_t>(-32768));
-  const __m256i below = _mm256_set1_epi16(static_cast<int16_t>(static_cast<int32_t>(threshold) - 1 - 32768));
   const __m256i vkept = _mm256_set1_epi8(static_cast<char>(kept));
   for (int h = 0; h < kSets; ++h) {
-    __m256i t[4];
+    __m256i t[4], keep[4], lo, hi;
     block_lanes(w[h], t);
-    __m256i keep[4];
-    for (int k = 0; k < 4; ++k)
-      keep[k] = threshold == 0       ? _mm256_set1_epi16(-1)
-                : threshold > 65535 ? _mm256_setzero_si256()
-                                    : _mm256_cmpgt_epi16(_mm256_xor_si256(t[k], bias), below);
-    // packs per 128-bit lane: (t0, t1) -> blocks [0 1 | 4 5] and (t2, t3) -> [2 3 | 6 7] as bytes (16 per block
-    // pair); the permute restores block order 0..7.
-    const __m256i p01 = _mm256_packs_epi16(keep[0], keep[1]), p23 = _mm256_packs_epi16(keep[2], keep[3]);
-    const __m256i lo = _mm256_permute2x128_si256(p01, p23, 0x20), hi = _mm256_permute2x128_si256(p01, p23, 0x31);
+    keep_lanes16(t, threshold, keep);
+    keep_bytes(keep, lo, hi);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[h]), _mm256_and_si256(lo, vkept));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[h] + 32), _mm256_and_si256(hi, vkept));
   }
