@@ -361,10 +361,11 @@ def test_backward_reduce_plane_sizes(device, plane):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("plane", [1, 7, 15, 16, 17, 49, 100, 3136, 2053])
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_reduced_precision_forward_is_float32_forward_rounded(dtype, plane, p):
-    """CPU: the forward of bfloat16 / float16 input computes in float32, so its output is the float32 forward of the
-    widened input rounded once, bit for bit (NaN to NaN). Planes below, at and around 16 elements, odd and several
-    L1 chunks long, cover the 16-at-a-time bfloat16 path, its overlapping last step and the 8-wide path."""
+def test_reduced_precision_ops_are_float32_ops_rounded(dtype, plane, p):
+    """CPU: the forward and the input gradient of bfloat16 / float16 input compute in float32, so their output is
+    the float32 op's on the widened inputs rounded once, bit for bit (NaN to NaN). Planes below, at and around 16
+    elements, odd and several L1 chunks long, cover the 16-at-a-time bfloat16 path, its overlapping last step and
+    the 8-wide path."""
     x = (torch.randn(3, 5, plane, dtype=torch.float64) * 2 + 0.5).to(dtype)
     x.view(-1)[::97] = float("nan")
     mean = torch.randn(5)
@@ -382,6 +383,11 @@ def test_reduced_precision_forward_is_float32_forward_rounded(dtype, plane, p):
         if p > 0:
             y_bits, _ = ops.forward_keep_bits(x, mean, rstd, w, b, key, p, batch_stats)
             torch.testing.assert_close(y_bits, y, rtol=0, atol=0, equal_nan=True)
+        dy = torch.randn(x.shape, dtype=torch.float64).to(dtype)
+        sums = (torch.randn(5), torch.randn(5)) if batch_stats else (None, None)
+        dx = ops.backward_input(dy, x, mean, rstd, w, b, key, p, *sums, x.numel() // 5)
+        dx32 = ops.backward_input(dy.float(), x.float(), mean, rstd, w, b, key, p, *sums, x.numel() // 5)
+        torch.testing.assert_close(dx, dx32.to(dtype), rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])

@@ -24,7 +24,7 @@ inline void forward_run(const scalar_t* x, acc a, acc b, const acc* mult, scalar
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
     if (n >= 16) {  // 16 at a time (cpu::BF16x16), the last step overlapping the one before: same bits
       auto relu = [&](__m256 xv) { return __m256(at::vec::clamp_min(at::vec::fmadd(Vec(xv), va, vb), zero)); };
-      for (int64_t i = 0;; i = std::min<int64_t>(i + 16, n - 16)) {
+      cpu::overlapping_steps<16>(n, [&](int64_t i) {
         const cpu::BF16x16 xv = cpu::load_bf16x16(x + i);
         cpu::BF16x16 r{relu(xv.lo), relu(xv.hi)};
         if (mult) {
@@ -32,8 +32,7 @@ inline void forward_run(const scalar_t* x, acc a, acc b, const acc* mult, scalar
           r = {_mm256_mul_ps(r.lo, m.lo), _mm256_mul_ps(r.hi, m.hi)};
         }
         cpu::store_bf16x16(r, y + i);
-        if (i + 16 >= n) break;
-      }
+      });
       return;
     }
   }
@@ -114,32 +113,56 @@ struct GradCoefs {
   std::vector<acc> a, b, A, C, K, mean;
 };
 
-// One vector of dx from x, dy, the multipliers (nullptr: no dropout) and the coefficients of its lanes.
+// One vector of dx from x, gm = dy * mult and the coefficients of its lanes.
+template <typename acc, bool kBatchStats>
+inline at::vec::Vectorized<acc> grad_input_math(const at::vec::Vectorized<acc>& xv, const at::vec::Vectorized<acc>& gm,
+                                                const at::vec::Vectorized<acc> (&coef)[6]) {
+  using Vec = at::vec::Vectorized<acc>;
+  const Vec zero(0);
+  const Vec z = at::vec::fmadd(xv, coef[0], coef[1]);
+  const Vec grad = Vec::blendv(zero, gm, z > zero);
+  if constexpr (kBatchStats)
+    return at::vec::fmadd(grad, coef[2], coef[3] - (xv - coef[5]) * coef[4]);
+  else
+    return grad * coef[2];
+}
+
+// grad_input_math of `cnt` elements, loaded and stored as scalar_t (mult nullptr: no dropout).
 template <typename scalar_t, typename acc, bool kBatchStats>
 inline void grad_input_vec(const scalar_t* dy, const scalar_t* x, const acc* mult, const at::vec::Vectorized<acc> (&coef)[6],
                            scalar_t* dx, int cnt) {
   using Vec = at::vec::Vectorized<acc>;
-  const Vec zero(0);
-  const Vec xv = cpu::load_as<scalar_t, acc>(x, cnt);
-  const Vec z = at::vec::fmadd(xv, coef[0], coef[1]);
   Vec gm = cpu::load_as<scalar_t, acc>(dy, cnt);
   if (mult) gm = gm * cpu::load(mult, cnt);
-  const Vec grad = Vec::blendv(zero, gm, z > zero);
-  Vec out;
-  if constexpr (kBatchStats)
-    out = at::vec::fmadd(grad, coef[2], coef[3] - (xv - coef[5]) * coef[4]);
-  else
-    out = grad * coef[2];
-  cpu::store_as(out, dx, cnt);
+  cpu::store_as(grad_input_math<acc, kBatchStats>(cpu::load_as<scalar_t, acc>(x, cnt), gm, coef), dx, cnt);
 }
 
 // dx over n elements of channel c (a plane segment): its coefficients are broadcast once (dx stores could alias
-// the coefficient arrays, so the compiler would otherwise reload them every step).
+// the coefficient arrays, so the compiler would otherwise reload them every step); bfloat16 16 at a time
+// (cpu::BF16x16), as in forward_run.
 template <typename scalar_t, typename acc, bool kBatchStats>
 inline void grad_input_run(const scalar_t* dy, const scalar_t* x, const acc* mult, const GradCoefs<acc>& k, int64_t c,
                            scalar_t* dx, int64_t n) {
   using Vec = at::vec::Vectorized<acc>;
   const Vec coef[6] = {Vec(k.a[c]), Vec(k.b[c]), Vec(k.A[c]), Vec(k.C[c]), Vec(k.K[c]), Vec(k.mean[c])};
+#ifdef BNFUSED_BF16X16
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    if (n >= 16) {
+      cpu::overlapping_steps<16>(n, [&](int64_t i) {
+        const cpu::BF16x16 xv = cpu::load_bf16x16(x + i), dyv = cpu::load_bf16x16(dy + i);
+        Vec glo(dyv.lo), ghi(dyv.hi);
+        if (mult) {
+          const cpu::BF16x16 m = cpu::load_f32x16_as_bf16_order(mult + i);
+          glo = glo * Vec(m.lo);
+          ghi = ghi * Vec(m.hi);
+        }
+        cpu::store_bf16x16({grad_input_math<acc, kBatchStats>(Vec(xv.lo), glo, coef),
+                            grad_input_math<acc, kBatchStats>(Vec(xv.hi), ghi, coef)}, dx + i);
+      });
+      return;
+    }
+  }
+#endif
   cpu::elementwise_loop<acc>(n, [&](int64_t i, int cnt) {
     grad_input_vec<scalar_t, acc, kBatchStats>(dy + i, x + i, mult ? mult + i : nullptr, coef, dx + i, cnt);
   });

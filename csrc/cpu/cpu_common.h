@@ -35,6 +35,15 @@ inline void vec_loop(int64_t n, F f) {
 // vec_loop for elementwise passes (each output a function of the same-index inputs, written to a buffer no input
 // aliases): a ragged end of n >= size() is one full vector ending at n, overlapping the one before it, whose
 // elements are recomputed to the same bits. A 7x7 plane then needs no masked store (slow on AMD) and no masked load.
+template <int64_t kStep, typename F>  // f(i) for steps [i, i + kStep) covering [0, n), n >= kStep
+inline void overlapping_steps(int64_t n, F f) {
+  // One call site, so the (large) body stays inlined.
+  for (int64_t i = 0;; i = std::min<int64_t>(i + kStep, n - kStep)) {
+    f(i);
+    if (i + kStep >= n) break;
+  }
+}
+
 template <typename acc_type, typename F>
 inline void elementwise_loop(int64_t n, F f) {
   using Vec = at::vec::Vectorized<acc_type>;
@@ -42,11 +51,7 @@ inline void elementwise_loop(int64_t n, F f) {
     if (n > 0) f(0, static_cast<int>(n));
     return;
   }
-  // One full-width call site, so the (large) body stays inlined.
-  for (int64_t i = 0;; i = std::min<int64_t>(i + Vec::size(), n - Vec::size())) {
-    f(i, static_cast<int>(Vec::size()));
-    if (i + Vec::size() >= n) break;
-  }
+  overlapping_steps<Vec::size()>(n, [&](int64_t i) { f(i, static_cast<int>(Vec::size())); });
 }
 
 #if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
