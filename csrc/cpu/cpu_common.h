@@ -181,18 +181,6 @@ inline void store_bf16x16(const BF16x16& v, at::BFloat16* p) {
 #define BNFUSED_BF16X16 1
 #endif
 
-// Pointer to n elements of src as acc_type: src itself when no conversion is needed, else buf.
-template <typename scalar_t, typename acc_type>
-const acc_type* as_acc(const scalar_t* src, int64_t n, acc_type* buf) {
-  if constexpr (std::is_same_v<scalar_t, acc_type>) {
-    return src;
-  } else {
-    // load_as widens in registers: at::vec::convert has no vectorised BFloat16/Half -> float overload.
-    vec_loop<acc_type>(n, [&](int64_t i, int cnt) { store(load_as<scalar_t, acc_type>(src + i, cnt), buf + i, cnt); });
-    return buf;
-  }
-}
-
 // Horizontal sums of kLaneSums vectors at once: out[j] = the lanes of v[j] added pairwise, adjacent lanes first
 // ((l0+l1)+(l2+l3))+((l4+l5)+(l6+l7)), the same tree for every j, so a plane's sum does not depend on the slot it
 // took. With AVX2 one transpose-reduction serves 8 planes: a reduction per plane costs more than reading a 7x7 one.

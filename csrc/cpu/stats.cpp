@@ -84,9 +84,10 @@ void stats_channels_first(const at::Tensor& x, const Geometry& g, double* mean_o
 
 // Chunk mean and m2 of columns [cb, cb + NV vectors) of `rows` rows (clipped at `width`), accumulated in
 // registers: sums of x - shift, shift = the first row where finite (a float sum of large, similar values -- a 1e4
-// offset -- would lose the mean), then squared deviations from the chunk mean.
-template <typename acc, int NV, typename Tick>
-inline void column_block_stats(const acc* const* rowp, int64_t rows, int64_t cb, int64_t width, acc inv_rows,
+// offset -- would lose the mean), then squared deviations from the chunk mean. Reduced-precision rows are widened
+// in registers on each of the two reads (their sub-chunk sits in L1).
+template <typename scalar_t, typename acc, int NV, typename Tick>
+inline void column_block_stats(const scalar_t* const* rowp, int64_t rows, int64_t cb, int64_t width, acc inv_rows,
                                acc* mean_out, acc* m2_out, Tick tick) {
   using Vec = at::vec::Vectorized<acc>;
   int cnt[NV];
@@ -94,19 +95,19 @@ inline void column_block_stats(const acc* const* rowp, int64_t rows, int64_t cb,
     cnt[k] = static_cast<int>(std::clamp<int64_t>(width - cb - k * Vec::size(), 0, Vec::size()));
   Vec shift[NV], s[NV], q[NV];
   for (int k = 0; k < NV; ++k) {
-    const Vec first = cpu::load(rowp[0] + cb + k * Vec::size(), cnt[k]);
+    const Vec first = cpu::load_as<scalar_t, acc>(rowp[0] + cb + k * Vec::size(), cnt[k]);
     shift[k] = Vec::blendv(Vec(0), first, (first - first) == Vec(0));
     s[k] = Vec(0);
     q[k] = Vec(0);
   }
   for (int64_t r = 0; r < rows; ++r) {
-    for (int k = 0; k < NV; ++k) s[k] += cpu::load(rowp[r] + cb + k * Vec::size(), cnt[k]) - shift[k];
+    for (int k = 0; k < NV; ++k) s[k] += cpu::load_as<scalar_t, acc>(rowp[r] + cb + k * Vec::size(), cnt[k]) - shift[k];
     tick();
   }
   for (int k = 0; k < NV; ++k) s[k] = shift[k] + s[k] * Vec(inv_rows);  // chunk mean
   for (int64_t r = 0; r < rows; ++r) {
     for (int k = 0; k < NV; ++k) {
-      const Vec d = cpu::load(rowp[r] + cb + k * Vec::size(), cnt[k]) - s[k];
+      const Vec d = cpu::load_as<scalar_t, acc>(rowp[r] + cb + k * Vec::size(), cnt[k]) - s[k];
       q[k] = at::vec::fmadd(d, d, q[k]);
     }
     tick();
@@ -198,7 +199,7 @@ void stats_channels_last(const at::Tensor& x, const Geometry& g, double* mean_ou
 
   std::vector<double> part_mean(n_blocks * C), part_m2(n_blocks * C);
   at::parallel_for(0, n_blocks * n_tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc> xbuf(sub_rows * tile), sum(tile), m2c(tile);
+    std::vector<acc> sum(tile), m2c(tile);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t rb = task / n_tiles, c0 = (task % n_tiles) * tile;
       const int64_t width = std::min(tile, C - c0);
@@ -214,17 +215,15 @@ void stats_channels_last(const at::Tensor& x, const Geometry& g, double* mean_ou
         RowBlockPrefetch prefetch;
         if (prefetch_next) prefetch = after_sub_chunk(task, end, r0 + rows, r_end, ticks);
         auto tick = [&]() __attribute__((always_inline)) { prefetch.tick(); };
-        // Gather the sub-chunk as acc rows of `width` (a view when no conversion is needed).
-        const acc* rowp[kMaxSubRows];
-        for (int64_t r = 0; r < rows; ++r)
-          rowp[r] = cpu::as_acc(data + (r0 + r) * C + c0, width, xbuf.data() + r * tile);
+        const scalar_t* rowp[kMaxSubRows];
+        for (int64_t r = 0; r < rows; ++r) rowp[r] = data + (r0 + r) * C + c0;
         const acc inv_rows = acc(1) / static_cast<acc>(rows);
         // Column blocks of 8, 4, 2 or 1 vectors: a row's 64 floats are read in order, with one accumulator each.
         for (int64_t cb = 0; cb < width;) {
           const int64_t vecs = (width - cb + Vec::size() - 1) / Vec::size();
           auto run = [&](auto nv) {
-            column_block_stats<acc, decltype(nv)::value>(rowp, rows, cb, width, inv_rows, sum.data(), m2c.data(),
-                                                         tick);
+            column_block_stats<scalar_t, acc, decltype(nv)::value>(rowp, rows, cb, width, inv_rows, sum.data(),
+                                                                   m2c.data(), tick);
             cb += decltype(nv)::value * Vec::size();
           };
           switch (column_block_width(vecs)) {  // the split column_blocks() counts
