@@ -359,18 +359,25 @@ def test_backward_reduce_plane_sizes(device, plane):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("plane", [1, 7, 15, 16, 17, 49, 100, 3136, 2053])
+@pytest.mark.parametrize("plane,channels,channels_last", [(1, 5, False), (7, 5, False), (15, 5, False),
+                                                          (16, 5, False), (17, 5, False), (49, 5, False),
+                                                          (100, 5, False), (3136, 5, False), (2053, 5, False),
+                                                          (16, 32, True), (49, 16, True), (12, 24, True),
+                                                          (5, 48, True)])
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_reduced_precision_ops_are_float32_ops_rounded(dtype, plane, p):
+def test_reduced_precision_ops_are_float32_ops_rounded(dtype, plane, channels, channels_last, p):
     """CPU: the forward and the input gradient of bfloat16 / float16 input compute in float32, so their output is
     the float32 op's on the widened inputs rounded once, bit for bit (NaN to NaN). Planes below, at and around 16
     elements, odd and several L1 chunks long, cover the 16-at-a-time bfloat16 path, its overlapping last step and
-    the 8-wide path."""
-    x = (torch.randn(3, 5, plane, dtype=torch.float64) * 2 + 0.5).to(dtype)
+    the 8-wide path; channels_last rows of 16, 32 and 48 channels the 16-at-a-time rows, 24 the 8-wide rows."""
+    c = channels
+    x = (torch.randn(3, c, plane, 1, dtype=torch.float64) * 2 + 0.5).to(dtype)
     x.view(-1)[::97] = float("nan")
-    mean = torch.randn(5)
-    rstd = torch.rand(5) + 0.5
-    w, b = torch.randn(5), torch.randn(5)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    mean = torch.randn(c)
+    rstd = torch.rand(c) + 0.5
+    w, b = torch.randn(c), torch.randn(c)
     # Channel 0 scales by 1 + 2^-8 alone: half its outputs fall exactly halfway between two bfloat16 values, so
     # rounding ties to even (not up, not down) is checked too.
     mean[0], rstd[0], w[0], b[0] = 0.0, 1.0, 1.0 + 2.0 ** -8, 0.0
@@ -383,10 +390,10 @@ def test_reduced_precision_ops_are_float32_ops_rounded(dtype, plane, p):
         if p > 0:
             y_bits, _ = ops.forward_keep_bits(x, mean, rstd, w, b, key, p, batch_stats)
             torch.testing.assert_close(y_bits, y, rtol=0, atol=0, equal_nan=True)
-        dy = torch.randn(x.shape, dtype=torch.float64).to(dtype)
-        sums = (torch.randn(5), torch.randn(5)) if batch_stats else (None, None)
-        dx = ops.backward_input(dy, x, mean, rstd, w, b, key, p, *sums, x.numel() // 5)
-        dx32 = ops.backward_input(dy.float(), x.float(), mean, rstd, w, b, key, p, *sums, x.numel() // 5)
+        dy = torch.randn_like(x, dtype=torch.float64).to(dtype)  # x's memory format
+        sums = (torch.randn(c), torch.randn(c)) if batch_stats else (None, None)
+        dx = ops.backward_input(dy, x, mean, rstd, w, b, key, p, *sums, x.numel() // c)
+        dx32 = ops.backward_input(dy.float(), x.float(), mean, rstd, w, b, key, p, *sums, x.numel() // c)
         torch.testing.assert_close(dx, dx32.to(dtype), rtol=0, atol=0, equal_nan=True)
 
 

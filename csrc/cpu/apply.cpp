@@ -44,12 +44,34 @@ inline void forward_run(const scalar_t* x, acc a, acc b, const acc* mult, scalar
 }
 
 // forward_run over kRows channels_last rows of C elements (row j at x + j * C, its multipliers at mult + j * ld):
-// each per-channel coefficient vector is loaded once for all the rows.
+// each per-channel coefficient vector is loaded once for all the rows. With cpu::bf16x16_rows, a and b are in
+// BF16x16 lane order and the rows run 16 at a time.
 template <typename scalar_t, typename acc, int kRows>
 inline void forward_rows(const scalar_t* x, const acc* a, const acc* b, const acc* mult, int64_t ld, scalar_t* y,
                          int64_t C) {
   using Vec = at::vec::Vectorized<acc>;
   const Vec zero(0);
+#ifdef BNFUSED_BF16X16
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    if (cpu::bf16x16_rows<scalar_t>(C)) {
+      for (int64_t i = 0; i < C; i += 16) {
+        const Vec alo = Vec::loadu(a + i), ahi = Vec::loadu(a + i + 8);
+        const Vec blo = Vec::loadu(b + i), bhi = Vec::loadu(b + i + 8);
+        for (int j = 0; j < kRows; ++j) {
+          const cpu::BF16x16 xv = cpu::load_bf16x16(x + j * C + i);
+          cpu::BF16x16 r{at::vec::clamp_min(at::vec::fmadd(Vec(xv.lo), alo, blo), zero),
+                         at::vec::clamp_min(at::vec::fmadd(Vec(xv.hi), ahi, bhi), zero)};
+          if (mult) {
+            const cpu::BF16x16 m = cpu::load_f32x16_as_bf16_order(mult + j * ld + i);
+            r = {_mm256_mul_ps(r.lo, m.lo), _mm256_mul_ps(r.hi, m.hi)};
+          }
+          cpu::store_bf16x16(r, y + j * C + i);
+        }
+      }
+      return;
+    }
+  }
+#endif
   cpu::elementwise_loop<acc>(C, [&](int64_t i, int cnt) {
     const Vec va = cpu::load(a + i, cnt), vb = cpu::load(b + i, cnt);
     for (int j = 0; j < kRows; ++j) {
@@ -88,6 +110,10 @@ void forward_kernel(const at::Tensor& x, const ChannelParams<cpu::acc_t<scalar_t
       });
     });
     return;
+  }
+  if (cpu::bf16x16_rows<scalar_t>(g.C)) {  // forward_rows' operand order
+    a = cpu::bf16x16_order(a);
+    b = cpu::bf16x16_order(b);
   }
   const cpu::RowTiles tiles(g, dp.active && !dp.bits_in);
   at::parallel_for(0, tiles.count(), 1, [&](int64_t begin, int64_t end) {
@@ -168,15 +194,40 @@ inline void grad_input_run(const scalar_t* dy, const scalar_t* x, const acc* mul
   });
 }
 
-// dx over one channels_last row of C elements, with per-lane coefficients.
+// dx over one channels_last row of C elements, with per-lane coefficients (with cpu::bf16x16_rows in BF16x16
+// lane order, the row then running 16 at a time).
 template <typename scalar_t, typename acc, bool kBatchStats>
 inline void grad_input_row(const scalar_t* dy, const scalar_t* x, const acc* mult, const GradCoefs<acc>& k,
                            scalar_t* dx, int64_t C) {
   using Vec = at::vec::Vectorized<acc>;
   const acc* const arrays[6] = {k.a.data(), k.b.data(), k.A.data(), k.C.data(), k.K.data(), k.mean.data()};
+  constexpr int kCoefs = kBatchStats ? 6 : 3;
+#ifdef BNFUSED_BF16X16
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    if (cpu::bf16x16_rows<scalar_t>(C)) {
+      for (int64_t i = 0; i < C; i += 16) {
+        Vec lo[6], hi[6];
+        for (int q = 0; q < kCoefs; ++q) {
+          lo[q] = Vec::loadu(arrays[q] + i);
+          hi[q] = Vec::loadu(arrays[q] + i + 8);
+        }
+        const cpu::BF16x16 xv = cpu::load_bf16x16(x + i), dyv = cpu::load_bf16x16(dy + i);
+        Vec glo(dyv.lo), ghi(dyv.hi);
+        if (mult) {
+          const cpu::BF16x16 m = cpu::load_f32x16_as_bf16_order(mult + i);
+          glo = glo * Vec(m.lo);
+          ghi = ghi * Vec(m.hi);
+        }
+        cpu::store_bf16x16({grad_input_math<acc, kBatchStats>(Vec(xv.lo), glo, lo),
+                            grad_input_math<acc, kBatchStats>(Vec(xv.hi), ghi, hi)}, dx + i);
+      }
+      return;
+    }
+  }
+#endif
   cpu::elementwise_loop<acc>(C, [&](int64_t i, int cnt) {
     Vec coef[6];
-    for (int q = 0; q < (kBatchStats ? 6 : 3); ++q) coef[q] = cpu::load(arrays[q] + i, cnt);
+    for (int q = 0; q < kCoefs; ++q) coef[q] = cpu::load(arrays[q] + i, cnt);
     grad_input_vec<scalar_t, acc, kBatchStats>(dy + i, x + i, mult ? mult + i : nullptr, coef, dx + i, cnt);
   });
 }
@@ -206,6 +257,13 @@ void backward_input_kernel(const at::Tensor& dy_t, const at::Tensor& x, const Gr
     });
     return;
   }
+  // grad_input_row's operand order.
+  const bool rows16 = cpu::bf16x16_rows<scalar_t>(g.C);
+  const GradCoefs<acc> k16 = rows16 ? GradCoefs<acc>{cpu::bf16x16_order(k.a), cpu::bf16x16_order(k.b),
+                                                     cpu::bf16x16_order(k.A), cpu::bf16x16_order(k.C),
+                                                     cpu::bf16x16_order(k.K), cpu::bf16x16_order(k.mean)}
+                                    : GradCoefs<acc>{};
+  const GradCoefs<acc>& row_k = rows16 ? k16 : k;
   const cpu::RowTiles tiles(g, dp.active && !dp.bits_in);
   at::parallel_for(0, tiles.count(), 1, [&](int64_t begin, int64_t end) {
     std::vector<acc> mult(dp.active ? tiles.mult_elems() : 0);
@@ -217,7 +275,7 @@ void backward_input_kernel(const at::Tensor& dy_t, const at::Tensor& x, const Gr
       tiles.for_each_row<1>(t, dp, mult.data(), scratch.data(), &prefetch,
                             [&](int64_t r, int64_t, const acc* row_mult, int64_t) {
         const int64_t off = (t.row0 + r) * g.C;
-        grad_input_row<scalar_t, acc, kBatchStats>(dyd + off, xd + off, row_mult, k, dxd + off, g.C);
+        grad_input_row<scalar_t, acc, kBatchStats>(dyd + off, xd + off, row_mult, row_k, dxd + off, g.C);
       });
     }
   });

@@ -181,6 +181,31 @@ inline void store_bf16x16(const BF16x16& v, at::BFloat16* p) {
 #define BNFUSED_BF16X16 1
 #endif
 
+// Channels_last rows of bfloat16 with C % 16 == 0 run 16 at a time too; their per-channel operands are then
+// stored in BF16x16 lane order (bf16x16_order), so each 16-channel block loads as two plain vectors.
+template <typename scalar_t>
+inline bool bf16x16_rows(int64_t C) {
+#ifdef BNFUSED_BF16X16
+  return std::is_same_v<scalar_t, at::BFloat16> && C % 16 == 0;
+#else
+  return false;
+#endif
+}
+
+// v (size % 16 == 0) with each 16-element block in BF16x16 lane order: elements 0-3, 8-11, then 4-7, 12-15.
+template <typename T>
+inline std::vector<T> bf16x16_order(const std::vector<T>& v) {
+  std::vector<T> out(v.size());
+  for (size_t j = 0; j + 16 <= v.size(); j += 16)
+    for (size_t q = 0; q < 4; ++q) {
+      out[j + q] = v[j + q];
+      out[j + 4 + q] = v[j + 8 + q];
+      out[j + 8 + q] = v[j + 4 + q];
+      out[j + 12 + q] = v[j + 12 + q];
+    }
+  return out;
+}
+
 // Horizontal sums of kLaneSums vectors at once: out[j] = the lanes of v[j] added pairwise, adjacent lanes first
 // ((l0+l1)+(l2+l3))+((l4+l5)+(l6+l7)), the same tree for every j, so a plane's sum does not depend on the slot it
 // took. With AVX2 one transpose-reduction serves 8 planes: a reduction per plane costs more than reading a 7x7 one.
