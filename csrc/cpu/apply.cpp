@@ -163,6 +163,25 @@ inline void grad_input_vec(const scalar_t* dy, const scalar_t* x, const acc* mul
   cpu::store_as(grad_input_math<acc, kBatchStats>(cpu::load_as<scalar_t, acc>(x, cnt), gm, coef), dx, cnt);
 }
 
+#ifdef BNFUSED_BF16X16
+// grad_input_math of 16 bfloat16 elements (cpu::BF16x16), `lo` / `hi` the coefficients of its two halves.
+template <bool kBatchStats>
+inline void grad_input_bf16x16(const at::BFloat16* dy, const at::BFloat16* x, const float* mult,
+                               const at::vec::Vectorized<float> (&lo)[6], const at::vec::Vectorized<float> (&hi)[6],
+                               at::BFloat16* dx) {
+  using Vec = at::vec::Vectorized<float>;
+  const cpu::BF16x16 xv = cpu::load_bf16x16(x), dyv = cpu::load_bf16x16(dy);
+  Vec glo(dyv.lo), ghi(dyv.hi);
+  if (mult) {
+    const cpu::BF16x16 m = cpu::load_f32x16_as_bf16_order(mult);
+    glo = glo * Vec(m.lo);
+    ghi = ghi * Vec(m.hi);
+  }
+  cpu::store_bf16x16({grad_input_math<float, kBatchStats>(Vec(xv.lo), glo, lo),
+                      grad_input_math<float, kBatchStats>(Vec(xv.hi), ghi, hi)}, dx);
+}
+#endif
+
 // dx over n elements of channel c (a plane segment): its coefficients are broadcast once (dx stores could alias
 // the coefficient arrays, so the compiler would otherwise reload them every step); bfloat16 16 at a time
 // (cpu::BF16x16), as in forward_run.
@@ -175,15 +194,7 @@ inline void grad_input_run(const scalar_t* dy, const scalar_t* x, const acc* mul
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
     if (n >= 16) {
       cpu::overlapping_steps<16>(n, [&](int64_t i) {
-        const cpu::BF16x16 xv = cpu::load_bf16x16(x + i), dyv = cpu::load_bf16x16(dy + i);
-        Vec glo(dyv.lo), ghi(dyv.hi);
-        if (mult) {
-          const cpu::BF16x16 m = cpu::load_f32x16_as_bf16_order(mult + i);
-          glo = glo * Vec(m.lo);
-          ghi = ghi * Vec(m.hi);
-        }
-        cpu::store_bf16x16({grad_input_math<acc, kBatchStats>(Vec(xv.lo), glo, coef),
-                            grad_input_math<acc, kBatchStats>(Vec(xv.hi), ghi, coef)}, dx + i);
+        grad_input_bf16x16<kBatchStats>(dy + i, x + i, mult ? mult + i : nullptr, coef, coef, dx + i);
       });
       return;
     }
@@ -211,15 +222,7 @@ inline void grad_input_row(const scalar_t* dy, const scalar_t* x, const acc* mul
           lo[q] = Vec::loadu(arrays[q] + i);
           hi[q] = Vec::loadu(arrays[q] + i + 8);
         }
-        const cpu::BF16x16 xv = cpu::load_bf16x16(x + i), dyv = cpu::load_bf16x16(dy + i);
-        Vec glo(dyv.lo), ghi(dyv.hi);
-        if (mult) {
-          const cpu::BF16x16 m = cpu::load_f32x16_as_bf16_order(mult + i);
-          glo = glo * Vec(m.lo);
-          ghi = ghi * Vec(m.hi);
-        }
-        cpu::store_bf16x16({grad_input_math<acc, kBatchStats>(Vec(xv.lo), glo, lo),
-                            grad_input_math<acc, kBatchStats>(Vec(xv.hi), ghi, hi)}, dx + i);
+        grad_input_bf16x16<kBatchStats>(dy + i, x + i, mult ? mult + i : nullptr, lo, hi, dx + i);
       }
       return;
     }
