@@ -122,13 +122,16 @@ void forward_kernel(const at::Tensor& x, const ChannelParams<cpu::acc_t<scalar_t
     for (int64_t ti = begin; ti < end; ++ti) {
       const auto t = tiles.tile(ti);
       auto prefetch = tiles.next_tile_prefetch(ti, end, xd, nullptr, yd, sizeof(scalar_t));
-      tiles.for_each_row<2>(t, dp, mult.data(), scratch.data(), &prefetch,
-                         [&](int64_t r, int64_t rows, const acc* row_mult, int64_t ld) {
+      auto rows_fn = [&](int64_t r, int64_t rows, const acc* row_mult, int64_t ld) {
         const int64_t off = (t.row0 + r) * g.C;
         cpu::dispatch_rows(rows, [&](auto n) {
           forward_rows<scalar_t, acc, decltype(n)::value>(xd + off, a.data(), b.data(), row_mult, ld, yd + off, g.C);
         });
-      });
+      };
+      if (dp.active)  // pairs with dropout, single rows without (see for_each_row)
+        tiles.for_each_row<2>(t, dp, mult.data(), scratch.data(), &prefetch, rows_fn);
+      else
+        tiles.for_each_row<1>(t, dp, mult.data(), scratch.data(), &prefetch, rows_fn);
     }
   });
 }

@@ -135,7 +135,8 @@ struct RowTiles {
   // coefficients than on data. But a group's pass walks its rows' columns side by side, which the memory system
   // likes less than one row after another: backward_reduce and backward_input at 64x64x56x56 ran 25 % slower with
   // groups of 4 rows, backward_reduce 2-4 % slower even with pairs, and backward_input with pairs 1.4-1.6x slower
-  // at C = 256 and 512, so both take kGroup = 1. The forward gains 10 % with pairs at C = 64 and 256.
+  // at C = 256 and 512, so both take kGroup = 1. The forward from Philox (compute-bound) gains 5-10 % with pairs at
+  // C = 64 and 256; without dropout (memory-bound) it ran 2-3 % faster one row at a time, and takes that.
   // The multipliers are made as late as they can be, so the ones a row reads sit in L1: from keep bits a group at
   // a time (a 16K-element tile's were 64 KB); block rows 8 rows at a time; the transposed path from Philox with
   // C % 8 == 0 expands its keep flags 8 rows at a time, the keep bits coming from the same transpose (a whole
