@@ -17,7 +17,7 @@ inline void forward_run(const scalar_t* x, acc a, acc b, const acc* mult, scalar
   const Vec zero(0);
   const Vec va(a), vb(b);
   auto apply = [&](const Vec& xv, const Vec* m) {
-    const Vec r = at::vec::clamp_min(at::vec::fmadd(xv, va, vb), zero);  // relu_nan (bn_math.h), see below
+    const Vec r = at::vec::clamp_min(at::vec::fmadd(xv, va, vb), zero);
     return m ? r * *m : r;
   };
 #ifdef BNFUSED_BF16X16
