@@ -8,38 +8,53 @@ namespace {
 
 using cpu::kChunk;
 
-// y = relu(fma(x, a, b)) [* mult] over n elements of one channel (x, y in scalar_t, math in acc). The ReLU is
-// clamp_min(z, 0), one max_ps(0, z): like relu_nan (bn_math.h) and torch.relu it passes NaN and -0 through
-// (at::vec::maximum(z, 0) turned -0 into +0, and costs two more instructions for its NaN check).
+// relu(fma(x, a, b)): the ReLU is clamp_min(z, 0), one max_ps(0, z) that, like relu_nan (bn_math.h) and
+// torch.relu, passes NaN and -0 through (at::vec::maximum(z, 0) turned -0 into +0, and cost two more instructions
+// for its NaN check).
+template <typename acc>
+inline at::vec::Vectorized<acc> relu_affine(const at::vec::Vectorized<acc>& xv, const at::vec::Vectorized<acc>& a,
+                                            const at::vec::Vectorized<acc>& b) {
+  return at::vec::clamp_min(at::vec::fmadd(xv, a, b), at::vec::Vectorized<acc>(0));
+}
+
+#ifdef BNFUSED_BF16X16
+// The forward of 16 bfloat16 elements (cpu::BF16x16), a_lo / b_lo the coefficients of its low half, a_hi / b_hi
+// of its high half (mult nullptr: no dropout).
+inline void forward_bf16x16(const at::BFloat16* x, const at::vec::Vectorized<float>& a_lo,
+                            const at::vec::Vectorized<float>& a_hi, const at::vec::Vectorized<float>& b_lo,
+                            const at::vec::Vectorized<float>& b_hi, const float* mult, at::BFloat16* y) {
+  using Vec = at::vec::Vectorized<float>;
+  const cpu::BF16x16 xv = cpu::load_bf16x16(x);
+  Vec lo = relu_affine(Vec(xv.lo), a_lo, b_lo), hi = relu_affine(Vec(xv.hi), a_hi, b_hi);
+  if (mult) {
+    const cpu::BF16x16 m = cpu::load_f32x16_as_bf16_order(mult);
+    lo = lo * Vec(m.lo);
+    hi = hi * Vec(m.hi);
+  }
+  cpu::store_bf16x16({lo, hi}, y);
+}
+#endif
+
+// y = relu(fma(x, a, b)) [* mult] over n elements of one channel (x, y in scalar_t, math in acc); bfloat16 16 at
+// a time (cpu::BF16x16).
 template <typename scalar_t, typename acc>
 inline void forward_run(const scalar_t* x, acc a, acc b, const acc* mult, scalar_t* y, int64_t n) {
   using Vec = at::vec::Vectorized<acc>;
-  const Vec zero(0);
   const Vec va(a), vb(b);
-  auto apply = [&](const Vec& xv, const Vec* m) {
-    const Vec r = at::vec::clamp_min(at::vec::fmadd(xv, va, vb), zero);
-    return m ? r * *m : r;
-  };
 #ifdef BNFUSED_BF16X16
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-    if (n >= 16) {  // 16 at a time (cpu::BF16x16), the last step overlapping the one before: same bits
-      auto relu = [&](__m256 xv) { return __m256(at::vec::clamp_min(at::vec::fmadd(Vec(xv), va, vb), zero)); };
+    if (n >= 16) {  // the last step overlapping the one before: same bits
       cpu::overlapping_steps<16>(n, [&](int64_t i) {
-        const cpu::BF16x16 xv = cpu::load_bf16x16(x + i);
-        cpu::BF16x16 r{relu(xv.lo), relu(xv.hi)};
-        if (mult) {
-          const cpu::BF16x16 m = cpu::load_f32x16_as_bf16_order(mult + i);
-          r = {_mm256_mul_ps(r.lo, m.lo), _mm256_mul_ps(r.hi, m.hi)};
-        }
-        cpu::store_bf16x16(r, y + i);
+        forward_bf16x16(x + i, va, va, vb, vb, mult ? mult + i : nullptr, y + i);
       });
       return;
     }
   }
 #endif
   cpu::elementwise_loop<acc>(n, [&](int64_t i, int cnt) {
-    const Vec m = mult ? cpu::load(mult + i, cnt) : Vec(0);
-    cpu::store_as(apply(cpu::load_as<scalar_t, acc>(x + i, cnt), mult ? &m : nullptr), y + i, cnt);
+    Vec r = relu_affine(cpu::load_as<scalar_t, acc>(x + i, cnt), va, vb);
+    if (mult) r = r * cpu::load(mult + i, cnt);
+    cpu::store_as(r, y + i, cnt);
   });
 }
 
@@ -50,23 +65,14 @@ template <typename scalar_t, typename acc, int kRows>
 inline void forward_rows(const scalar_t* x, const acc* a, const acc* b, const acc* mult, int64_t ld, scalar_t* y,
                          int64_t C) {
   using Vec = at::vec::Vectorized<acc>;
-  const Vec zero(0);
 #ifdef BNFUSED_BF16X16
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
     if (cpu::bf16x16_rows<scalar_t>(C)) {
       for (int64_t i = 0; i < C; i += 16) {
-        const Vec alo = Vec::loadu(a + i), ahi = Vec::loadu(a + i + 8);
-        const Vec blo = Vec::loadu(b + i), bhi = Vec::loadu(b + i + 8);
-        for (int j = 0; j < kRows; ++j) {
-          const cpu::BF16x16 xv = cpu::load_bf16x16(x + j * C + i);
-          cpu::BF16x16 r{at::vec::clamp_min(at::vec::fmadd(Vec(xv.lo), alo, blo), zero),
-                         at::vec::clamp_min(at::vec::fmadd(Vec(xv.hi), ahi, bhi), zero)};
-          if (mult) {
-            const cpu::BF16x16 m = cpu::load_f32x16_as_bf16_order(mult + j * ld + i);
-            r = {_mm256_mul_ps(r.lo, m.lo), _mm256_mul_ps(r.hi, m.hi)};
-          }
-          cpu::store_bf16x16(r, y + j * C + i);
-        }
+        const Vec a_lo = Vec::loadu(a + i), a_hi = Vec::loadu(a + i + 8);
+        const Vec b_lo = Vec::loadu(b + i), b_hi = Vec::loadu(b + i + 8);
+        for (int j = 0; j < kRows; ++j)
+          forward_bf16x16(x + j * C + i, a_lo, a_hi, b_lo, b_hi, mult ? mult + j * ld + i : nullptr, y + j * C + i);
       }
       return;
     }
@@ -75,7 +81,7 @@ inline void forward_rows(const scalar_t* x, const acc* a, const acc* b, const ac
   cpu::elementwise_loop<acc>(C, [&](int64_t i, int cnt) {
     const Vec va = cpu::load(a + i, cnt), vb = cpu::load(b + i, cnt);
     for (int j = 0; j < kRows; ++j) {
-      Vec r = at::vec::clamp_min(at::vec::fmadd(cpu::load_as<scalar_t, acc>(x + j * C + i, cnt), va, vb), zero);
+      Vec r = relu_affine(cpu::load_as<scalar_t, acc>(x + j * C + i, cnt), va, vb);
       if (mult) r = r * cpu::load(mult + j * ld + i, cnt);
       cpu::store_as(r, y + j * C + i, cnt);
     }

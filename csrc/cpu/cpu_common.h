@@ -32,10 +32,8 @@ inline void vec_loop(int64_t n, F f) {
   if (i < n) f(i, static_cast<int>(n - i));
 }
 
-// vec_loop for elementwise passes (each output a function of the same-index inputs, written to a buffer no input
-// aliases): a ragged end of n >= size() is one full vector ending at n, overlapping the one before it, whose
-// elements are recomputed to the same bits. A 7x7 plane then needs no masked store (slow on AMD) and no masked load.
-template <int64_t kStep, typename F>  // f(i) for steps [i, i + kStep) covering [0, n), n >= kStep
+// f(i) for steps [i, i + kStep) covering [0, n), n >= kStep: the last step ends at n, overlapping the one before.
+template <int64_t kStep, typename F>
 inline void overlapping_steps(int64_t n, F f) {
   // One call site, so the (large) body stays inlined.
   for (int64_t i = 0;; i = std::min<int64_t>(i + kStep, n - kStep)) {
@@ -44,6 +42,9 @@ inline void overlapping_steps(int64_t n, F f) {
   }
 }
 
+// vec_loop for elementwise passes (each output a function of the same-index inputs, written to a buffer no input
+// aliases): a ragged end of n >= size() is one full vector ending at n, overlapping the one before it, whose
+// elements are recomputed to the same bits. A 7x7 plane then needs no masked store (slow on AMD) and no masked load.
 template <typename acc_type, typename F>
 inline void elementwise_loop(int64_t n, F f) {
   using Vec = at::vec::Vectorized<acc_type>;
@@ -149,11 +150,11 @@ inline void store_as(const at::vec::Vectorized<acc_type>& v, scalar_t* p, int co
 }
 
 #if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
-// 16 BFloat16 at a time as two float vectors, for the elementwise passes whose other operands are the same in
-// every lane: one 256-bit load and two in-lane unpacks widen them, and their rounding back ends in one in-lane pack
-// (the 8-wide load_as / store_as cross lanes once per 8 elements each way). The unpacks leave elements 0-3, 8-11
-// in `lo` and 4-7, 12-15 in `hi`; pack_bf16x16 undoes exactly that order. Rounding is at::vec::cvtfp32_bf16's,
-// bit for bit: to nearest even, every NaN to 0xFFFF.
+// 16 BFloat16 at a time as two float vectors, for the elementwise passes: one 256-bit load and two in-lane unpacks
+// widen them, and their rounding back ends in one in-lane pack (the 8-wide load_as / store_as cross lanes once per
+// 8 elements each way). The unpacks leave elements 0-3, 8-11 in `lo` and 4-7, 12-15 in `hi`; store_bf16x16 undoes
+// exactly that order, and operands that differ per element are read in it (load_f32x16_as_bf16_order,
+// bf16x16_order). Rounding is at::vec::cvtfp32_bf16's, bit for bit: to nearest even, every NaN to 0xFFFF.
 struct BF16x16 {
   __m256 lo, hi;
 };
@@ -329,13 +330,7 @@ class NextRunPrefetch {
   }
 
   void upto(int64_t done, int64_t total) {
-    // A multiply by a cached lines/total instead of an integer division per Philox batch (the idiv was a fifth
-    // of the channels_last block-row loop). Rounding can only issue a line one call later.
-    if (total != total_) {
-      total_ = total;
-      lines_per_done_ = total > 0 ? static_cast<double>(lines_) / static_cast<double>(total) : 0.0;
-    }
-    const int64_t target = done >= total ? lines_ : static_cast<int64_t>(static_cast<double>(done) * lines_per_done_);
+    const int64_t target = total > 0 ? lines_ * done / total : lines_;
     for (; issued_ < target; ++issued_) {
       const int64_t at = issued_ * kLine;
       if (to_l2_) {
@@ -358,8 +353,6 @@ class NextRunPrefetch {
   int64_t lines_;
   bool to_l2_;
   int64_t issued_ = 0;
-  int64_t total_ = 0;  // upto's last total, and lines_ / total_
-  double lines_per_done_ = 0.0;
 };
 
 // fill_dropout_mult's after_batch callback: advances `prefetch` (if given) with the run's progress.

@@ -175,15 +175,15 @@ struct RowTiles {
     if constexpr (std::is_same_v<acc_type, float>) {
       if (S > 1 && !block_rows() && C % kMaskLanes == 0 && t.rows >= kMaskLanes) {
         fill_flags(t, dp, scratch, prefetch);
-        for (int64_t done = 0; done < t.rows;) {
-          const int64_t r0 = std::min(done, t.rows - kMaskLanes);  // the last block may overlap the one before
+        int64_t done = 0;  // rows applied; the last block of 8 may overlap the one before
+        overlapping_steps<kMaskLanes>(t.rows, [&](int64_t r0) {
           uint8_t* bits = dp.bits_out ? dp.bits_out + (t.row0 + r0) * (C / 8) : nullptr;
           for (int64_t c0 = 0; c0 < C; c0 += 8)
             expand_transpose8x8(scratch + c0 * t.rows + r0, t.rows, dp.scale, mult + c0, ld,
                                 bits ? bits + c0 / 8 : nullptr, C / 8);
           groups(done, r0 + kMaskLanes, static_cast<const acc_type*>(mult + (done - r0) * ld), ld);
           done = r0 + kMaskLanes;
-        }
+        });
         return;
       }
     }
@@ -257,10 +257,9 @@ struct RowTiles {
       if (rows >= 8) {
         for (; c0 + 8 <= cols; c0 += 8) {
           // The last block of rows ends at `rows`, overlapping the one before: its rows are written twice, alike.
-          for (int64_t r0 = 0;; r0 = std::min(r0 + 8, rows - 8)) {
+          overlapping_steps<8>(rows, [&](int64_t r0) {
             expand_transpose8x8(in + c0 * rows + r0, rows, scale, out + r0 * ld + c0, ld, nullptr, 0);
-            if (r0 + 8 >= rows) break;
-          }
+          });
         }
       }
     }
