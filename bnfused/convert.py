@@ -15,29 +15,11 @@ _FUSED_FOR = {
 }
 
 
-def fused_from_batchnorm(bn: nn.modules.batchnorm._BatchNorm, p: float, fused_cls=None) -> nn.Module:
-    """A fused module with bn's configuration, parameters, buffers and train/eval mode."""
-    cls = fused_cls or _FUSED_FOR[type(bn)]
-    ref = bn.weight if bn.weight is not None else bn.running_mean
-    fused = cls(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
-                track_running_stats=bn.track_running_stats,
-                device=ref.device if ref is not None else None, dtype=ref.dtype if ref is not None else None, p=p,
-                bias=not bn.affine or bn.bias is not None)
-    with torch.no_grad():
-        fused.load_state_dict(bn.state_dict())
-    if bn.weight is not None:
-        fused.weight.requires_grad_(bn.weight.requires_grad)
-    if bn.bias is not None:
-        fused.bias.requires_grad_(bn.bias.requires_grad)
-    fused.train(bn.training)
-    return fused
-
-
-def _synced_from_batchnorm(bn: nn.modules.batchnorm._BatchNorm, p: float, process_group) -> nn.Module:
-    fused = fused_from_batchnorm(bn, p, SyncBatchNormReLUDropout)
-    # An nn.SyncBatchNorm keeps its own group unless the caller names one.
-    fused.process_group = process_group if process_group is not None else getattr(bn, "process_group", None)
-    return fused
+def _fused_for(bn: nn.modules.batchnorm._BatchNorm, p: float, sync: bool, process_group) -> nn.Module:
+    """The fused module taking bn's place, sharing its Parameter and buffer objects."""
+    if sync:
+        return SyncBatchNormReLUDropout.from_batchnorm(bn, p, process_group)
+    return _FUSED_FOR[type(bn)].from_batchnorm(bn, p)
 
 
 def _convert_sequential(seq: nn.Sequential, sync: bool, process_group) -> None:
@@ -52,7 +34,7 @@ def _convert_sequential(seq: nn.Sequential, sync: bool, process_group) -> None:
             has_dropout = type(drop) is nn.Dropout  # element-wise only; Dropout2d/3d drop whole channels
             p = drop.p if has_dropout else 0.0
             # Keep indices (and so state_dict keys) stable: the fused block takes BN's slot, the rest become Identity.
-            fused = _synced_from_batchnorm(bn, p, process_group) if sync else fused_from_batchnorm(bn, p)
+            fused = _fused_for(bn, p, sync, process_group)
             seq._modules[names[i]] = fused
             seq._modules[names[i + 1]] = nn.Identity()
             if has_dropout:

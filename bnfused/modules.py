@@ -5,7 +5,7 @@ reset_parameters, momentum=None (cumulative average) and train()/eval() behave e
 """
 from __future__ import annotations
 
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import functional
@@ -13,6 +13,8 @@ from . import functional
 
 class _BatchNormReLUDropout(_BatchNorm):
     _expected_dims: tuple[int, ...] = ()
+    # The unfused layer each dimension-specific module replaces (None: any, as nn.SyncBatchNorm).
+    _replaces: type[_BatchNorm] | None = None
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, *, p: float = 0.5,
@@ -24,6 +26,31 @@ class _BatchNormReLUDropout(_BatchNorm):
         extra = {} if bias else {"bias": False}
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **extra)
         self.p = float(p)
+
+    @classmethod
+    def from_batchnorm(cls, bn: _BatchNorm, p: float = 0.0, **kwargs):
+        """The fused module for ``bn`` followed by ReLU (and Dropout(p)), sharing bn's state: the same Parameter
+        and buffer objects (an optimizer, a parameter hook or DDP built on bn keeps working on the fused module),
+        bn's eps, momentum, affine, track_running_stats and train/eval mode. Module hooks are not carried over
+        (as nn.SyncBatchNorm.convert_sync_batchnorm). ``bn`` is any BatchNorm module (nn.BatchNormXd of the
+        matching dimension, nn.SyncBatchNorm, another fused module); kwargs go to the constructor.
+        """
+        if not isinstance(bn, _BatchNorm):
+            raise TypeError(f"{cls.__name__}.from_batchnorm() expects a BatchNorm module, got {type(bn).__name__}")
+        dims = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
+        if cls._replaces is not None and type(bn) in dims and type(bn) is not cls._replaces:
+            raise TypeError(f"{cls.__name__}.from_batchnorm() expects a {cls._replaces.__name__} (or a "
+                            f"SyncBatchNorm), got {type(bn).__name__}")
+        # Built on the meta device (nothing allocated or initialised), then given bn's own tensors.
+        fused = cls(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
+                    track_running_stats=bn.track_running_stats, device="meta", p=p,
+                    bias=not bn.affine or bn.bias is not None, **kwargs)
+        for name in ("weight", "bias"):
+            fused._parameters[name] = bn._parameters.get(name)
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            fused._buffers[name] = bn._buffers.get(name)
+        fused.train(bn.training)
+        return fused
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() not in self._expected_dims:
@@ -56,15 +83,18 @@ class BatchNormReLUDropout1d(_BatchNormReLUDropout):
     """Fused BatchNorm1d -> ReLU -> Dropout(p) over (N, C) or (N, C, L) input."""
 
     _expected_dims = (2, 3)
+    _replaces = nn.BatchNorm1d
 
 
 class BatchNormReLUDropout2d(_BatchNormReLUDropout):
     """Fused BatchNorm2d -> ReLU -> Dropout(p) over (N, C, H, W) input (contiguous or channels_last)."""
 
     _expected_dims = (4,)
+    _replaces = nn.BatchNorm2d
 
 
 class BatchNormReLUDropout3d(_BatchNormReLUDropout):
     """Fused BatchNorm3d -> ReLU -> Dropout(p) over (N, C, D, H, W) input (contiguous or channels_last_3d)."""
 
     _expected_dims = (5,)
+    _replaces = nn.BatchNorm3d

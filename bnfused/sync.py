@@ -132,6 +132,14 @@ class SyncBatchNormReLUDropout(_BatchNormReLUDropout):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, p=p, bias=bias)
         self.process_group = process_group
 
+    @classmethod
+    def from_batchnorm(cls, bn, p: float = 0.0, process_group: Any = None, **kwargs) -> "SyncBatchNormReLUDropout":
+        """As BatchNormReLUDropout2d.from_batchnorm (bn's own Parameter and buffer objects), synchronising over
+        ``process_group``: an nn.SyncBatchNorm's own group when None (the world when that is None too)."""
+        if process_group is None:
+            process_group = getattr(bn, "process_group", None)
+        return super().from_batchnorm(bn, p, process_group=process_group, **kwargs)
+
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")

@@ -156,3 +156,29 @@ def test_converts_bn_without_bias():
     assert model[0].bias is None and same_state(model[0], bn)
     x = torch.randn(2, 3, 4, 4)
     torch.testing.assert_close(model(x), torch.relu(bn(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_optimizer_built_before_convert_keeps_training():
+    """convert() swaps in modules that share the BN's Parameter and buffer objects: an optimizer (and parameter
+    hooks) made before the swap act on the fused model, step for step as on the unfused one."""
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(2, 3, 3), randomize(nn.BatchNorm2d(3)), nn.ReLU(), nn.Conv2d(3, 2, 1))
+
+    model, ref = build(), build()
+    opt, ref_opt = torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(ref.parameters(), lr=0.1)
+    bn = model[1]
+    seen = []
+    bn.weight.register_hook(lambda g: seen.append(g))
+    bnfused.convert(model)
+    assert model[1].weight is bn.weight and model[1].running_mean is bn.running_mean
+    x = torch.randn(4, 2, 6, 6)
+    for _ in range(3):
+        for m, o in ((model, opt), (ref, ref_opt)):
+            o.zero_grad()
+            m(x).square().mean().backward()
+            o.step()
+    assert len(seen) == 3
+    for (name, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    assert not torch.equal(bn.weight, build()[1].weight)  # it trained

@@ -362,3 +362,54 @@ def test_reduced_precision_params_stay_float32(device):
     y.float().sum().backward()
     assert y.dtype == torch.bfloat16 and x.grad.dtype == torch.bfloat16
     assert fused.weight.grad.dtype == torch.float32 and fused.running_mean.dtype == torch.float32
+
+
+# ---------------------------------------------------------------- from_batchnorm
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+@pytest.mark.parametrize("kwargs", [{}, dict(affine=False), dict(track_running_stats=False),
+                                    dict(momentum=None, eps=1e-3)], ids=["default", "noaffine", "notrack", "cma"])
+def test_from_batchnorm_shares_state(device, dim, kwargs):
+    bn = NN_BN[dim](C, device=device, **kwargs).eval()
+    fused = FUSED[dim].from_batchnorm(bn, p=0.25)
+    assert type(fused) is FUSED[dim] and fused.p == 0.25 and not fused.training
+    assert (fused.eps, fused.momentum, fused.affine, fused.track_running_stats) == (
+        bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+    for name, t in list(bn.named_parameters()) + list(bn.named_buffers()):
+        assert getattr(fused, name) is t, name  # the very same objects, not copies
+    assert list(fused.state_dict()) == list(bn.state_dict())
+    assert FUSED[dim].from_batchnorm(bn.train()).training
+
+
+def test_from_batchnorm_keeps_the_optimizer_training():
+    """An optimizer built on the BN's parameters before the swap keeps updating the fused module, exactly as it
+    would have updated the unfused BN -> ReLU."""
+    torch.manual_seed(1)
+    bn, ref = nn.BatchNorm2d(C), nn.BatchNorm2d(C)
+    ref.load_state_dict(bn.state_dict())
+    opt, ref_opt = torch.optim.SGD(bn.parameters(), lr=0.5), torch.optim.SGD(ref.parameters(), lr=0.5)
+    fused = bnfused.BatchNormReLUDropout2d.from_batchnorm(bn)
+    x = torch.randn(4, C, 5, 5)
+    for _ in range(2):
+        for module, optimizer in ((fused, opt), (lambda t: torch.relu(ref(t)), ref_opt)):
+            optimizer.zero_grad()
+            (module(x) * torch.arange(C).view(1, C, 1, 1)).sum().backward()
+            optimizer.step()
+    assert not torch.equal(bn.weight, torch.ones(C))  # it moved
+    for a, b in zip(list(fused.parameters()) + list(fused.buffers()), list(ref.parameters()) + list(ref.buffers())):
+        torch.testing.assert_close(a, b)
+
+
+def test_from_batchnorm_sync_and_errors():
+    sync_bn = nn.SyncBatchNorm(C, process_group="own")
+    fused = bnfused.SyncBatchNormReLUDropout.from_batchnorm(sync_bn, p=0.1)
+    assert fused.process_group == "own" and fused.weight is sync_bn.weight
+    assert bnfused.SyncBatchNormReLUDropout.from_batchnorm(nn.BatchNorm3d(C), process_group="g").process_group == "g"
+    assert bnfused.BatchNormReLUDropout2d.from_batchnorm(sync_bn).weight is sync_bn.weight  # un-synced on purpose
+    with pytest.raises(TypeError, match="expects a BatchNorm2d"):
+        bnfused.BatchNormReLUDropout2d.from_batchnorm(nn.BatchNorm1d(C))
+    with pytest.raises(TypeError, match="expects a BatchNorm module"):
+        bnfused.BatchNormReLUDropout2d.from_batchnorm(nn.InstanceNorm2d(C))
+    with pytest.raises(ValueError, match="dropout probability"):
+        bnfused.BatchNormReLUDropout2d.from_batchnorm(nn.BatchNorm2d(C), p=1.5)
