@@ -1,6 +1,8 @@
-"""Build the bnfused extension (bnfused._C).
+"""Build the bnfused extension (bnfused._C); the package metadata is in pyproject.toml.
 
-CPU kernels always; CUDA kernels when the installed torch has CUDA and nvcc is found (CUDA_HOME).
+Install with `pip install --no-build-isolation .` (or `-e .`) into an environment that already has torch: the
+extension is compiled against that torch. CPU kernels always; CUDA kernels when the installed torch has CUDA and
+nvcc is found (CUDA_HOME).
 Environment knobs:
   BNFUSED_CPU_CAPABILITY=default|avx2   vector ISA of the CPU kernels (default: avx2 when this CPU has avx2+fma)
   BNFUSED_NO_CUDA=1                     build the CPU kernels only, even on a CUDA machine
@@ -8,9 +10,16 @@ Environment knobs:
 """
 import glob
 import os
+import sys
 
 from setuptools import setup
-from torch.utils import cpp_extension
+
+try:
+    from torch.utils import cpp_extension
+except ImportError:  # one line for the user instead of a traceback (pip prints it as the build's error)
+    sys.exit("bnfused: building needs PyTorch importable in this Python environment and none was found (pip's "
+             "isolated build environment does not see it either). Install torch first, then build with: "
+             "pip install --no-build-isolation .")
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -66,13 +75,4 @@ def extension():
         extra_link_args=["-fopenmp"])
 
 
-setup(
-    name="bnfused",
-    version="0.1.0",
-    description="Fused BatchNorm -> ReLU -> Dropout kernels (CPU and CUDA) for PyTorch",
-    packages=["bnfused"],
-    ext_modules=[extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension},
-    python_requires=">=3.10",
-    install_requires=["torch>=2.4"],
-)
+setup(ext_modules=[extension()], cmdclass={"build_ext": cpp_extension.BuildExtension})

@@ -6,14 +6,13 @@
 """
 from . import ops  # noqa: F401  (loads the extension and registers the ops' fake impls)
 from ._extension import CPU_CAPABILITY, WITH_CUDA
+from ._version import __version__
 from .autograd import BNReLUDropoutFunction
 from .convert import convert, convert_sync
 from .fold import fold_eval
 from .functional import bn_relu_dropout
 from .modules import BatchNormReLUDropout1d, BatchNormReLUDropout2d, BatchNormReLUDropout3d
 from .sync import SyncBatchNormReLUDropout
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BNReLUDropoutFunction",
