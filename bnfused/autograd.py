@@ -75,13 +75,36 @@ def _saves_keep_bits(x: Tensor, p: float) -> bool:
 
 
 class BNReLUDropoutFunction(torch.autograd.Function):
-    """The raw autograd node: y = dropout(relu((x - mean) * rstd * weight + bias)).
+    r"""The raw autograd node: ``y = dropout(relu((x - mean) * rstd * weight + bias))`` with given statistics.
 
-    apply(x, mean, rstd, weight, bias, key, p, batch_stats): mean/rstd are per-channel constants (no grad);
-    with batch_stats=True they are the batch's statistics and the input gradient includes their terms.
-    key is the int64[2] Philox key (see bnfused.ops.philox_key). Saves x, mean, rstd and the key; on the CPU
-    with 0 < p < 1 also the keep pattern packed 1 bit per element, so the backward reads the mask instead of
-    running Philox twice more (Philox costs about as much as a memory pass there).
+    For callers that compute or own the statistics themselves; :func:`bnfused.bn_relu_dropout` and the modules
+    compute them and use this node's backward formula. ``mean`` and ``rstd`` are per-channel constants (no
+    gradient flows into them); with ``batch_stats=True`` they are the batch's own statistics and the input
+    gradient includes their terms, as ``F.batch_norm`` in training; with ``False`` (running statistics) it is
+    ``weight * rstd * g``.
+
+    Saves x, mean, rstd and the key; on the CPU with 0 < p < 1 also the keep mask packed 1 bit per element, which
+    the backward reads instead of running Philox twice more. Double backward raises.
+
+    Args (of ``apply``):
+        x: :math:`(N, C, *)` input (float32, float64, float16, bfloat16)
+        mean, rstd: :math:`(C,)` per-channel mean and :math:`1/\sqrt{\mathrm{var} + \epsilon}`, float32 (float64
+            for float64 input)
+        weight, bias: optional :math:`(C,)` affine parameters (``None`` for 1 and 0)
+        key: int64[2] Philox (seed, offset) key on x's device, see :func:`bnfused.ops.philox_key`
+        p: drop probability in [0, 1] (0: no dropout, the key is not read)
+        batch_stats: whether mean / rstd are this batch's statistics
+
+    Examples::
+
+        >>> x = torch.randn(4, 3, 6, requires_grad=True)
+        >>> var, mean = torch.var_mean(x.detach(), dim=(0, 2), unbiased=False)
+        >>> rstd = torch.rsqrt(var + 1e-5)
+        >>> key = bnfused.ops.philox_key(x.device, seed=0)
+        >>> y = bnfused.BNReLUDropoutFunction.apply(x, mean, rstd, None, None, key, 0.0, True)
+        >>> torch.allclose(y, F.relu(F.batch_norm(x, None, None, training=True)), atol=1e-5)
+        True
+        >>> y.sum().backward()
     """
 
     # forward(ctx, ...) rather than a separate setup_context: apply() then skips an inspect.signature bind per call.

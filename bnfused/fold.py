@@ -49,11 +49,33 @@ def _folded_parameters(layer: nn.Module, scale: torch.Tensor, shift: torch.Tenso
 
 
 def fold_eval(layer: nn.Module, block: _BatchNormReLUDropout) -> nn.Sequential:
-    """Fold an eval-mode BatchNormReLUDropoutXd into the Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear before it.
+    r"""Fold an eval-mode fused block into the Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear before it.
 
-    Returns ``nn.Sequential(folded_layer, nn.ReLU())``, equal to ``block(layer(x))`` in eval mode. The inputs are
-    left untouched (the folded layer is a copy). Raises AssertionError, as ``fuse_conv_bn_eval`` does, when either
-    module is in training mode or the block has no running statistics (``track_running_stats=False``).
+    In eval mode the block is ``relu(x * a + b)`` with per-channel constants ``a = weight / sqrt(running_var +
+    eps)`` and ``b = bias - running_mean * a`` (dropout is the identity), so the affine part folds into the
+    layer's weight and bias, as ``torch.nn.utils.fusion.fuse_conv_bn_eval`` does for ``nn.BatchNormXd``. The
+    folding is computed in float64 and stored in the layer's dtypes; ``layer`` and ``block`` are not modified.
+
+    Args:
+        layer: the eval-mode ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d`` or ``nn.Linear`` whose output feeds
+            the block; its output channels must equal ``block.num_features``
+        block: an eval-mode :class:`BatchNormReLUDropout1d` / ``2d`` / ``3d`` with running statistics
+
+    Returns:
+        ``nn.Sequential(folded_layer, nn.ReLU())``, equal to ``block(layer(x))`` in eval mode.
+
+    Raises ``TypeError`` for other module types and ``AssertionError``, as ``fuse_conv_bn_eval`` does, when either
+    module is in training mode, the block has no running statistics (``track_running_stats=False``) or the
+    channel counts differ.
+
+    Examples::
+
+        >>> conv = nn.Conv2d(3, 16, 3, padding=1).eval()
+        >>> block = bnfused.BatchNormReLUDropout2d(16, p=0.1).eval()
+        >>> folded = bnfused.fold_eval(conv, block)
+        >>> x = torch.randn(2, 3, 8, 8)
+        >>> torch.allclose(folded(x), block(conv(x)), atol=1e-5)
+        True
     """
     if not isinstance(block, _BatchNormReLUDropout):
         raise TypeError(f"fold_eval(): block must be a bnfused.BatchNormReLUDropoutXd, got {type(block).__name__}")

@@ -5,6 +5,7 @@ All argument checks run before any running statistic changes; errors have PyTorc
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -16,12 +17,23 @@ from .autograd import BNReLUDropoutFunction, _saves_keep_bits  # importing also 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
+def check_number(value, name: str) -> None:
+    """TypeError, naming the argument, for a p / eps / momentum that is not a real number. bool is rejected too (a
+    flag passed in the wrong place); SymInt/SymFloat pass (torch.compile(dynamic=True) traces numbers as them)."""
+    if type(value) is float or type(value) is int:  # the common case, before the ABC check (small layers feel it)
+        return
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymInt, torch.SymFloat)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+
+
 def check_p(p: float) -> None:
-    if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p <= 1.0:
+    check_number(p, "p")
+    if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
 
 
 def check_eps(eps: float) -> None:
+    check_number(eps, "eps")
     # Comparisons instead of math.isinf: under torch.compile(dynamic=True) eps may be a SymFloat.
     # The wording keeps PyTorch's "eps must be positive" (what its own module tests match).
     if not 0.0 < eps < math.inf:
@@ -41,8 +53,7 @@ def check_inputs(input: Tensor, running_mean: Optional[Tensor], running_var: Opt
         raise ValueError(f"bn_relu_dropout(): expected input with at least 2 dims (N, C, ...), got {input.dim()}D input")
     check_p(p)
     check_eps(eps)
-    if not isinstance(momentum, (int, float)):  # None too, as F.batch_norm (the modules pass their factor)
-        raise TypeError(f"momentum must be a float, got {type(momentum).__name__}")
+    check_number(momentum, "momentum")  # None too, as F.batch_norm (the modules pass their factor)
     if input.is_cuda and not _extension.WITH_CUDA:
         raise RuntimeError("bn_relu_dropout(): input is a CUDA tensor but bnfused was built without CUDA kernels "
                            "(CPU-only torch or no nvcc at build time); rebuild it on a CUDA machine")
@@ -139,14 +150,62 @@ def bn_relu_dropout(input: Tensor, running_mean: Optional[Tensor], running_var: 
                     momentum: float = 0.1, eps: float = 1e-5, p: float = 0.5,
                     generator: Optional[torch.Generator] = None, *, seed: Optional[int] = None,
                     dropout_training: Optional[bool] = None) -> Tensor:
-    """Fused ``F.dropout(F.relu(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
+    r"""Fused ``F.dropout(F.relu(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
     eps)), p, training)``.
 
-    * ``training`` has F.batch_norm's meaning: use (and update, when given) batch statistics.
-    * Dropout is applied when ``dropout_training`` (default: ``training``) is true and p > 0. The mask comes from
-      Philox keyed by a (seed, offset) drawn from ``generator`` (the input device's default generator when None),
-      or by ``(seed, 0)`` when ``seed`` is given: the same seed gives the same mask on CPU and CUDA.
-    * running_mean/running_var are updated in place with ``momentum`` (running_var with the unbiased variance).
+    ``training`` has :func:`torch.nn.functional.batch_norm`'s meaning: normalise with the batch's statistics and
+    update ``running_mean`` / ``running_var`` in place when they are given (``running_var`` with the unbiased
+    variance); with ``training=False`` the running statistics are used. Dropout is applied when
+    ``dropout_training`` (default: ``training``) is true and ``p > 0``; kept elements are scaled by
+    :math:`1/(1-p)`. The ReLU passes NaN and ``-0.0`` through like ``torch.relu``; float16 / bfloat16 results are
+    the float32 computation rounded once.
+
+    The dropout mask is Philox4x32-10 keyed by an int64 (seed, offset) pair and the element's logical index, so it
+    does not depend on memory layout or device. The pair is drawn from ``generator`` (the input device's default
+    generator when ``None``, so ``torch.manual_seed`` reproduces it), or is ``(seed, 0)`` when ``seed`` is given:
+    the same ``seed`` gives the same mask on CPU and CUDA. The drop probability is ``p`` rounded to a multiple of
+    :math:`2^{-16}`.
+
+    Args:
+        input: :math:`(N, C, *)` float32, float64, float16 or bfloat16 tensor, contiguous, channels_last or
+            channels_last_3d (other strides are copied once)
+        running_mean, running_var: :math:`(C,)` running statistics or ``None`` (both or neither); required when
+            ``training=False``. Updated in place in training.
+        weight, bias: optional :math:`(C,)` affine parameters :math:`\gamma`, :math:`\beta`. Default: ``None``
+        training: use (and update) batch statistics. Default: ``False``
+        momentum: factor of the running-statistics update; must be a number (not ``None``), as for
+            ``F.batch_norm``. Default: 0.1
+        eps: added to the variance; must be positive and finite. Default: 1e-5
+        p: probability of an element to be zeroed, in [0, 1]. Default: 0.5
+        generator: ``torch.Generator`` on the input's device to draw the dropout key from. Default: ``None``
+        seed (keyword-only): draw no key, use ``(seed, 0)``; an int of at most 64 bits. Default: ``None``
+        dropout_training (keyword-only): whether dropout is active, independently of ``training``.
+            Default: ``None`` (= ``training``)
+
+    Returns:
+        Tensor of the input's shape and dtype, in the input's memory format.
+
+    Raises ``ValueError`` (wrong dims, one value per channel in training, ``p`` out of range, ``eps <= 0``, only
+    one of the running statistics), ``TypeError`` (``p``, ``eps`` or ``momentum`` not a number, input not a
+    tensor), ``RuntimeError`` (shape, dtype or device mismatch) or ``NotImplementedError`` (integer input), before
+    any running statistic changes. Double backward through the result raises.
+
+    Examples::
+
+        >>> x = torch.randn(16, 8, 5, 5)
+        >>> running_mean, running_var = torch.zeros(8), torch.ones(8)
+        >>> y = bnfused.bn_relu_dropout(x, running_mean, running_var, training=True, momentum=0.1, p=0.25)
+        >>> bool((y >= 0).all()), bool(running_mean.any())
+        (True, True)
+        >>> # without dropout it is the unfused chain
+        >>> ref = F.relu(F.batch_norm(x, None, None, training=True))
+        >>> torch.allclose(bnfused.bn_relu_dropout(x, None, None, training=True, p=0.0), ref, atol=1e-5)
+        True
+        >>> # a seed gives the same mask on every call (and on every device)
+        >>> a = bnfused.bn_relu_dropout(x, None, None, training=True, p=0.5, seed=1234)
+        >>> b = bnfused.bn_relu_dropout(x, None, None, training=True, p=0.5, seed=1234)
+        >>> torch.equal(a, b)
+        True
     """
     check_inputs(input, running_mean, running_var, weight, bias, training, momentum, eps, p)
     return bn_relu_dropout_unchecked(input, running_mean, running_var, weight, bias, training, momentum, eps, p,

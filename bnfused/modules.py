@@ -21,6 +21,8 @@ class _BatchNormReLUDropout(_BatchNorm):
                  bias: bool = True) -> None:
         functional.check_p(p)
         functional.check_eps(eps)
+        if momentum is not None:  # None: cumulative moving average, as nn.BatchNormXd
+            functional.check_number(momentum, "momentum")
         # Recent nn.BatchNormXd take bias= (affine weight without bias); pass it only when False so an
         # older torch (no such argument) keeps working with the default.
         extra = {} if bias else {"bias": False}
@@ -79,22 +81,112 @@ class _BatchNormReLUDropout(_BatchNorm):
             self.eps, self.p, dropout_training=self.training)
 
 
+_MODULE_DOC = r"""Applies Batch Normalization, ReLU and Dropout over a {dims} input with fused kernels.
+
+    Computes, per channel, in two passes over memory for the training forward (statistics, then the rest) and
+    two for the backward,
+
+    .. math::
+
+        y = \mathrm{{Dropout}}_p\left(\max\left(0,
+            \frac{{x - \mathrm{{E}}[x]}}{{\sqrt{{\mathrm{{Var}}[x] + \epsilon}}}} * \gamma + \beta\right)\right)
+
+    with the semantics of ``nn.Sequential(nn.{bn}(...), nn.ReLU(), nn.Dropout(p))``: in training, batch mean and
+    biased variance normalise the input and update :attr:`running_mean` / :attr:`running_var` (the latter with
+    the unbiased variance), :attr:`num_batches_tracked` counts the steps and kept elements are scaled by
+    :math:`1/(1-p)`; in eval mode the running statistics are used and dropout is the identity. With
+    ``track_running_stats=False`` batch statistics are used in both modes. Parameters, buffers, ``state_dict``
+    keys, ``reset_parameters`` and ``momentum=None`` are those of ``nn.{bn}``, so ``load_state_dict`` works both
+    ways between the two. Statistics accumulate in float32 (float64 for float64 input); float16 / bfloat16
+    results are the float32 computation rounded once. The ReLU passes NaN and ``-0.0`` through like
+    ``torch.relu``.
+
+    Differences from the unfused layers:
+
+    * The dropout mask is not ``nn.Dropout``'s random stream: it is Philox4x32-10 keyed by an int64 (seed,
+      offset) pair drawn from the default generator (so ``torch.manual_seed`` reproduces it) and the element's
+      logical index, hence the same on CPU and CUDA and for any memory format. Its law is the same.
+    * The drop probability is :attr:`p` rounded to a multiple of :math:`2^{{-16}}`; kept elements are scaled by
+      exactly :math:`1/(1-p)`.
+    * :attr:`eps` must be positive and finite (``nn.{bn}`` accepts 0 in eval).
+    * Double backward is not supported: differentiating a gradient through the block raises.
+    * Autograd saves the input, per-channel statistics and the 16-byte key (plus the mask packed 1 bit per element
+      in CPU training), not the intermediate results.
+
+    Bad arguments raise what PyTorch raises, before any running statistic changes: ``ValueError`` for a wrong
+    number of dimensions, a single value per channel in training, ``p`` outside [0, 1] or ``eps <= 0``;
+    ``TypeError`` for a ``p``, ``eps`` or ``momentum`` that is not a number.
+
+    Args:
+        num_features: :math:`C` from an expected input of size {shape}
+        eps: a value added to the denominator for numerical stability; must be positive. Default: 1e-5
+        momentum: the value used for the running_mean and running_var computation. Can be set to ``None`` for
+            cumulative moving average (i.e. simple average). Default: 0.1
+        affine: a boolean value that when set to ``True``, this module has learnable affine parameters
+            :math:`\gamma` (``weight``) and :math:`\beta` (``bias``). Default: ``True``
+        track_running_stats: a boolean value that when set to ``True``, this module tracks the running mean and
+            variance, and when set to ``False``, it does not (the buffers are ``None``) and uses batch statistics
+            in eval mode too. Default: ``True``
+        device, dtype: of the parameters and buffers, as for ``nn.{bn}``. Keep them float32 for float16 /
+            bfloat16 input (what ``torch.autocast`` does); the input's own dtype works too.
+        p (keyword-only): probability of an element to be zeroed in training. Default: 0.5
+        bias (keyword-only): with ``affine=True`` and ``bias=False`` the module has a weight but no bias.
+            Default: ``True``
+
+    Shape:
+        - Input: {shape}{layouts}
+        - Output: same shape as the input, in the input's memory format
+
+    Examples::
+
+{example}
+    """
+
+
 class BatchNormReLUDropout1d(_BatchNormReLUDropout):
-    """Fused BatchNorm1d -> ReLU -> Dropout(p) over (N, C) or (N, C, L) input."""
+    __doc__ = _MODULE_DOC.format(
+        dims="2D or 3D", bn="BatchNorm1d", shape=r":math:`(N, C)` or :math:`(N, C, L)`", layouts="",
+        example="""\
+        >>> block = bnfused.BatchNormReLUDropout1d(100, p=0.1)
+        >>> x = torch.randn(20, 100)
+        >>> block(x).shape
+        torch.Size([20, 100])
+        >>> # the same layer with its dropout off: nn.BatchNorm1d -> nn.ReLU in eval mode
+        >>> bn = nn.BatchNorm1d(100).eval()
+        >>> bn.load_state_dict(block.state_dict())
+        <All keys matched successfully>
+        >>> torch.allclose(block.eval()(x), torch.relu(bn(x)), atol=1e-6)
+        True""")
 
     _expected_dims = (2, 3)
     _replaces = nn.BatchNorm1d
 
 
 class BatchNormReLUDropout2d(_BatchNormReLUDropout):
-    """Fused BatchNorm2d -> ReLU -> Dropout(p) over (N, C, H, W) input (contiguous or channels_last)."""
+    __doc__ = _MODULE_DOC.format(
+        dims="4D", bn="BatchNorm2d", shape=r":math:`(N, C, H, W)`", layouts=", contiguous or channels_last",
+        example="""\
+        >>> block = bnfused.BatchNormReLUDropout2d(64, p=0.1)
+        >>> x = torch.randn(8, 64, 14, 14).to(memory_format=torch.channels_last)
+        >>> y = block(x)
+        >>> y.shape, y.is_contiguous(memory_format=torch.channels_last)
+        (torch.Size([8, 64, 14, 14]), True)
+        >>> y.sum().backward()
+        >>> block.num_batches_tracked
+        tensor(1)""")
 
     _expected_dims = (4,)
     _replaces = nn.BatchNorm2d
 
 
 class BatchNormReLUDropout3d(_BatchNormReLUDropout):
-    """Fused BatchNorm3d -> ReLU -> Dropout(p) over (N, C, D, H, W) input (contiguous or channels_last_3d)."""
+    __doc__ = _MODULE_DOC.format(
+        dims="5D", bn="BatchNorm3d", shape=r":math:`(N, C, D, H, W)`", layouts=", contiguous or channels_last_3d",
+        example="""\
+        >>> block = bnfused.BatchNormReLUDropout3d(16, momentum=None, p=0.2)   # cumulative running average
+        >>> x = torch.randn(2, 16, 4, 8, 8, dtype=torch.bfloat16)
+        >>> block(x).dtype
+        torch.bfloat16""")
 
     _expected_dims = (5,)
     _replaces = nn.BatchNorm3d

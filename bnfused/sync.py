@@ -121,9 +121,45 @@ class SyncBNReLUDropoutFunction(torch.autograd.Function):
 
 
 class SyncBatchNormReLUDropout(_BatchNormReLUDropout):
-    """Fused nn.SyncBatchNorm -> ReLU -> Dropout(p) over (N, C, +) input, statistics over ``process_group``
-    (the whole world by default). Same constructor as nn.SyncBatchNorm plus ``p``; state_dict keys,
-    momentum=None, train()/eval() as nn.SyncBatchNorm.
+    r"""Fused ``nn.SyncBatchNorm -> nn.ReLU -> nn.Dropout(p)``: batch statistics over a process group.
+
+    In training, each process computes its batch's per-channel moments, one ``all_gather`` merges them (in float64)
+    into the statistics of the whole group's batch, and the backward takes one ``all_reduce`` of two per-channel
+    sums; everything else is the fused :class:`BatchNormReLUDropout2d` computation. Conventions of
+    ``nn.SyncBatchNorm``: running statistics are identical on every rank; ``weight`` / ``bias`` gradients are the
+    rank's local sums (``DistributedDataParallel`` averages them); ranks may hold different batch sizes, empty
+    ones included (they take part with count 0 and get zero gradients); a single value per channel is rejected
+    only when the whole group has one. Each rank's dropout key is offset by its global rank, so masks differ
+    between processes and are reproducible from ``torch.manual_seed``. In eval mode, without an initialised
+    process group, or in a group of one process, it is exactly the single-process fused module (no
+    communication). The training forward reads the global element count on the host, so it cannot be captured in
+    a CUDA graph (neither can ``nn.SyncBatchNorm``'s). The rest is as for :class:`BatchNormReLUDropout2d`: the
+    Philox dropout mask, ``p`` rounded to a multiple of :math:`2^{-16}`, the ReLU passing NaN and ``-0.0``
+    through, ``eps`` positive, ``momentum=None`` for a cumulative average, no double backward.
+
+    Args:
+        num_features: :math:`C` from an expected input of size :math:`(N, C, +)`
+        eps: a value added to the denominator for numerical stability; must be positive. Default: 1e-5
+        momentum: the value used for the running_mean and running_var computation; ``None`` for a cumulative
+            moving average. Default: 0.1
+        affine: learnable :math:`\gamma` and :math:`\beta`. Default: ``True``
+        track_running_stats: keep running statistics. Default: ``True``
+        process_group: the group to synchronise over; ``None`` for the whole world. Default: ``None``
+        device, dtype: of the parameters and buffers, as for ``nn.SyncBatchNorm``
+        p (keyword-only): probability of an element to be zeroed in training. Default: 0.5
+        bias (keyword-only): with ``affine=True`` and ``bias=False``, a weight but no bias. Default: ``True``
+
+    Shape:
+        - Input: :math:`(N, C, +)`, at least 2 dims, contiguous or channels_last / channels_last_3d
+        - Output: same shape as the input, in the input's memory format
+
+    Examples::
+
+        >>> block = bnfused.SyncBatchNormReLUDropout(32, p=0.1)
+        >>> # without an initialised process group it computes what BatchNormReLUDropout2d computes
+        >>> block(torch.randn(4, 32, 7, 7)).shape
+        torch.Size([4, 32, 7, 7])
+        >>> # in a DistributedDataParallel script: model = bnfused.convert_sync(model), then wrap it in DDP
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,

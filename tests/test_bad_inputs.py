@@ -1,5 +1,6 @@
 """Bad input raises PyTorch's error type with a clear message before any running statistic or num_batches_tracked
 moves; NaN and inf propagate as they do through nn.BatchNormXd -> ReLU -> Dropout."""
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -151,6 +152,50 @@ def test_bad_parameter_or_buffer(device, name, make, error, regex, training):
 def test_bad_constructor_arguments(dim, kwargs, regex):
     with pytest.raises(ValueError, match=regex):
         FUSED[dim](C, **kwargs)
+
+
+# A non-number p / eps / momentum is a TypeError naming the argument (as PyTorch's argument parser raises for a
+# float argument), not a ValueError quoting a value that looks right ("but got 0.5" for p='0.5'); bool is not a
+# number here either. momentum=None stays valid for the modules (cumulative average).
+NOT_NUMBERS = [("p", "0.5"), ("p", True), ("p", None), ("p", torch.tensor(0.5)), ("eps", "1e-5"), ("eps", None),
+               ("eps", False), ("momentum", "0.1"), ("momentum", True), ("momentum", [0.1])]
+NOT_NUMBER_IDS = [f"{name}={value!r}" for name, value in NOT_NUMBERS]
+
+
+@pytest.mark.parametrize("name,value", NOT_NUMBERS, ids=NOT_NUMBER_IDS)
+@pytest.mark.parametrize("cls", [*FUSED.values(), bnfused.SyncBatchNormReLUDropout],
+                         ids=lambda c: c.__name__)
+def test_constructor_argument_not_a_number(cls, name, value):
+    with pytest.raises(TypeError, match=f"^{name} must be a float, got {type(value).__name__}$"):
+        cls(C, **{name: value})
+
+
+@pytest.mark.parametrize("name,value", NOT_NUMBERS, ids=NOT_NUMBER_IDS)
+def test_functional_argument_not_a_number(device, name, value):
+    x, rm, rv, w, b = _functional_args(device)
+    kwargs = dict(training=True, momentum=0.1, eps=1e-5, p=0.5)
+    kwargs[name] = value
+    rm0, rv0 = rm.clone(), rv.clone()
+    with pytest.raises(TypeError, match=f"^{name} must be a float, got {type(value).__name__}$"):
+        bnfused.bn_relu_dropout(x, rm, rv, w, b, **kwargs)
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+
+
+@pytest.mark.parametrize("name,value", [("p", "0.5"), ("eps", "1e-5"), ("momentum", True)])
+def test_attribute_not_a_number_at_forward(device, name, value):
+    block = make_block(2, device).train()
+    setattr(block, name, value)
+    before = state_of(block)
+    with pytest.raises(TypeError, match=f"^{name} must be a float"):
+        block(torch.randn(2, C, 3, 3, device=device))
+    assert_state_unchanged(block, before)
+
+
+@pytest.mark.parametrize("p", [0, 1, 0.25, np.float32(0.25), np.float64(0.25)], ids=repr)
+def test_numbers_of_other_types_are_accepted(p):
+    """ints and numpy scalars are numbers: accepted, as nn.Dropout accepts them."""
+    block = FUSED[2](C, p=p, eps=np.float64(1e-5), momentum=np.float32(0.1))
+    assert block.p == float(p)
 
 
 # ---- functional ----
