@@ -1,4 +1,4 @@
-# The README's two commands: `make test` and `make bench`.
+# The README's two commands: `make test` and `make bench` (plus build, bench-publish, cuda-check).
 # Python: the current python3 when it already imports torch (the GPU machine, itself a venv, no network);
 # otherwise a local .venv with torch==2.13.0 (the CPU wheel on this machine's disk) and the test tools.
 SYSTEM_PY := python3
@@ -13,13 +13,17 @@ endif
 export MAX_JOBS ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: test bench build clean cuda-check
+.PHONY: test bench bench-publish build clean cuda-check
 
 test: build
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
+# Results go to benchmarks/results/local/ (not tracked); bench-publish replaces the committed benchmarks/results/.
 bench: build
 	PYTHONUNBUFFERED=1 $(PY) benchmarks/bench.py $(BENCH_ARGS)
+
+bench-publish: build
+	PYTHONUNBUFFERED=1 $(PY) benchmarks/bench.py --publish $(BENCH_ARGS)
 
 build: $(ENV_STAMP)
 	$(PY) setup.py -q build_ext --inplace

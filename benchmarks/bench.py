@@ -1,12 +1,13 @@
 #!/usr/bin/env python
 """bnfused benchmark (`make bench`): fused BatchNorm -> ReLU -> Dropout against eager and torch.compile peers.
 
-Prints one progress line per case and mode as it runs, then a markdown comparison table, the issue's speed
-targets and an end-to-end training number; writes benchmarks/results/<device>.md (and a PNG plot when
-matplotlib imports). Suites: default (< 5 min on a 2-core CPU), --quick (~1 min smoke run, results file
-<device>-quick.md), --full (every shape, dtype and memory format, <device>-full.md).
+Prints one progress line per case and mode as it runs, then a markdown comparison table, the speed goals (met or
+below goal) and end-to-end numbers; writes <device>.md (and a PNG plot when matplotlib imports) into
+benchmarks/results/local/, which git ignores, or with --publish into benchmarks/results/, replacing the published
+results. Suites: default (< 5 min on a 2-core CPU), --quick (~1 min smoke run, results file <device>-quick.md),
+--full (every shape, dtype and memory format, <device>-full.md).
 
-    python benchmarks/bench.py [--quick | --full] [--out DIR] [--device cpu|cuda] [--threads N] [--p P]
+    python benchmarks/bench.py [--quick | --full] [--publish | --out DIR] [--device cpu|cuda] [--threads N] [--p P]
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="bnfuse
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+PUBLISHED_RESULTS = HERE / "results"        # committed: replaced only with --publish (make bench-publish)
+LOCAL_RESULTS = PUBLISHED_RESULTS / "local"  # every other run (.gitignore)
 sys.path[:0] = [str(HERE), str(REPO)]  # the sibling modules, and bnfused from this checkout
 
 import torch  # noqa: E402
@@ -35,14 +38,14 @@ from e2e import run_e2e  # noqa: E402
 from small_layers import run_small_layers  # noqa: E402
 from environment import device_name, load_average, run_meta, slug  # noqa: E402
 from kernels import time_kernels  # noqa: E402
-from measure import copy_bandwidth, first_call_seconds, peak_step_bytes, saved_bytes, time_fn  # noqa: E402
+from measure import NOISY_SPREAD, copy_bandwidth, first_call_seconds, peak_step_bytes, saved_bytes, time_fn  # noqa: E402
 from parity import measure_parity, parity_pairs  # noqa: E402
 from peers import COMPILE, EAGER, FUSED, Peer, make_peers, peer_names, step  # noqa: E402
 from plot import plot_speedups  # noqa: E402
 from report import (e2e_table, fmt_ms, fmt_x, parity_table, results_markdown, small_layers_table,  # noqa: E402
-                    summary_table, targets_table)
+                    summary_table, goals_table)
 from results import CaseResult, RunResults  # noqa: E402
-from targets import check_targets  # noqa: E402
+from targets import check_goals  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,7 +54,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="smoke run: two cases, few repeats (~1 minute)")
     size.add_argument("--full", action="store_true", help="every shape, dtype and memory format")
-    parser.add_argument("--out", type=Path, default=HERE / "results", help="results directory (default: %(default)s)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out", type=Path, default=LOCAL_RESULTS,
+                       help="results directory (default: benchmarks/results/local, not tracked by git)")
+    where.add_argument("--publish", action="store_true",
+                       help="write into benchmarks/results/, replacing the published results of this device")
     default_device = "cuda" if torch.cuda.is_available() and bnfused.WITH_CUDA else "cpu"
     parser.add_argument("--device", default=default_device, help="cpu or cuda (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
@@ -71,6 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not 0.0 <= args.p < 1.0:
         parser.error("--p must be in [0, 1)")
     args.suite = "quick" if args.quick else "full" if args.full else "default"
+    if args.publish:
+        args.out = PUBLISHED_RESULTS
     return args
 
 
@@ -123,7 +132,7 @@ def run_case(run: RunResults, case: Case, args: argparse.Namespace, suite: Suite
         peers = measure_mode(cr, peers, mode, x, grad_out, suite, args.threads)
         say(progress_line(run, cr, mode, index * len(MODES) + m + 1, total * len(MODES), start))
     fused = next((peer for peer in peers if peer.name == FUSED), None)
-    if fused is not None and args.device.type == "cpu":  # the CPU targets' copy floor
+    if fused is not None and args.device.type == "cpu":  # the CPU goals' copy floor
         cr.floor = measure_floor(fused, x, grad_out, suite, args.threads)
     for peer in peers:
         peer.module.train()
@@ -178,22 +187,22 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = slug(device_name(args.device)) + ("" if suite.name == "default" else f"-{suite.name}")
     run.plot_note = plot_speedups(run, args.out / f"{stem}.png")
-    targets_title, checks = check_targets(run, args.device)
+    goals_title, checks = check_goals(run, args.device)
     elapsed = time.perf_counter() - start
     results_path = args.out / f"{stem}.md"
     sync_section = f"\n## Multi-process: SyncBatchNorm\n\n{sync_md}\n" if sync_md else ""
     # The hand-kept before/after record of this device (what moved the numbers, commit by commit), if any.
-    history_path = HERE / "results" / f"{slug(device_name(args.device))}-history.md"
+    history_path = PUBLISHED_RESULTS / f"{slug(device_name(args.device))}-history.md"
     history = f"\n## Before / after\n\n{history_path.read_text()}" if history_path.exists() else ""
-    results_path.write_text(results_markdown(run, targets_title, checks, elapsed) + sync_section + history)
+    results_path.write_text(results_markdown(run, goals_title, checks, elapsed) + sync_section + history)
 
     say("\n## Comparison (median ms, IQR in parentheses)\n")
     say(summary_table(run))
     if run.parity:
         say("\n## Per-byte parity (rounds interleaved)\n")
         say(parity_table(run))
-    say(f"\n## Targets: {targets_title}\n")
-    say(targets_table(checks))
+    say(f"\n## Goals: {goals_title}\n")
+    say(goals_table(checks))
     say("\n## End to end\n")
     say(e2e_table(run))
     say("\n## Small layers (fixed cost per call)\n")
@@ -203,6 +212,11 @@ def main(argv=None) -> int:
         say(sync_md)
     say(f"\n% copy is relative to {run.copy_gbs:.1f} GB/s ({meta['copy bandwidth runs']})")
     say(f"load average: {meta['load average']}")
+    noisy = [f"{cr.case.label} {mode} {peer}" for cr in run.cases for (mode, peer), t in cr.timings.items()
+             if t.noisy]
+    if noisy:
+        say(f"noisy (rounds disagree by more than {NOISY_SPREAD:g}x, marked 'noisy'; rerun on a quieter machine): "
+            + "; ".join(noisy))
     say(f"results: {results_path}")
     say(run.plot_note)
     say(f"total: {elapsed:.0f} s")

@@ -104,13 +104,13 @@ def _full_cases(device: torch.device) -> tuple[Case, ...]:
 def _default_cases(device: torch.device) -> tuple[Case, ...]:
     f32 = torch.float32
     if device.type == "cuda":
-        # float32 and bfloat16 in both memory formats on the two shapes with GPU targets (issue 9), float16 on
+        # float32 and bfloat16 in both memory formats on the two shapes with GPU goals, float16 on
         # the first, float32 on the rest; every float16 case is in --full (each case costs a cold compile).
         target = [Case(s, dt, cl) for s in CNN_SHAPES[:2] for dt in (f32, torch.bfloat16) for cl in (False, True)]
         rest = [Case(CNN_SHAPES[0], torch.float16)] + [Case(s, f32) for s in ALL_SHAPES[2:]]
         return tuple(target + rest)
     # CPU (2 cores here): every shape in float32, plus channels_last and bfloat16 on the first shape so their
-    # per-byte speed can be compared with contiguous float32 (issue 5). Everything else is in --full.
+    # per-byte speed can be compared with contiguous float32 (a CPU goal). Everything else is in --full.
     return (Case(CNN_SHAPES[0], f32), Case(CNN_SHAPES[0], f32, True), Case(CNN_SHAPES[0], torch.bfloat16),
             *(Case(s, f32) for s in ALL_SHAPES[1:]))
 

@@ -1,4 +1,4 @@
-"""The training forward against the copy-bandwidth floor (issue 5: "within 2x of the copy floor"), with the rounds
+"""The training forward against the copy-bandwidth floor (the CPU goal "within 2x of the copy floor"), with the rounds
 of the bnfused module and of the reference copy interleaved. The run's copy bandwidth is measured at its start
 and end, minutes away from a case, and a shared machine's bandwidth drifts up to 2x in that time; interleaved, a
 slow phase hits both sides alike."""

@@ -1,5 +1,5 @@
 """Per-pass timing of bnfused's training step: each torch.ops.bnfused op on its own, with its own byte count,
-so a slow pass shows up (issue 9 asks for >= 85 % of the copy bandwidth per pass on a GPU). The ops are the ones
+so a slow pass shows up (the GPU goal is >= 85 % of the copy bandwidth per pass). The ops are the ones
 the module's step runs: on the CPU (0 < p < 1) forward_keep_bits, and the backward ops reading its keep bits; on
 CUDA forward, and the backward ops regenerating the mask from the key."""
 from __future__ import annotations

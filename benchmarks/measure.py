@@ -10,11 +10,26 @@ import torch
 from torch.utils import benchmark
 
 
+# A measurement whose rounds' medians differ by more than this factor is noisy: a neighbour loaded the machine
+# through most of it, and even its best round may be far from what the code costs.
+NOISY_SPREAD = 2.0
+
+
 @dataclass(frozen=True)
 class Timing:
     median: float   # seconds
     iqr: float      # seconds, 75th - 25th percentile of the per-run times
     samples: int
+    round_medians: tuple[float, ...] = ()  # seconds, every round's median (time_fn); empty when not in rounds
+
+    @property
+    def spread(self) -> float:
+        """Slowest round's median over the fastest's (1.0 without rounds)."""
+        return max(self.round_medians) / min(self.round_medians) if self.round_medians else 1.0
+
+    @property
+    def noisy(self) -> bool:
+        return self.spread > NOISY_SPREAD
 
 
 def synchronize(device: torch.device) -> None:
@@ -54,12 +69,14 @@ def time_interleaved(fns: Sequence[Callable[[], object]], device: torch.device, 
         run_times.append(min(max(min_time, min_samples * estimate), max_time))
     timers = [benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads) for fn in fns]
     best: list = [None] * len(fns)
+    medians: list[list[float]] = [[] for _ in fns]
     for _ in range(max(1, rounds)):
         for i, timer in enumerate(timers):
             m = timer.blocked_autorange(min_run_time=run_times[i] / max(1, rounds))
+            medians[i].append(m.median)
             if best[i] is None or m.median < best[i].median:
                 best[i] = m
-    return [Timing(m.median, m.iqr, len(m.times)) for m in best]
+    return [Timing(m.median, m.iqr, len(m.times), tuple(r)) for m, r in zip(best, medians)]
 
 
 COPY_BYTES = 256 * 2**20  # the reference copy: far beyond any cache

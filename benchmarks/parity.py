@@ -1,4 +1,4 @@
-"""Per-byte parity (issue 5): channels_last and bfloat16 cases against contiguous float32 of the same shape, the
+"""Per-byte parity (a CPU goal): channels_last and bfloat16 cases against contiguous float32 of the same shape, the
 bnfused module timed with the rounds of the two cases interleaved. In the main table the two are measured
 minutes apart, so on a shared machine (whose bandwidth drifts 30-40 % between runs) their ratio would also
 compare two phases of the machine.

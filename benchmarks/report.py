@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 from cases import BYTE_MODEL
-from measure import Timing
+from measure import NOISY_SPREAD, Timing
 from peers import COMPILE, EAGER, FUSED
 from results import RunResults
 from targets import Check
@@ -22,7 +22,10 @@ def fmt_ms(seconds: float) -> str:
 
 
 def fmt_timing(t: Optional[Timing]) -> str:
-    return "-" if t is None else f"{fmt_ms(t.median)} ({fmt_ms(t.iqr)})"
+    """median (IQR) in ms; "noisy" after a measurement whose rounds disagree (measure.NOISY_SPREAD)."""
+    if t is None:
+        return "-"
+    return f"{fmt_ms(t.median)} ({fmt_ms(t.iqr)})" + (" noisy" if t.noisy else "")
 
 
 def fmt_x(s: Optional[float]) -> str:
@@ -126,11 +129,11 @@ def parity_table(run: RunResults) -> str:
                   "per-byte ratio", "ms at ratio 1.0", "mask alone ms"], rows)
 
 
-def targets_table(checks: list[Check]) -> str:
+def goals_table(checks: list[Check]) -> str:
     if not checks:
-        return "(no targeted case in this run)"
-    return table(["check", "measured", "target", "met"],
-                 [[c.what, c.measured, c.target, "yes" if c.met else "MISSED"] for c in checks])
+        return "(no case with a goal in this run)"
+    return table(["check", "measured", "goal", "met"],
+                 [[c.what, c.measured, c.goal, "yes" if c.met else "below goal"] for c in checks])
 
 
 def parity_section(run: RunResults) -> str:
@@ -138,7 +141,7 @@ def parity_section(run: RunResults) -> str:
         return ""
     return f"""## Per-byte parity (rounds interleaved)
 
-The per-byte targets compare each channels_last / bfloat16 case with contiguous float32 of the same shape. Both
+The per-byte goals compare each channels_last / bfloat16 case with contiguous float32 of the same shape. Both
 bnfused modules are timed here with their rounds taken in turn, so a slow phase of the machine hits both alike
 (the main table measures them minutes apart). GB/s uses the byte model above. "ms at ratio 1.0" is the time the
 case would have to take to match the reference per byte; "mask alone ms" (reduced-precision training modes) is
@@ -150,7 +153,7 @@ time of every pass but not the Philox work, which a training forward has to fit 
 """
 
 
-def results_markdown(run: RunResults, targets_title: str, checks: list[Check], elapsed_s: float) -> str:
+def results_markdown(run: RunResults, goals_title: str, checks: list[Check], elapsed_s: float) -> str:
     meta = "\n".join(f"- **{k}**: {v}" for k, v in run.meta.items())
     return f"""# bnfused benchmark: {run.meta['device']}
 
@@ -159,9 +162,10 @@ def results_markdown(run: RunResults, targets_title: str, checks: list[Check], e
 - **run time**: {elapsed_s:.0f} s
 
 Peers: {', '.join(run.peers)}. Times are medians over torch.utils.benchmark runs, IQR in parentheses; each
-measurement is split into 3 rounds and keeps the round with the lowest median (peers and copy alike). The
-"within 2x of copy floor" targets time each case's bnfused training forward in rounds interleaved with the
-same 256 MiB copy (the "% copy" columns use the run's copy bandwidth above).
+measurement is split into 3 rounds and keeps the round with the lowest median (peers and copy alike); "noisy"
+marks a measurement whose rounds' medians differ by more than {NOISY_SPREAD:g}x (the machine was busy: do not
+trust it, run again). The "within 2x of copy floor" goals time each case's bnfused training forward in rounds
+interleaved with the same 256 MiB copy (the "% copy" columns use the run's copy bandwidth above).
 Dropout p = {run.meta['dropout p']}; train modes take an input with requires_grad; fwd+bwd returns the grads of
 the input, weight and bias (torch.autograd.grad); eval runs under no_grad.
 
@@ -171,9 +175,9 @@ Byte model: {BYTE_MODEL}
 
 {summary_table(run)}
 
-## Targets: {targets_title}
+## Goals: {goals_title}
 
-{targets_table(checks)}
+{goals_table(checks)}
 
 {parity_section(run)}## End to end: small CNN training step (Conv -> BN -> ReLU -> Dropout x4, SGD)
 

@@ -1,5 +1,5 @@
-"""The speed targets of issue 5 (CPU) and issue 9 (GPU), checked against one run's numbers.
-Reported, never asserted: a missed target is a line marked "missed" in the output."""
+"""The speed goals of the CPU and GPU paths, checked against one run's numbers.
+Reported, never asserted: a goal not reached is a line marked "below goal" in the output."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,7 +17,7 @@ FWD_BWD, FWD = "train fwd+bwd", "train fwd"
 class Check:
     what: str
     measured: str
-    target: str
+    goal: str
     met: bool
 
 
@@ -70,7 +70,7 @@ def gpu_checks(run: RunResults) -> list[Check]:
     checks = []
     for shape in CNN_SHAPES[:2]:
         checks += _speedup_checks(run, shape, (torch.float32, torch.bfloat16), {EAGER: 2.5, COMPILE: 1.2})
-    for cr in run.cases:  # per pass, on the target shapes (launch latency dominates the small ones)
+    for cr in run.cases:  # per pass, on the goal shapes (launch latency dominates the small ones)
         if cr.case.shape not in CNN_SHAPES[:2]:
             continue
         for k in cr.kernels:
@@ -79,7 +79,7 @@ def gpu_checks(run: RunResults) -> list[Check]:
     return checks
 
 
-def check_targets(run: RunResults, device: torch.device) -> tuple[str, list[Check]]:
+def check_goals(run: RunResults, device: torch.device) -> tuple[str, list[Check]]:
     if device.type == "cuda":
-        return "issue 9 (GPU)", gpu_checks(run)
-    return "issue 5 (CPU)", cpu_checks(run)
+        return "GPU", gpu_checks(run)
+    return "CPU", cpu_checks(run)

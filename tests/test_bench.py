@@ -1,6 +1,8 @@
-"""benchmarks/bench.py: a --quick run (subprocess, temp results dir) prints progress lines and the markdown
-tables and writes the results file (and the plot when matplotlib imports); the target checks and the
-plot-skipped path on synthetic numbers. Timings are never asserted."""
+"""benchmarks/bench.py: a --quick run (subprocess, default results location) prints progress lines and the
+markdown tables, writes the results file (and the plot when matplotlib imports) into the untracked
+benchmarks/results/local/ and leaves the published results untouched; its wording speaks of goals; the goal
+checks, the noisy flag and the plot on synthetic numbers. Timings are never asserted."""
+import hashlib
 import importlib.util
 import re
 import subprocess
@@ -28,18 +30,31 @@ def _table_rows(text: str, header_start: str) -> list[list[str]]:
     return [[c.strip() for c in lines[start].strip("|").split("|")]] + rows
 
 
+PUBLISHED = REPO / "benchmarks" / "results"
+LOCAL = PUBLISHED / "local"
+TIMING_CELL = r"[\d.]+ \([\d.]+\)( noisy)?"  # median (IQR), marked when the rounds disagree
+
+
+def _published_files() -> dict[str, str]:
+    """sha256 of every file directly in benchmarks/results/ (the published results and history)."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in PUBLISHED.iterdir() if p.is_file()}
+
+
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench_results")
+def quick_run():
+    """One --quick run with the default results location, as `make bench BENCH_ARGS=--quick` runs it."""
     device = "cuda" if torch.cuda.is_available() and __import__("bnfused").WITH_CUDA else "cpu"
-    proc = subprocess.run([sys.executable, str(BENCH), "--quick", "--out", str(out), "--device", device],
+    for stale in LOCAL.glob("*-quick.*") if LOCAL.exists() else ():
+        stale.unlink()
+    published = _published_files()
+    proc = subprocess.run([sys.executable, str(BENCH), "--quick", "--device", device],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout, out, device
+    return proc.stdout, LOCAL, device, published
 
 
 def test_quick_prints_progress_and_table(quick_run):
-    stdout, _, device = quick_run
+    stdout, _, device, _ = quick_run
     progress = [line for line in stdout.splitlines() if re.match(r"\[\s*\d+/\d+\]", line)]
     assert len(progress) == 2 * len(MODES)  # one line per case and mode, as they run
     assert "copy bandwidth:" in stdout
@@ -51,26 +66,26 @@ def test_quick_prints_progress_and_table(quick_run):
     for row in body:
         assert row[1] in MODES
         for cell in row[2:2 + len(peers)]:  # "median (IQR)" for every peer
-            assert re.fullmatch(r"[\d.]+ \([\d.]+\)", cell), row
+            assert re.fullmatch(TIMING_CELL, cell), row
         assert re.fullmatch(r"[\d.]+x", row[2 + len(peers)]), row  # bnfused vs eager
-    assert "## Targets" in stdout and "## End to end" in stdout
+    assert "## Goals: " in stdout and "## End to end" in stdout
     e2e = _table_rows(stdout, "| model |")
     assert len(e2e) == 3 and "bnfused.convert" in e2e[2][0]
     small = _table_rows(stdout, "| case | mode | eager ms | bnfused ms |")
     assert len(small) == 1 + 2 * 4  # 4 small shapes x (train fwd, train fwd+bwd)
     for row in small[1:]:
         assert row[1] in ("train fwd", "train fwd+bwd")
-        assert re.fullmatch(r"[\d.]+ \([\d.]+\)", row[2]) and re.fullmatch(r"[\d.]+ \([\d.]+\)", row[3]), row
+        assert re.fullmatch(TIMING_CELL, row[2]) and re.fullmatch(TIMING_CELL, row[3]), row
         assert re.fullmatch(r"[\d.]+x", row[4]), row
 
 
 def test_quick_writes_results_file_and_plot(quick_run):
-    stdout, out, _ = quick_run
+    stdout, out, _, _ = quick_run
     results = list(out.glob("*-quick.md"))
     assert len(results) == 1, list(out.iterdir())
     text = results[0].read_text()
     for needle in ("**device**", "**torch**", "**date**", "**git commit**", "**threads**", "**copy bandwidth**",
-                   "Byte model:", "## Comparison", "## Targets", "## End to end", "saved B/elem bnfused",
+                   "Byte model:", "## Comparison", "## Goals: ", "## End to end", "saved B/elem bnfused",
                    "backward_input", "## Every peer", "## Small layers"):
         assert needle in text, needle
     memory = _table_rows(text, "| case | saved B/elem")
@@ -83,6 +98,38 @@ def test_quick_writes_results_file_and_plot(quick_run):
         assert f"plot: {png.name}" in stdout
     else:
         assert "plot skipped: matplotlib not available" in stdout
+
+
+def test_default_run_leaves_published_results_untouched(quick_run):
+    """Without --publish the run writes into benchmarks/results/local/ (ignored by git), never over the published
+    results; `make bench-publish` (bench.py --publish) is the only way to replace them."""
+    stdout, _, _, published_before = quick_run
+    assert _published_files() == published_before
+    assert f"results: {LOCAL}" in stdout
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(LOCAL / "x-quick.md")], cwd=REPO)
+    if ignored.returncode != 128:  # 128: not a git checkout (an unpacked sdist)
+        assert ignored.returncode == 0, "benchmarks/results/local/ must be ignored by git"
+
+
+def test_quick_output_speaks_of_goals(quick_run):
+    stdout, out, _, _ = quick_run
+    results = next(out.glob("*-quick.md")).read_text()
+    for text in (stdout, results):
+        assert "MISSED" not in text and not re.search(r"\bissues?\b", text, re.IGNORECASE)
+    goals = _table_rows(stdout, "| check | measured | goal | met |")
+    assert all(row[3] in ("yes", "below goal") for row in goals[1:]), goals
+
+
+def test_out_and_publish_arguments(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("bench_cli", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.parse_args([]).out == LOCAL
+    assert bench.parse_args(["--publish"]).out == PUBLISHED
+    assert bench.parse_args(["--out", "/tmp/x"]).out == Path("/tmp/x")
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--publish", "--out", "/tmp/x"])
 
 
 @pytest.fixture
@@ -116,11 +163,63 @@ def test_cpu_targets_met_and_missed(bench_modules):
     fast = targets.cpu_checks(_synthetic_run(bench_modules, fused_ms=10.0))   # 18x eager, 17x compile
     slow = targets.cpu_checks(_synthetic_run(bench_modules, fused_ms=60.0))   # 3x eager
     speed = [c for c in fast if "vs" in c.what and "GB/s" not in c.what]
-    assert {c.target for c in speed} == {">= 8.0x", ">= 7.0x"} and all(c.met for c in speed)
+    assert {c.goal for c in speed} == {">= 8.0x", ">= 7.0x"} and all(c.met for c in speed)
     assert not any(c.met for c in slow if "vs eager" in c.what)
     # 3 passes x 51.4 MB in 10 ms = 15.4 GB/s = 41 % of 38 GB/s: more than 2x the copy floor -> missed
     floor = [c for c in fast if "copy floor" in c.what]
     assert len(floor) == 1 and not floor[0].met and floor[0].measured == "41 % of copy"
+
+
+def test_goals_table_says_below_goal(bench_modules):
+    targets = bench_modules[4]
+    from report import goals_table
+    text = goals_table(targets.cpu_checks(_synthetic_run(bench_modules, fused_ms=60.0)))
+    assert "below goal" in text and "MISSED" not in text
+    assert text.splitlines()[0] == "| check | measured | goal | met |"
+
+
+def test_noisy_measurement_is_flagged(bench_modules):
+    """A measurement whose rounds' medians disagree by more than NOISY_SPREAD is marked noisy in the tables."""
+    measure = bench_modules[1]
+    from report import fmt_timing
+    steady = measure.Timing(0.010, 0.001, 5, (0.010, 0.011, 0.012))
+    noisy = measure.Timing(0.010, 0.001, 5, (0.010, 0.035, 0.5))
+    assert not steady.noisy and noisy.noisy and noisy.spread == pytest.approx(50.0)
+    assert not measure.Timing(0.010, 0.001, 5).noisy  # no rounds recorded: nothing to disagree
+    assert fmt_timing(steady) == "10.0 (1.00)" and fmt_timing(noisy) == "10.0 (1.00) noisy"
+
+
+def test_time_fn_records_every_round(bench_modules):
+    measure = bench_modules[1]
+    t = measure.time_fn(lambda: sum(range(100)), torch.device("cpu"), 1, min_time=0.01, max_time=0.02,
+                        min_samples=2, rounds=3)
+    assert len(t.round_medians) == 3 and t.median == min(t.round_medians)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="needs matplotlib")
+def test_plot_times_and_noisy_speedups(bench_modules, tmp_path, monkeypatch):
+    """The plot has a time panel (median with IQR whiskers) beside the speedup panel for every mode, and labels a
+    noisy peer's bars "noisy" instead of with its number (a 381x that came from a disturbed round is no record)."""
+    measure, plot = bench_modules[1], bench_modules[2]
+    run = _synthetic_run(bench_modules, fused_ms=10.0)
+    cr = run.cases[0]
+    cr.timings[("train fwd", "bnfused")] = measure.Timing(0.180 / 381, 0.0001, 20, (0.180 / 381, 0.01, 0.01))
+    drawn = []  # (panel title, peer, bar labels as drawn)
+    draw = plot._draw_bars
+
+    def record(ax, xs, ys, noisy, width, label, color, texts, yerr=None):
+        drawn.append((ax.get_title(), label, ["noisy" if bad else t for bad, t in zip(noisy, texts)]))
+        return draw(ax, xs, ys, noisy, width, label, color, texts, yerr)
+
+    monkeypatch.setattr(plot, "_draw_bars", record)
+    note = plot.plot_speedups(run, tmp_path / "x.png")
+    assert note == "plot: x.png" and (tmp_path / "x.png").read_bytes()[:4] == b"\x89PNG"
+    assert {title for title, _, _ in drawn} == {f"{m}: {kind}" for m in MODES for kind in ("time", "speedup")}
+    bars = {(title, peer): texts for title, peer, texts in drawn}
+    assert bars[("train fwd: speedup", "bnfused")] == ["noisy"]  # not 381.0
+    assert bars[("train fwd: time", "bnfused")] == ["noisy"]
+    assert bars[("eval fwd: speedup", "bnfused")] == ["18.0"]  # steady measurements keep their number
+    assert bars[("eval fwd: time", "eager")] == ["180"]  # absolute median, ms
 
 
 def test_plot_skipped_without_matplotlib(bench_modules, monkeypatch, tmp_path):
@@ -177,7 +276,7 @@ def test_per_byte_checks_use_interleaved_pairs(bench_modules):
     t = measure.Timing(0.010, 0.0, 5)
     run.parity = [parity.ParityResult(cl, ref, "train fwd", measure.Timing(0.009, 0.0, 5), t),   # faster: met
                   parity.ParityResult(bf16, ref, "train fwd", measure.Timing(0.006, 0.0, 5), t)]  # half the bytes
-    per_byte = [c for c in targets.cpu_checks(run) if "per byte" in c.target]
+    per_byte = [c for c in targets.cpu_checks(run) if "per byte" in c.goal]
     assert [c.met for c in per_byte] == [True, False]
     assert per_byte[1].measured == f"{run.gbs(bf16, 'train fwd', run.parity[1].timing):.1f} vs " \
                                    f"{run.gbs(ref, 'train fwd', t):.1f}"
