@@ -14,18 +14,10 @@
 #include <vector>
 
 #include "bn_math.h"
+#include "geometry.h"
 #include "philox.h"
 
 namespace bnfused {
-
-enum class Layout { ChannelsFirst, ChannelsLast };
-
-struct Geometry {
-  int64_t N;
-  int64_t C;
-  int64_t S;
-  Layout layout;
-};
 
 // Geometry of a tensor already in one of the two kernel layouts.
 Geometry geometry_of(const at::Tensor& x);

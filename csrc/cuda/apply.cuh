@@ -119,14 +119,11 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// out = Op(x, dy) elementwise over x's kernel layout; dy_ptr may be null when !Op::kNeedsDy;
-// drop == nullptr: no dropout (p == 0). x.numel() > 0.
+// out = Op(x, dy) elementwise over the kernel layout of geometry g; dy_ptr may be null when !Op::kNeedsDy;
+// drop == nullptr: no dropout (p == 0). N * C * S > 0.
 template <typename scalar_t, typename acc_t, class Op>
-void launch_apply(const Op& op, const at::Tensor& x, const scalar_t* dy_ptr, at::Tensor& out, const Geometry& g,
-                  const Dropout<acc_t>* drop) {
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
-  scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
+void run_apply(const Op& op, const scalar_t* x_ptr, const scalar_t* dy_ptr, scalar_t* out_ptr, const Geometry& g,
+               const Dropout<acc_t>* drop, cudaStream_t stream) {
   const Dropout<acc_t> d = drop ? *drop : Dropout<acc_t>{nullptr, 0u, acc_t(1)};
   const bool dropout = drop != nullptr;
 
@@ -135,23 +132,21 @@ void launch_apply(const Op& op, const at::Tensor& x, const scalar_t* dy_ptr, at:
     const int64_t groups = ceil_div(numel, kUnit);
     const bool vec_ok = aligned_to(x_ptr, 16) && aligned_to(dy_ptr, 16) && aligned_to(out_ptr, 16);
     const bool uniform = g.S % kUnit == 0;
-    const unsigned blocks = apply_blocks(groups);
-#define BNFUSED_FLAT_LAUNCH(DROP, UNI)                                                                     \
-  apply_flat_kernel<scalar_t, acc_t, Op, DROP, UNI>                                                         \
-      <<<blocks, kThreads, 0, stream>>>(op, x_ptr, dy_ptr, out_ptr, numel, g.C, g.S, vec_ok, d)
+    auto run = [&](auto kernel) {
+      launch(kernel, dim3(apply_blocks(groups)), dim3(kThreads), stream, op, x_ptr, dy_ptr, out_ptr, numel, g.C,
+             g.S, vec_ok, d);
+    };
     if (dropout) {
       if (uniform)
-        BNFUSED_FLAT_LAUNCH(true, true);
+        run(apply_flat_kernel<scalar_t, acc_t, Op, true, true>);
       else
-        BNFUSED_FLAT_LAUNCH(true, false);
+        run(apply_flat_kernel<scalar_t, acc_t, Op, true, false>);
     } else {
       if (uniform)
-        BNFUSED_FLAT_LAUNCH(false, true);
+        run(apply_flat_kernel<scalar_t, acc_t, Op, false, true>);
       else
-        BNFUSED_FLAT_LAUNCH(false, false);
+        run(apply_flat_kernel<scalar_t, acc_t, Op, false, false>);
     }
-#undef BNFUSED_FLAT_LAUNCH
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
 
@@ -159,32 +154,29 @@ void launch_apply(const Op& op, const at::Tensor& x, const scalar_t* dy_ptr, at:
   const size_t vbytes = kVmax * sizeof(scalar_t);
   const bool vec = g.C % kVmax == 0 && aligned_to(x_ptr, vbytes) && aligned_to(dy_ptr, vbytes) &&
                    aligned_to(out_ptr, vbytes);
-  const int64_t V = vec ? kVmax : 1;
-  const int64_t CV = g.C / V;
+  const int64_t CV = g.C / (vec ? kVmax : 1);
   const int64_t SG = ceil_div(g.S, kUnit);
   const int64_t items = g.N * SG * CV;
   const bool a8 = g.S % kUnit == 0;
-  const unsigned blocks = apply_blocks(items);
-#define BNFUSED_TILE_LAUNCH(VV, DROP, A8)                                                                  \
-  apply_tile_kernel<scalar_t, acc_t, Op, VV, DROP, A8>                                                      \
-      <<<blocks, kThreads, 0, stream>>>(op, x_ptr, dy_ptr, out_ptr, g.C, g.S, SG, CV, items, d)
+  auto run = [&](auto kernel) {
+    launch(kernel, dim3(apply_blocks(items)), dim3(kThreads), stream, op, x_ptr, dy_ptr, out_ptr, g.C, g.S, SG, CV,
+           items, d);
+  };
   if (vec) {
     if (!dropout)
-      BNFUSED_TILE_LAUNCH(kVmax, false, true);
+      run(apply_tile_kernel<scalar_t, acc_t, Op, kVmax, false, true>);
     else if (a8)
-      BNFUSED_TILE_LAUNCH(kVmax, true, true);
+      run(apply_tile_kernel<scalar_t, acc_t, Op, kVmax, true, true>);
     else
-      BNFUSED_TILE_LAUNCH(kVmax, true, false);
+      run(apply_tile_kernel<scalar_t, acc_t, Op, kVmax, true, false>);
   } else {
     if (!dropout)
-      BNFUSED_TILE_LAUNCH(1, false, true);
+      run(apply_tile_kernel<scalar_t, acc_t, Op, 1, false, true>);
     else if (a8)
-      BNFUSED_TILE_LAUNCH(1, true, true);
+      run(apply_tile_kernel<scalar_t, acc_t, Op, 1, true, true>);
     else
-      BNFUSED_TILE_LAUNCH(1, true, false);
+      run(apply_tile_kernel<scalar_t, acc_t, Op, 1, true, false>);
   }
-#undef BNFUSED_TILE_LAUNCH
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace bnfused::cuda

@@ -1,5 +1,6 @@
 // backward_reduce on CUDA: per-channel sum_g and sum_g_xhat, g = grad_out * mult * [z > 0], with the dropout
-// mask regenerated from the key and z recomputed from x exactly as in the forward.
+// mask regenerated from the key and z recomputed from x exactly as in the forward (GradSumsOp, reduce.cuh).
+#include "host.cuh"
 #include "reduce.cuh"
 
 namespace bnfused {
@@ -19,14 +20,21 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_cuda(const at::Tensor& dy, co
     sum_g_xhat.zero_();
     return {sum_g, sum_g_xhat};
   }
+  TORCH_CHECK(g.C <= 0x7fffffff, "bnfused: too many channels for the CUDA kernels: ", g.C);
   const at::Tensor key_c = key.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(), "bnfused_backward_reduce_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        const cuda::GradSumsOp<acc_t> op{channel_params<acc_t>(mean, rstd, weight, bias),
-                                         sum_g.mutable_data_ptr<acc_t>(), sum_g_xhat.mutable_data_ptr<acc_t>()};
-        const auto drop = cuda::make_dropout<acc_t>(key_c, p);
-        cuda::launch_reduction<scalar_t, acc_t>(op, x, dy.const_data_ptr<scalar_t>(), g, p > 0.0 ? &drop : nullptr);
+        using Op = cuda::GradSumsOp<acc_t>;
+        const Op op{channel_params<acc_t>(mean, rstd, weight, bias), sum_g.mutable_data_ptr<acc_t>(),
+                    sum_g_xhat.mutable_data_ptr<acc_t>()};
+        const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
+        const scalar_t* dy_ptr = dy.const_data_ptr<scalar_t>();
+        const auto plan = cuda::plan_reduction<scalar_t, Op>(g, x_ptr, dy_ptr);
+        at::Tensor ws = cuda::workspace<acc_t>(x, plan.workspace_elems());
+        const auto drop = cuda::make_dropout<acc_t>(key_c.const_data_ptr<int64_t>(), p);
+        cuda::run_reduction<scalar_t, acc_t>(op, plan, x_ptr, dy_ptr, g, p > 0.0 ? &drop : nullptr,
+                                             cuda::workspace_ptr<acc_t>(ws), cuda::current_stream());
       });
   return {sum_g, sum_g_xhat};
 }

@@ -1,29 +1,38 @@
-// Building blocks shared by the CUDA kernels: includes, launch helpers, vector loads/stores, the Philox
-// multipliers of a run of up to 8 elements, and per-channel parameter loaders.
+// Building blocks shared by the CUDA kernels: the launch helper, the shared-array macro, vector loads/stores,
+// the Philox multipliers of a run of up to 8 elements. Torch-free, so the same kernels also build against the
+// CPU emulation (tests/cuda_emulation/cuda_emu.h, selected by BNFUSED_CUDA_EMULATION); the ATen side of the
+// host wrappers is in host.cuh.
 //
 // Work units (both layouts):
 //   ChannelsFirst: memory offset == logical index, so a unit is one aligned Philox block of 8 logical
 //     elements (i = 8*blk .. 8*blk+7): one Philox call, lanes known at compile time, 128-bit loads.
 //   ChannelsLast : memory (n, s, c); a unit is 8 consecutive s of one sample n for one channel c, i.e. the
 //     logical run (n*C + c)*S + s0 .. +7; it spans one Philox block when S % 8 == 0, at most two otherwise.
-// Header-only, included by every .cu of this directory; no torch/extension.h (see DESIGN.md, Build).
 #pragma once
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
+#if defined(BNFUSED_CUDA_EMULATION)
+#include "cuda_emu.h"
+#define BNFUSED_CUDA_CHECK(expr) ::cuda_emu::check((expr), #expr, __FILE__, __LINE__)
+// Shared arrays live in the emulated block's arena: exactly `count` elements, poisoned with 0xFF bytes.
+#define BNFUSED_SHARED(T, name, count) \
+  static char name##_site;             \
+  T* const name = ::cuda_emu::shared_array<T>(&name##_site, (count))
+#else
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#define BNFUSED_CUDA_CHECK(expr) C10_CUDA_CHECK(expr)
+#define BNFUSED_SHARED(T, name, count) __shared__ T name[count]
+#endif
 
 #include <algorithm>
 #include <cstdint>
+#include <utility>
 
 // Relative includes: found next to this file whatever the include path (csrc/bn_math.h is named so
 // that <math.h> never resolves to it).
-#include "../bnfused.h"
 #include "../bn_math.h"
+#include "../geometry.h"
 #include "../philox.h"
 
 namespace bnfused::cuda {
@@ -33,19 +42,30 @@ constexpr int kUnit = 8;       // elements per work unit (= elements per Philox 
 
 // ---- host helpers ----
 
+// Every kernel launch: on `stream`, followed by its launch check (a bad configuration throws here).
+template <typename... Params, typename... Args>
+inline void launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream, Args&&... args) {
+#if defined(BNFUSED_CUDA_EMULATION)
+  ::cuda_emu::launch(kernel, grid, block, stream, static_cast<Params>(std::forward<Args>(args))...);
+#else
+  kernel<<<grid, block, 0, stream>>>(static_cast<Params>(std::forward<Args>(args))...);
+#endif
+  BNFUSED_CUDA_CHECK(cudaGetLastError());
+}
+
 inline int sm_count() {
   // Cached per device; the race on first use writes the same value.
   static int counts[64] = {0};
   int dev = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  BNFUSED_CUDA_CHECK(cudaGetDevice(&dev));
   if (dev < 0 || dev >= 64) {
     int n = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+    BNFUSED_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
     return n;
   }
   if (counts[dev] == 0) {
     int n = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+    BNFUSED_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
     counts[dev] = std::max(n, 1);
   }
   return counts[dev];
@@ -72,11 +92,6 @@ inline unsigned apply_blocks(int64_t items) {
 // Blocks a reduction grid should aim for (about one full wave of 256-thread blocks).
 inline int64_t reduce_target_blocks() { return static_cast<int64_t>(sm_count()) * (2048 / kThreads); }
 
-template <typename acc_t>
-inline const acc_t* opt_ptr(const OptTensor& t) {
-  return (t.has_value() && t->defined()) ? t->const_data_ptr<acc_t>() : nullptr;
-}
-
 // Dropout parameters of one call. The key stays in device memory (read by the kernels: no host sync,
 // CUDA-graph safe); threshold/scale are host-side functions of p.
 template <typename acc_t>
@@ -87,8 +102,8 @@ struct Dropout {
 };
 
 template <typename acc_t>
-inline Dropout<acc_t> make_dropout(const at::Tensor& key_contig, double p) {
-  return Dropout<acc_t>{key_contig.const_data_ptr<int64_t>(), threshold16(p), dropout_scale<acc_t>(p)};
+inline Dropout<acc_t> make_dropout(const int64_t* key, double p) {
+  return Dropout<acc_t>{key, threshold16(p), dropout_scale<acc_t>(p)};
 }
 
 // ---- device helpers ----

@@ -82,7 +82,7 @@ __device__ __forceinline__ Acc warp_reduce(Acc a) {
 // at most kThreads); the result is valid in thread (0, 0).
 template <typename Acc>
 __device__ __forceinline__ Acc block_reduce(Acc a, const Acc& identity) {
-  __shared__ Acc partial[kThreads / 32];
+  BNFUSED_SHARED(Acc, partial, kThreads / 32);
   const int tid = threadIdx.y * blockDim.x + threadIdx.x;
   const int nwarps = (blockDim.x * blockDim.y) >> 5;
   a = warp_reduce(a);
@@ -258,7 +258,7 @@ __global__ void __launch_bounds__(kThreads)
                      int64_t S, int64_t SG, int64_t items, Dropout<acc_t> drop, acc_t* __restrict__ ws) {
   using Acc = typename Op::template Acc<acc_t>;
   using Vec = VecN<scalar_t, V>;
-  __shared__ Acc sh[kThreads * V];
+  BNFUSED_SHARED(Acc, sh, kThreads * V);
   const int tx = blockDim.x, ty = blockDim.y;
   const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * tx + threadIdx.x) * V;
   const bool active = c0 < C;  // V divides C when V > 1
@@ -369,99 +369,108 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---- host driver ----
 
-// Runs Op over x (and dy when Op::kGrad) in x's kernel layout; drop == nullptr: no dropout.
-// The Op's finish() writes the per-channel results. N * S > 0 and C > 0.
-template <typename scalar_t, typename acc_t, class Op>
-void launch_reduction(const Op& op, const at::Tensor& x, const scalar_t* dy_ptr, const Geometry& g,
-                      const Dropout<acc_t>* drop) {
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
-  const Dropout<acc_t> d = drop ? *drop : Dropout<acc_t>{nullptr, 0u, acc_t(1)};
-  const bool dropout = Op::kGrad && drop != nullptr;
-  const int64_t target = reduce_target_blocks();
-  const auto ws_options = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  at::Tensor ws;
+// The launch shape of a reduction: the first kernel's grid and block and `splits`, the partials per channel
+// (splits > 1: a workspace of workspace_elems() acc_t and a finalize launch).
+struct ReducePlan {
+  dim3 grid;
+  dim3 block;
   int64_t splits = 1;
+  int64_t tiles = 0, chunks_per_row = 0;  // ChannelsFirst
+  int64_t SG = 0, items = 0;              // ChannelsLast
+  bool vec = false;                       // ChannelsFirst: 128-bit loads; ChannelsLast: V = kVmax
+  int64_t C = 0;
+  int components = 0;
+  int64_t workspace_elems() const { return splits > 1 ? components * splits * C : 0; }
+};
 
+// Plans Op over x (and dy when Op::kGrad) in geometry g. N * S > 0 and C > 0; the caller checks
+// C <= INT32_MAX (grid.x).
+template <typename scalar_t, class Op>
+ReducePlan plan_reduction(const Geometry& g, const scalar_t* x_ptr, const scalar_t* dy_ptr) {
+  ReducePlan plan;
+  plan.C = g.C;
+  plan.components = Op::kComponents;
+  const int64_t target = reduce_target_blocks();
   if (g.layout == Layout::ChannelsFirst) {
     // Units per row: a row of S elements starting anywhere spans at most this many Philox blocks.
     const int64_t units = (g.S % kUnit == 0) ? g.S / kUnit : (g.S + kUnit - 2) / kUnit + 1;
     const int tx = std::min(kThreads, next_pow2(units));
     const int ty = kThreads / tx;
-    const int64_t chunks_per_row = ceil_div(units, tx);
-    const int64_t tiles = g.N * chunks_per_row;
-    splits = std::min<int64_t>(ceil_div(target, g.C), ceil_div(tiles, 2 * ty));
-    splits = std::clamp<int64_t>(splits, 1, 65535);
-    TORCH_CHECK(g.C <= 0x7fffffff, "bnfused: too many channels for the CUDA kernels: ", g.C);
-    if (splits > 1) ws = at::empty({Op::kComponents * splits * g.C}, ws_options);
-    acc_t* ws_ptr = splits > 1 ? ws.mutable_data_ptr<acc_t>() : nullptr;
-    const bool vec_ok = aligned_to(x_ptr, 16) && aligned_to(dy_ptr, 16);
-    const dim3 grid(static_cast<unsigned>(g.C), static_cast<unsigned>(splits));
-    const dim3 block(tx, ty);
-    if (dropout)
-      reduce_cf_kernel<scalar_t, acc_t, Op, true><<<grid, block, 0, stream>>>(
-          op, x_ptr, dy_ptr, g.C, g.S, tiles, chunks_per_row, vec_ok, d, ws_ptr);
-    else
-      reduce_cf_kernel<scalar_t, acc_t, Op, false><<<grid, block, 0, stream>>>(
-          op, x_ptr, dy_ptr, g.C, g.S, tiles, chunks_per_row, vec_ok, d, ws_ptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    plan.chunks_per_row = ceil_div(units, tx);
+    plan.tiles = g.N * plan.chunks_per_row;
+    plan.splits = std::min<int64_t>(ceil_div(target, g.C), ceil_div(plan.tiles, 2 * ty));
+    plan.splits = std::clamp<int64_t>(plan.splits, 1, 65535);
+    plan.vec = aligned_to(x_ptr, 16) && aligned_to(dy_ptr, 16);
+    plan.grid = dim3(static_cast<unsigned>(g.C), static_cast<unsigned>(plan.splits));
+    plan.block = dim3(tx, ty);
   } else {
     constexpr int kVmax = sizeof(scalar_t) >= 8 ? 2 : 4;
-    const bool vec = g.C % kVmax == 0 && aligned_to(x_ptr, kVmax * sizeof(scalar_t)) &&
-                     aligned_to(dy_ptr, kVmax * sizeof(scalar_t));
-    const int V = vec ? kVmax : 1;
-    const int64_t CV = g.C / V;
+    plan.vec = g.C % kVmax == 0 && aligned_to(x_ptr, kVmax * sizeof(scalar_t)) &&
+               aligned_to(dy_ptr, kVmax * sizeof(scalar_t));
+    const int64_t CV = g.C / (plan.vec ? kVmax : 1);
     const int tx = std::min(32, next_pow2(CV));
     const int ty = kThreads / tx;
-    const int64_t SG = ceil_div(g.S, kUnit);
-    const int64_t items = g.N * SG;
+    plan.SG = ceil_div(g.S, kUnit);
+    plan.items = g.N * plan.SG;
     const int64_t gx = ceil_div(CV, tx);
-    TORCH_CHECK(gx <= 0x7fffffff, "bnfused: too many channels for the CUDA kernels: ", g.C);
-    splits = std::min<int64_t>(ceil_div(target, gx), ceil_div(items, 2 * ty));
-    splits = std::clamp<int64_t>(splits, 1, 65535);
-    if (splits > 1) ws = at::empty({Op::kComponents * splits * g.C}, ws_options);
-    acc_t* ws_ptr = splits > 1 ? ws.mutable_data_ptr<acc_t>() : nullptr;
-    const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(splits));
-    const dim3 block(tx, ty);
+    plan.splits = std::min<int64_t>(ceil_div(target, gx), ceil_div(plan.items, 2 * ty));
+    plan.splits = std::clamp<int64_t>(plan.splits, 1, 65535);
+    plan.grid = dim3(static_cast<unsigned>(gx), static_cast<unsigned>(plan.splits));
+    plan.block = dim3(tx, ty);
+  }
+  return plan;
+}
+
+// Runs Op as planned; drop == nullptr: no dropout; ws: plan.workspace_elems() acc_t (or null when 0).
+// The Op's finish() writes the per-channel results.
+template <typename scalar_t, typename acc_t, class Op>
+void run_reduction(const Op& op, const ReducePlan& plan, const scalar_t* x_ptr, const scalar_t* dy_ptr,
+                   const Geometry& g, const Dropout<acc_t>* drop, acc_t* ws_ptr, cudaStream_t stream) {
+  const Dropout<acc_t> d = drop ? *drop : Dropout<acc_t>{nullptr, 0u, acc_t(1)};
+  const bool dropout = Op::kGrad && drop != nullptr;
+  if (g.layout == Layout::ChannelsFirst) {
+    auto run = [&](auto kernel) {
+      launch(kernel, plan.grid, plan.block, stream, op, x_ptr, dy_ptr, g.C, g.S, plan.tiles, plan.chunks_per_row,
+             plan.vec, d, ws_ptr);
+    };
+    if (dropout)
+      run(reduce_cf_kernel<scalar_t, acc_t, Op, true>);
+    else
+      run(reduce_cf_kernel<scalar_t, acc_t, Op, false>);
+  } else {
+    constexpr int kVmax = sizeof(scalar_t) >= 8 ? 2 : 4;
+    auto run = [&](auto kernel) {
+      launch(kernel, plan.grid, plan.block, stream, op, x_ptr, dy_ptr, g.C, g.S, plan.SG, plan.items, d, ws_ptr);
+    };
     const bool a8 = g.S % kUnit == 0;
-#define BNFUSED_CL_LAUNCH(VV, DROP, A8)                                                                     \
-  reduce_cl_kernel<scalar_t, acc_t, Op, VV, DROP, A8>                                                        \
-      <<<grid, block, 0, stream>>>(op, x_ptr, dy_ptr, g.C, g.S, SG, items, d, ws_ptr)
     if constexpr (Op::kGrad) {
-      if (V == kVmax) {
-        if (dropout) {
-          if (a8)
-            BNFUSED_CL_LAUNCH(kVmax, true, true);
-          else
-            BNFUSED_CL_LAUNCH(kVmax, true, false);
-        } else {
-          BNFUSED_CL_LAUNCH(kVmax, false, true);
-        }
+      if (plan.vec) {
+        if (!dropout)
+          run(reduce_cl_kernel<scalar_t, acc_t, Op, kVmax, false, true>);
+        else if (a8)
+          run(reduce_cl_kernel<scalar_t, acc_t, Op, kVmax, true, true>);
+        else
+          run(reduce_cl_kernel<scalar_t, acc_t, Op, kVmax, true, false>);
       } else {
-        if (dropout) {
-          if (a8)
-            BNFUSED_CL_LAUNCH(1, true, true);
-          else
-            BNFUSED_CL_LAUNCH(1, true, false);
-        } else {
-          BNFUSED_CL_LAUNCH(1, false, true);
-        }
+        if (!dropout)
+          run(reduce_cl_kernel<scalar_t, acc_t, Op, 1, false, true>);
+        else if (a8)
+          run(reduce_cl_kernel<scalar_t, acc_t, Op, 1, true, true>);
+        else
+          run(reduce_cl_kernel<scalar_t, acc_t, Op, 1, true, false>);
       }
     } else {
-      if (V == kVmax)
-        BNFUSED_CL_LAUNCH(kVmax, false, true);
+      if (plan.vec)
+        run(reduce_cl_kernel<scalar_t, acc_t, Op, kVmax, false, true>);
       else
-        BNFUSED_CL_LAUNCH(1, false, true);
+        run(reduce_cl_kernel<scalar_t, acc_t, Op, 1, false, true>);
     }
-#undef BNFUSED_CL_LAUNCH
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
-  if (splits > 1) {
+  if (plan.splits > 1) {
     const unsigned blocks = static_cast<unsigned>(ceil_div(g.C, kThreads / 32));
-    reduce_finalize_kernel<acc_t, Op><<<blocks, kThreads, 0, stream>>>(op, ws.const_data_ptr<acc_t>(), g.C,
-                                                                       static_cast<int>(splits));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(reduce_finalize_kernel<acc_t, Op>, dim3(blocks), dim3(kThreads), stream, op,
+           static_cast<const acc_t*>(ws_ptr), g.C, static_cast<int>(plan.splits));
   }
 }
 

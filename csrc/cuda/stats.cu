@@ -1,4 +1,6 @@
-// batch_stats on CUDA: per-channel mean and biased variance (Welford, two-stage grid reduction).
+// batch_stats on CUDA: per-channel mean and biased variance (Welford, two-stage grid reduction: StatsOp,
+// reduce.cuh).
+#include "host.cuh"
 #include "reduce.cuh"
 
 #include <limits>
@@ -18,13 +20,19 @@ std::tuple<at::Tensor, at::Tensor> batch_stats_cuda(const at::Tensor& x) {
     var.fill_(std::numeric_limits<double>::quiet_NaN());
     return {mean, var};
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(),
-                                  "bnfused_batch_stats_cuda", [&] {
-                                    using acc_t = at::opmath_type<scalar_t>;
-                                    const cuda::StatsOp<acc_t> op{mean.mutable_data_ptr<acc_t>(),
-                                                                  var.mutable_data_ptr<acc_t>()};
-                                    cuda::launch_reduction<scalar_t, acc_t>(op, x, nullptr, g, nullptr);
-                                  });
+  TORCH_CHECK(g.C <= 0x7fffffff, "bnfused: too many channels for the CUDA kernels: ", g.C);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(), "bnfused_batch_stats_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        using Op = cuda::StatsOp<acc_t>;
+        const Op op{mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>()};
+        const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
+        const auto plan = cuda::plan_reduction<scalar_t, Op>(g, x_ptr, nullptr);
+        at::Tensor ws = cuda::workspace<acc_t>(x, plan.workspace_elems());
+        cuda::run_reduction<scalar_t, acc_t>(op, plan, x_ptr, static_cast<const scalar_t*>(nullptr), g,
+                                             static_cast<const cuda::Dropout<acc_t>*>(nullptr),
+                                             cuda::workspace_ptr<acc_t>(ws), cuda::current_stream());
+      });
   return {mean, var};
 }
 
