@@ -2,13 +2,13 @@
 
     block = bnfused.BatchNormReLUDropout2d(64, p=0.1)     # == Dropout(ReLU(BatchNorm2d(x)))
     y = bnfused.bn_relu_dropout(x, running_mean, running_var, weight, bias, training=True, p=0.1)
-    model = bnfused.convert(model)                         # swap BN -> ReLU (-> Dropout) chains in place
+    model = bnfused.convert(model)                         # swap BN -> ReLU (-> Dropout) sites in place
 """
 from . import ops  # noqa: F401  (loads the extension and registers the ops' fake impls)
 from ._extension import CPU_CAPABILITY, WITH_CUDA
 from ._version import __version__
 from .autograd import BNReLUDropoutFunction
-from .convert import convert, convert_sync
+from .convert import ConvertReport, FusedSite, UnfusedBatchNorm, convert, convert_sync
 from .fold import fold_eval
 from .functional import bn_relu_dropout
 from .modules import BatchNormReLUDropout1d, BatchNormReLUDropout2d, BatchNormReLUDropout3d
@@ -20,7 +20,10 @@ __all__ = [
     "BatchNormReLUDropout2d",
     "BatchNormReLUDropout3d",
     "CPU_CAPABILITY",
+    "ConvertReport",
+    "FusedSite",
     "SyncBatchNormReLUDropout",
+    "UnfusedBatchNorm",
     "WITH_CUDA",
     "bn_relu_dropout",
     "convert",

@@ -1,67 +1,309 @@
-"""convert(): swap BatchNormXd -> ReLU (-> Dropout) chains inside nn.Sequential for the fused module
-(SyncBatchNormReLUDropout with sync=True / convert_sync)."""
+"""convert(): swap BatchNormXd -> ReLU (-> Dropout) sites for the fused module (SyncBatchNormReLUDropout with
+sync=True / convert_sync), wherever the data flows that way: in nn.Sequential chains and in forward() code (found
+by torch.fx, see graph_sites.py). The fused module shares the BN's Parameter and buffer objects; a report says
+what was fused and why the other BatchNorm layers were not."""
 from __future__ import annotations
 
-import torch
+import logging
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Optional
+
 from torch import nn
 
+from . import graph_sites
 from .modules import BatchNormReLUDropout1d, BatchNormReLUDropout2d, BatchNormReLUDropout3d
 from .sync import SyncBatchNormReLUDropout
+
+logger = logging.getLogger(__name__)
 
 _FUSED_FOR = {
     nn.BatchNorm1d: BatchNormReLUDropout1d,
     nn.BatchNorm2d: BatchNormReLUDropout2d,
     nn.BatchNorm3d: BatchNormReLUDropout3d,
 }
+# Hooks that see a module's output or its gradients: after fusion a BN's output includes the ReLU, and a removed
+# ReLU/Dropout is not called at all, so a site with such hooks stays unfused.
+_OUTPUT_HOOKS = ("_forward_hooks", "_backward_hooks", "_backward_pre_hooks")
+# Hooks whose meaning survives on the fused module (same input, same state_dict): shared with it, so the user's
+# handles still remove them.
+_CARRIED_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_state_dict_hooks",
+                  "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
+@dataclass(frozen=True)
+class FusedSite:
+    """One fused chain: ``name`` is the BatchNorm's qualified name (the fused module's now), ``relu`` and
+    ``dropout`` what applied them ("layer1.0.relu", "F.relu", "Tensor.relu_"; dropout None when not fused),
+    ``rewritten`` the qualified name of the module whose forward() was rewritten ("" for the model itself), or
+    None when the swap was in place (the ReLU/Dropout modules became nn.Identity)."""
+    name: str
+    relu: str
+    dropout: Optional[str] = None
+    p: float = 0.0
+    rewritten: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class UnfusedBatchNorm:
+    name: str
+    reason: str
+
+
+@dataclass
+class ConvertReport:
+    """What convert() did: the fused sites, every matched BatchNorm layer left unfused (and why), and the modules
+    whose forward() torch.fx could not trace (their BN layers outside nn.Sequential chains stay unfused)."""
+    fused: list[FusedSite] = field(default_factory=list)
+    unfused: list[UnfusedBatchNorm] = field(default_factory=list)
+    untraced: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def num_fused(self) -> int:
+        return len(self.fused)
+
+    def summary(self) -> str:
+        rewritten = sorted({s.rewritten or "<model>" for s in self.fused if s.rewritten is not None})
+        lines = [f"bnfused.convert: fused {len(self.fused)} site(s), {len(self.unfused)} BatchNorm layer(s) unfused"
+                 + (f"; forward() rewritten in {len(rewritten)} module(s)" if rewritten else "")]
+        lines += [f"  fused   {s.name} -> {s.relu}" + (f" -> {s.dropout} (p={s.p:g})" if s.dropout else "")
+                  + ("" if s.rewritten is None else f"  [forward of {s.rewritten or '<model>'} rewritten]")
+                  for s in self.fused]
+        lines += [f"  unfused {u.name}: {u.reason}" for u in self.unfused]
+        lines += [f"  untraced {name or '<model>'}: {why}" for name, why in self.untraced]
+        return "\n".join(lines)
+
+    __str__ = summary
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else prefix or name
 
 
 def _fused_for(bn: nn.modules.batchnorm._BatchNorm, p: float, sync: bool, process_group) -> nn.Module:
-    """The fused module taking bn's place, sharing its Parameter and buffer objects."""
+    """The fused module taking bn's place, sharing its Parameter and buffer objects and the hooks that keep
+    their meaning."""
     if sync:
-        return SyncBatchNormReLUDropout.from_batchnorm(bn, p, process_group)
-    return _FUSED_FOR[type(bn)].from_batchnorm(bn, p)
+        fused = SyncBatchNormReLUDropout.from_batchnorm(bn, p, process_group)
+    else:
+        fused = _FUSED_FOR[type(bn)].from_batchnorm(bn, p)
+    for attr in _CARRIED_HOOKS:
+        setattr(fused, attr, getattr(bn, attr))
+    return fused
 
 
-def _convert_sequential(seq: nn.Sequential, sync: bool, process_group) -> None:
-    names = list(seq._modules.keys())
-    matched = (*_FUSED_FOR, nn.SyncBatchNorm) if sync else tuple(_FUSED_FOR)
-    i = 0
-    while i < len(names):
-        bn = seq._modules[names[i]]
-        nxt = seq._modules[names[i + 1]] if i + 1 < len(names) else None
-        if type(bn) in matched and type(nxt) is nn.ReLU:
+def _output_hook_reason(module: nn.Module, what: str, all_hooks: bool = False) -> Optional[str]:
+    kinds = _OUTPUT_HOOKS + (("_forward_pre_hooks",) if all_hooks else ())
+    for kind in kinds:
+        if getattr(module, kind, None):
+            return f"{what} has a {kind[1:-1].replace('_', ' ')}"
+    return None
+
+
+def _identity_for(module: nn.Module) -> nn.Module:
+    return nn.Identity().train(module.training)
+
+
+def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    parent._modules[name] = new
+
+
+class _Converter:
+    def __init__(self, model: nn.Module, sync: bool, process_group) -> None:
+        self.model, self.sync, self.process_group = model, sync, process_group
+        self.bn_types = (*_FUSED_FOR, nn.SyncBatchNorm) if sync else tuple(_FUSED_FOR)
+        self.report = ConvertReport()
+        self.reasons: dict[str, str] = {}  # BN name -> why it is not fused
+        # How many places of the module tree hold each module object: a shared ReLU cannot become nn.Identity.
+        self.places = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+
+    # ------------------------------------------------------------ nn.Sequential chains (in place, no tracing)
+    def sequential(self, seq: nn.Sequential, prefix: str) -> None:
+        names = list(seq._modules.keys())
+        i = 0
+        while i < len(names):
+            bn = seq._modules[names[i]]
+            nxt = seq._modules[names[i + 1]] if i + 1 < len(names) else None
+            if type(bn) not in self.bn_types:
+                i += 1
+                continue
+            bn_name = _join(prefix, names[i])
+            if type(nxt) is not nn.ReLU:
+                if nxt is not None:
+                    self.reasons[bn_name] = f"followed by {type(nxt).__name__} in the nn.Sequential, not ReLU"
+                i += 1
+                continue
             drop = seq._modules[names[i + 2]] if i + 2 < len(names) else None
-            has_dropout = type(drop) is nn.Dropout  # element-wise only; Dropout2d/3d drop whole channels
+            # element-wise only (Dropout2d/3d drop whole channels), dropping exactly when the BN trains
+            has_dropout = type(drop) is nn.Dropout and drop.training == bn.training
+            reason = (_output_hook_reason(bn, "the BatchNorm")
+                      or _output_hook_reason(nxt, "the ReLU", all_hooks=True)
+                      or (_output_hook_reason(drop, "the Dropout", all_hooks=True) if has_dropout else None))
+            if reason:
+                self.reasons[bn_name] = reason
+                i += 1
+                continue
             p = drop.p if has_dropout else 0.0
             # Keep indices (and so state_dict keys) stable: the fused block takes BN's slot, the rest become Identity.
-            fused = _fused_for(bn, p, sync, process_group)
-            seq._modules[names[i]] = fused
-            seq._modules[names[i + 1]] = nn.Identity()
+            seq._modules[names[i]] = _fused_for(bn, p, self.sync, self.process_group)
+            seq._modules[names[i + 1]] = _identity_for(nxt)
             if has_dropout:
-                seq._modules[names[i + 2]] = nn.Identity()
+                seq._modules[names[i + 2]] = _identity_for(drop)
+            self.report.fused.append(FusedSite(bn_name, _join(prefix, names[i + 1]),
+                                               _join(prefix, names[i + 2]) if has_dropout else None, p))
             i += 3 if has_dropout else 2
-        else:
-            i += 1
+
+    # ------------------------------------------------------------ forward() code (torch.fx)
+    def has_candidates(self, module: nn.Module) -> bool:
+        """Whether module's own forward could hold a site: it calls a BN child, or a Sequential ending in one."""
+        if graph_sites.is_plain_sequential(module) or type(module).forward is nn.Module.forward:
+            return False
+        return any(graph_sites.ending_batchnorm(c, self.bn_types) is not None for c in module.children())
+
+    def traced(self, module: nn.Module, prefix: str):
+        """module's forward traced in its mode and in the other one (forward code may read self.training)."""
+        mode = module.training
+        graphs = {}
+        try:
+            for training in (mode, not mode):
+                module.training = training  # this module only: its children are leaves of the trace
+                graphs[training] = graph_sites.trace(module)
+        except Exception as exc:  # noqa: BLE001 -- any tracing failure: keep the module as it is, say why
+            reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            self.report.untraced.append((prefix, reason))
+            warnings.warn(f"bnfused.convert: torch.fx could not trace {prefix or 'the model'} "
+                          f"({type(module).__name__}.forward): {reason}; its BatchNorm layers outside nn.Sequential "
+                          "chains stay unfused", stacklevel=4)
+            return None
+        finally:
+            module.training = mode
+        return graphs[mode], graphs[not mode]
+
+    def forward_code(self, module: nn.Module, prefix: str) -> None:
+        graphs = self.traced(module, prefix)
+        if graphs is None:
+            return
+        mode = module.training
+        (sites, reasons), (other_sites, _) = (graph_sites.find_sites(g, module, self.bn_types, t)
+                                              for g, t in zip(graphs, (mode, not mode)))
+        for path, why in reasons.items():
+            self.reasons.setdefault(_join(prefix, path), why)
+        other = {s.bn_path: s for s in other_sites}
+        calls = graph_sites.calls_of(graphs[0])
+        in_place, rewrite = [], []
+        for site in sites:
+            name = _join(prefix, site.bn_path)
+            twin = other.get(site.bn_path)
+            if twin is not None and (site.dropout_node is None) != (twin.dropout_node is None):
+                site.drop_dropout(), twin.drop_dropout()  # a dropout on in one mode only: it stays as it is
+            reason = None
+            if twin is None or (twin.relu_name(), twin.dropout_name(), twin.p) != (
+                    site.relu_name(), site.dropout_name(), site.p):
+                reason = f"{type(module).__name__}.forward applies a different chain in train and in eval"
+            elif calls.get(str(site.bn_node.target), 0) != 1 or self.places[id(site.bn)] != 1 or any(
+                    self.places[id(c)] != 1 for c in site.containers):
+                reason = "it is called from more than one place"
+            else:
+                reason = (_output_hook_reason(site.bn, "the BatchNorm")
+                          or next((r for c in site.containers
+                                   if (r := _output_hook_reason(c, "the nn.Sequential it ends"))), None)
+                          or next((r for m in site.removed_modules.values()
+                                   if (r := _output_hook_reason(m, f"the {type(m).__name__}", True))), None))
+            if reason:
+                self.reasons[name] = reason
+                continue
+            # In place when the ReLU/Dropout are modules called only here: they become nn.Identity, forward stays.
+            swappable = all(calls.get(path) == 1 and self.places[id(m)] == 1 for path, m in site.removed_modules.items())
+            n_removed = 1 + (site.dropout_node is not None)
+            (in_place if swappable and len(site.removed_modules) == n_removed else rewrite).append((site, twin))
+        if rewrite:
+            graph_sites.remove_calls(graphs[0], [s for s, _ in rewrite])
+            graph_sites.remove_calls(graphs[1], [t for _, t in rewrite])
+            (src, globals_), (other_src, _) = graph_sites.source_of(graphs[0]), graph_sites.source_of(graphs[1])
+            if src != other_src:
+                for site, _ in rewrite:
+                    self.reasons[_join(prefix, site.bn_path)] = (
+                        f"{type(module).__name__}.forward depends on self.training elsewhere; it is not rewritten")
+                rewrite = []
+            else:
+                graph_sites.install_forward(module, src, globals_)
+        for site, rewritten in [(s, False) for s, _ in in_place] + [(s, True) for s, _ in rewrite]:
+            _set_submodule(module, site.bn_path, _fused_for(site.bn, site.p, self.sync, self.process_group))
+            if not rewritten:
+                for path, removed in site.removed_modules.items():
+                    _set_submodule(module, path, _identity_for(removed))
+            relu, dropout = site.relu_name(), site.dropout_name()
+            if site.relu_node.op == "call_module":
+                relu = _join(prefix, relu)
+            if site.dropout_node is not None and site.dropout_node.op == "call_module":
+                dropout = _join(prefix, dropout)
+            self.report.fused.append(FusedSite(_join(prefix, site.bn_path), relu, dropout, site.p,
+                                               prefix if rewritten else None))
+
+    def run(self) -> ConvertReport:
+        named = list(self.model.named_modules())
+        for name, child in named:
+            if graph_sites.is_plain_sequential(child):
+                self.sequential(child, name)
+        for name, child in named:
+            if self.has_candidates(child):
+                self.forward_code(child, name)
+        fused = {s.name for s in self.report.fused}
+        for name, m in self.model.named_modules():
+            if type(m) in self.bn_types and name not in fused:
+                self.report.unfused.append(UnfusedBatchNorm(
+                    name, self.reasons.get(name, "no ReLU follows it (in an nn.Sequential or in a forward())")))
+        return self.report
 
 
-def convert(module: nn.Module, sync: bool = False, process_group=None) -> nn.Module:
-    """Replace, in place, every nn.BatchNormXd -> nn.ReLU -> nn.Dropout (and nn.BatchNormXd -> nn.ReLU, p = 0)
-    chain inside an nn.Sequential (at any depth) by the fused module, copying parameters, buffers and mode.
+def convert(module: nn.Module, sync: bool = False, process_group=None, *, report: bool = False):
+    """Swap every nn.BatchNormXd -> ReLU (-> element-wise Dropout) site of ``module`` for the fused module, in
+    place, and return ``module`` (``(module, ConvertReport)`` with ``report=True``).
 
-    Returns ``module``. Only exact nn.BatchNorm1d/2d/3d, nn.ReLU and element-wise nn.Dropout are matched.
-    With ``sync=True`` nn.SyncBatchNorm chains are matched too and every chain becomes a
-    SyncBatchNormReLUDropout over ``process_group`` (an nn.SyncBatchNorm's own group when None; the world when
-    that is None too), as nn.SyncBatchNorm.convert_sync_batchnorm does for the unfused layer.
+    Sites are found wherever the data flows that way, when the BN's output has no other user:
+
+    * in nn.Sequential chains (BN, nn.ReLU, optional nn.Dropout adjacent), without tracing;
+    * in forward() code, by torch.fx tracing of each module that calls a BN child (children are leaves, so only that
+      module's own code is traced): ReLU as nn.ReLU (inplace or not), F.relu, F.relu_, torch.relu(_),
+      Tensor.relu(_); dropout as nn.Dropout or F.dropout(training=self.training); the BN may end a child
+      nn.Sequential whose caller applies the ReLU (the Sequential's own output then includes the ReLU).
+
+    The fused module takes the BN's place (same name, so state_dict keys stay and old checkpoints load) and shares
+    its Parameter and buffer objects (an optimizer built before convert() keeps training them), its mode and its
+    forward pre-hooks and state_dict hooks. A ReLU/Dropout module called only at the site becomes nn.Identity.
+    Otherwise (functional calls, a ReLU module called more than once as in ResNet blocks) the calls are dropped
+    from that module's forward: its class becomes a same-named subclass whose forward is the rewritten trace
+    (isinstance holds; attributes, hooks, pickling and deepcopy are kept). A rewritten forward is the trace at
+    convert() time: Python control flow on attributes (``if self.downsample is not None``) is fixed then. Modules
+    whose forward reads ``self.training`` to choose other code are not rewritten, nor are those torch.fx cannot
+    trace (a warning names the module and the reason; their nn.Sequential chains are still fused).
+
+    A site stays unfused, with its reason in the report, when a forward hook or backward hook is registered on
+    the BN (it would see the ReLU's output), on the ReLU/Dropout or on a Sequential the BN ends, or when the BN is
+    called from more than one place. convert() logs the report's summary (logger ``bnfused.convert``, INFO) and
+    warns when it fused nothing.
+
+    Only exact nn.BatchNorm1d/2d/3d (and nn.SyncBatchNorm with ``sync=True``), nn.ReLU and nn.Dropout are
+    matched (not ReLU6, LeakyReLU, Dropout2d). With ``sync=True`` every site becomes a SyncBatchNormReLUDropout
+    over ``process_group`` (an nn.SyncBatchNorm's own group when None; the world when that is None too), as
+    nn.SyncBatchNorm.convert_sync_batchnorm does for the unfused layer.
     """
     if process_group is not None and not sync:
         raise ValueError("convert(): process_group is only used with sync=True")
-    for child in module.modules():
-        if isinstance(child, nn.Sequential):
-            _convert_sequential(child, sync, process_group)
-    return module
+    result = _Converter(module, sync, process_group).run()
+    logger.info("%s", result.summary())
+    if not result.fused:
+        why = (f"{len(result.unfused)} BatchNorm layer(s) left unfused, e.g. {result.unfused[0].name}: "
+               f"{result.unfused[0].reason}" if result.unfused else "the model has no matching BatchNorm layer")
+        warnings.warn(f"bnfused.convert fused no BatchNorm -> ReLU site: {why} "
+                      "(convert(model, report=True) lists them all)", stacklevel=2)
+    return (module, result) if report else module
 
 
-def convert_sync(module: nn.Module, process_group=None) -> nn.Module:
-    """convert(module, sync=True, process_group=process_group): chains of nn.BatchNormXd or nn.SyncBatchNorm ->
+def convert_sync(module: nn.Module, process_group=None, *, report: bool = False):
+    """convert(module, sync=True, process_group=process_group): sites of nn.BatchNormXd or nn.SyncBatchNorm ->
     ReLU (-> Dropout) become SyncBatchNormReLUDropout."""
-    return convert(module, sync=True, process_group=process_group)
+    return convert(module, sync=True, process_group=process_group, report=report)

@@ -54,6 +54,14 @@ class _BatchNormReLUDropout(_BatchNorm):
         fused.train(bn.training)
         return fused
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule before compiling anything: fail here, by name, instead
+        # of on the first Python-only construct of the forward.
+        raise RuntimeError(
+            f"torch.jit.script does not support bnfused.{type(self).__name__}: its forward runs the fused kernels "
+            "through torch.autograd.Function and Python-registered custom ops, which TorchScript cannot compile. "
+            "Use torch.compile or torch.export on the converted model, or script the model before bnfused.convert().")
+
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() not in self._expected_dims:
             dims = " or ".join(f"{d}D" for d in self._expected_dims)

@@ -122,18 +122,27 @@ def test_channel_dropout_is_not_fused():
     assert type(model[2]) is nn.Dropout2d
 
 
-def test_bn_outside_sequential_is_not_touched():
+def test_bn_outside_sequential_is_fused_in_place():
+    """Attributes called in forward() code: found by tracing; the ReLU module called only there becomes
+    nn.Identity and the module keeps its class and forward."""
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
-            self.bn, self.relu = nn.BatchNorm2d(3), nn.ReLU()
+            self.bn, self.relu = randomize(nn.BatchNorm2d(3)), nn.ReLU()
 
         def forward(self, x):
             return self.relu(self.bn(x))
 
     net = Net()
-    bnfused.convert(net)
-    assert type(net.bn) is nn.BatchNorm2d
+    bn = net.bn
+    x = torch.randn(2, 3, 4, 4)
+    expected = net(x)
+    model, report = bnfused.convert(net, report=True)
+    assert model is net and type(net) is Net
+    assert type(net.bn) is bnfused.BatchNormReLUDropout2d and net.bn.weight is bn.weight
+    assert type(net.relu) is nn.Identity
+    assert report.fused == [bnfused.FusedSite("bn", "relu")] and report.unfused == []
+    torch.testing.assert_close(net(x), expected)
 
 
 def test_copies_mode_dtype_and_requires_grad():

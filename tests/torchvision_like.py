@@ -6,7 +6,6 @@ torchvision itself is not a dependency: these copies keep the structure that bnf
 `SITES` gives, per model, how many BN -> ReLU and BN + add -> ReLU sites the structure holds (and how many are
 BN -> ReLU6, which bnfused does not fuse).
 """
-from __future__ import annotations
 
 from collections import OrderedDict
 from functools import partial

@@ -1,0 +1,241 @@
+"""BN -> ReLU (-> Dropout) sites in one module's own forward code, found in its torch.fx trace (its child modules
+are leaves), and that forward rewritten without the ReLU/Dropout calls that the fused module now performs.
+
+convert() uses this for the sites an nn.Sequential walk cannot see: attributes called in forward() code
+(DenseNet's norm1/relu1), F.relu / torch.relu / Tensor.relu(_) / F.dropout calls, a ReLU module called more than
+once (ResNet's self.relu), and a BN ending a child nn.Sequential whose caller applies the ReLU.
+"""
+from __future__ import annotations
+
+import inspect
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+_RELU_FUNCTIONS = (F.relu, F.relu_, torch.relu, torch.relu_)
+_RELU_METHODS = ("relu", "relu_")
+_DROPOUT_SIGNATURE = inspect.signature(F.dropout)
+_OPERATOR_NAMES = {operator.add: "+", operator.iadd: "+=", operator.mul: "*", operator.getitem: "[]"}
+
+
+class _OwnCodeTracer(fx.Tracer):
+    """Traces only the root's forward (and the methods it calls): every submodule call is one call_module node."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return True
+
+
+def is_plain_sequential(module: nn.Module) -> bool:
+    """An nn.Sequential (or a subclass, as torchvision's Conv2dNormActivation) that runs nn.Sequential.forward."""
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+
+
+def ending_batchnorm(module: nn.Module, bn_types: tuple) -> Optional[tuple[str, list[nn.Module]]]:
+    """(path of the BN below module, the nn.Sequential containers on the way) when module's output is a BN's
+    output: module is one of bn_types, or a plain nn.Sequential whose last layer is (recursively)."""
+    if type(module) in bn_types:
+        return "", []
+    if is_plain_sequential(module) and len(module):
+        name, last = list(module._modules.items())[-1]
+        inner = ending_batchnorm(last, bn_types)
+        if inner is not None:
+            return (f"{name}.{inner[0]}" if inner[0] else name), [module] + inner[1]
+    return None
+
+
+@dataclass(eq=False)
+class Site:
+    """One BN -> ReLU (-> Dropout) chain in a traced forward."""
+    bn_node: fx.Node
+    bn_path: str                 # relative to the traced module
+    bn: nn.Module
+    containers: list[nn.Module]  # nn.Sequentials whose output is the BN's output (they now output the ReLU's)
+    relu_node: fx.Node
+    dropout_node: Optional[fx.Node] = None
+    p: float = 0.0
+    # the modules (relative path -> module) whose calls are removed or replaced: the ReLU / Dropout modules
+    removed_modules: dict[str, nn.Module] = field(default_factory=dict)
+
+    def drop_dropout(self) -> None:
+        """Fuse BN -> ReLU only, leaving the dropout call as it is."""
+        if self.dropout_node is not None and self.dropout_node.op == "call_module":
+            del self.removed_modules[str(self.dropout_node.target)]
+        self.dropout_node, self.p = None, 0.0
+
+    def relu_name(self) -> str:
+        return _describe(self.relu_node)
+
+    def dropout_name(self) -> Optional[str]:
+        return None if self.dropout_node is None else _describe(self.dropout_node)
+
+
+def _describe(node: fx.Node) -> str:
+    if node.op == "output":
+        return "the forward's output"
+    if node.op == "call_function" and node.target in _OPERATOR_NAMES:
+        return _OPERATOR_NAMES[node.target]
+    if node.op == "call_module":
+        return str(node.target)
+    if node.op == "call_method":
+        return f"Tensor.{node.target}"
+    target = node.target
+    return f"{getattr(target, '__module__', '') or 'torch'}.{getattr(target, '__name__', str(target))}".replace(
+        "torch.nn.functional.", "F.").replace("torch._C._VariableFunctions.", "torch.")
+
+
+def trace(module: nn.Module) -> fx.Graph:
+    return _OwnCodeTracer().trace(module)
+
+
+def _sole_user(node: fx.Node) -> Optional[fx.Node]:
+    """The one node that uses node, if it uses it once, as its first argument, and is its only user."""
+    if len(node.users) != 1:
+        return None
+    user = next(iter(node.users))
+    if not user.args or user.args[0] is not node or _flat_nodes(user).count(node) != 1:
+        return None
+    return user
+
+
+def _flat_nodes(node: fx.Node) -> list[fx.Node]:
+    found: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), found.append)
+    return found
+
+
+def _is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return type(modules.get(node.target)) is nn.ReLU
+    if node.op == "call_function":
+        return node.target in _RELU_FUNCTIONS and len(node.args) + len(node.kwargs) <= 2
+    return node.op == "call_method" and node.target in _RELU_METHODS and len(node.args) == 1
+
+
+def _dropout_p(node: fx.Node, modules: dict[str, nn.Module], bn: nn.Module, training: bool) -> Optional[float]:
+    """p when node is an element-wise dropout whose training flag is the BN's mode (the fused module drops exactly
+    when it is training); None when it is not such a dropout."""
+    if node.op == "call_module":
+        drop = modules.get(node.target)
+        return drop.p if type(drop) is nn.Dropout and drop.training == bn.training else None
+    if node.op == "call_function" and node.target is F.dropout:
+        try:
+            bound = _DROPOUT_SIGNATURE.bind(*node.args, **node.kwargs)
+        except TypeError:
+            return None
+        bound.apply_defaults()
+        p, drop_training = bound.arguments["p"], bound.arguments["training"]
+        # The forward was traced with the module in `training` mode: a dropout following the mode reads it back.
+        if isinstance(p, (int, float)) and not isinstance(p, bool) and drop_training is training:
+            return float(p)
+    return None
+
+
+def find_sites(graph: fx.Graph, root: nn.Module, bn_types: tuple, training: bool) -> tuple[list[Site], dict]:
+    """The BN -> ReLU (-> Dropout) sites of a traced forward, and, per BN path, why a BN with a ReLU-like
+    follower is not a site (for the report)."""
+    modules = dict(root.named_modules())
+    sites, reasons = [], {}
+    for node in graph.nodes:
+        if node.op != "call_module":
+            continue
+        ending = ending_batchnorm(modules[node.target], bn_types)
+        if ending is None:
+            continue
+        bn_path = f"{node.target}.{ending[0]}" if ending[0] else str(node.target)
+        relu = _sole_user(node)
+        if relu is None or not _is_relu(relu, modules):
+            users = ", ".join(_describe(u) for u in node.users) or "nothing"
+            reasons[bn_path] = f"its output goes to {users}, not (only) to a ReLU"
+            continue
+        site = Site(node, bn_path, modules[bn_path], ending[1], relu)
+        drop = _sole_user(relu)
+        if drop is not None:
+            p = _dropout_p(drop, modules, site.bn, training)
+            if p is not None:
+                site.dropout_node, site.p = drop, p
+        for n in (site.relu_node, site.dropout_node):
+            if n is not None and n.op == "call_module":
+                site.removed_modules[str(n.target)] = modules[n.target]
+        sites.append(site)
+    return sites, reasons
+
+
+def calls_of(graph: fx.Graph) -> dict[str, int]:
+    """How many times the traced forward calls each submodule (by path)."""
+    counts: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            counts[str(node.target)] = counts.get(str(node.target), 0) + 1
+    return counts
+
+
+def remove_calls(graph: fx.Graph, sites: list[Site]) -> None:
+    """Drops each site's ReLU and Dropout nodes: their users take the BN (now fused) node's output."""
+    for site in sites:
+        for node in (site.dropout_node, site.relu_node):
+            if node is not None:
+                node.replace_all_uses_with(node.args[0])
+                graph.erase_node(node)
+    graph.lint()
+
+
+def source_of(graph: fx.Graph) -> tuple[str, dict[str, Any]]:
+    code = graph.python_code(root_module="self")
+    return code.src, code.globals
+
+
+# ---------------------------------------------------------------- installing a rewritten forward
+
+_rewritten_classes: dict[tuple[type, str], type] = {}
+
+
+def _import_block(globals_: dict[str, Any]) -> str:
+    """Statements defining the generated code's globals (as GraphModule pickles its code); a string annotation
+    (a forward written under `from __future__ import annotations`) is assigned as it is."""
+    from torch.fx.graph_module import _format_import_statement
+    from torch.package import sys_importer
+    lines = {f"{name} = {obj!r}" if isinstance(obj, str) else _format_import_statement(name, obj, sys_importer)
+             for name, obj in globals_.items()}
+    return "\n".join(sorted(lines))
+
+
+def rewritten_class(base: type, src: str, import_block: str) -> type:
+    """A subclass of base (same name, isinstance still holds) whose forward is src; one per (base, src)."""
+    key = (base, src)
+    cls = _rewritten_classes.get(key)
+    if cls is None:
+        from torch.fx.graph_module import _forward_from_src
+        forward = _forward_from_src(import_block + "\n" + src, {})
+        cls = type(base.__name__, (base,), {
+            "forward": forward, "__module__": base.__module__, "__qualname__": base.__qualname__,
+            "_bnfused_rewritten": (base, src, import_block),
+            "__reduce_ex__": _reduce_rewritten,
+            "__doc__": base.__doc__,
+        })
+        _rewritten_classes[key] = cls
+    return cls
+
+
+def _reduce_rewritten(self, protocol):
+    # Pickled (torch.save(model), copy.deepcopy) as the user's class plus the rewritten forward's source.
+    base, src, import_block = type(self)._bnfused_rewritten
+    return _restore_rewritten, (base, src, import_block), self.__dict__.copy()
+
+
+def _restore_rewritten(base: type, src: str, import_block: str) -> nn.Module:
+    cls = rewritten_class(base, src, import_block)
+    return cls.__new__(cls)
+
+
+
+def install_forward(module: nn.Module, src: str, globals_: dict[str, Any]) -> None:
+    """module's class becomes a same-named subclass whose forward runs src (module keeps its attributes)."""
+    base = type(module)
+    while "_bnfused_rewritten" in base.__dict__:  # rewritten twice: build on the user's class
+        base = base.__bases__[0]
+    module.__class__ = rewritten_class(base, src, _import_block(globals_))

@@ -1,0 +1,352 @@
+"""bnfused.convert() on forward() code (torch.fx): torchvision-structured models (sites fused out of sites existing,
+outputs and gradients against the unconverted model), every ReLU/Dropout spelling, hooks, optimizers, modes,
+untraceable modules, pickling of rewritten forwards and TorchScript."""
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bnfused
+import torchvision_like as tv
+
+# Sites by kind that convert() fuses today in each model (BN + add -> ReLU and BN -> ReLU6 are not fused).
+MODELS = list(tv.SMALL)
+
+
+def build(name, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    model = tv.SMALL[name]().to(dtype)
+    with torch.no_grad():  # non-trivial statistics and affine parameters
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.3)
+                m.running_mean.normal_(0, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+def converted(model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MobileNetV2 has nothing to fuse: tested below
+        return bnfused.convert(copy.deepcopy(model), report=True)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_fuses_every_bn_relu_site(name):
+    model = build(name)
+    fused_model, report = converted(model)
+    sites = tv.count_sites(model)
+    assert report.num_fused == sites["bn_relu"]
+    assert sum(isinstance(m, bnfused.BatchNormReLUDropout2d) for m in fused_model.modules()) == sites["bn_relu"]
+    # every BatchNorm left is accounted for, with a reason
+    left = [n for n, m in fused_model.named_modules() if type(m) is nn.BatchNorm2d]
+    assert sorted(u.name for u in report.unfused) == sorted(left)
+    assert all(u.reason for u in report.unfused)
+    assert report.untraced == []
+    assert isinstance(fused_model, type(model)) and type(fused_model).__name__ == type(model).__name__
+    assert list(fused_model.state_dict()) == list(model.state_dict())
+
+
+def test_full_size_site_counts():
+    """The site table of the full-size models (structure only: no forward is run)."""
+    expected = {"resnet18": 9, "resnet50": 33, "densenet121": 121, "vgg11_bn": 8, "mobilenet_v2": 0}
+    for name, fused in expected.items():
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _, report = bnfused.convert(tv.FULL[name](), report=True)
+        assert report.num_fused == fused, name
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, dict(rtol=1e-10, atol=1e-10)),
+                                       (torch.float32, dict(rtol=2e-4, atol=2e-4))], ids=["float64", "float32"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", MODELS)
+def test_outputs_and_gradients_match(name, training, dtype, tol):
+    model = build(name, dtype).train(training)
+    fused_model, _ = converted(model)
+    # 64x64: ResNet's last stage still sees 2x2 pixels (training-mode BN of 2 values per channel is
+    # ill-conditioned: its gradient amplifies float32 rounding far beyond the fused op's)
+    x = torch.randn(4, 3, 64, 64, dtype=dtype)
+    outs = []
+    for m in (model, fused_model):
+        torch.manual_seed(5)  # the same mask for the models' own nn.Dropout layers (VGG, MobileNetV2 classifiers)
+        y = m(x)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=dtype).view_as(y)).sum().backward()
+        outs.append(y)
+    torch.testing.assert_close(outs[1], outs[0], **tol)
+    grads = dict(model.named_parameters())
+    for pname, param in fused_model.named_parameters():
+        torch.testing.assert_close(param.grad, grads[pname].grad, **tol, msg=lambda m: f"{pname}: {m}")
+    ref_state = model.state_dict()
+    for key, value in fused_model.state_dict().items():  # running statistics moved the same way
+        torch.testing.assert_close(value, ref_state[key], **tol, msg=lambda m: f"{key}: {m}")
+
+
+@pytest.mark.parametrize("name", ["resnet18", "densenet121"])
+def test_checkpoints_load_both_ways(name):
+    model = build(name)
+    fused_model, _ = converted(build(name, seed=1))
+    fused_model.load_state_dict(model.state_dict())  # an old checkpoint
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    torch.testing.assert_close(fused_model.eval()(x), model.eval()(x))
+    build(name, seed=2).load_state_dict(fused_model.state_dict())
+
+
+def test_optimizer_and_parameter_hooks_survive_on_resnet():
+    model, ref = build("resnet18"), build("resnet18")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
+    grads_seen = []
+    model.layer1[0].bn1.weight.register_hook(grads_seen.append)
+    bnfused.convert(model)
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    for _ in range(2):
+        for m, o in ((model, opt), (ref, ref_opt)):
+            o.zero_grad()
+            m(x).square().mean().backward()
+            o.step()
+    assert len(grads_seen) == 2
+    ref_state = ref.state_dict()
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, ref_state[key], rtol=1e-9, atol=1e-9, msg=key)
+
+
+def test_rewritten_forward_keeps_class_attributes_pickle_and_deepcopy():
+    model = build("resnet18").eval()
+    fused_model, report = converted(model)
+    block = fused_model.layer1[0]
+    assert {s.rewritten for s in report.fused} == {None, "layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0",
+                                                  "layer3.1", "layer4.0", "layer4.1"}
+    assert isinstance(block, tv.BasicBlock) and type(block).__name__ == "BasicBlock" and block.stride == 1
+    assert type(fused_model.layer1[1]) is type(block)  # one generated class per distinct forward
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    expected = model(x)
+    buf = io.BytesIO()
+    torch.save(fused_model, buf)
+    buf.seek(0)
+    for clone in (copy.deepcopy(fused_model), torch.load(buf, weights_only=False)):
+        assert isinstance(clone.layer1[0], tv.BasicBlock)
+        torch.testing.assert_close(clone(x), expected)
+
+
+def test_nothing_to_fuse_warns_and_reports_relu6():
+    model = build("mobilenet_v2")
+    with pytest.warns(UserWarning, match="fused no BatchNorm -> ReLU site.*ReLU6"):
+        _, report = bnfused.convert(model, report=True)
+    assert report.num_fused == 0 and len(report.unfused) == 52
+    assert sum("ReLU6" in u.reason for u in report.unfused) == 35
+    with pytest.warns(UserWarning, match="no matching BatchNorm"):
+        bnfused.convert(nn.Linear(2, 2))
+
+
+# ---------------------------------------------------------------- spellings of ReLU and Dropout
+
+
+class Spelled(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.bn = nn.BatchNorm2d(3)
+        self.relu = nn.ReLU(inplace=True)
+        self.drop = nn.Dropout(0.3)
+        self.conv = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        if self.how == "F.relu":
+            y = F.relu(y)
+        elif self.how == "F.relu_inplace":
+            y = F.relu(y, inplace=True)
+        elif self.how == "F.relu_":
+            y = F.relu_(y)
+        elif self.how == "torch.relu":
+            y = torch.relu(y)
+        elif self.how == "torch.relu_":
+            y = torch.relu_(y)
+        elif self.how == "method":
+            y = y.relu()
+        elif self.how == "method_":
+            y = y.relu_()
+        elif self.how == "module_dropout":
+            y = self.drop(self.relu(y))
+        elif self.how == "F.dropout":
+            y = F.dropout(F.relu(y), 0.3, self.training)
+        elif self.how == "F.dropout_always":  # training=True whatever the mode: not the fused module's dropout
+            y = F.dropout(F.relu(y), 0.3)
+        return self.conv(y)
+
+
+@pytest.mark.parametrize("how,p,rewritten", [
+    ("F.relu", 0.0, True), ("F.relu_inplace", 0.0, True), ("F.relu_", 0.0, True), ("torch.relu", 0.0, True),
+    ("torch.relu_", 0.0, True), ("method", 0.0, True), ("method_", 0.0, True), ("module_dropout", 0.3, False),
+    ("F.dropout", 0.3, True), ("F.dropout_always", 0.0, True)])
+def test_relu_and_dropout_spellings(how, p, rewritten):
+    torch.manual_seed(0)
+    model = Spelled(how).double()
+    fused_model, report = bnfused.convert(copy.deepcopy(model), report=True)
+    assert report.num_fused == 1, report.summary()
+    site = report.fused[0]
+    assert site.name == "bn" and site.p == pytest.approx(p) and (site.rewritten == "") == rewritten
+    assert isinstance(fused_model.bn, bnfused.BatchNormReLUDropout2d) and fused_model.bn.p == pytest.approx(p)
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    for training in (True, False):
+        model.train(training), fused_model.train(training)
+        if p and training:  # the fused mask is Philox's, not torch's: values compared at p = 0 (test_modules)
+            continue
+        if how == "F.dropout_always":  # its dropout stays, drawing torch's mask: same seed, same mask
+            torch.manual_seed(1)
+            expected = model(x)
+            torch.manual_seed(1)
+            torch.testing.assert_close(fused_model(x), expected)
+            continue
+        torch.testing.assert_close(fused_model(x), model(x), rtol=1e-10, atol=1e-10)
+
+
+def test_bn_output_with_another_user_is_not_fused():
+    class TwoUsers(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            y = self.bn(x)
+            return torch.relu(y) + y
+
+    with pytest.warns(UserWarning, match="fused no"):
+        model, report = bnfused.convert(TwoUsers(), report=True)
+    assert type(model.bn) is nn.BatchNorm2d
+    assert report.unfused[0].name == "bn" and "+" in report.unfused[0].reason
+
+
+def test_mode_dependent_forward_is_not_rewritten():
+    class ModeDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            y = F.relu(self.bn(x))
+            return y * 2 if self.training else y
+
+    with pytest.warns(UserWarning, match="fused no"):
+        model, report = bnfused.convert(ModeDependent(), report=True)
+    assert type(model.bn) is nn.BatchNorm2d and type(model) is ModeDependent
+    assert "depends on self.training" in report.unfused[0].reason
+
+
+def test_untraceable_module_falls_back_to_the_sequential_walk():
+    class DataDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = nn.Sequential(nn.BatchNorm2d(3), nn.ReLU())
+            self.bn = nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            y = self.block(x)
+            if y.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+                y = y + 1
+            return F.relu(self.bn(y))
+
+    with pytest.warns(UserWarning, match=r"could not trace the model \(DataDependent.forward\): TraceError"):
+        model, report = bnfused.convert(DataDependent(), report=True)
+    assert type(model.block[0]) is bnfused.BatchNormReLUDropout2d and type(model.bn) is nn.BatchNorm2d
+    assert [name for name, _ in report.untraced] == [""]
+
+
+def test_cross_module_site_and_shared_relu():
+    """A BN ending a child Sequential with the ReLU in the caller (DenseNet's norm5 -> F.relu), and a ReLU
+    module called twice (ResNet's self.relu): both need the caller's forward rewritten."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
+            self.bn = nn.BatchNorm2d(3)
+            self.relu = nn.ReLU()
+
+        def forward(self, x):
+            return self.relu(self.bn(self.relu(self.features(x))))
+
+    torch.manual_seed(0)
+    model = Net().double()
+    fused_model, report = bnfused.convert(copy.deepcopy(model), report=True)
+    assert [(s.name, s.relu, s.rewritten) for s in report.fused] == [("features.1", "relu", ""), ("bn", "relu", "")]
+    assert type(fused_model.relu) is nn.ReLU  # still a module: forward no longer calls it
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    torch.testing.assert_close(fused_model(x), model(x))
+
+
+# ---------------------------------------------------------------- hooks
+
+
+def test_forward_pre_hook_on_bn_is_carried_over():
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.ReLU())
+    seen = []
+    handle = model[1].register_forward_pre_hook(lambda mod, args: seen.append(type(mod).__name__))
+    bnfused.convert(model)
+    model(torch.randn(2, 3, 4, 4))
+    assert seen == ["BatchNormReLUDropout2d"]
+    handle.remove()  # the user's handle still removes it
+    model(torch.randn(2, 3, 4, 4))
+    assert len(seen) == 1
+
+
+@pytest.mark.parametrize("where", ["bn_forward_hook", "relu_pre_hook", "relu_forward_hook", "bn_backward_hook",
+                                   "container_forward_hook"])
+def test_hooks_that_would_change_meaning_leave_the_site_unfused(where):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.seq = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
+            self.relu = nn.ReLU()
+
+        def forward(self, x):
+            return self.relu(self.seq(x))
+
+    net = Net()
+    hook = lambda *args: None  # noqa: E731
+    {"bn_forward_hook": lambda: net.seq[1].register_forward_hook(hook),
+     "relu_pre_hook": lambda: net.relu.register_forward_pre_hook(hook),
+     "relu_forward_hook": lambda: net.relu.register_forward_hook(hook),
+     "bn_backward_hook": lambda: net.seq[1].register_full_backward_hook(hook),
+     "container_forward_hook": lambda: net.seq.register_forward_hook(hook)}[where]()
+    with pytest.warns(UserWarning, match="fused no"):
+        _, report = bnfused.convert(net, report=True)
+    assert type(net.seq[1]) is nn.BatchNorm2d and type(net.relu) is nn.ReLU
+    assert report.unfused[0].name == "seq.1" and "hook" in report.unfused[0].reason
+
+
+def test_sequential_with_forward_hook_on_bn_stays_unfused():
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.ReLU())
+    model[0].register_forward_hook(lambda *args: None)
+    with pytest.warns(UserWarning, match="forward hook"):
+        bnfused.convert(model)
+    assert type(model[0]) is nn.BatchNorm2d
+
+
+# ---------------------------------------------------------------- modes, devices, sync, TorchScript
+
+
+def test_mode_requires_grad_and_sync():
+    model = build("densenet121").eval()
+    model.features.norm0.weight.requires_grad_(False)
+    bnfused.convert_sync(model)
+    assert all(not m.training for m in model.modules())
+    assert isinstance(model.features.denseblock1.denselayer1.norm1, bnfused.SyncBatchNormReLUDropout)
+    assert not model.features.norm0.weight.requires_grad
+
+
+def test_torchscript_raises_a_clear_error():
+    """TorchScript cannot compile the fused modules (autograd.Function, Python custom ops): scripting a converted
+    model fails at once, naming the module, instead of on '_expected_dims'."""
+    model, _ = converted(build("resnet18"))
+    with pytest.raises(RuntimeError, match=r"torch.jit.script does not support bnfused.BatchNormReLUDropout2d.*"
+                                           r"torch.compile or torch.export"):
+        torch.jit.script(model)
+    with pytest.raises(RuntimeError, match="does not support bnfused.SyncBatchNormReLUDropout"):
+        torch.jit.script(bnfused.SyncBatchNormReLUDropout(3))
