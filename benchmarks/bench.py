@@ -32,6 +32,7 @@ import torch  # noqa: E402
 
 import bnfused  # noqa: E402
 import bench_sync  # noqa: E402
+import e2e_models  # noqa: E402
 from cases import MODES, Case, Suite, make_suite  # noqa: E402
 from copy_floor import measure_floor  # noqa: E402
 from e2e import run_e2e  # noqa: E402
@@ -46,6 +47,9 @@ from report import (e2e_table, fmt_ms, fmt_x, parity_table, results_markdown, sm
                     summary_table, goals_table)
 from results import CaseResult, RunResults  # noqa: E402
 from targets import check_goals  # noqa: E402
+
+
+E2E_MODELS_TITLE = "## End to end: torchvision-structured models (training step, unconverted vs converted)"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -170,6 +174,8 @@ def main(argv=None) -> int:
         run.parity = measure_parity(suite, args.p, args.device, args.threads)
     say("end to end: small CNN training steps, unfused vs bnfused.convert(model) ...")
     run.e2e = run_e2e(args.device, suite.e2e_steps, args.p)
+    say("end to end: torchvision-structured models, unconverted vs bnfused.convert(model), rounds alternating ...")
+    models_md = e2e_models.markdown(e2e_models.run(args.device, quick=suite.name == "quick"))
     say("small layers: fixed cost per call, bnfused vs the eager chain, rounds interleaved ...")
     run.small = run_small_layers(suite, args.p, args.device, args.threads)
     sync_md = ""
@@ -191,10 +197,12 @@ def main(argv=None) -> int:
     elapsed = time.perf_counter() - start
     results_path = args.out / f"{stem}.md"
     sync_section = f"\n## Multi-process: SyncBatchNorm\n\n{sync_md}\n" if sync_md else ""
+    models_section = f"\n{E2E_MODELS_TITLE}\n\n{models_md}\n"
     # The hand-kept before/after record of this device (what moved the numbers, commit by commit), if any.
     history_path = PUBLISHED_RESULTS / f"{slug(device_name(args.device))}-history.md"
     history = f"\n## Before / after\n\n{history_path.read_text()}" if history_path.exists() else ""
-    results_path.write_text(results_markdown(run, goals_title, checks, elapsed) + sync_section + history)
+    results_path.write_text(results_markdown(run, goals_title, checks, elapsed) + models_section + sync_section
+                            + history)
 
     say("\n## Comparison (median ms, IQR in parentheses)\n")
     say(summary_table(run))
@@ -205,6 +213,8 @@ def main(argv=None) -> int:
     say(goals_table(checks))
     say("\n## End to end\n")
     say(e2e_table(run))
+    say(f"\n{E2E_MODELS_TITLE}\n")
+    say(models_md)
     say("\n## Small layers (fixed cost per call)\n")
     say(small_layers_table(run))
     if sync_md:

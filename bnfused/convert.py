@@ -37,12 +37,14 @@ class FusedSite:
     """One fused chain: ``name`` is the BatchNorm's qualified name (the fused module's now), ``relu`` and
     ``dropout`` what applied them ("layer1.0.relu", "F.relu", "Tensor.relu_"; dropout None when not fused),
     ``rewritten`` the qualified name of the module whose forward() was rewritten ("" for the model itself), or
-    None when the swap was in place (the ReLU/Dropout modules became nn.Identity)."""
+    None when the swap was in place (the ReLU/Dropout modules became nn.Identity); ``residual`` the operand a
+    BN + add -> ReLU site adds (None for BN -> ReLU sites)."""
     name: str
     relu: str
     dropout: Optional[str] = None
     p: float = 0.0
     rewritten: Optional[str] = None
+    residual: Optional[str] = None  # BN + residual -> ReLU sites: what the residual operand was
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,8 @@ class ConvertReport:
         rewritten = sorted({s.rewritten or "<model>" for s in self.fused if s.rewritten is not None})
         lines = [f"bnfused.convert: fused {len(self.fused)} site(s), {len(self.unfused)} BatchNorm layer(s) unfused"
                  + (f"; forward() rewritten in {len(rewritten)} module(s)" if rewritten else "")]
-        lines += [f"  fused   {s.name} -> {s.relu}" + (f" -> {s.dropout} (p={s.p:g})" if s.dropout else "")
+        lines += [f"  fused   {s.name}" + (f" + {s.residual}" if s.residual else "") + f" -> {s.relu}"
+                  + (f" -> {s.dropout} (p={s.p:g})" if s.dropout else "")
                   + ("" if s.rewritten is None else f"  [forward of {s.rewritten or '<model>'} rewritten]")
                   for s in self.fused]
         lines += [f"  unfused {u.name}: {u.reason}" for u in self.unfused]
@@ -81,10 +84,21 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix and name else prefix or name
 
 
-def _fused_for(bn: nn.modules.batchnorm._BatchNorm, p: float, sync: bool, process_group) -> nn.Module:
+def _add_modules() -> dict:
+    """nn.BatchNormXd -> the fused BN + add + ReLU module (empty when this build has none)."""
+    from . import modules
+    found = {bn: getattr(modules, f"BatchNormAddReLU{d}d", None)
+             for bn, d in ((nn.BatchNorm1d, 1), (nn.BatchNorm2d, 2), (nn.BatchNorm3d, 3))}
+    return {bn: cls for bn, cls in found.items() if cls is not None}
+
+
+def _fused_for(bn: nn.modules.batchnorm._BatchNorm, p: float, sync: bool, process_group,
+               add: bool = False) -> nn.Module:
     """The fused module taking bn's place, sharing its Parameter and buffer objects and the hooks that keep
     their meaning."""
-    if sync:
+    if add:
+        fused = _add_modules()[type(bn)].from_batchnorm(bn, p)
+    elif sync:
         fused = SyncBatchNormReLUDropout.from_batchnorm(bn, p, process_group)
     else:
         fused = _FUSED_FOR[type(bn)].from_batchnorm(bn, p)
@@ -119,6 +133,8 @@ class _Converter:
         self.reasons: dict[str, str] = {}  # BN name -> why it is not fused
         # How many places of the module tree hold each module object: a shared ReLU cannot become nn.Identity.
         self.places = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+        # BN + residual -> ReLU sites: with the fused add modules (no synchronised one: not with sync=True)
+        self.add_types = () if sync else tuple(_add_modules())
 
     # ------------------------------------------------------------ nn.Sequential chains (in place, no tracing)
     def sequential(self, seq: nn.Sequential, prefix: str) -> None:
@@ -187,12 +203,14 @@ class _Converter:
         if graphs is None:
             return
         mode = module.training
-        (sites, reasons), (other_sites, _) = (graph_sites.find_sites(g, module, self.bn_types, t)
+        (sites, reasons), (other_sites, _) = (graph_sites.find_sites(g, module, self.bn_types, t, self.add_types)
                                               for g, t in zip(graphs, (mode, not mode)))
         for path, why in reasons.items():
             self.reasons.setdefault(_join(prefix, path), why)
         other = {s.bn_path: s for s in other_sites}
         calls = graph_sites.calls_of(graphs[0])
+        for path, n in graph_sites.calls_of(graphs[1]).items():  # the most calls in either mode
+            calls[path] = max(n, calls.get(path, 0))
         in_place, rewrite = [], []
         for site in sites:
             name = _join(prefix, site.bn_path)
@@ -200,14 +218,15 @@ class _Converter:
             if twin is not None and (site.dropout_node is None) != (twin.dropout_node is None):
                 site.drop_dropout(), twin.drop_dropout()  # a dropout on in one mode only: it stays as it is
             reason = None
-            if twin is None or (twin.relu_name(), twin.dropout_name(), twin.p) != (
-                    site.relu_name(), site.dropout_name(), site.p):
+            if twin is None or (twin.relu_name(), twin.dropout_name(), twin.p, twin.residual_name()) != (
+                    site.relu_name(), site.dropout_name(), site.p, site.residual_name()):
                 reason = f"{type(module).__name__}.forward applies a different chain in train and in eval"
             elif calls.get(str(site.bn_node.target), 0) != 1 or self.places[id(site.bn)] != 1 or any(
                     self.places[id(c)] != 1 for c in site.containers):
                 reason = "it is called from more than one place"
             else:
-                reason = (_output_hook_reason(site.bn, "the BatchNorm")
+                # a BN + add site's fused module also takes the residual: the BN's pre-hooks would see it
+                reason = (_output_hook_reason(site.bn, "the BatchNorm", all_hooks=site.add_node is not None)
                           or next((r for c in site.containers
                                    if (r := _output_hook_reason(c, "the nn.Sequential it ends"))), None)
                           or next((r for m in site.removed_modules.values()
@@ -218,7 +237,8 @@ class _Converter:
             # In place when the ReLU/Dropout are modules called only here: they become nn.Identity, forward stays.
             swappable = all(calls.get(path) == 1 and self.places[id(m)] == 1 for path, m in site.removed_modules.items())
             n_removed = 1 + (site.dropout_node is not None)
-            (in_place if swappable and len(site.removed_modules) == n_removed else rewrite).append((site, twin))
+            in_place_ok = swappable and len(site.removed_modules) == n_removed and site.add_node is None
+            (in_place if in_place_ok else rewrite).append((site, twin))
         if rewrite:
             graph_sites.remove_calls(graphs[0], [s for s, _ in rewrite])
             graph_sites.remove_calls(graphs[1], [t for _, t in rewrite])
@@ -231,7 +251,8 @@ class _Converter:
             else:
                 graph_sites.install_forward(module, src, globals_)
         for site, rewritten in [(s, False) for s, _ in in_place] + [(s, True) for s, _ in rewrite]:
-            _set_submodule(module, site.bn_path, _fused_for(site.bn, site.p, self.sync, self.process_group))
+            _set_submodule(module, site.bn_path, _fused_for(site.bn, site.p, self.sync, self.process_group,
+                                                            add=site.add_node is not None))
             if not rewritten:
                 for path, removed in site.removed_modules.items():
                     _set_submodule(module, path, _identity_for(removed))
@@ -241,7 +262,7 @@ class _Converter:
             if site.dropout_node is not None and site.dropout_node.op == "call_module":
                 dropout = _join(prefix, dropout)
             self.report.fused.append(FusedSite(_join(prefix, site.bn_path), relu, dropout, site.p,
-                                               prefix if rewritten else None))
+                                               prefix if rewritten else None, site.residual_name()))
 
     def run(self) -> ConvertReport:
         named = list(self.model.named_modules())

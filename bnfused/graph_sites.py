@@ -20,6 +20,7 @@ from torch import nn
 _RELU_FUNCTIONS = (F.relu, F.relu_, torch.relu, torch.relu_)
 _RELU_METHODS = ("relu", "relu_")
 _DROPOUT_SIGNATURE = inspect.signature(F.dropout)
+_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 _OPERATOR_NAMES = {operator.add: "+", operator.iadd: "+=", operator.mul: "*", operator.getitem: "[]"}
 
 
@@ -60,6 +61,9 @@ class Site:
     p: float = 0.0
     # the modules (relative path -> module) whose calls are removed or replaced: the ReLU / Dropout modules
     removed_modules: dict[str, nn.Module] = field(default_factory=dict)
+    # BN + residual -> ReLU: the add node and the residual operand (the fused module takes it as a second input)
+    add_node: Optional[fx.Node] = None
+    residual: Optional[fx.Node] = None
 
     def drop_dropout(self) -> None:
         """Fuse BN -> ReLU only, leaving the dropout call as it is."""
@@ -70,6 +74,9 @@ class Site:
     def relu_name(self) -> str:
         return _describe(self.relu_node)
 
+    def residual_name(self) -> Optional[str]:
+        return None if self.residual is None else _describe(self.residual)
+
     def dropout_name(self) -> Optional[str]:
         return None if self.dropout_node is None else _describe(self.dropout_node)
 
@@ -79,7 +86,7 @@ def _describe(node: fx.Node) -> str:
         return "the forward's output"
     if node.op == "call_function" and node.target in _OPERATOR_NAMES:
         return _OPERATOR_NAMES[node.target]
-    if node.op == "call_module":
+    if node.op in ("call_module", "placeholder", "get_attr"):
         return str(node.target)
     if node.op == "call_method":
         return f"Tensor.{node.target}"
@@ -135,9 +142,28 @@ def _dropout_p(node: fx.Node, modules: dict[str, nn.Module], bn: nn.Module, trai
     return None
 
 
-def find_sites(graph: fx.Graph, root: nn.Module, bn_types: tuple, training: bool) -> tuple[list[Site], dict]:
-    """The BN -> ReLU (-> Dropout) sites of a traced forward, and, per BN path, why a BN with a ReLU-like
-    follower is not a site (for the report)."""
+def _residual_add(bn_node: fx.Node) -> Optional[tuple[fx.Node, fx.Node]]:
+    """(add node, residual node) when bn_node's only user adds it to another tensor, on either side, out of place
+    or in place on the BN's output (`out += identity`, `out.add_(identity)`), without alpha or broadcasting
+    arguments; None otherwise."""
+    if len(bn_node.users) != 1:
+        return None
+    add = next(iter(bn_node.users))
+    if add.kwargs or len(add.args) != 2 or _flat_nodes(add).count(bn_node) != 1:
+        return None
+    if add.op == "call_function" and add.target in _ADD_FUNCTIONS:
+        residual = add.args[1] if add.args[0] is bn_node else add.args[0]
+    elif add.op == "call_method" and add.target in ("add", "add_") and add.args[0] is bn_node:
+        residual = add.args[1]  # not residual.add_(bn): that would also write the residual
+    else:
+        return None
+    return (add, residual) if isinstance(residual, fx.Node) else None
+
+
+def find_sites(graph: fx.Graph, root: nn.Module, bn_types: tuple, training: bool,
+               add_types: tuple = ()) -> tuple[list[Site], dict]:
+    """The BN -> ReLU (-> Dropout) sites of a traced forward (and BN + residual -> ReLU ones for BNs of add_types
+    that this forward calls directly), and, per BN path, why a BN is not a site (for the report)."""
     modules = dict(root.named_modules())
     sites, reasons = [], {}
     for node in graph.nodes:
@@ -148,11 +174,20 @@ def find_sites(graph: fx.Graph, root: nn.Module, bn_types: tuple, training: bool
             continue
         bn_path = f"{node.target}.{ending[0]}" if ending[0] else str(node.target)
         relu = _sole_user(node)
+        add = _residual_add(node) if type(modules[bn_path]) in add_types and not ending[1] else None
+        if add is not None and any(s.add_node is add[0] for s in sites):
+            add = None  # both operands are BN outputs: the first BN took the add
+        if add is not None:
+            relu = _sole_user(add[0])
         if relu is None or not _is_relu(relu, modules):
+            taker = next((s for s in sites if s.add_node is not None and s.add_node in node.users), None)
             users = ", ".join(_describe(u) for u in node.users) or "nothing"
-            reasons[bn_path] = f"its output goes to {users}, not (only) to a ReLU"
+            reasons[bn_path] = (f"it is the residual that the fused {taker.bn_path} adds" if taker else
+                                f"its output goes to {users}, not (only) to a ReLU")
             continue
         site = Site(node, bn_path, modules[bn_path], ending[1], relu)
+        if add is not None:
+            site.add_node, site.residual = add
         drop = _sole_user(relu)
         if drop is not None:
             p = _dropout_p(drop, modules, site.bn, training)
@@ -175,12 +210,21 @@ def calls_of(graph: fx.Graph) -> dict[str, int]:
 
 
 def remove_calls(graph: fx.Graph, sites: list[Site]) -> None:
-    """Drops each site's ReLU and Dropout nodes: their users take the BN (now fused) node's output."""
+    """Drops each site's ReLU and Dropout nodes: their users take the BN (now fused) node's output. A BN + add
+    site's BN call moves to the add, taking the residual as its second input, and the add goes too."""
     for site in sites:
-        for node in (site.dropout_node, site.relu_node):
+        fused = site.bn_node
+        if site.add_node is not None:
+            with graph.inserting_before(site.add_node):
+                fused = graph.call_module(site.bn_node.target, (site.bn_node.args[0], site.residual))
+            fused.meta = dict(site.bn_node.meta)
+        last = site.dropout_node or site.relu_node
+        last.replace_all_uses_with(fused)
+        for node in (site.dropout_node, site.relu_node, site.add_node):
             if node is not None:
-                node.replace_all_uses_with(node.args[0])
                 graph.erase_node(node)
+        if fused is not site.bn_node:
+            graph.erase_node(site.bn_node)
     graph.lint()
 
 

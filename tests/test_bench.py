@@ -71,6 +71,11 @@ def test_quick_prints_progress_and_table(quick_run):
     assert "## Goals: " in stdout and "## End to end" in stdout
     e2e = _table_rows(stdout, "| model |")
     assert len(e2e) == 3 and "bnfused.convert" in e2e[2][0]
+    models = _table_rows(stdout, "| network |")  # torchvision-structured models, quick: two of them
+    assert [row[0] for row in models[1:]] == ["resnet18", "densenet121"]
+    for row in models[1:]:
+        assert re.match(r"\d+ / \d+ \(", row[2]) and re.fullmatch(r"[\d.]+x \([\d.]+-[\d.]+\)", row[5]), row
+    assert models[2][2].startswith("121 / 121")
     small = _table_rows(stdout, "| case | mode | eager ms | bnfused ms |")
     assert len(small) == 1 + 2 * 4  # 4 small shapes x (train fwd, train fwd+bwd)
     for row in small[1:]:
@@ -86,7 +91,7 @@ def test_quick_writes_results_file_and_plot(quick_run):
     text = results[0].read_text()
     for needle in ("**device**", "**torch**", "**date**", "**git commit**", "**threads**", "**copy bandwidth**",
                    "Byte model:", "## Comparison", "## Goals: ", "## End to end", "saved B/elem bnfused",
-                   "backward_input", "## Every peer", "## Small layers"):
+                   "backward_input", "## Every peer", "## Small layers", "torchvision-structured models"):
         assert needle in text, needle
     memory = _table_rows(text, "| case | saved B/elem")
     fused_col = memory[0].index("saved B/elem bnfused")

@@ -1,0 +1,123 @@
+"""End to end on torchvision-structured models (tests/torchvision_like.py, full depth, small widths): one training
+step (forward, cross-entropy backward, SGD) of each model unconverted against bnfused.convert() of a copy, rounds
+alternating in one process, and the sites convert() fused out of the sites the model holds."""
+from __future__ import annotations
+
+import copy
+import statistics
+import sys
+import warnings
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import bnfused
+
+from measure import Timing, first_call_seconds
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import torchvision_like as tv  # noqa: E402
+
+CLASSES = 10
+# name -> (builder, batch, image size): full depth (every site of the real model), widths cut so that one step
+# takes tens of milliseconds on a 2-core CPU.
+MODELS = {
+    "resnet18": (partial(tv.resnet18, width=16, num_classes=CLASSES), 8, 64),
+    "resnet50": (partial(tv.resnet50, width=8, num_classes=CLASSES), 8, 64),
+    "densenet121": (partial(tv.densenet121, growth_rate=8, num_init_features=16, num_classes=CLASSES), 8, 64),
+    "vgg11_bn": (partial(tv.vgg11_bn, width=16, num_classes=CLASSES, hidden=64, pool=1), 8, 64),
+    "mobilenet_v2": (partial(tv.mobilenet_v2, width_mult=0.5, num_classes=CLASSES), 8, 64),
+}
+QUICK_MODELS = ("resnet18", "densenet121")
+
+
+@dataclass(frozen=True)
+class ModelResult:
+    name: str
+    batch: int
+    image_size: int
+    fused_sites: int
+    sites: dict            # kind -> count in the model (tests/torchvision_like.count_sites)
+    unfused: Timing        # one training step, over every timed step of every round
+    converted: Timing
+    round_ratios: tuple    # per round: unfused median / converted median
+
+    @property
+    def speedup(self) -> float:
+        return statistics.median(self.round_ratios)
+
+    @property
+    def speedup_iqr(self) -> tuple[float, float]:
+        q = statistics.quantiles(self.round_ratios, n=4) if len(self.round_ratios) > 1 else [self.speedup] * 3
+        return q[0], q[2]
+
+
+def _timing(times: list[float]) -> Timing:
+    q = statistics.quantiles(times, n=4) if len(times) > 1 else times * 3
+    return Timing(statistics.median(times), q[2] - q[0], len(times))
+
+
+def _train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor):
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(images), labels).backward()
+        opt.step()
+
+    return step
+
+
+def measure_model(name: str, device: torch.device, rounds: int, steps: int) -> ModelResult:
+    builder, batch, size = MODELS[name]
+    torch.manual_seed(0)
+    unfused = builder().to(device).train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a model with nothing to fuse (MobileNetV2's ReLU6) warns
+        converted, report = bnfused.convert(copy.deepcopy(unfused), report=True)
+    images = torch.randn(batch, 3, size, size, device=device)
+    labels = torch.randint(0, CLASSES, (batch,), device=device)
+    peers = [_train_step(unfused, images, labels), _train_step(converted, images, labels)]
+    for step in peers:  # warm-up: allocator, oneDNN/cuDNN kernel selection, momentum buffers
+        step(), step()
+    times: list[list[float]] = [[], []]
+    ratios = []
+    for r in range(rounds):
+        order = (0, 1) if r % 2 == 0 else (1, 0)  # A/B then B/A: a slow phase of the machine hits both alike
+        medians = [0.0, 0.0]
+        for i in order:
+            taken = [first_call_seconds(peers[i], device) for _ in range(steps)]
+            times[i] += taken
+            medians[i] = statistics.median(taken)
+        ratios.append(medians[0] / medians[1])
+    return ModelResult(name, batch, size, report.num_fused, tv.count_sites(unfused), _timing(times[0]),
+                       _timing(times[1]), tuple(ratios))
+
+
+def run(device: torch.device, quick: bool = False) -> list[ModelResult]:
+    names = QUICK_MODELS if quick else tuple(MODELS)
+    rounds, steps = (3, 2) if quick else (7, 3)
+    return [measure_model(name, device, rounds, steps) for name in names]
+
+
+def _ms(t: Timing) -> str:
+    return f"{t.median * 1e3:.1f} ({t.iqr * 1e3:.1f})"
+
+
+def markdown(results: list[ModelResult]) -> str:
+    """The table: sites fused / existing, step times, speedup (median and IQR over rounds) and the goal (a faster
+    step for every model with a fused site; no fused site: nothing to gain, the step must not be slower)."""
+    lines = ["| network | input | sites fused / existing | unfused step ms (IQR) | converted step ms (IQR) | "
+             "speedup (IQR over rounds) | goal |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        existing = sum(r.sites.values())
+        kinds = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in r.sites.items() if n)
+        lo, hi = r.speedup_iqr
+        goal = ("goal" if r.speedup >= 1.0 else "below goal") if r.fused_sites else "- (nothing fused: same model)"
+        lines.append(f"| {r.name} | {r.batch}x3x{r.image_size}x{r.image_size} | {r.fused_sites} / {existing} "
+                     f"({kinds}) | {_ms(r.unfused)} | {_ms(r.converted)} | {r.speedup:.2f}x ({lo:.2f}-{hi:.2f}) | "
+                     f"{goal} |")
+    return "\n".join(lines)
