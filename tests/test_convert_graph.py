@@ -432,3 +432,23 @@ def test_add_with_another_user_or_a_residual_written_in_place_is_not_fused():
     with pytest.warns(UserWarning, match="fused no"):
         model, report = bnfused.convert(Net(), report=True)
     assert type(model.bn1) is nn.BatchNorm2d and type(model.bn2) is nn.BatchNorm2d
+
+
+def test_converting_twice_changes_nothing_more():
+    model, first = converted(build("resnet18"))
+    classes = [type(m) for m in model.modules()]
+    with pytest.warns(UserWarning, match="fused no"):
+        _, second = bnfused.convert(model, report=True)
+    assert second.num_fused == 0 and [type(m) for m in model.modules()] == classes
+    assert {u.name for u in second.unfused} == {u.name for u in first.unfused}
+
+
+def test_converted_on_the_device(device):
+    model = build("resnet18", torch.float32).to(device)
+    fused_model, report = converted(model)
+    assert report.num_fused >= 9
+    assert all(t.device.type == device.type for t in fused_model.state_dict().values())
+    x = torch.randn(4, 3, 64, 64, device=device)
+    for training in (True, False):
+        model.train(training), fused_model.train(training)
+        torch.testing.assert_close(fused_model(x), model(x), rtol=2e-4, atol=2e-4)
