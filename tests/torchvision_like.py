@@ -581,7 +581,7 @@ def count_sites(model: nn.Module) -> dict[str, int]:
         elif isinstance(m, DenseNet):
             counts["bn_relu"] += 2                       # features.norm0 -> relu0, features.norm5 -> F.relu
         elif isinstance(m, VGG):
-            counts["bn_relu"] += sum(isinstance(c, nn.BatchNorm2d) for c in m.features)
+            counts["bn_relu"] += sum(isinstance(c, nn.modules.batchnorm._BatchNorm) for c in m.features)
         elif isinstance(m, Conv2dNormActivation):
             counts["bn_relu6"] += 1
     return counts
