@@ -33,6 +33,7 @@ import torch  # noqa: E402
 import bnfused  # noqa: E402
 import bench_sync  # noqa: E402
 import e2e_models  # noqa: E402
+import compiled_models  # noqa: E402
 from cases import MODES, Case, Suite, make_suite  # noqa: E402
 from copy_floor import measure_floor  # noqa: E402
 from e2e import run_e2e  # noqa: E402
@@ -178,6 +179,10 @@ def main(argv=None) -> int:
     models_md = e2e_models.markdown(e2e_models.run(args.device, quick=suite.name == "quick"))
     say("small layers: fixed cost per call, bnfused vs the eager chain, rounds interleaved ...")
     run.small = run_small_layers(suite, args.p, args.device, args.threads)
+    compiled_md = ""
+    if not args.no_compile:
+        say("compiled models: unconverted vs bnfused.convert(), eager and torch.compile, rounds interleaved ...")
+        compiled_md = compiled_models.markdown(compiled_models.run(suite.name, args.device, args.threads, say=say))
     sync_md = ""
     if suite.name != "quick" and not args.no_sync:
         say("sync: SyncBatchNormReLUDropout vs nn.SyncBatchNorm chain, 2 gloo processes ...")
@@ -198,11 +203,12 @@ def main(argv=None) -> int:
     results_path = args.out / f"{stem}.md"
     sync_section = f"\n## Multi-process: SyncBatchNorm\n\n{sync_md}\n" if sync_md else ""
     models_section = f"\n{E2E_MODELS_TITLE}\n\n{models_md}\n"
+    compiled_section = f"\n## Compiled models\n\n{compiled_md}\n" if compiled_md else ""
     # The hand-kept before/after record of this device (what moved the numbers, commit by commit), if any.
     history_path = PUBLISHED_RESULTS / f"{slug(device_name(args.device))}-history.md"
     history = f"\n## Before / after\n\n{history_path.read_text()}" if history_path.exists() else ""
-    results_path.write_text(results_markdown(run, goals_title, checks, elapsed) + models_section + sync_section
-                            + history)
+    results_path.write_text(results_markdown(run, goals_title, checks, elapsed) + models_section + compiled_section
+                            + sync_section + history)
 
     say("\n## Comparison (median ms, IQR in parentheses)\n")
     say(summary_table(run))
@@ -217,6 +223,9 @@ def main(argv=None) -> int:
     say(models_md)
     say("\n## Small layers (fixed cost per call)\n")
     say(small_layers_table(run))
+    if compiled_md:
+        say("\n## Compiled models\n")
+        say(compiled_md)
     if sync_md:
         say("\n## Multi-process: SyncBatchNorm\n")
         say(sync_md)

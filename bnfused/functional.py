@@ -113,6 +113,37 @@ def _eager_cpp_path(input: Tensor) -> bool:
             and torch._C._len_torch_dispatch_stack() == 0)
 
 
+def _compiling_for_inductor() -> bool:
+    """Under torch.compile (not torch.export, whose programs keep the fused op as one portable node)."""
+    return torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+
+
+def _batch_norm_param_dtype(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                            weight: Optional[Tensor], bias: Optional[Tensor]) -> Optional[torch.dtype]:
+    """The one dtype F.batch_norm takes the parameters and running statistics in (weight/bias widened to it, never
+    narrowed; the running statistics, updated in place, keep theirs), or None where there is none."""
+    running = {t.dtype for t in (running_mean, running_var) if t is not None}
+    params = {t.dtype for t in (weight, bias) if t is not None}
+    if len(running) > 1:
+        return None
+    acc = ops.acc_dtype(input.dtype)
+    dtype = next(iter(running)) if running else acc if acc in params else input.dtype
+    return dtype if params <= {dtype, input.dtype} else None
+
+
+def _unfused_batch_norm_relu(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                             weight: Optional[Tensor], bias: Optional[Tensor], training: bool, momentum: float,
+                             eps: float, param_dtype: torch.dtype, residual: Optional[Tensor] = None) -> Tensor:
+    """relu(F.batch_norm(...) (+ residual)): what a block compiles to without dropout (eval, p = 0). It is the
+    graph the unfused model traces to, so inductor fuses the normalization and the ReLU with the neighbouring
+    ops (their reductions and pointwise passes) and generates the backward, where the opaque fused op would cost
+    passes of its own; without dropout the fused kernels have no mask to save either."""
+    weight = weight if weight is None or weight.dtype == param_dtype else weight.to(param_dtype)
+    bias = bias if bias is None or bias.dtype == param_dtype else bias.to(param_dtype)
+    z = torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    return torch.relu(z if residual is None else z + residual)
+
+
 def bn_relu_dropout_unchecked(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                               weight: Optional[Tensor], bias: Optional[Tensor], training: bool, momentum: float,
                               eps: float, p: float, generator: Optional[torch.Generator] = None,
@@ -122,6 +153,11 @@ def bn_relu_dropout_unchecked(input: Tensor, running_mean: Optional[Tensor], run
         return _empty_batch(input, weight, bias)
     drop = training if dropout_training is None else dropout_training
     p_eff = float(p) if drop else 0.0
+    if p_eff == 0.0 and _compiling_for_inductor():
+        param_dtype = _batch_norm_param_dtype(input, running_mean, running_var, weight, bias)
+        if param_dtype is not None:
+            return _unfused_batch_norm_relu(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                                            param_dtype)
     key = ops.philox_key(input.device, generator, seed) if p_eff > 0.0 else None
     if _eager_cpp_path(input):
         return _extension._C.bn_relu_dropout_eager(input, running_mean, running_var, weight, bias, bool(training),

@@ -82,6 +82,11 @@ def test_quick_prints_progress_and_table(quick_run):
         assert row[1] in ("train fwd", "train fwd+bwd")
         assert re.fullmatch(TIMING_CELL, row[2]) and re.fullmatch(TIMING_CELL, row[3]), row
         assert re.fullmatch(r"[\d.]+x", row[4]), row
+    compiled = _table_rows(stdout, "| model | mode | eager ms |")
+    assert [row[1] for row in compiled[1:]] == ["train p>0", "train p=0", "eval"]  # the quick suite's small CNN
+    for row in compiled[1:]:
+        assert all(re.fullmatch(TIMING_CELL, cell) for cell in row[2:6]), row
+        assert all(re.fullmatch(r"[\d.]+x( below goal)?", cell) for cell in row[6:8]), row
 
 
 def test_quick_writes_results_file_and_plot(quick_run):
@@ -91,7 +96,8 @@ def test_quick_writes_results_file_and_plot(quick_run):
     text = results[0].read_text()
     for needle in ("**device**", "**torch**", "**date**", "**git commit**", "**threads**", "**copy bandwidth**",
                    "Byte model:", "## Comparison", "## Goals: ", "## End to end", "saved B/elem bnfused",
-                   "backward_input", "## Every peer", "## Small layers", "torchvision-structured models"):
+                   "backward_input", "## Every peer", "## Small layers", "torchvision-structured models",
+                   "## Compiled models"):
         assert needle in text, needle
     memory = _table_rows(text, "| case | saved B/elem")
     fused_col = memory[0].index("saved B/elem bnfused")
