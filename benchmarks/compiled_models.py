@@ -3,7 +3,7 @@
 of it, each eager and compiled, in three modes (train with dropout p > 0, train with p = 0, eval), the four
 peers' rounds interleaved in one process. The goal: converted >= 1.0x unconverted, eager and compiled alike.
 
-    python benchmarks/compiled_models.py [--quick] [--only NAME]   # prints the markdown table
+    python benchmarks/compiled_models.py [--quick | --full] [--only NAME] [--publish]  # table + results file
     run(suite, device, threads) -> list[Row]; markdown(rows) -> str  # for bench.py
 """
 from __future__ import annotations
@@ -17,13 +17,16 @@ from pathlib import Path
 from typing import Callable
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent)]
+sys.path[:0] = [str(HERE), str(HERE.parent), str(HERE.parent / "tests")]  # torchvision_like: the test models
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import bnfused  # noqa: E402
+import torchvision_like  # noqa: E402
+from environment import device_name, load_average, run_meta, slug  # noqa: E402
 from measure import Timing, time_interleaved  # noqa: E402
+from report import fmt_timing  # noqa: E402
 
 P_TRAIN = 0.1
 MODES = ("train p>0", "train p=0", "eval")
@@ -39,41 +42,16 @@ def small_cnn(p: float) -> nn.Module:
 
 
 def vgg_bn(p: float) -> nn.Module:
-    """A narrow vgg11_bn: Conv -> BN -> ReLU stages with max pooling, classifier Linear -> ReLU -> Dropout."""
-    layers: list[nn.Module] = []
-    cin = 3
-    for v in (32, "M", 64, "M", 128, 128, "M", 256, 256, "M"):
-        if v == "M":
-            layers.append(nn.MaxPool2d(2))
-        else:
-            layers += [nn.Conv2d(cin, v, 3, padding=1), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
-            cin = v
-    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(256 * 2 * 2, 256), nn.ReLU(True), nn.Dropout(p),
-                         nn.Linear(256, 256), nn.ReLU(True), nn.Dropout(p), nn.Linear(256, 10))
+    """torchvision's vgg11_bn structure at width 16: Conv -> BN -> ReLU stages (fused with p = 0), classifier
+    Linear -> ReLU -> Dropout(p) (unfused in both)."""
+    model = torchvision_like.vgg11_bn(width=16, num_classes=10, hidden=256, pool=1)
+    _set_p(model, p)
+    return model
 
 
-class _BasicBlock(nn.Module):
-    """torchvision's BasicBlock with a Dropout after the first ReLU (the pair convert() fuses)."""
-
-    def __init__(self, cin: int, cout: int, stride: int, p: float) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.body = nn.Sequential(nn.BatchNorm2d(cout), nn.ReLU(inplace=True), nn.Dropout(p))
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.downsample = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-                           if stride != 1 or cin != cout else nn.Identity())
-
-    def forward(self, x):
-        return torch.relu(self.bn2(self.conv2(self.body(self.conv1(x)))) + self.downsample(x))
-
-
-def resnet_like(p: float) -> nn.Module:
-    """A narrow resnet: Conv -> BN -> ReLU stem and three stages of basic blocks."""
-    return nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(inplace=True),
-        _BasicBlock(32, 32, 1, p), _BasicBlock(32, 64, 2, p), _BasicBlock(64, 128, 2, p),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10))
+def resnet(p: float) -> nn.Module:
+    """torchvision's resnet18 structure at width 16 (no dropout: its BN -> ReLU sites fuse with p = 0)."""
+    return torchvision_like.resnet18(width=16, num_classes=10)
 
 
 def block(channels: int) -> Callable[[float], nn.Module]:
@@ -86,14 +64,15 @@ class Workload:
     build: Callable[[float], nn.Module]   # the unconverted model for a dropout probability
     shape: tuple[int, ...]                # input (N, C, H, W)
     classes: int = 0                      # > 0: cross-entropy over a head; 0: backward of a random grad_out
+    dropout: bool = True                  # False: the model has no dropout to set, "train p>0" is not run
 
 
 def workloads(suite: str) -> list[Workload]:
     if suite == "quick":
         return [Workload("small CNN", small_cnn, (8, 3, 16, 16), 10)]
     return [Workload("small CNN", small_cnn, (32, 3, 32, 32), 10),
-            Workload("VGG-bn style", vgg_bn, (16, 3, 32, 32), 10),
-            Workload("ResNet style", resnet_like, (16, 3, 32, 32), 10),
+            Workload("vgg11_bn-style", vgg_bn, (16, 3, 32, 32), 10),
+            Workload("resnet18-style", resnet, (16, 3, 32, 32), 10, dropout=False),
             Workload("block 64x64x56x56", block(64), (64, 64, 56, 56)),
             Workload("block 32x256x28x28", block(256), (32, 256, 28, 28))]
 
@@ -131,7 +110,7 @@ def _step(forward: Callable, model: nn.Module, mode: str, x: torch.Tensor, targe
 
 
 def measure(work: Workload, device: torch.device, threads: int, min_time: float, max_time: float,
-            min_samples: int, say: Callable[[str], None] = print) -> list[Row]:
+            min_samples: int, rounds: int, say: Callable[[str], None] = print) -> list[Row]:
     torch.manual_seed(0)
     unconverted = work.build(P_TRAIN).to(device)
     converted = bnfused.convert(copy.deepcopy(unconverted))
@@ -143,7 +122,7 @@ def measure(work: Workload, device: torch.device, threads: int, min_time: float,
     else:
         target = torch.randn(work.shape, device=device)
     rows = []
-    for mode in MODES:
+    for mode in MODES if work.dropout else MODES[1:]:
         start = time.perf_counter()
         for model in (unconverted, converted):
             _set_p(model, 0.0 if mode == "train p=0" else P_TRAIN)
@@ -152,7 +131,7 @@ def measure(work: Workload, device: torch.device, threads: int, min_time: float,
         for fn in fns[2:]:  # compile before timing: time_interleaved's first call is its run-time estimate
             fn()
         timings = time_interleaved(fns, device, threads, min_time=min_time, max_time=max_time,
-                                   min_samples=min_samples)
+                                   min_samples=min_samples, rounds=rounds)
         row = Row(work.name, mode, dict(zip(PEERS, timings)))
         rows.append(row)
         say(f"    {work.name:<19} {mode:<10} | "
@@ -163,21 +142,19 @@ def measure(work: Workload, device: torch.device, threads: int, min_time: float,
     return rows
 
 
-SUITE_TIMES = {"quick": (0.05, 0.2, 3), "default": (0.25, 1.0, 7), "full": (0.5, 3.0, 10)}
+# suite -> (min_time, max_time, min_samples, rounds): more, shorter rounds where a neighbour's burst would otherwise
+# land on one peer's only round.
+SUITE_TIMES = {"quick": (0.05, 0.2, 3, 2), "default": (0.3, 1.2, 7, 6), "full": (0.6, 3.0, 10, 8)}
 
 
 def run(suite: str, device: torch.device, threads: int, only: str | None = None,
         say: Callable[[str], None] = print) -> list[Row]:
-    min_time, max_time, min_samples = SUITE_TIMES[suite]
+    min_time, max_time, min_samples, rounds = SUITE_TIMES[suite]
     rows = []
     for work in workloads(suite):
         if only is None or only.lower() in work.name.lower():
-            rows += measure(work, device, threads, min_time, max_time, min_samples, say)
+            rows += measure(work, device, threads, min_time, max_time, min_samples, rounds, say)
     return rows
-
-
-def _cell(t: Timing) -> str:
-    return f"{t.median * 1e3:.2f} ({t.iqr * 1e3:.2f})"
 
 
 def _verdict(ratio: float) -> str:
@@ -185,29 +162,44 @@ def _verdict(ratio: float) -> str:
 
 
 def markdown(rows: list[Row]) -> str:
-    lines = [f"Per step, median ms (IQR); train p>0 uses p = {P_TRAIN}. Ratio = unconverted / converted time (goal: "
-             ">= 1.0x); the four peers' rounds are interleaved.", "",
+    lines = [f"One step (train: forward + backward; eval: forward under no_grad), median ms (IQR) of the quietest "
+             f"round; the four peers' rounds are interleaved. train p>0 sets every dropout to p = {P_TRAIN} (the "
+             "resnet18-style model has none). Ratio = unconverted time / converted time (goal: >= 1.0x).", "",
              "| model | mode | eager ms | bnfused ms | compile ms | bnfused+compile ms | eager ratio | compile ratio |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r.workload} | {r.mode} | " + " | ".join(_cell(r.timings[p]) for p in PEERS)
+        lines.append(f"| {r.workload} | {r.mode} | " + " | ".join(fmt_timing(r.timings[p]) for p in PEERS)
                      + f" | {_verdict(r.ratio('bnfused', 'eager'))} | {_verdict(r.ratio('bnfused+compile', 'compile'))} |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--full", action="store_true", help="longer timing runs")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="the small CNN at a small batch, short rounds")
+    size.add_argument("--full", action="store_true", help="the default workloads, longer and more rounds")
     parser.add_argument("--only", help="run the workloads whose name contains this")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--publish", action="store_true",
+                        help="write benchmarks/results/<device>-compile.md (committed) instead of results/local/")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     suite = "quick" if args.quick else "full" if args.full else "default"
+    device = torch.device("cpu")
     start = time.perf_counter()
-    rows = run(suite, torch.device("cpu"), args.threads, args.only)
-    print(markdown(rows))
-    print(f"total: {time.perf_counter() - start:.0f} s")
+    load_first = load_average()
+    rows = run(suite, device, args.threads, args.only)
+    table = markdown(rows)
+    print(table)
+    meta = run_meta(device, args.threads, suite, P_TRAIN, HERE.parent)
+    meta["load average"] = f"{load_first} at the start, {load_average()} at the end (1/5/15 min)"
+    meta["run time"] = f"{time.perf_counter() - start:.0f} s (compilation included)"
+    out = HERE / "results" / ("" if args.publish else "local")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{slug(device_name(device))}-compile{'' if suite == 'default' else '-' + suite}.md"
+    path.write_text(f"# torch.compile of converted models: {meta['device']}\n\n"
+                    + "\n".join(f"- **{k}**: {v}" for k, v in meta.items()) + f"\n\n{table}\n")
+    print(f"results: {path}")
     return 0
 
 

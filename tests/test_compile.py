@@ -80,9 +80,10 @@ def test_compile_fullgraph_trains_like_eager(device):
     for step in range(2):
         h_e, out_e, loss_e = _train_step(eager, x, target, seed=100 + step)
         h_c, out_c, loss_c = _train_step(compiled, x, target, seed=100 + step)
-        # p = 0 block: same op on (near-)identical conv output; p > 0 block: same key -> same mask. Measured on
-        # this CPU (torch 2.13): outputs bit-identical, grads within 6e-8; the tolerance leaves room for
-        # inductor's own rsqrt/reduction codegen on other ISAs and GPUs.
+        # p = 0 block: compiled, it is inductor's batch norm + relu (what the unfused model compiles to) against
+        # the fused kernels in eager; p > 0 block: same fused ops, same key -> same mask. Measured on this CPU
+        # (torch 2.13): outputs within 3e-7, grads within 5e-7, running stats within 1.2e-7; the tolerance leaves
+        # room for inductor's own rsqrt/reduction codegen on other ISAs and GPUs.
         torch.testing.assert_close(h_c, h_e, **TOL)
         torch.testing.assert_close(out_c, out_e, **TOL, msg="p > 0 output differs: did inductor replace the key's RNG?")
         torch.testing.assert_close(loss_c, loss_e, **TOL)
