@@ -37,5 +37,9 @@ build: $(ENV_STAMP)
 cuda-check:
 	.ci/cuda_compile_check.sh
 
+# The CUDA kernels run on a CPU emulation of CUDA, plain and under TSan / ASan+UBSan (g++ only, no GPU, no torch).
+emu-check:
+	tests/cuda_emulation/emu_check.sh
+
 clean:
-	rm -rf build bnfused/_C*.so .cuda_check
+	rm -rf build bnfused/_C*.so .cuda_check .emu_check

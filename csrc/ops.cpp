@@ -157,13 +157,20 @@ std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& input) {
 }
 
 #ifdef BNFUSED_WITH_CUDA
+// Values each channel's statistics are taken over: N * prod(spatial), never numel / C (C may be 0).
+int64_t values_per_channel(const at::Tensor& x) {
+  int64_t count = x.size(0);
+  for (int64_t d = 2; d < x.dim(); ++d) count *= x.size(d);
+  return count;
+}
+
 // The device path of batch_stats_update: tensor ops on the statistics, no host sync.
 std::tuple<at::Tensor, at::Tensor> batch_stats_update_tensor_ops(const at::Tensor& input, const OptTensor& running_mean,
                                                                  const OptTensor& running_var, double momentum,
                                                                  double eps) {
   auto [mean, var] = batch_stats(input);
   if (running_mean.has_value() && running_mean->defined()) {
-    const int64_t count = input.numel() / input.size(1);
+    const int64_t count = values_per_channel(input);
     const double unbias = unbiased_var_factor(count);
     at::Tensor rm = *running_mean, rv = *running_var;
     rm.mul_(1.0 - momentum).add_(mean.to(rm.scalar_type()), momentum);

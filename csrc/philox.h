@@ -58,6 +58,9 @@ BNFUSED_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t
 
 // Philox output for the block of 8 elements starting at logical index 8*block.
 BNFUSED_HD Philox4 mask_block(PhiloxKey key, uint64_t block) {
+#ifdef BNFUSED_PHILOX_CALL_HOOK
+  BNFUSED_PHILOX_CALL_HOOK();  // the CUDA emulation counts Philox calls per element
+#endif
   return philox4x32_10(static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32),
                        static_cast<uint32_t>(key.offset), static_cast<uint32_t>(key.offset >> 32),
                        static_cast<uint32_t>(key.seed), static_cast<uint32_t>(key.seed >> 32));

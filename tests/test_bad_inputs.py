@@ -1,5 +1,8 @@
 """Bad input raises PyTorch's error type with a clear message before any running statistic or num_batches_tracked
 moves; NaN and inf propagate as they do through nn.BatchNormXd -> ReLU -> Dropout."""
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -310,3 +313,18 @@ def test_inf_running_mean_value_like_pytorch(device, layout):
     block(x)
     bn(x)
     torch.testing.assert_close(block.running_mean, bn.running_mean, equal_nan=True)
+
+
+def test_zero_channels_with_running_stats_does_not_kill_the_process(device):
+    # The element count per channel was numel / C: an integer division by zero (SIGFPE) for C == 0. Run in a
+    # subprocess so the old crash fails this test instead of ending the test run.
+    code = (
+        "import torch, bnfused\n"
+        f"d = torch.device({str(device)!r})\n"
+        "rm, rv = torch.empty(0, device=d), torch.empty(0, device=d)\n"
+        "mean, rstd = torch.ops.bnfused.batch_stats_update(torch.empty(2, 0, 3, 3, device=d), rm, rv, 0.1, 1e-5)\n"
+        "assert mean.shape == (0,) and rstd.shape == (0,), (mean.shape, rstd.shape)\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode, proc.stderr[-2000:])

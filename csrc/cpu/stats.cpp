@@ -328,7 +328,8 @@ std::tuple<at::Tensor, at::Tensor> batch_stats_update_cpu(const at::Tensor& x, c
     }
   });
   if (running_mean.has_value() && running_mean->defined()) {
-    const int64_t count = x.numel() / x.size(1);
+    const Geometry g = geometry_of(x);
+    const int64_t count = g.N * g.S;  // not numel / C: C may be 0
     const double unbias = unbiased_var_factor(count);
     std::vector<double> unbiased(C);
     for (int64_t c = 0; c < C; ++c) unbiased[c] = v64[c] * unbias;

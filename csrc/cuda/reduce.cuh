@@ -135,7 +135,11 @@ struct StatsOp {
       }
     const acc_t corr = d1 / cnt;
     const acc_t m2 = d2 - d1 * corr;  // >= 0 up to rounding; NaN stays NaN
-    acc = combine(acc, Acc<acc_t>{cnt, m + corr, m2 < acc_t(0) ? acc_t(0) : m2});
+    // A +-inf element makes every deviation NaN (inf - inf): the unit's mean is then the plain sum / cnt
+    // (+-inf, as torch.mean gives), its m2 stays NaN.
+    const acc_t corrected = m + corr;
+    const acc_t unit_mean = (corrected - corrected == acc_t(0)) ? corrected : m;
+    acc = combine(acc, Acc<acc_t>{cnt, unit_mean, m2 < acc_t(0) ? acc_t(0) : m2});
   }
 
   template <typename T>

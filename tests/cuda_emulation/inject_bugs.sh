@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The emulation harness must be able to fail: each known kernel bug below is applied to a copy of csrc/ (never
+# to the sources), the float32 driver is built against the copy with the build that should catch it, run on the
+# op it breaks, and must fail with the expected report. Prints what caught each bug; exits non-zero if any bug
+# went unnoticed. Called by emu_check.sh.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+CXX=${CXX:-g++}
+OUT=.emu_check/inject
+rm -rf "$OUT"
+mkdir -p "$OUT"
+COMMON=(-std=c++20 -O0 -g -ffp-contract=off -w -DBNFUSED_CUDA_EMULATION -DEMU_FLOAT32_ONLY -Itests/cuda_emulation
+        -pthread)
+declare -A SAN=([plain]="" [tsan]="-fsanitize=thread" [asan]="-fsanitize=address,undefined -fno-sanitize-recover=all")
+
+# name | file | exact text | replacement | build | driver arguments | expected report (grep -E)
+BUGS=(
+  "missing __syncthreads in block_reduce|cuda/reduce.cuh|  if ((tid & 31) == 0) partial[tid >> 5] = a;
+  __syncthreads();|  if ((tid & 31) == 0) partial[tid >> 5] = a;|tsan|--quick --only stats|ThreadSanitizer: data race"
+  "shuffle in a divergent branch|cuda/reduce.cuh|  a = warp_reduce(a);
+  if ((tid & 31) == 0)|  if ((tid & 31) < 16) a = warp_reduce(a);
+  if ((tid & 31) == 0)|plain|--quick --only stats|divergent warp"
+  "partial shuffle mask|cuda/reduce.cuh|__shfl_down_sync(0xffffffffu, a.g, delta)|__shfl_down_sync(0x0000ffffu, a.g, delta)|plain|--quick --only backward_reduce|with mask 0x0000ffff, but the live lanes"
+  "out-of-bounds shared read|cuda/reduce.cuh|a = tid < nwarps ? partial[tid] : identity;|a = tid <= nwarps ? partial[tid] : identity;|asan|--quick --only stats|heap-buffer-overflow"
+  "skipped shared write|cuda/reduce.cuh|  if ((tid & 31) == 0) partial[tid >> 5] = a;|  if ((tid & 31) == 0 && (tid >> 5) < nwarps - 1) partial[tid >> 5] = a;|plain|--quick --only stats|FAIL stats"
+  "gridDim.y > 65535|cuda/reduce.cuh|    plan.splits = std::clamp<int64_t>(plan.splits, 1, 65535);
+    plan.vec = aligned_to(x_ptr, 16)|    plan.splits = 65536;
+    plan.vec = aligned_to(x_ptr, 16)|plain|--quick --only stats|CUDA error 9 .*cudaGetLastError"
+  "vector loads on a misaligned pointer|cuda/apply.cuh|    const bool vec_ok = aligned_to(x_ptr, 16) && aligned_to(dy_ptr, 16) && aligned_to(out_ptr, 16);|    const bool vec_ok = true;|asan|--quick --only forward|misaligned address"
+)
+
+status=0
+i=0
+for spec in "${BUGS[@]}"; do
+  i=$((i + 1))
+  IFS='|' read -r -d '' name file old new build args expect <<<"$spec" || true
+  expect=${expect%$'\n'}
+  dir=$OUT/bug$i
+  mkdir -p "$dir"
+  cp -r csrc "$dir/csrc"
+  if ! OLD="$old" NEW="$new" python3 - "$dir/csrc/$file" <<'PY'
+import os, sys
+path = sys.argv[1]
+src = open(path).read()
+old, new = os.environ["OLD"], os.environ["NEW"]
+if src.count(old) < 1:
+    sys.exit(f"pattern not found in {path}: {old!r}")
+open(path, "w").write(src.replace(old, new, 1))
+PY
+  then
+    echo "FAIL   bug $i ($name): could not apply the patch (the kernel changed?)"; status=1; continue
+  fi
+  t0=$SECONDS
+  # shellcheck disable=SC2086
+  if ! "$CXX" "${COMMON[@]}" -I "$dir/csrc" ${SAN[$build]} tests/cuda_emulation/driver.cpp -o "$dir/driver" \
+       >"$dir/build.log" 2>&1; then
+    echo "FAIL   bug $i ($name): the patched kernels do not build"; sed 's/^/       /' "$dir/build.log" | head; status=1
+    continue
+  fi
+  # shellcheck disable=SC2086
+  CUDA_EMU_TIMEOUT_S=20 TSAN_OPTIONS="halt_on_error=1 exitcode=66" ASAN_OPTIONS="detect_leaks=0" \
+    UBSAN_OPTIONS="halt_on_error=1" timeout 300 "$dir/driver" $args >"$dir/run.log" 2>&1
+  rc=$?
+  if [ $rc -ne 0 ] && grep -Eq "$expect" "$dir/run.log"; then
+    echo "caught bug $i ($name): $build build, exit $rc, \"$(grep -Em1 "$expect" "$dir/run.log" | cut -c1-150)\" ($((SECONDS - t0)) s)"
+  else
+    echo "MISSED bug $i ($name): $build build, exit $rc, no /$expect/ in $dir/run.log"; tail -5 "$dir/run.log"
+    status=1
+  fi
+done
+exit $status
