@@ -5,8 +5,9 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only on a broken install
     raise ImportError(
         "bnfused's compiled extension (bnfused._C) is not built or does not match the installed torch. "
-        "Build it with `make build` (or `python setup.py build_ext --inplace`, or "
-        "`pip install --no-build-isolation -e .`) in the bnfused checkout. Original error: " + str(exc)
+        "In a checkout, build it with `make build` or `pip install --no-build-isolation -e .`; to install, run "
+        "`pip install --no-build-isolation .` (then import bnfused from outside the source tree, whose bnfused/ "
+        "folder would shadow the installed package). Rebuild after changing torch. Original error: " + str(exc)
     ) from exc
 
 WITH_CUDA: bool = bool(_C.with_cuda)

@@ -1,0 +1,68 @@
+"""Packaging and user-facing text: the version has one source, setup.py explains a missing torch in one line, and
+README.md / docs/ name only things a user of the repository can follow (links that resolve, no issue numbers, no
+paths outside the repository). The pip install itself is checked in CI by .ci/install_check.sh (it needs the
+package index and compiles the extension twice)."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import bnfused
+from bnfused import _version
+
+REPO = Path(__file__).resolve().parent.parent
+USER_TEXT = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
+def test_version_has_one_source():
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    meta = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert "version" in meta["project"]["dynamic"] and "version" not in meta["project"]
+    assert meta["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "bnfused._version.__version__"}
+    assert bnfused.__version__ == _version.__version__
+    assert "version=" not in (REPO / "setup.py").read_text()
+
+
+def test_build_does_not_pull_torch_into_an_isolated_build():
+    """An isolated build would download a torch of several GB and build against it instead of the installed one;
+    without torch in build-system.requires it stops at once with setup.py's message."""
+    tomllib = pytest.importorskip("tomllib")
+    requires = tomllib.loads((REPO / "pyproject.toml").read_text())["build-system"]["requires"]
+    assert not any(re.match(r"torch\b", r) for r in requires), requires
+    assert "torch" in " ".join(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"])
+
+
+def test_setup_without_torch_says_what_to_do():
+    # setup.py run by an interpreter where `import torch` fails, as in an isolated build or a torch-less venv.
+    code = ("import sys; sys.modules['torch'] = None; sys.argv = ['setup.py', '--version']; "
+            "exec(compile(open('setup.py').read(), 'setup.py', 'exec'))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install --no-build-isolation" in lines[0] and "torch" in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize("path", USER_TEXT, ids=lambda p: p.name)
+def test_user_text_names_nothing_outside_the_repository(path):
+    text = path.read_text()
+    assert not re.search(r"\bissues?\b", text, re.IGNORECASE), "issue numbers mean nothing to a user"
+    assert "../" not in text and "/work/" not in text and "shared/" not in text
+    assert not re.search(r"\bsessions?\b|\bthe team\b|\bfrozen\b", text, re.IGNORECASE)
+
+
+@pytest.mark.parametrize("path", USER_TEXT, ids=lambda p: p.name)
+def test_user_text_links_resolve(path):
+    """Every relative markdown link, and every path of the repository's folders named in backquotes, exists."""
+    text = path.read_text()
+    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+        if "://" in target:
+            continue
+        assert (path.parent / target).exists(), f"{path.name} links {target}, which does not exist"
+    tops = r"(?:csrc|bnfused|tests|benchmarks|docs|examples|\.ci)"
+    for name in re.findall(rf"`({tops}/[A-Za-z0-9_.\-/]*)`", text):
+        if name.rstrip("/").endswith("/local"):
+            continue  # the bench's untracked output folder, made by the first run
+        assert (REPO / name).exists(), f"{path.name} names `{name}`, which is not in the repository"
