@@ -11,6 +11,7 @@ Environment knobs:
 import glob
 import os
 import sys
+import sysconfig
 
 from setuptools import setup
 
@@ -75,4 +76,16 @@ def extension():
         extra_link_args=["-fopenmp"])
 
 
-setup(ext_modules=[extension()], cmdclass={"build_ext": cpp_extension.BuildExtension})
+class BuildExtension(cpp_extension.BuildExtension):
+    """torch's BuildExtension, with its objects always in build/temp.<platform>-<python>: where `make build` and
+    `pip install .` keep them anyway, and where pip's editable builds (`pip install -e .`), which otherwise compile
+    everything again in a fresh temporary folder, find them too, so ninja recompiles only what changed."""
+
+    def finalize_options(self):
+        if self.build_temp is None:
+            tag = f"{sysconfig.get_platform()}-{sys.implementation.cache_tag}"
+            self.build_temp = os.path.join(ROOT, "build", f"temp.{tag}")
+        super().finalize_options()
+
+
+setup(ext_modules=[extension()], cmdclass={"build_ext": BuildExtension})
