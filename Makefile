@@ -1,4 +1,4 @@
-# The README's two commands: `make test` and `make bench` (plus build, bench-publish, cuda-check).
+# The README's two commands: `make test` and `make bench` (plus build, bench-publish, cuda-check, emu-check).
 # Python: the current python3 when it already imports torch (the GPU machine, itself a venv, no network);
 # otherwise a local .venv with torch==2.13.0 (the CPU wheel on this machine's disk) and the test tools.
 SYSTEM_PY := python3
