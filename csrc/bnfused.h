@@ -73,6 +73,9 @@ at::Tensor bn_relu_dropout_eager(const at::Tensor& input, const OptTensor& runni
 // ---- CUDA backend (csrc/cuda) ----
 // The key lives in device memory (int64[2]: seed, offset) so CUDA graph replays read a fresh one.
 std::tuple<at::Tensor, at::Tensor> batch_stats_cuda(const at::Tensor& x);
+// (mean, rstd) with running_mean/running_var (when given) updated in place, all in the reduction's finalize.
+std::tuple<at::Tensor, at::Tensor> batch_stats_update_cuda(const at::Tensor& x, const OptTensor& running_mean,
+                                                           const OptTensor& running_var, double momentum, double eps);
 void forward_cuda(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd, const OptTensor& weight,
                   const OptTensor& bias, const at::Tensor& key, double p, at::Tensor& out);
 std::tuple<at::Tensor, at::Tensor> backward_reduce_cuda(const at::Tensor& dy, const at::Tensor& x,
@@ -81,8 +84,8 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_cuda(const at::Tensor& dy, co
                                                         const at::Tensor& key, double p);
 void backward_input_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
                          const at::Tensor& rstd, const OptTensor& weight, const OptTensor& bias,
-                         const at::Tensor& key, double p, const OptTensor& mean_g, const OptTensor& mean_g_xhat,
-                         at::Tensor& dx);
+                         const at::Tensor& key, double p, const OptTensor& sum_g, const OptTensor& sum_g_xhat,
+                         int64_t count, at::Tensor& dx);
 void dropout_mask_cuda(const at::Tensor& key, double p, at::Tensor& keep);
 #endif
 

@@ -156,30 +156,6 @@ std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& input) {
   return batch_stats_cpu(x);
 }
 
-#ifdef BNFUSED_WITH_CUDA
-// Values each channel's statistics are taken over: N * prod(spatial), never numel / C (C may be 0).
-int64_t values_per_channel(const at::Tensor& x) {
-  int64_t count = x.size(0);
-  for (int64_t d = 2; d < x.dim(); ++d) count *= x.size(d);
-  return count;
-}
-
-// The device path of batch_stats_update: tensor ops on the statistics, no host sync.
-std::tuple<at::Tensor, at::Tensor> batch_stats_update_tensor_ops(const at::Tensor& input, const OptTensor& running_mean,
-                                                                 const OptTensor& running_var, double momentum,
-                                                                 double eps) {
-  auto [mean, var] = batch_stats(input);
-  if (running_mean.has_value() && running_mean->defined()) {
-    const int64_t count = values_per_channel(input);
-    const double unbias = unbiased_var_factor(count);
-    at::Tensor rm = *running_mean, rv = *running_var;
-    rm.mul_(1.0 - momentum).add_(mean.to(rm.scalar_type()), momentum);
-    rv.mul_(1.0 - momentum).add_(var.mul(unbias).to(rv.scalar_type()), momentum);
-  }
-  return {mean, var.add(eps).rsqrt_()};
-}
-#endif
-
 // Batch statistics for the training forward in one call: (mean, rstd) and, when given, the running
 // statistics updated in place (running_var with the unbiased variance), all on the input's device without a
 // host sync. Saves the half-dozen small Python-level ops per call that dominate small inputs; on the CPU the
@@ -196,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor> batch_stats_update(const at::Tensor& input, c
     check_channel_param(*running_var, input, op, "running_var");
   }
 #ifdef BNFUSED_WITH_CUDA
-  if (input.is_cuda()) return batch_stats_update_tensor_ops(input, running_mean, running_var, momentum, eps);
+  if (input.is_cuda()) return batch_stats_update_cuda(in_kernel_layout(input), running_mean, running_var, momentum, eps);
 #endif
   return batch_stats_update_cpu(in_kernel_layout(input), running_mean, running_var, momentum, eps);
 }
@@ -270,12 +246,7 @@ at::Tensor backward_input(const at::Tensor& grad_out, const at::Tensor& input, c
   auto dx = cpu::empty_output(a.x, kernel_memory_format(a.x));
 #ifdef BNFUSED_WITH_CUDA
   if (a.x.is_cuda()) {
-    OptTensor mg, mgx;
-    if (has_g) {
-      mg = sg->div(static_cast<double>(n));
-      mgx = sgx->div(static_cast<double>(n));
-    }
-    backward_input_cuda(dy, a.x, a.mean, a.rstd, a.weight, a.bias, key, p, mg, mgx, dx);
+    backward_input_cuda(dy, a.x, a.mean, a.rstd, a.weight, a.bias, key, p, sg, sgx, n, dx);
     return dx;
   }
 #endif

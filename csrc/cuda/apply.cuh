@@ -88,11 +88,15 @@ __global__ void __launch_bounds__(kThreads)
     // Keep bits first (8 per channel), so the rows below stream through registers one at a time.
     uint32_t keep[V];
     typename Op::Chan ch[V];
+    [[maybe_unused]] PhiloxCache cache;
 #pragma unroll
     for (int v = 0; v < V; ++v) {
       if constexpr (kDropout) {
         const uint64_t L = static_cast<uint64_t>((n * C + c0 + v) * S + s0);  // logical index of (n, c, s0)
-        keep[v] = run_keep_bits<kAligned8>(key, L, rows, drop.threshold);
+        if constexpr (kAligned8)
+          keep[v] = run_keep_bits<true>(key, L, rows, drop.threshold);
+        else
+          keep[v] = run_keep_bits_cached(cache, key, L, rows, drop.threshold);
       } else {
         keep[v] = 0xFFu;
       }

@@ -191,6 +191,44 @@ __device__ __forceinline__ uint32_t pick_word(const Philox4& r0, const Philox4& 
   return v;
 }
 
+// The last two Philox blocks a thread generated. Channels_last units of adjacent channels share blocks when
+// S < 8 (2-d input: S == 1), so a thread's V channels generate each block once instead of once per channel.
+struct PhiloxCache {
+  uint64_t b0 = ~uint64_t(0), b1 = ~uint64_t(0);
+  Philox4 r0, r1;
+  bool newest_is_1 = false;
+  __device__ __forceinline__ Philox4 get(PhiloxKey key, uint64_t b) {
+    if (b == b0) return r0;
+    if (b == b1) return r1;
+    const Philox4 r = mask_block(key, b);
+    if (newest_is_1) {
+      b0 = b;
+      r0 = r;
+    } else {
+      b1 = b;
+      r1 = r;
+    }
+    newest_is_1 = !newest_is_1;
+    return r;
+  }
+};
+
+// Keep bits of the logical run L .. L+rows-1 (rows <= 8, any L) through the thread's cache of Philox blocks.
+__device__ __forceinline__ uint32_t run_keep_bits_cached(PhiloxCache& cache, PhiloxKey key, uint64_t L, int rows,
+                                                         uint32_t threshold) {
+  const int l0 = static_cast<int>(L & 7);
+  const Philox4 r0 = cache.get(key, L >> 3);
+  const Philox4 r1 = (l0 + rows > kUnit) ? cache.get(key, (L >> 3) + 1) : r0;
+  uint32_t bits = 0;
+#pragma unroll
+  for (int j = 0; j < kUnit; ++j) {
+    const int pos = l0 + j;  // 0..14
+    const uint32_t u16 = (pick_word(r0, r1, pos >> 1) >> ((pos & 1) * 16)) & 0xFFFFu;
+    bits |= static_cast<uint32_t>(u16 >= threshold) << j;
+  }
+  return bits;
+}
+
 // Keep bits of the logical run L, L+1, ..., L+rows-1 (rows <= 8): bit j <-> element L+j.
 // kAligned8: the caller guarantees L % 8 == 0 (one Philox call, compile-time lanes).
 template <bool kAligned8>

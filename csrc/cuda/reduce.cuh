@@ -97,6 +97,39 @@ __device__ __forceinline__ Acc block_reduce(Acc a, const Acc& identity) {
 
 // ---- the two ops ----
 
+// Storage dtype of a running statistic (running_mean / running_var keep their own dtype and strides).
+enum class StatDtype : int { Float, Double, Half, BFloat16 };
+
+__device__ __forceinline__ double load_stat(const void* p, int64_t i, StatDtype t) {
+  switch (t) {
+    case StatDtype::Float: return static_cast<const float*>(p)[i];
+    case StatDtype::Double: return static_cast<const double*>(p)[i];
+    case StatDtype::Half: return __half2float(static_cast<const __half*>(p)[i]);
+    default: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+  }
+}
+// Rounded as the CPU update does (double -> float -> half / bfloat16, each to nearest).
+__device__ __forceinline__ void store_stat(void* p, int64_t i, StatDtype t, double v) {
+  switch (t) {
+    case StatDtype::Float: static_cast<float*>(p)[i] = static_cast<float>(v); break;
+    case StatDtype::Double: static_cast<double*>(p)[i] = v; break;
+    case StatDtype::Half: static_cast<__half*>(p)[i] = __float2half_rn(static_cast<float>(v)); break;
+    default: static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(static_cast<float>(v)); break;
+  }
+}
+
+// running = momentum * batch + (1 - momentum) * running in double, running_var with the unbiased variance
+// (nn.BatchNorm's update, as the CPU kernels compute it). mean == nullptr: no running statistics.
+struct RunningStats {
+  void* mean = nullptr;
+  void* var = nullptr;
+  int64_t mean_stride = 1, var_stride = 1;
+  StatDtype mean_dtype = StatDtype::Float, var_dtype = StatDtype::Float;
+  double momentum = 0;
+  double unbias = 1;  // count / (count - 1)
+};
+
+
 // Mean and biased variance (Welford). A unit's 8 values are summarised with a corrected two-pass
 // (mean, then deviations with the first-order correction) and merged into the thread's running triple.
 template <typename acc_t>
@@ -107,8 +140,14 @@ struct StatsOp {
   using Acc = Welford<T>;
   struct Chan {};
 
+  // What finish() writes: always the mean; the biased variance (batch_stats) and/or rstd = 1 / sqrt(var + eps)
+  // with the running statistics updated (batch_stats_update), so a training forward needs no kernels between
+  // the statistics and the apply pass.
   acc_t* mean_out;
-  acc_t* var_out;
+  acc_t* var_out;             // or nullptr
+  acc_t* rstd_out = nullptr;  // or nullptr
+  acc_t eps = 0;
+  RunningStats running = {};
 
   __device__ __forceinline__ Chan channel(int64_t) const { return Chan{}; }
 
@@ -144,8 +183,20 @@ struct StatsOp {
 
   template <typename T>
   __device__ __forceinline__ void finish(int64_t c, const Acc<T>& a) const {
+    const acc_t var = static_cast<acc_t>(a.m2 / a.count);
     mean_out[c] = static_cast<acc_t>(a.mean);
-    var_out[c] = static_cast<acc_t>(a.m2 / a.count);
+    if (var_out) var_out[c] = var;
+    // sqrt in double rounded once to float is sqrtf's correctly rounded result; the CPU computes the same.
+    if (rstd_out) rstd_out[c] = acc_t(1) / static_cast<acc_t>(sqrt(static_cast<double>(var + eps)));
+    if (running.mean) {
+      const double mom = running.momentum;
+      const int64_t im = c * running.mean_stride, iv = c * running.var_stride;
+      const double unbiased = static_cast<double>(a.m2) / static_cast<double>(a.count) * running.unbias;
+      store_stat(running.mean, im, running.mean_dtype,
+                 mom * static_cast<double>(a.mean) + (1.0 - mom) * load_stat(running.mean, im, running.mean_dtype));
+      store_stat(running.var, iv, running.var_dtype,
+                 mom * unbiased + (1.0 - mom) * load_stat(running.var, iv, running.var_dtype));
+    }
   }
 };
 
@@ -288,13 +339,16 @@ __global__ void __launch_bounds__(kThreads)
       if constexpr (Op::kGrad) {
         // Streams row by row: keep bits first, then one V-vector of x and dy per row.
         uint32_t keep[V];
+        [[maybe_unused]] PhiloxCache cache;
 #pragma unroll
         for (int v = 0; v < V; ++v) {
-          if constexpr (kDropout)
-            keep[v] = run_keep_bits<kAligned8>(key, static_cast<uint64_t>((n * C + c0 + v) * S + s0), rows,
-                                               drop.threshold);
-          else
+          const uint64_t L = static_cast<uint64_t>((n * C + c0 + v) * S + s0);
+          if constexpr (!kDropout)
             keep[v] = 0xFFu;
+          else if constexpr (kAligned8)
+            keep[v] = run_keep_bits<true>(key, L, rows, drop.threshold);
+          else
+            keep[v] = run_keep_bits_cached(cache, key, L, rows, drop.threshold);
         }
 #pragma unroll
         for (int j = 0; j < kUnit; ++j) {
