@@ -71,10 +71,10 @@ def workloads(suite: str) -> list[Workload]:
     if suite == "quick":
         return [Workload("small CNN", small_cnn, (8, 3, 16, 16), 10)]
     return [Workload("small CNN", small_cnn, (32, 3, 32, 32), 10),
-            Workload("vgg11_bn-style", vgg_bn, (16, 3, 32, 32), 10),
-            Workload("resnet18-style", resnet, (16, 3, 32, 32), 10, dropout=False),
             Workload("block 64x64x56x56", block(64), (64, 64, 56, 56)),
-            Workload("block 32x256x28x28", block(256), (32, 256, 28, 28))]
+            Workload("block 32x256x28x28", block(256), (32, 256, 28, 28)),
+            Workload("vgg11_bn-style", vgg_bn, (16, 3, 32, 32), 10),
+            Workload("resnet18-style", resnet, (16, 3, 32, 32), 10, dropout=False)]
 
 
 @dataclass(frozen=True)
@@ -148,12 +148,14 @@ SUITE_TIMES = {"quick": (0.05, 0.2, 3, 2), "default": (0.3, 1.2, 7, 6), "full": 
 
 
 def run(suite: str, device: torch.device, threads: int, only: str | None = None,
-        say: Callable[[str], None] = print) -> list[Row]:
+        say: Callable[[str], None] = print, done: Callable[[list[Row]], None] = lambda rows: None) -> list[Row]:
+    """Every workload's rows; done(rows so far) after each workload."""
     min_time, max_time, min_samples, rounds = SUITE_TIMES[suite]
     rows = []
     for work in workloads(suite):
         if only is None or only.lower() in work.name.lower():
             rows += measure(work, device, threads, min_time, max_time, min_samples, rounds, say)
+            done(rows)
     return rows
 
 
@@ -188,17 +190,19 @@ def main(argv=None) -> int:
     device = torch.device("cpu")
     start = time.perf_counter()
     load_first = load_average()
-    rows = run(suite, device, args.threads, args.only)
-    table = markdown(rows)
-    print(table)
-    meta = run_meta(device, args.threads, suite, P_TRAIN, HERE.parent)
-    meta["load average"] = f"{load_first} at the start, {load_average()} at the end (1/5/15 min)"
-    meta["run time"] = f"{time.perf_counter() - start:.0f} s (compilation included)"
     out = HERE / "results" / ("" if args.publish else "local")
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{slug(device_name(device))}-compile{'' if suite == 'default' else '-' + suite}.md"
-    path.write_text(f"# torch.compile of converted models: {meta['device']}\n\n"
-                    + "\n".join(f"- **{k}**: {v}" for k, v in meta.items()) + f"\n\n{table}\n")
+
+    def write(rows: list[Row]) -> None:  # after every workload: a long run that is stopped keeps what it measured
+        meta = run_meta(device, args.threads, suite, P_TRAIN, HERE.parent)
+        meta["load average"] = f"{load_first} at the start, {load_average()} now (1/5/15 min)"
+        meta["run time"] = f"{time.perf_counter() - start:.0f} s (compilation included)"
+        path.write_text(f"# torch.compile of converted models: {meta['device']}\n\n"
+                        + "\n".join(f"- **{k}**: {v}" for k, v in meta.items()) + f"\n\n{markdown(rows)}\n")
+
+    rows = run(suite, device, args.threads, args.only, done=write)
+    print(markdown(rows))
     print(f"results: {path}")
     return 0
 
