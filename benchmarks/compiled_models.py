@@ -87,10 +87,15 @@ class Row:
         return self.timings[slower].median / self.timings[faster].median
 
 
-def _set_p(model: nn.Module, p: float) -> None:
-    for m in model.modules():
-        if isinstance(m, (nn.Dropout, bnfused.modules._BatchNormReLUDropout)):
-            m.p = p
+def _droppers(model: nn.Module) -> list[nn.Module]:
+    """The model's dropouts with p > 0 (nn.Dropout, or a fused block that took one over): the ones a mode sets."""
+    return [m for m in model.modules()
+            if isinstance(m, (nn.Dropout, bnfused.modules._BatchNormReLUDropout)) and m.p > 0]
+
+
+def _set_p(model: nn.Module, p: float, droppers: list[nn.Module] | None = None) -> None:
+    for m in _droppers(model) if droppers is None else droppers:
+        m.p = p
 
 
 def _step(forward: Callable, model: nn.Module, mode: str, x: torch.Tensor, target: torch.Tensor,
@@ -114,6 +119,8 @@ def measure(work: Workload, device: torch.device, threads: int, min_time: float,
     torch.manual_seed(0)
     unconverted = work.build(P_TRAIN).to(device)
     converted = bnfused.convert(copy.deepcopy(unconverted))
+    # Only what had dropout: a fused block standing for BN -> ReLU alone keeps p = 0 in every mode.
+    droppers = {id(model): _droppers(model) for model in (unconverted, converted)}
     models = {"eager": unconverted, "bnfused": converted, "compile": unconverted, "bnfused+compile": converted}
     compiled = {"compile": torch.compile(unconverted), "bnfused+compile": torch.compile(converted)}
     x = torch.randn(work.shape, device=device)
@@ -125,7 +132,7 @@ def measure(work: Workload, device: torch.device, threads: int, min_time: float,
     for mode in MODES if work.dropout else MODES[1:]:
         start = time.perf_counter()
         for model in (unconverted, converted):
-            _set_p(model, 0.0 if mode == "train p=0" else P_TRAIN)
+            _set_p(model, 0.0 if mode == "train p=0" else P_TRAIN, droppers[id(model)])
             model.train(mode != "eval")
         fns = [_step(compiled.get(peer, models[peer]), models[peer], mode, x, target, work.classes) for peer in PEERS]
         for fn in fns[2:]:  # compile before timing: time_interleaved's first call is its run-time estimate
