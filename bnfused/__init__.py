@@ -7,15 +7,20 @@
 from . import ops  # noqa: F401  (loads the extension and registers the ops' fake impls)
 from ._extension import CPU_CAPABILITY, WITH_CUDA
 from ._version import __version__
-from .autograd import BNReLUDropoutFunction
+from .autograd import BNAddReLUDropoutFunction, BNReLUDropoutFunction
 from .convert import ConvertReport, FusedSite, UnfusedBatchNorm, convert, convert_sync
 from .fold import fold_eval
-from .functional import bn_relu_dropout
-from .modules import BatchNormReLUDropout1d, BatchNormReLUDropout2d, BatchNormReLUDropout3d
+from .functional import bn_add_relu_dropout, bn_relu_dropout
+from .modules import (BatchNormAddReLU1d, BatchNormAddReLU2d, BatchNormAddReLU3d, BatchNormReLUDropout1d,
+                      BatchNormReLUDropout2d, BatchNormReLUDropout3d)
 from .sync import SyncBatchNormReLUDropout
 
 __all__ = [
+    "BNAddReLUDropoutFunction",
     "BNReLUDropoutFunction",
+    "BatchNormAddReLU1d",
+    "BatchNormAddReLU2d",
+    "BatchNormAddReLU3d",
     "BatchNormReLUDropout1d",
     "BatchNormReLUDropout2d",
     "BatchNormReLUDropout3d",
@@ -25,6 +30,7 @@ __all__ = [
     "SyncBatchNormReLUDropout",
     "UnfusedBatchNorm",
     "WITH_CUDA",
+    "bn_add_relu_dropout",
     "bn_relu_dropout",
     "convert",
     "convert_sync",

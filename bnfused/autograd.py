@@ -124,3 +124,102 @@ class BNReLUDropoutFunction(torch.autograd.Function):
     # silently returning zeros. (Through the raw op's register_autograd, the backward ops' Autograd kernel in
     # ops.cpp raises; torch.compile rejects double backward itself.)
     backward = staticmethod(once_differentiable(_backward))
+
+
+# ---- BN + residual add + ReLU (+ dropout) ----
+
+def add_relu_grads(grad_out: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor],
+                   bias_dtype: Optional[torch.dtype], pass_bits: Tensor, p: float, batch_stats: bool,
+                   needs_input_grad: tuple[bool, bool, bool, bool]) -> tuple[Optional[Tensor], ...]:
+    """(grad_input, grad_residual, grad_weight, grad_bias) of y = dropout(relu(bn(x) + residual)); None where not
+    needed. The residual's gradient g = grad_out * pass / (1 - p) comes out of the input-gradient pass, which
+    reads grad_out, x and the pass bits once and writes both gradients."""
+    need_x, need_r, need_w, need_b = needs_input_grad
+    grad_x = grad_r = grad_w = grad_b = None
+    sums = None
+    if (need_x and batch_stats) or need_w or need_b:
+        sums = ops.add_relu_backward_reduce(grad_out, x, mean, rstd, pass_bits, p)
+    if need_x or need_r:
+        sum_g, sum_g_xhat = sums if batch_stats else (None, None)
+        grad_x, grad_r = ops.add_relu_backward_input(grad_out, x, mean, rstd, weight, pass_bits, p, sum_g,
+                                                     sum_g_xhat, x.numel() // x.shape[1])
+    if need_w and weight is not None:
+        grad_w = sums[1] if sums[1].dtype == weight.dtype else sums[1].to(weight.dtype)
+    if need_b and bias_dtype is not None:
+        grad_b = sums[0] if sums[0].dtype == bias_dtype else sums[0].to(bias_dtype)
+    return (grad_x if need_x else None), (grad_r if need_r else None), grad_w, grad_b
+
+
+def _add_setup_context(ctx, inputs, pass_bits):
+    x, residual, mean, rstd, weight, bias, key, p, batch_stats = inputs
+    ctx.save_for_backward(x, mean, rstd, weight, pass_bits)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.p = p
+    ctx.batch_stats = batch_stats
+
+
+def _add_backward(ctx, grad_out):
+    x, mean, rstd, weight, pass_bits = ctx.saved_tensors
+    n = ctx.needs_input_grad
+    gx, gr, gw, gb = add_relu_grads(grad_out, x, mean, rstd, weight, ctx.bias_dtype, pass_bits, ctx.p,
+                                    ctx.batch_stats, (n[0], n[1], n[4], n[5]))
+    return gx, gr, None, None, gw, gb, None, None, None
+
+
+def _add_setup_context_bits(ctx, inputs, output):
+    _add_setup_context(ctx, inputs, output[1])
+
+
+def _add_backward_bits(ctx, grad_out, _grad_pass_bits):
+    return _add_backward(ctx, grad_out)
+
+
+# The functional's compiled path calls add_relu_forward_bits when grad is enabled; its uint8 bits get no gradient.
+torch.library.register_autograd("bnfused::add_relu_forward_bits", _add_backward_bits,
+                                setup_context=_add_setup_context_bits)
+
+
+def _add_setup_context_plain(ctx, inputs, output):
+    # The raw add_relu_forward op, differentiated directly, has no pass bits: it keeps the residual and the key to
+    # recompute them in the backward (the functional and the modules use add_relu_forward_bits instead).
+    x, residual, mean, rstd, weight, bias, key, p, batch_stats = inputs
+    ctx.save_for_backward(x, residual, mean, rstd, weight, bias, key)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.p = p
+    ctx.batch_stats = batch_stats
+
+
+def _add_backward_plain(ctx, grad_out):
+    x, residual, mean, rstd, weight, bias, key = ctx.saved_tensors
+    with torch.no_grad():
+        pass_bits = ops.add_relu_forward_bits(x, residual, mean, rstd, weight, bias, key, ctx.p, ctx.batch_stats)[1]
+    n = ctx.needs_input_grad
+    gx, gr, gw, gb = add_relu_grads(grad_out, x, mean, rstd, weight, ctx.bias_dtype, pass_bits, ctx.p,
+                                    ctx.batch_stats, (n[0], n[1], n[4], n[5]))
+    return gx, gr, None, None, gw, gb, None, None, None
+
+
+torch.library.register_autograd("bnfused::add_relu_forward", _add_backward_plain,
+                                setup_context=_add_setup_context_plain)
+
+
+class BNAddReLUDropoutFunction(torch.autograd.Function):
+    """The raw autograd node of y = dropout(relu((x - mean) * rstd * weight + bias + residual)).
+
+    apply(x, residual, mean, rstd, weight, bias, key, p, batch_stats), arguments as BNReLUDropoutFunction's plus
+    the residual (x's shape, dtype and device). When any gradient is needed the forward also packs the pass bits
+    (keep AND bn(x) + residual > 0, 1 bit per element) and saves x, the per-channel tensors and those bits: not
+    the residual, not the key.
+    """
+
+    @staticmethod
+    def forward(ctx, x, residual, mean, rstd, weight, bias, key, p, batch_stats):
+        inputs = (x, residual, mean, rstd, weight, bias, key, p, batch_stats)
+        with torch._C._AutoDispatchBelowAutograd():
+            if any(ctx.needs_input_grad):
+                out, pass_bits = ops.add_relu_forward_bits(*inputs)
+                _add_setup_context(ctx, inputs, pass_bits)
+                return out
+            return ops.add_relu_forward(*inputs)
+
+    backward = staticmethod(once_differentiable(_add_backward))

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from . import _extension, ops
-from .autograd import BNReLUDropoutFunction, _saves_keep_bits  # importing also registers the ops' autograd
+from .autograd import BNAddReLUDropoutFunction, BNReLUDropoutFunction, _saves_keep_bits  # (registers autograd)
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -144,6 +144,16 @@ def _unfused_batch_norm_relu(input: Tensor, running_mean: Optional[Tensor], runn
     return torch.relu(z if residual is None else z + residual)
 
 
+def _statistics(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool,
+                momentum: float, eps: float) -> tuple[Tensor, Tensor]:
+    """(mean, rstd) the kernels normalise with: the batch's in training (running statistics updated in place when
+    given, in one op), else the running ones."""
+    if training:
+        return ops.batch_stats_update(input.detach(), running_mean, running_var, float(momentum), float(eps))
+    acc = ops.acc_dtype(input.dtype)
+    return running_mean.detach().to(acc), torch.rsqrt(running_var.detach().to(acc) + eps)
+
+
 def bn_relu_dropout_unchecked(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                               weight: Optional[Tensor], bias: Optional[Tensor], training: bool, momentum: float,
                               eps: float, p: float, generator: Optional[torch.Generator] = None,
@@ -162,13 +172,7 @@ def bn_relu_dropout_unchecked(input: Tensor, running_mean: Optional[Tensor], run
     if _eager_cpp_path(input):
         return _extension._C.bn_relu_dropout_eager(input, running_mean, running_var, weight, bias, bool(training),
                                                    float(momentum), float(eps), p_eff, key)
-    acc = ops.acc_dtype(input.dtype)
-    if training:
-        # One op: batch statistics, and the running statistics updated in place when given.
-        mean, rstd = ops.batch_stats_update(input.detach(), running_mean, running_var, float(momentum), float(eps))
-    else:
-        mean = running_mean.detach().to(acc)
-        rstd = torch.rsqrt(running_var.detach().to(acc) + eps)
+    mean, rstd = _statistics(input, running_mean, running_var, training, momentum, eps)
     if key is None:  # p == 0: the kernels skip the RNG, the key is a placeholder
         key = torch.zeros(2, dtype=torch.int64, device=input.device)
     if torch.compiler.is_compiling():  # the custom op (fake impl + registered autograd) traces as one node
@@ -246,3 +250,61 @@ def bn_relu_dropout(input: Tensor, running_mean: Optional[Tensor], running_var: 
     check_inputs(input, running_mean, running_var, weight, bias, training, momentum, eps, p)
     return bn_relu_dropout_unchecked(input, running_mean, running_var, weight, bias, training, momentum, eps, p,
                                      generator, seed, dropout_training)
+
+
+def check_residual(input: Tensor, residual: Tensor) -> None:
+    """The residual of bn_add_relu_dropout: input's shape (no broadcasting), dtype and device, as RuntimeError."""
+    if not isinstance(residual, Tensor):
+        raise TypeError(f"bn_add_relu_dropout(): residual must be a Tensor, got {type(residual).__name__}")
+    if residual.shape != input.shape:
+        raise RuntimeError(f"bn_add_relu_dropout(): residual of shape {tuple(residual.shape)} must match the input's "
+                           f"shape {tuple(input.shape)}")
+    if residual.dtype != input.dtype:
+        raise RuntimeError(f"bn_add_relu_dropout(): residual is {residual.dtype} but input is {input.dtype}; expected "
+                           "the same dtype")
+    if residual.device != input.device:
+        raise RuntimeError(f"Expected all tensors to be on the same device, but residual is on {residual.device} and "
+                           f"input is on {input.device}")
+
+
+def bn_add_relu_dropout_unchecked(input: Tensor, residual: Tensor, running_mean: Optional[Tensor],
+                                  running_var: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                                  training: bool, momentum: float, eps: float, p: float,
+                                  generator: Optional[torch.Generator] = None, seed: Optional[int] = None,
+                                  dropout_training: Optional[bool] = None) -> Tensor:
+    """bn_add_relu_dropout() after check_inputs() and check_residual() (the modules' path)."""
+    if input.numel() == 0:
+        return torch.relu(_empty_batch(input, weight, bias) + residual)
+    drop = training if dropout_training is None else dropout_training
+    p_eff = float(p) if drop else 0.0
+    if p_eff > 0.0:
+        key = ops.philox_key(input.device, generator, seed)
+    else:  # the kernels skip the RNG, the key is a placeholder
+        key = torch.zeros(2, dtype=torch.int64, device=input.device)
+    mean, rstd = _statistics(input, running_mean, running_var, training, momentum, eps)
+    args = (input, residual, mean, rstd, weight, bias, key, p_eff, bool(training))
+    if torch.compiler.is_compiling():  # one custom-op node (fake impl + registered autograd)
+        if torch.is_grad_enabled():
+            return ops.add_relu_forward_bits(*args)[0]  # its registered autograd saves the pass bits
+        return ops.add_relu_forward(*args)
+    return BNAddReLUDropoutFunction.apply(*args)
+
+
+def bn_add_relu_dropout(input: Tensor, residual: Tensor, running_mean: Optional[Tensor],
+                        running_var: Optional[Tensor], weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                        training: bool = False, momentum: float = 0.1, eps: float = 1e-5, p: float = 0.0,
+                        generator: Optional[torch.Generator] = None, *, seed: Optional[int] = None,
+                        dropout_training: Optional[bool] = None) -> Tensor:
+    """Fused ``F.dropout(F.relu(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
+    eps) + residual), p, training)``: the tail of a ResNet block (cuDNN's and Apex's bn_add_relu) plus dropout.
+
+    Arguments as bn_relu_dropout's (the same checks, errors and dropout mask: for the same seed the keep mask
+    equals bn_relu_dropout's), with p defaulting to 0. ``residual`` must have the input's shape, dtype and device
+    (RuntimeError otherwise), in any memory format; the output takes the input's. The backward gives the residual
+    its gradient ``grad * keep / (1 - p) * [bn(input) + residual > 0]`` and saves the input, per-channel vectors
+    and 1 bit per element, not the residual.
+    """
+    check_inputs(input, running_mean, running_var, weight, bias, training, momentum, eps, p)
+    check_residual(input, residual)
+    return bn_add_relu_dropout_unchecked(input, residual, running_mean, running_var, weight, bias, training,
+                                         momentum, eps, p, generator, seed, dropout_training)

@@ -72,7 +72,14 @@ class _BatchNormReLUDropout(_BatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        # Same bookkeeping as _BatchNorm.forward, but every check runs before num_batches_tracked moves.
+        running_mean, running_var, bn_training, factor = self._batch_norm_step(input)
+        return functional.bn_relu_dropout_unchecked(input, running_mean, running_var, self.weight, self.bias,
+                                                    bn_training, factor, self.eps, self.p,
+                                                    dropout_training=self.training)
+
+    def _batch_norm_step(self, input: Tensor) -> tuple[Tensor | None, Tensor | None, bool, float]:
+        """_BatchNorm.forward's bookkeeping, every check first: (running_mean, running_var, bn_training,
+        exponential_average_factor) for the functional, num_batches_tracked advanced in training."""
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         use_running = not self.training or self.track_running_stats
         running_mean = self.running_mean if use_running else None
@@ -84,9 +91,7 @@ class _BatchNormReLUDropout(_BatchNorm):
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative moving average
                 exponential_average_factor = 1.0 / float(self.num_batches_tracked)
-        return functional.bn_relu_dropout_unchecked(
-            input, running_mean, running_var, self.weight, self.bias, bn_training, exponential_average_factor,
-            self.eps, self.p, dropout_training=self.training)
+        return running_mean, running_var, bn_training, exponential_average_factor
 
 
 _MODULE_DOC = r"""Applies Batch Normalization, ReLU and Dropout over a {dims} input with fused kernels.
@@ -195,6 +200,44 @@ class BatchNormReLUDropout3d(_BatchNormReLUDropout):
         >>> x = torch.randn(2, 16, 4, 8, 8, dtype=torch.bfloat16)
         >>> block(x).dtype
         torch.bfloat16""")
+
+    _expected_dims = (5,)
+    _replaces = nn.BatchNorm3d
+
+
+class _BatchNormAddReLU(_BatchNormReLUDropout):
+    """The fused base with a residual: forward(input, residual) = dropout(relu(bn(input) + residual), p)."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None, *, p: float = 0.0,
+                 bias: bool = True) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, p=p, bias=bias)
+
+    def forward(self, input: Tensor, residual: Tensor) -> Tensor:  # type: ignore[override]
+        self._check_input_dim(input)
+        functional.check_residual(input, residual)  # before num_batches_tracked moves, like every other check
+        running_mean, running_var, bn_training, factor = self._batch_norm_step(input)
+        return functional.bn_add_relu_dropout_unchecked(input, residual, running_mean, running_var, self.weight,
+                                                        self.bias, bn_training, factor, self.eps, self.p,
+                                                        dropout_training=self.training)
+
+
+class BatchNormAddReLU1d(_BatchNormAddReLU):
+    """Fused relu(BatchNorm1d(input) + residual) -> Dropout(p) over (N, C) or (N, C, L) input."""
+
+    _expected_dims = (2, 3)
+    _replaces = nn.BatchNorm1d
+
+
+class BatchNormAddReLU2d(_BatchNormAddReLU):
+    """Fused relu(BatchNorm2d(input) + residual) -> Dropout(p), the ResNet block tail, over (N, C, H, W) input."""
+
+    _expected_dims = (4,)
+    _replaces = nn.BatchNorm2d
+
+
+class BatchNormAddReLU3d(_BatchNormAddReLU):
+    """Fused relu(BatchNorm3d(input) + residual) -> Dropout(p) over (N, C, D, H, W) input."""
 
     _expected_dims = (5,)
     _replaces = nn.BatchNorm3d

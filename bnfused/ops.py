@@ -98,6 +98,35 @@ def dropout_mask(key: Tensor, shape: Sequence[int], p: float) -> Tensor:
     return _ops.dropout_mask.default(key, list(shape), p)
 
 
+def add_relu_forward(x: Tensor, residual: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor],
+                     bias: Optional[Tensor], key: Tensor, p: float, batch_stats: bool) -> Tensor:
+    """dropout(relu(bn(x) + residual)); residual of x's shape, dtype and device, in any memory format."""
+    return _ops.add_relu_forward.default(x, residual, mean, rstd, weight, bias, key, p, batch_stats)
+
+
+def add_relu_forward_bits(x: Tensor, residual: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor],
+                          bias: Optional[Tensor], key: Tensor, p: float, batch_stats: bool) -> tuple[Tensor, Tensor]:
+    """add_relu_forward's output plus its pass bits: keep AND bn(x) + residual > 0 (i.e. out > 0), packed like
+    forward_keep_bits' keep bits (uint8[ceil(numel / 8)], memory order of kernel_memory_format(x)). With x and the
+    per-channel tensors they are all the backward ops need: neither the residual nor the key."""
+    return _ops.add_relu_forward_bits.default(x, residual, mean, rstd, weight, bias, key, p, batch_stats)
+
+
+def add_relu_backward_reduce(grad_out: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, pass_bits: Tensor,
+                             p: float) -> tuple[Tensor, Tensor]:
+    """Per-channel (sum g, sum g*xhat), g = grad_out * pass / (1 - p): the residual's gradient."""
+    return _ops.add_relu_backward_reduce.default(grad_out, x, mean, rstd, pass_bits, p)
+
+
+def add_relu_backward_input(grad_out: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor],
+                            pass_bits: Tensor, p: float, sum_g: Optional[Tensor], sum_g_xhat: Optional[Tensor],
+                            count: int = 1) -> tuple[Tensor, Tensor]:
+    """(grad_input, grad_residual): g = grad_out * pass / (1 - p), and grad_input from g as in backward_input
+    (the batch-statistics terms when the sums over `count` elements are given)."""
+    return _ops.add_relu_backward_input.default(grad_out, x, mean, rstd, weight, pass_bits, p, sum_g, sum_g_xhat,
+                                                count)
+
+
 # ---- fake implementations: shapes, dtypes, strides and devices of every op's outputs ----
 
 @torch.library.register_fake("bnfused::batch_stats")
@@ -138,3 +167,26 @@ def _backward_input_fake(grad_out, x, mean, rstd, weight, bias, key, p, sum_g, s
 @torch.library.register_fake("bnfused::dropout_mask")
 def _dropout_mask_fake(key, shape, p):
     return key.new_empty(shape, dtype=torch.bool)
+
+
+@torch.library.register_fake("bnfused::add_relu_forward")
+def _add_relu_forward_fake(x, residual, mean, rstd, weight, bias, key, p, batch_stats):
+    torch._check(residual.shape == x.shape, lambda: f"residual shape {residual.shape} does not match input {x.shape}")
+    return torch.empty_like(x, memory_format=kernel_memory_format(x))
+
+
+@torch.library.register_fake("bnfused::add_relu_forward_bits")
+def _add_relu_forward_bits_fake(x, residual, mean, rstd, weight, bias, key, p, batch_stats):
+    out = _add_relu_forward_fake(x, residual, mean, rstd, weight, bias, key, p, batch_stats)
+    return out, x.new_empty(((x.numel() + 7) // 8,), dtype=torch.uint8)
+
+
+@torch.library.register_fake("bnfused::add_relu_backward_reduce")
+def _add_relu_backward_reduce_fake(grad_out, x, mean, rstd, pass_bits, p):
+    return _backward_reduce_fake(grad_out, x, mean, rstd, None, None, None, p)
+
+
+@torch.library.register_fake("bnfused::add_relu_backward_input")
+def _add_relu_backward_input_fake(grad_out, x, mean, rstd, weight, pass_bits, p, sum_g, sum_g_xhat, count):
+    fmt = kernel_memory_format(x)
+    return torch.empty_like(x, memory_format=fmt), torch.empty_like(x, memory_format=fmt)

@@ -1,4 +1,4 @@
-"""The unfused PyTorch reference: F.batch_norm -> F.relu -> the same Philox keep mask the kernels use.
+"""The unfused PyTorch reference: F.batch_norm (+ residual) -> F.relu -> the Philox keep mask the kernels use.
 
 Tests and benchmarks compare the fused kernels with this; it is slow on purpose (several passes, full mask).
 """
@@ -27,6 +27,24 @@ def reference_bn_relu_dropout(input: Tensor, running_mean: Optional[Tensor], run
             raise ValueError("reference_bn_relu_dropout: a Philox key is needed when dropout is active")
         keep = ops.dropout_mask(key.to(input.device), input.shape, p)
         # As ATen's dropout: input * (mask / (1 - p)).
+        y = y * (keep.to(y.dtype) * (1.0 / (1.0 - p)))
+    return y
+
+
+def reference_bn_add_relu_dropout(input: Tensor, residual: Tensor, running_mean: Optional[Tensor],
+                                  running_var: Optional[Tensor], weight: Optional[Tensor] = None,
+                                  bias: Optional[Tensor] = None, training: bool = False, momentum: float = 0.1,
+                                  eps: float = 1e-5, p: float = 0.0, key: Optional[Tensor] = None,
+                                  dropout_training: Optional[bool] = None) -> Tensor:
+    """Unfused equivalent of bnfused.bn_add_relu_dropout: F.batch_norm -> + residual -> relu -> the same mask."""
+    y = F.relu(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps) + residual)
+    drop = training if dropout_training is None else dropout_training
+    if drop and p > 0:
+        if p >= 1:
+            return y * 0.0
+        if key is None:
+            raise ValueError("reference_bn_add_relu_dropout: a Philox key is needed when dropout is active")
+        keep = ops.dropout_mask(key.to(input.device), input.shape, p)
         y = y * (keep.to(y.dtype) * (1.0 / (1.0 - p)))
     return y
 

@@ -47,12 +47,20 @@ void forward_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor> backward_reduce_cpu(const at::Tensor& dy, const at::Tensor& x,
                                                        const at::Tensor& mean, const at::Tensor& rstd,
                                                        const OptTensor& weight, const OptTensor& bias,
-                                                       PhiloxKey key, double p, const uint8_t* keep_bits_in = nullptr);
+                                                       PhiloxKey key, double p, const uint8_t* keep_bits_in = nullptr,
+                                                       bool relu_gate = true);
 // sum_g/sum_g_xhat (batch statistics; divided by count in the coefficient loop) or none (running statistics).
 void backward_input_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
                         const OptTensor& weight, const OptTensor& bias, PhiloxKey key, double p,
                         const OptTensor& sum_g, const OptTensor& sum_g_xhat, int64_t count, at::Tensor& dx,
-                        const uint8_t* keep_bits_in = nullptr);
+                        const uint8_t* keep_bits_in = nullptr, at::Tensor* grad_residual = nullptr);
+// BN + residual add + ReLU (+ dropout), cpu/add_relu.cpp: out = relu(bn(x) + residual) * mult (residual in x's
+// layout), and with pass_bits_out the pass bits [out > 0] packed in memory order (keep_bits.h's format). Their
+// backward is the two backward ops in add mode, with the pass bits as keep_bits_in: backward_reduce_cpu with
+// relu_gate = false, and backward_input_cpu with grad_residual (which receives g = dy * pass / (1 - p)).
+void add_relu_forward_cpu(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& mean,
+                          const at::Tensor& rstd, const OptTensor& weight, const OptTensor& bias, PhiloxKey key,
+                          double p, at::Tensor& out, uint8_t* pass_bits_out = nullptr);
 void dropout_mask_cpu(PhiloxKey key, double p, at::Tensor& keep);
 // Test hooks: the CPU kernels' keep pattern (vectorised generators) of logical elements [start, start + n), the
 // keep bytes that run writes (blocks whose first element lies in it), and the channels_last block rows (8 rows x

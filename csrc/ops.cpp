@@ -254,6 +254,105 @@ at::Tensor backward_input(const at::Tensor& grad_out, const at::Tensor& input, c
   return dx;
 }
 
+// ---- BN + residual add + ReLU (+ dropout) ----
+
+// The residual in x's kernel layout, after torch.add-like checks (RuntimeError): input's shape, dtype and device.
+at::Tensor residual_like_input(const at::Tensor& residual, const at::Tensor& x, const char* op) {
+  TORCH_CHECK(residual.sizes() == x.sizes(), op, ": residual shape ", residual.sizes(), " does not match input shape ",
+              x.sizes());
+  TORCH_CHECK(residual.scalar_type() == x.scalar_type(), op, ": residual dtype ", residual.scalar_type(),
+              " does not match input dtype ", x.scalar_type());
+  TORCH_CHECK(residual.device() == x.device(), op, ": residual is on ", residual.device(), " but input is on ",
+              x.device(), "; expected all tensors to be on the same device");
+  return residual.contiguous(kernel_memory_format(x));
+}
+
+// The pass bits of add_relu_forward_bits for x (required by the add-mode backward ops).
+const uint8_t* pass_bits_of(const at::Tensor& bits, const at::Tensor& x, const char* op) {
+  TORCH_CHECK(bits.device() == x.device(), op, ": pass_bits is on ", bits.device(), " but input is on ", x.device());
+  TORCH_CHECK(bits.scalar_type() == at::kByte && bits.dim() == 1 && bits.numel() == keep_bits_bytes(x.numel()) &&
+                  bits.is_contiguous(),
+              op, ": pass_bits must be a contiguous uint8 tensor of ceil(numel / 8) = ", keep_bits_bytes(x.numel()),
+              " bytes, got ", bits.scalar_type(), " of shape ", bits.sizes());
+  return bits.const_data_ptr<uint8_t>();
+}
+
+at::Tensor add_relu_forward(const at::Tensor& input, const at::Tensor& residual, const at::Tensor& mean,
+                            const at::Tensor& rstd, const OptTensor& weight, const OptTensor& bias,
+                            const at::Tensor& key, double p, bool /*batch_stats*/) {
+  constexpr const char* op = "bnfused.add_relu_forward";
+  const KernelArgs a = prepare(op, input, mean, rstd, weight, bias, key, p);
+  const auto r = residual_like_input(residual, a.x, op);
+  auto out = cpu::empty_output(a.x, kernel_memory_format(a.x));
+  add_relu_forward_cpu(a.x, r, a.mean, a.rstd, a.weight, a.bias, host_key(key), p, out);
+  return out;
+}
+
+// The training forward: out, plus the pass bits (keep AND bn(x) + residual > 0, 1 bit per element in memory
+// order) that stand in for the residual, the key and the ReLU's input in the backward.
+std::tuple<at::Tensor, at::Tensor> add_relu_forward_bits(const at::Tensor& input, const at::Tensor& residual,
+                                                         const at::Tensor& mean, const at::Tensor& rstd,
+                                                         const OptTensor& weight, const OptTensor& bias,
+                                                         const at::Tensor& key, double p, bool /*batch_stats*/) {
+  constexpr const char* op = "bnfused.add_relu_forward_bits";
+  const KernelArgs a = prepare(op, input, mean, rstd, weight, bias, key, p);
+  const auto r = residual_like_input(residual, a.x, op);
+  auto out = cpu::empty_output(a.x, kernel_memory_format(a.x));
+  auto bits = at::empty({keep_bits_bytes(a.x.numel())}, a.x.options().dtype(at::kByte));
+  add_relu_forward_cpu(a.x, r, a.mean, a.rstd, a.weight, a.bias, host_key(key), p, out, bits.data_ptr<uint8_t>());
+  return {out, bits};
+}
+
+// Arguments of the add-mode backward ops (no key: the pass bits are the mask).
+KernelArgs prepare_add_backward(const char* op, const at::Tensor& input, const at::Tensor& mean,
+                                const at::Tensor& rstd, const OptTensor& weight, double p) {
+  check_input(input, op);
+  check_p(p, op);
+  KernelArgs a;
+  a.x = in_kernel_layout(input);
+  a.mean = channel_param(mean, a.x, op, "mean");
+  a.rstd = channel_param(rstd, a.x, op, "rstd");
+  a.weight = opt_channel_param(weight, a.x, op, "weight");
+  return a;
+}
+
+std::tuple<at::Tensor, at::Tensor> add_relu_backward_reduce(const at::Tensor& grad_out, const at::Tensor& input,
+                                                            const at::Tensor& mean, const at::Tensor& rstd,
+                                                            const at::Tensor& pass_bits, double p) {
+  constexpr const char* op = "bnfused.add_relu_backward_reduce";
+  const KernelArgs a = prepare_add_backward(op, input, mean, rstd, std::nullopt, p);
+  const uint8_t* bits = pass_bits_of(pass_bits, a.x, op);
+  const auto dy = like_input_layout(grad_out, a.x, op);
+  return backward_reduce_cpu(dy, a.x, a.mean, a.rstd, std::nullopt, std::nullopt, PhiloxKey{0, 0}, p, bits,
+                             /*relu_gate=*/false);
+}
+
+std::tuple<at::Tensor, at::Tensor> add_relu_backward_input(const at::Tensor& grad_out, const at::Tensor& input,
+                                                           const at::Tensor& mean, const at::Tensor& rstd,
+                                                           const OptTensor& weight, const at::Tensor& pass_bits,
+                                                           double p, const OptTensor& sum_g,
+                                                           const OptTensor& sum_g_xhat, c10::SymInt count) {
+  constexpr const char* op = "bnfused.add_relu_backward_input";
+  const bool has_g = sum_g.has_value() && sum_g->defined();
+  const bool has_gx = sum_g_xhat.has_value() && sum_g_xhat->defined();
+  TORCH_CHECK(has_g == has_gx, op, ": sum_g and sum_g_xhat must be given together (batch statistics) or not at all");
+  const int64_t n = count.expect_int();
+  TORCH_CHECK(!has_g || n > 0, op, ": count must be positive with batch statistics, got ", n);
+  const KernelArgs a = prepare_add_backward(op, input, mean, rstd, weight, p);
+  const uint8_t* bits = pass_bits_of(pass_bits, a.x, op);
+  const auto dy = like_input_layout(grad_out, a.x, op);
+  OptTensor sg, sgx;
+  if (has_g) {
+    sg = channel_param(*sum_g, a.x, op, "sum_g");
+    sgx = channel_param(*sum_g_xhat, a.x, op, "sum_g_xhat");
+  }
+  auto dx = cpu::empty_output(a.x, kernel_memory_format(a.x));
+  auto grad_residual = cpu::empty_output(a.x, kernel_memory_format(a.x));
+  backward_input_cpu(dy, a.x, a.mean, a.rstd, a.weight, std::nullopt, PhiloxKey{0, 0}, p, sg, sgx, n, dx, bits,
+                     &grad_residual);
+  return {dx, grad_residual};
+}
+
 at::Tensor dropout_mask(const at::Tensor& key, c10::SymIntArrayRef shape, double p) {
   constexpr const char* op = "bnfused.dropout_mask";
   check_p(p, op);
@@ -305,6 +404,26 @@ TORCH_LIBRARY(bnfused, m) {
       "Tensor key, float p, Tensor? sum_g, Tensor? sum_g_xhat, SymInt count, Tensor? keep_bits=None) -> Tensor");
   // Keep pattern (bool) of the fused kernels for a tensor of `shape` in logical (NCHW) order, on key's device.
   m.def("dropout_mask(Tensor key, SymInt[] shape, float p) -> Tensor");
+
+  // BN + residual add + ReLU (+ dropout): y = dropout(relu((x - mean) * rstd * weight + bias + residual)); residual
+  // of input's shape, dtype and device, in any memory format; output in input's kernel memory format.
+  m.def(
+      "add_relu_forward(Tensor input, Tensor residual, Tensor mean, Tensor rstd, Tensor? weight, Tensor? bias, "
+      "Tensor key, float p, bool batch_stats) -> Tensor");
+  // The same, plus the pass bits (keep AND bn(x) + residual > 0) packed 1 bit per element in the kernel's memory
+  // order (as forward_keep_bits' keep bits): all the backward needs besides input and per-channel tensors.
+  m.def(
+      "add_relu_forward_bits(Tensor input, Tensor residual, Tensor mean, Tensor rstd, Tensor? weight, Tensor? bias, "
+      "Tensor key, float p, bool batch_stats) -> (Tensor out, Tensor pass_bits)");
+  // Per-channel sums of g and g * xhat, g = grad_out * pass / (1 - p) (the residual's gradient).
+  m.def(
+      "add_relu_backward_reduce(Tensor grad_out, Tensor input, Tensor mean, Tensor rstd, Tensor pass_bits, "
+      "float p) -> (Tensor sum_g, Tensor sum_g_xhat)");
+  // (grad_input, grad_residual = g), grad_input as backward_input's from g (sums over `count`: batch statistics).
+  m.def(
+      "add_relu_backward_input(Tensor grad_out, Tensor input, Tensor mean, Tensor rstd, Tensor? weight, "
+      "Tensor pass_bits, float p, Tensor? sum_g, Tensor? sum_g_xhat, SymInt count) -> "
+      "(Tensor grad_input, Tensor grad_residual)");
 }
 
 // The same device-generic entry points serve both backends; they branch on the input's device.
@@ -319,6 +438,10 @@ TORCH_LIBRARY(bnfused, m) {
 TORCH_LIBRARY_IMPL(bnfused, CPU, m) {
   BNFUSED_REGISTER_BACKEND(m)
   m.impl("forward_keep_bits", &bnfused::forward_keep_bits);
+  m.impl("add_relu_forward", &bnfused::add_relu_forward);
+  m.impl("add_relu_forward_bits", &bnfused::add_relu_forward_bits);
+  m.impl("add_relu_backward_reduce", &bnfused::add_relu_backward_reduce);
+  m.impl("add_relu_backward_input", &bnfused::add_relu_backward_input);
 }
 #ifdef BNFUSED_WITH_CUDA
 TORCH_LIBRARY_IMPL(bnfused, CUDA, m) { BNFUSED_REGISTER_BACKEND(m) }
@@ -330,6 +453,8 @@ TORCH_LIBRARY_IMPL(bnfused, CUDA, m) { BNFUSED_REGISTER_BACKEND(m) }
 TORCH_LIBRARY_IMPL(bnfused, Autograd, m) {
   m.impl("backward_reduce", torch::autograd::autogradNotImplementedFallback());
   m.impl("backward_input", torch::autograd::autogradNotImplementedFallback());
+  m.impl("add_relu_backward_reduce", torch::autograd::autogradNotImplementedFallback());
+  m.impl("add_relu_backward_input", torch::autograd::autogradNotImplementedFallback());
 }
 
 namespace {

@@ -1,4 +1,6 @@
 // Elementwise CPU passes: forward (BN -> ReLU -> dropout), input gradient, and the dropout keep mask.
+// The input gradient has an add mode for BN + residual add + ReLU (kAdd): the mask is the pass bits, which hold the
+// ReLU's gate already, and g = dy * mult, the residual's gradient, is written beside dx.
 // Each pass reads its inputs once; the dropout multipliers of a chunk are generated into an L1 buffer from
 // Philox and consumed right away, so no mask tensor is ever written.
 #include "cpu/row_tiles.h"
@@ -148,36 +150,38 @@ struct GradCoefs {
   std::vector<acc> a, b, A, C, K, mean;
 };
 
-// One vector of dx from x, gm = dy * mult and the coefficients of its lanes.
-template <typename acc, bool kBatchStats>
+// One vector of dx from x, gm = dy * mult and the coefficients of its lanes; kAdd: gm is g itself (no [z > 0]).
+template <typename acc, bool kBatchStats, bool kAdd = false>
 inline at::vec::Vectorized<acc> grad_input_math(const at::vec::Vectorized<acc>& xv, const at::vec::Vectorized<acc>& gm,
                                                 const at::vec::Vectorized<acc> (&coef)[6]) {
   using Vec = at::vec::Vectorized<acc>;
   const Vec zero(0);
-  const Vec z = at::vec::fmadd(xv, coef[0], coef[1]);
-  const Vec grad = Vec::blendv(zero, gm, z > zero);
+  Vec grad = gm;
+  if constexpr (!kAdd) grad = Vec::blendv(zero, gm, at::vec::fmadd(xv, coef[0], coef[1]) > zero);
   if constexpr (kBatchStats)
     return at::vec::fmadd(grad, coef[2], coef[3] - (xv - coef[5]) * coef[4]);
   else
     return grad * coef[2];
 }
 
-// grad_input_math of `cnt` elements, loaded and stored as scalar_t (mult nullptr: no dropout).
-template <typename scalar_t, typename acc, bool kBatchStats>
+// grad_input_math of `cnt` elements, loaded and stored as scalar_t (mult nullptr: no dropout); kAdd also stores g
+// to gr.
+template <typename scalar_t, typename acc, bool kBatchStats, bool kAdd>
 inline void grad_input_vec(const scalar_t* dy, const scalar_t* x, const acc* mult, const at::vec::Vectorized<acc> (&coef)[6],
-                           scalar_t* dx, int cnt) {
+                           scalar_t* dx, scalar_t* gr, int cnt) {
   using Vec = at::vec::Vectorized<acc>;
   Vec gm = cpu::load_as<scalar_t, acc>(dy, cnt);
   if (mult) gm = gm * cpu::load(mult, cnt);
-  cpu::store_as(grad_input_math<acc, kBatchStats>(cpu::load_as<scalar_t, acc>(x, cnt), gm, coef), dx, cnt);
+  if constexpr (kAdd) cpu::store_as(gm, gr, cnt);
+  cpu::store_as(grad_input_math<acc, kBatchStats, kAdd>(cpu::load_as<scalar_t, acc>(x, cnt), gm, coef), dx, cnt);
 }
 
 #ifdef BNFUSED_BF16X16
 // grad_input_math of 16 bfloat16 elements (cpu::BF16x16), `lo` / `hi` the coefficients of its two halves.
-template <bool kBatchStats>
+template <bool kBatchStats, bool kAdd>
 inline void grad_input_bf16x16(const at::BFloat16* dy, const at::BFloat16* x, const float* mult,
                                const at::vec::Vectorized<float> (&lo)[6], const at::vec::Vectorized<float> (&hi)[6],
-                               at::BFloat16* dx) {
+                               at::BFloat16* dx, at::BFloat16* gr) {
   using Vec = at::vec::Vectorized<float>;
   const cpu::BF16x16 xv = cpu::load_bf16x16(x), dyv = cpu::load_bf16x16(dy);
   Vec glo(dyv.lo), ghi(dyv.hi);
@@ -186,39 +190,41 @@ inline void grad_input_bf16x16(const at::BFloat16* dy, const at::BFloat16* x, co
     glo = glo * Vec(m.lo);
     ghi = ghi * Vec(m.hi);
   }
-  cpu::store_bf16x16({grad_input_math<float, kBatchStats>(Vec(xv.lo), glo, lo),
-                      grad_input_math<float, kBatchStats>(Vec(xv.hi), ghi, hi)}, dx);
+  if constexpr (kAdd) cpu::store_bf16x16({glo, ghi}, gr);
+  cpu::store_bf16x16({grad_input_math<float, kBatchStats, kAdd>(Vec(xv.lo), glo, lo),
+                      grad_input_math<float, kBatchStats, kAdd>(Vec(xv.hi), ghi, hi)}, dx);
 }
 #endif
 
 // dx over n elements of channel c (a plane segment): its coefficients are broadcast once (dx stores could alias
 // the coefficient arrays, so the compiler would otherwise reload them every step); bfloat16 16 at a time
 // (cpu::BF16x16), as in forward_run.
-template <typename scalar_t, typename acc, bool kBatchStats>
+template <typename scalar_t, typename acc, bool kBatchStats, bool kAdd>
 inline void grad_input_run(const scalar_t* dy, const scalar_t* x, const acc* mult, const GradCoefs<acc>& k, int64_t c,
-                           scalar_t* dx, int64_t n) {
+                           scalar_t* dx, scalar_t* gr, int64_t n) {
   using Vec = at::vec::Vectorized<acc>;
   const Vec coef[6] = {Vec(k.a[c]), Vec(k.b[c]), Vec(k.A[c]), Vec(k.C[c]), Vec(k.K[c]), Vec(k.mean[c])};
 #ifdef BNFUSED_BF16X16
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
     if (n >= 16) {
       cpu::overlapping_steps<16>(n, [&](int64_t i) {
-        grad_input_bf16x16<kBatchStats>(dy + i, x + i, mult ? mult + i : nullptr, coef, coef, dx + i);
+        grad_input_bf16x16<kBatchStats, kAdd>(dy + i, x + i, mult ? mult + i : nullptr, coef, coef, dx + i, gr + i);
       });
       return;
     }
   }
 #endif
   cpu::elementwise_loop<acc>(n, [&](int64_t i, int cnt) {
-    grad_input_vec<scalar_t, acc, kBatchStats>(dy + i, x + i, mult ? mult + i : nullptr, coef, dx + i, cnt);
+    grad_input_vec<scalar_t, acc, kBatchStats, kAdd>(dy + i, x + i, mult ? mult + i : nullptr, coef, dx + i, gr + i,
+                                                     cnt);
   });
 }
 
 // dx over one channels_last row of C elements, with per-lane coefficients (with cpu::bf16x16_rows in BF16x16
 // lane order, the row then running 16 at a time).
-template <typename scalar_t, typename acc, bool kBatchStats>
+template <typename scalar_t, typename acc, bool kBatchStats, bool kAdd>
 inline void grad_input_row(const scalar_t* dy, const scalar_t* x, const acc* mult, const GradCoefs<acc>& k,
-                           scalar_t* dx, int64_t C) {
+                           scalar_t* dx, scalar_t* gr, int64_t C) {
   using Vec = at::vec::Vectorized<acc>;
   const acc* const arrays[6] = {k.a.data(), k.b.data(), k.A.data(), k.C.data(), k.K.data(), k.mean.data()};
   constexpr int kCoefs = kBatchStats ? 6 : 3;
@@ -231,7 +237,7 @@ inline void grad_input_row(const scalar_t* dy, const scalar_t* x, const acc* mul
           lo[q] = Vec::loadu(arrays[q] + i);
           hi[q] = Vec::loadu(arrays[q] + i + 8);
         }
-        grad_input_bf16x16<kBatchStats>(dy + i, x + i, mult ? mult + i : nullptr, lo, hi, dx + i);
+        grad_input_bf16x16<kBatchStats, kAdd>(dy + i, x + i, mult ? mult + i : nullptr, lo, hi, dx + i, gr + i);
       }
       return;
     }
@@ -240,18 +246,21 @@ inline void grad_input_row(const scalar_t* dy, const scalar_t* x, const acc* mul
   cpu::elementwise_loop<acc>(C, [&](int64_t i, int cnt) {
     Vec coef[6];
     for (int q = 0; q < kCoefs; ++q) coef[q] = cpu::load(arrays[q] + i, cnt);
-    grad_input_vec<scalar_t, acc, kBatchStats>(dy + i, x + i, mult ? mult + i : nullptr, coef, dx + i, cnt);
+    grad_input_vec<scalar_t, acc, kBatchStats, kAdd>(dy + i, x + i, mult ? mult + i : nullptr, coef, dx + i, gr + i,
+                                                     cnt);
   });
 }
 
-template <typename scalar_t, bool kBatchStats>
+// gr_t: the residual's gradient g in add mode (kAdd), else unused.
+template <typename scalar_t, bool kBatchStats, bool kAdd>
 void backward_input_kernel(const at::Tensor& dy_t, const at::Tensor& x, const GradCoefs<cpu::acc_t<scalar_t>>& k,
-                           const cpu::DropoutParams<cpu::acc_t<scalar_t>>& dp, at::Tensor& dx_t) {
+                           const cpu::DropoutParams<cpu::acc_t<scalar_t>>& dp, at::Tensor& dx_t, at::Tensor* gr_t) {
   using acc = cpu::acc_t<scalar_t>;
   const Geometry g = geometry_of(x);
   const scalar_t* xd = x.const_data_ptr<scalar_t>();
   const scalar_t* dyd = dy_t.const_data_ptr<scalar_t>();
   scalar_t* dxd = dx_t.data_ptr<scalar_t>();
+  scalar_t* grd = kAdd ? gr_t->data_ptr<scalar_t>() : nullptr;
   if (g.layout == Layout::ChannelsFirst) {
     at::parallel_for(0, g.N * g.C, cpu::planes_grain(g), [&](int64_t begin, int64_t end) {
       std::vector<acc> mult(kChunk);
@@ -261,9 +270,9 @@ void backward_input_kernel(const at::Tensor& dy_t, const at::Tensor& x, const Gr
           cpu::fill_run_mult(dp, off, len, mult.data(), &prefetch);
         }
         cpu::for_each_segment(g, off, len, [&](int64_t rel, int64_t n, int64_t plane, int64_t c) {
-          grad_input_run<scalar_t, acc, kBatchStats>(dyd + off + rel, xd + off + rel,
-                                                     dp.active ? mult.data() + rel : nullptr, k, c,
-                                                     dxd + off + rel, n);
+          grad_input_run<scalar_t, acc, kBatchStats, kAdd>(dyd + off + rel, xd + off + rel,
+                                                           dp.active ? mult.data() + rel : nullptr, k, c,
+                                                           dxd + off + rel, grd + off + rel, n);
         });
       });
     });
@@ -287,7 +296,8 @@ void backward_input_kernel(const at::Tensor& dy_t, const at::Tensor& x, const Gr
       tiles.for_each_row<1>(t, dp, mult.data(), scratch.data(), &prefetch,
                             [&](int64_t r, int64_t, const acc* row_mult, int64_t) {
         const int64_t off = (t.row0 + r) * g.C;
-        grad_input_row<scalar_t, acc, kBatchStats>(dyd + off, xd + off, row_mult, row_k, dxd + off, g.C);
+        grad_input_row<scalar_t, acc, kBatchStats, kAdd>(dyd + off, xd + off, row_mult, row_k, dxd + off, grd + off,
+                                                         g.C);
       });
     }
   });
@@ -308,7 +318,7 @@ void forward_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& 
 void backward_input_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
                         const OptTensor& weight, const OptTensor& bias, PhiloxKey key, double p,
                         const OptTensor& sum_g, const OptTensor& sum_g_xhat, int64_t count, at::Tensor& dx,
-                        const uint8_t* keep_bits_in) {
+                        const uint8_t* keep_bits_in, at::Tensor* grad_residual) {
   if (x.numel() == 0) return;
   const bool batch_stats = sum_g.has_value();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnfused_backward_input_cpu", [&] {
@@ -331,11 +341,18 @@ void backward_input_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Ten
       k.K[c] = bc.K;
       k.mean[c] = bc.mean;
     }
-    const auto dp = cpu::dropout_params<acc>(key, p, keep_bits_in);
-    if (batch_stats)
-      backward_input_kernel<scalar_t, true>(dy, x, k, dp, dx);
-    else
-      backward_input_kernel<scalar_t, false>(dy, x, k, dp, dx);
+    auto dp = cpu::dropout_params<acc>(key, p, keep_bits_in);
+    if (grad_residual) {
+      dp.active = true;  // the pass bits are the mask, p = 0 included
+      if (batch_stats)
+        backward_input_kernel<scalar_t, true, true>(dy, x, k, dp, dx, grad_residual);
+      else
+        backward_input_kernel<scalar_t, false, true>(dy, x, k, dp, dx, grad_residual);
+    } else if (batch_stats) {
+      backward_input_kernel<scalar_t, true, false>(dy, x, k, dp, dx, nullptr);
+    } else {
+      backward_input_kernel<scalar_t, false, false>(dy, x, k, dp, dx, nullptr);
+    }
   });
 }
 

@@ -1,5 +1,7 @@
 // Per-channel reductions of the backward pass on the CPU: sum_g = Σ g and sum_g_xhat = Σ g·x̂, where
 // g = dy · mult · [z > 0] with the dropout multipliers regenerated from Philox. One read of dy and x.
+// Add mode (BN + residual add + ReLU): g = dy · mult, the multipliers unpacked from the pass bits, which already
+// hold the ReLU's [bn(x) + residual > 0]; there is no [z > 0] gate.
 // Σ g·(x − mean) is accumulated (then × rstd) so a large common offset in x does not cancel; partial sums are
 // float per L1 chunk and double across chunks, merged in a fixed order (thread-count independent).
 #include <ATen/ops/empty.h>
@@ -12,20 +14,22 @@ namespace {
 
 using cpu::kChunk;
 
-// g = dy * mult masked by [z > 0] for one vector of elements; partial loads give x = dy = 0, hence g = 0.
-template <typename scalar_t, typename acc>
+// g = dy * mult masked by [z > 0] (kGate; else unmasked) for one vector of elements; partial loads give
+// x = dy = 0, hence g = 0.
+template <typename scalar_t, typename acc, bool kGate>
 inline at::vec::Vectorized<acc> grad_vec(const at::vec::Vectorized<acc>& xv, const scalar_t* dy, const acc* mult,
                                          const at::vec::Vectorized<acc>& a, const at::vec::Vectorized<acc>& b,
                                          int64_t i, int cnt) {
   using Vec = at::vec::Vectorized<acc>;
-  const Vec z = at::vec::fmadd(xv, a, b);
   Vec gm = cpu::load_as<scalar_t, acc>(dy + i, cnt);
   if (mult) gm = gm * cpu::load(mult + i, cnt);
+  if constexpr (!kGate) return gm;
+  const Vec z = at::vec::fmadd(xv, a, b);
   return Vec::blendv(Vec(0), gm, z > Vec(0));
 }
 
 // One channel (a plane chunk): Σ g and Σ g·(x − mean) as vectors of partial sums (two pairs for ILP).
-template <typename scalar_t, typename acc>
+template <typename scalar_t, typename acc, bool kGate>
 inline void reduce_plane(const scalar_t* dy, const scalar_t* x, const acc* mult, acc a, acc b, acc mean, int64_t n,
                          at::vec::Vectorized<acc>& sg, at::vec::Vectorized<acc>& sgx) {
   using Vec = at::vec::Vectorized<acc>;
@@ -35,8 +39,8 @@ inline void reduce_plane(const scalar_t* dy, const scalar_t* x, const acc* mult,
   for (; i + 2 * Vec::size() <= n; i += 2 * Vec::size()) {
     const Vec x0 = cpu::load_as<scalar_t, acc>(x + i, Vec::size());
     const Vec x1 = cpu::load_as<scalar_t, acc>(x + i + Vec::size(), Vec::size());
-    const Vec d0 = grad_vec(x0, dy, mult, va, vb, i, Vec::size());
-    const Vec d1 = grad_vec(x1, dy, mult, va, vb, i + Vec::size(), Vec::size());
+    const Vec d0 = grad_vec<scalar_t, acc, kGate>(x0, dy, mult, va, vb, i, Vec::size());
+    const Vec d1 = grad_vec<scalar_t, acc, kGate>(x1, dy, mult, va, vb, i + Vec::size(), Vec::size());
     g0 += d0;
     g1 += d1;
     gx0 = at::vec::fmadd(d0, x0 - vm, gx0);
@@ -45,7 +49,7 @@ inline void reduce_plane(const scalar_t* dy, const scalar_t* x, const acc* mult,
   for (; i < n; i += Vec::size()) {
     const int cnt = static_cast<int>(std::min<int64_t>(Vec::size(), n - i));
     const Vec x0 = cpu::load_as<scalar_t, acc>(x + i, cnt);
-    const Vec d0 = grad_vec(x0, dy, mult, va, vb, i, cnt);
+    const Vec d0 = grad_vec<scalar_t, acc, kGate>(x0, dy, mult, va, vb, i, cnt);
     g0 += d0;
     gx0 = at::vec::fmadd(d0, x0 - vm, gx0);
   }
@@ -85,19 +89,19 @@ struct PendingPlaneSums {
 };
 
 // One row of the ChannelsLast layout: per-channel Σ g and Σ g·(x − mean) added into sg[c], sgx[c].
-template <typename scalar_t, typename acc>
+template <typename scalar_t, typename acc, bool kGate>
 inline void reduce_row(const scalar_t* dy, const scalar_t* x, const acc* mult, const acc* a, const acc* b, const acc* mean,
                        int64_t n, acc* sg, acc* sgx) {
   using Vec = at::vec::Vectorized<acc>;
   cpu::vec_loop<acc>(n, [&](int64_t i, int cnt) {
     const Vec xv = cpu::load_as<scalar_t, acc>(x + i, cnt);
-    const Vec grad = grad_vec(xv, dy, mult, cpu::load(a + i, cnt), cpu::load(b + i, cnt), i, cnt);
+    const Vec grad = grad_vec<scalar_t, acc, kGate>(xv, dy, mult, cpu::load(a + i, cnt), cpu::load(b + i, cnt), i, cnt);
     cpu::store(cpu::load(sg + i, cnt) + grad, sg + i, cnt);
     cpu::store(at::vec::fmadd(grad, xv - cpu::load(mean + i, cnt), cpu::load(sgx + i, cnt)), sgx + i, cnt);
   });
 }
 
-template <typename scalar_t>
+template <typename scalar_t, bool kGate>
 void reduce_kernel(const at::Tensor& dy_t, const at::Tensor& x, const ChannelParams<cpu::acc_t<scalar_t>>& prm,
                    const cpu::DropoutParams<cpu::acc_t<scalar_t>>& dp, double* sum_g, double* sum_gx) {
   using acc = cpu::acc_t<scalar_t>;
@@ -125,7 +129,7 @@ void reduce_kernel(const at::Tensor& dy_t, const at::Tensor& x, const ChannelPar
         }
         cpu::for_each_segment(g, off, len, [&](int64_t rel, int64_t n, int64_t plane, int64_t c) {
           Vec sg, sgx;
-          reduce_plane<scalar_t, acc>(dyd + off + rel, xd + off + rel, dp.active ? mult.data() + rel : nullptr, a[c],
+          reduce_plane<scalar_t, acc, kGate>(dyd + off + rel, xd + off + rel, dp.active ? mult.data() + rel : nullptr, a[c],
                                       b[c], mean[c], n, sg, sgx);
           pending.add(plane, sg, sgx);
         });
@@ -165,7 +169,7 @@ void reduce_kernel(const at::Tensor& dy_t, const at::Tensor& x, const ChannelPar
         tiles.for_each_row<1>(t, dp, mult.data(), scratch.data(), &prefetch,
                               [&](int64_t r, int64_t, const acc* row_mult, int64_t) {
           const int64_t off = (t.row0 + r) * g.C;
-          reduce_row<scalar_t, acc>(dyd + off, xd + off, row_mult, a.data(), b.data(), mean.data(), g.C, sg.data(),
+          reduce_row<scalar_t, acc, kGate>(dyd + off, xd + off, row_mult, a.data(), b.data(), mean.data(), g.C, sg.data(),
                                     sgx.data());
         });
         for (int64_t c = 0; c < g.C; ++c) {
@@ -191,7 +195,8 @@ void reduce_kernel(const at::Tensor& dy_t, const at::Tensor& x, const ChannelPar
 std::tuple<at::Tensor, at::Tensor> backward_reduce_cpu(const at::Tensor& dy, const at::Tensor& x,
                                                        const at::Tensor& mean, const at::Tensor& rstd,
                                                        const OptTensor& weight, const OptTensor& bias,
-                                                       PhiloxKey key, double p, const uint8_t* keep_bits_in) {
+                                                       PhiloxKey key, double p, const uint8_t* keep_bits_in,
+                                                       bool relu_gate) {
   const int64_t C = x.size(1);
   const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto sum_g = at::zeros({C}, x.options().dtype(at::kDouble));
@@ -199,8 +204,14 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_cpu(const at::Tensor& dy, con
   if (x.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnfused_backward_reduce_cpu", [&] {
       using acc = cpu::acc_t<scalar_t>;
-      reduce_kernel<scalar_t>(dy, x, channel_params<acc>(mean, rstd, weight, bias),
-                              cpu::dropout_params<acc>(key, p, keep_bits_in), sum_g.data_ptr<double>(), sum_gx.data_ptr<double>());
+      const auto prm = channel_params<acc>(mean, rstd, weight, bias);
+      auto dp = cpu::dropout_params<acc>(key, p, keep_bits_in);
+      if (relu_gate) {
+        reduce_kernel<scalar_t, true>(dy, x, prm, dp, sum_g.data_ptr<double>(), sum_gx.data_ptr<double>());
+      } else {
+        dp.active = true;  // the pass bits are the mask, p = 0 included
+        reduce_kernel<scalar_t, false>(dy, x, prm, dp, sum_g.data_ptr<double>(), sum_gx.data_ptr<double>());
+      }
     });
   }
   // Σ g·x̂ = rstd · Σ g·(x − mean), in double, then rounded to acc (a loop: tensor ops cost more for few channels).
