@@ -505,39 +505,36 @@ def test_saves_input_bits_and_per_channel_only(dtype, layout, training, p):
 # ---- torch.compile and torch.export ----
 
 class Block(nn.Module):
-    """conv -> fused BN + add + ReLU with an identity shortcut, twice, then a head: a tiny ResNet body."""
+    """conv -> fused BN + add + ReLU with an identity shortcut, then a head: a tiny ResNet body."""
 
     def __init__(self, p):
         super().__init__()
-        self.conv1 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
-        self.bn1 = bnfused.BatchNormAddReLU2d(4, p=p)
-        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
-        self.bn2 = bnfused.BatchNormAddReLU2d(4)
+        self.conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn = bnfused.BatchNormAddReLU2d(4, p=p)
         self.head = nn.Linear(4, 3)
 
     def forward(self, x):
-        h = self.bn1(self.conv1(x), x)
-        h = self.bn2(self.conv2(h), h)
-        return self.head(h.mean((2, 3)))
+        return self.head(self.bn(self.conv(x), x).mean((2, 3)))
 
 
 def test_compile_fullgraph_matches_eager(device):
+    """Training through the compiled graph (one forward, one backward graph): same gradients, buffers and mask."""
     torch.manual_seed(0)
     eager = Block(p=0.25).to(device)
     compiled_model = copy.deepcopy(eager)
     compiled = torch.compile(compiled_model, fullgraph=True)
     x = torch.randn(3, 4, 6, 6, device=device)
+    outs = []
     for model in (eager, compiled):
         torch.manual_seed(11)
-        model(x).square().sum().backward()
+        out = model(x)
+        out.square().sum().backward()
+        outs.append(out.detach())
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
     for (name, pe), (_, pc) in zip(eager.named_parameters(), compiled_model.named_parameters()):
         torch.testing.assert_close(pc.grad, pe.grad, rtol=1e-4, atol=1e-5, msg=name)
     for (name, be), (_, bc) in zip(eager.named_buffers(), compiled_model.named_buffers()):
         torch.testing.assert_close(bc, be, msg=name)
-    eager.eval()
-    compiled_model.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-5)
 
 
 def test_export_eval(device):
@@ -548,7 +545,7 @@ def test_export_eval(device):
     targets = [n.target for n in exported.graph.nodes if n.op == "call_function"]
     # The parameters require grad, so the traced blocks keep the pass bits for a possible backward.
     fused = (torch.ops.bnfused.add_relu_forward.default, torch.ops.bnfused.add_relu_forward_bits.default)
-    assert sum(t in fused for t in targets) == 2
+    assert sum(t in fused for t in targets) == 1
     with torch.no_grad():
         for batch in (2, 5):
             xb = torch.randn(batch, 4, 5, 5, device=device)
