@@ -35,6 +35,7 @@ import bench_sync  # noqa: E402
 import e2e_models  # noqa: E402
 import compiled_models  # noqa: E402
 from cases import MODES, Case, Suite, make_suite  # noqa: E402
+from add_relu import add_relu_table, run_add_relu  # noqa: E402
 from copy_floor import measure_floor  # noqa: E402
 from e2e import run_e2e  # noqa: E402
 from small_layers import run_small_layers  # noqa: E402
@@ -183,6 +184,10 @@ def main(argv=None) -> int:
     if not args.no_compile:
         say("compiled models: unconverted vs bnfused.convert(), eager and torch.compile, rounds interleaved ...")
         compiled_md = compiled_models.markdown(compiled_models.run(suite.name, args.device, args.threads, say=say))
+    say("block tail: relu(bn(x) + residual), bnfused vs eager and compiled unfused, rounds interleaved ...")
+    add_relu_results = run_add_relu(args.device, args.threads, min_time=suite.min_time, max_time=suite.max_time,
+                                    min_samples=suite.min_samples,
+                                    with_compile=not args.no_compile and suite.name != "quick")  # compiling: ~1 min
     sync_md = ""
     if suite.name != "quick" and not args.no_sync:
         say("sync: SyncBatchNormReLUDropout vs nn.SyncBatchNorm chain, 2 gloo processes ...")
@@ -226,6 +231,8 @@ def main(argv=None) -> int:
     if compiled_md:
         say("\n## Compiled models\n")
         say(compiled_md)
+    say("\n## Block tail: BN + residual add + ReLU (median ms, slowest/fastest round in parentheses)\n")
+    say(add_relu_table(add_relu_results))
     if sync_md:
         say("\n## Multi-process: SyncBatchNorm\n")
         say(sync_md)
