@@ -295,14 +295,32 @@ def bn_add_relu_dropout(input: Tensor, residual: Tensor, running_mean: Optional[
                         training: bool = False, momentum: float = 0.1, eps: float = 1e-5, p: float = 0.0,
                         generator: Optional[torch.Generator] = None, *, seed: Optional[int] = None,
                         dropout_training: Optional[bool] = None) -> Tensor:
-    """Fused ``F.dropout(F.relu(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
+    r"""Fused ``F.dropout(F.relu(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
     eps) + residual), p, training)``: the tail of a ResNet block (cuDNN's and Apex's bn_add_relu) plus dropout.
 
-    Arguments as bn_relu_dropout's (the same checks, errors and dropout mask: for the same seed the keep mask
-    equals bn_relu_dropout's), with p defaulting to 0. ``residual`` must have the input's shape, dtype and device
-    (RuntimeError otherwise), in any memory format; the output takes the input's. The backward gives the residual
-    its gradient ``grad * keep / (1 - p) * [bn(input) + residual > 0]`` and saves the input, per-channel vectors
-    and 1 bit per element, not the residual.
+    Arguments, checks, errors and the dropout mask are :func:`bn_relu_dropout`'s (for the same ``seed`` the keep
+    mask is the same), with ``p`` defaulting to 0. The residual's gradient is
+    ``grad * keep / (1 - p) * [bn(input) + residual > 0]``; autograd saves the input, per-channel statistics and
+    1 bit per element, not the residual. The ReLU passes NaN and ``-0.0`` through like ``torch.relu``; float16 /
+    bfloat16 results are the float32 computation rounded once.
+
+    Args:
+        input: :math:`(N, C, *)` float32, float64, float16 or bfloat16 tensor
+        residual: tensor of the input's shape, dtype and device (``RuntimeError`` otherwise), any memory format
+        running_mean, running_var, weight, bias, training, momentum, eps, generator, seed, dropout_training: as for
+            :func:`bn_relu_dropout`
+        p: probability of an element to be zeroed, in [0, 1]. Default: 0.0
+
+    Returns:
+        Tensor of the input's shape and dtype, in the input's memory format.
+
+    Examples::
+
+        >>> x, identity = torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5)
+        >>> y = bnfused.bn_add_relu_dropout(x, identity, None, None, training=True)
+        >>> ref = F.relu(F.batch_norm(x, None, None, training=True) + identity)
+        >>> torch.allclose(y, ref, atol=1e-5)
+        True
     """
     check_inputs(input, running_mean, running_var, weight, bias, training, momentum, eps, p)
     check_residual(input, residual)

@@ -205,6 +205,45 @@ class BatchNormReLUDropout3d(_BatchNormReLUDropout):
     _replaces = nn.BatchNorm3d
 
 
+_ADD_DOC = r"""Applies Batch Normalization, a residual add, ReLU and Dropout over a {dims} input with fused kernels:
+    the tail of a ResNet block (cuDNN's and Apex's bn_add_relu), plus dropout.
+
+    .. math::
+
+        y = \mathrm{{Dropout}}_p\left(\max\left(0, \mathrm{{BN}}(x) + r\right)\right)
+
+    ``forward(input, residual)`` has the semantics of ``torch.relu(nn.{bn}(...)(input) + residual)`` followed by
+    ``nn.Dropout(p)`` (default ``p=0``: no dropout); statistics, ``running_mean`` / ``running_var``,
+    ``num_batches_tracked``, ``momentum=None``, ``state_dict`` keys and eval mode are those of ``nn.{bn}``, as for
+    :class:`BatchNormReLUDropout{d}d` (same base class, same dropout mask: Philox keyed by a (seed, offset) pair
+    and the logical index, :attr:`p` rounded to a multiple of :math:`2^{{-16}}`). ``residual`` must have the
+    input's shape, dtype and device (``RuntimeError`` otherwise, before any running statistic moves), in any
+    memory format. The residual's gradient is ``grad * keep / (1 - p) * [BN(x) + residual > 0]``; autograd saves
+    the input, per-channel statistics and 1 bit per element, never the residual. Double backward is not
+    supported.
+
+    Args:
+        num_features: :math:`C` from an expected input of size {shape}
+        eps, momentum, affine, track_running_stats, device, dtype: as for ``nn.{bn}`` (``eps`` must be positive)
+        p (keyword-only): probability of an element to be zeroed in training. Default: 0.0
+        bias (keyword-only): with ``affine=True`` and ``bias=False`` the module has a weight but no bias.
+            Default: ``True``
+
+    Shape:
+        - Input, residual: {shape}
+        - Output: same shape as the input, in the input's memory format
+
+    Examples::
+
+        >>> block = bnfused.BatchNormAddReLU{d}d(4)
+        >>> x, identity = torch.randn({example_shape}), torch.randn({example_shape})
+        >>> y = block(x, identity)
+        >>> bn = nn.{bn}(4)
+        >>> torch.allclose(y, torch.relu(bn(x) + identity), atol=1e-6)
+        True
+    """
+
+
 class _BatchNormAddReLU(_BatchNormReLUDropout):
     """The fused base with a residual: forward(input, residual) = dropout(relu(bn(input) + residual), p)."""
 
@@ -223,21 +262,21 @@ class _BatchNormAddReLU(_BatchNormReLUDropout):
 
 
 class BatchNormAddReLU1d(_BatchNormAddReLU):
-    """Fused relu(BatchNorm1d(input) + residual) -> Dropout(p) over (N, C) or (N, C, L) input."""
-
+    __doc__ = _ADD_DOC.format(dims="2D or 3D", bn="BatchNorm1d", d=1, shape=r":math:`(N, C)` or :math:`(N, C, L)`",
+                              example_shape="8, 4")
     _expected_dims = (2, 3)
     _replaces = nn.BatchNorm1d
 
 
 class BatchNormAddReLU2d(_BatchNormAddReLU):
-    """Fused relu(BatchNorm2d(input) + residual) -> Dropout(p), the ResNet block tail, over (N, C, H, W) input."""
-
+    __doc__ = _ADD_DOC.format(dims="4D", bn="BatchNorm2d", d=2, shape=r":math:`(N, C, H, W)`",
+                              example_shape="2, 4, 3, 3")
     _expected_dims = (4,)
     _replaces = nn.BatchNorm2d
 
 
 class BatchNormAddReLU3d(_BatchNormAddReLU):
-    """Fused relu(BatchNorm3d(input) + residual) -> Dropout(p) over (N, C, D, H, W) input."""
-
+    __doc__ = _ADD_DOC.format(dims="5D", bn="BatchNorm3d", d=3, shape=r":math:`(N, C, D, H, W)`",
+                              example_shape="2, 4, 2, 3, 3")
     _expected_dims = (5,)
     _replaces = nn.BatchNorm3d

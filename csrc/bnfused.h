@@ -95,6 +95,18 @@ void backward_input_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Te
                          const at::Tensor& key, double p, const OptTensor& sum_g, const OptTensor& sum_g_xhat,
                          int64_t count, at::Tensor& dx);
 void dropout_mask_cuda(const at::Tensor& key, double p, at::Tensor& keep);
+// BN + residual add + ReLU (cuda/add_relu.cu): as add_relu_forward_cpu (pass_bits_out may be null), and the two
+// add-mode backward ops; backward_input writes dx and grad_residual = g.
+void add_relu_forward_cuda(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& mean,
+                           const at::Tensor& rstd, const OptTensor& weight, const OptTensor& bias,
+                           const at::Tensor& key, double p, at::Tensor& out, uint8_t* pass_bits_out);
+std::tuple<at::Tensor, at::Tensor> add_relu_backward_reduce_cuda(const at::Tensor& dy, const at::Tensor& x,
+                                                                 const at::Tensor& mean, const at::Tensor& rstd,
+                                                                 const at::Tensor& pass_bits, double p);
+void add_relu_backward_input_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
+                                  const at::Tensor& rstd, const OptTensor& weight, const at::Tensor& pass_bits,
+                                  double p, const OptTensor& mean_g, const OptTensor& mean_g_xhat, at::Tensor& dx,
+                                  at::Tensor& grad_residual);
 #endif
 
 }  // namespace bnfused

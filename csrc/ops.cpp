@@ -284,6 +284,12 @@ at::Tensor add_relu_forward(const at::Tensor& input, const at::Tensor& residual,
   const KernelArgs a = prepare(op, input, mean, rstd, weight, bias, key, p);
   const auto r = residual_like_input(residual, a.x, op);
   auto out = cpu::empty_output(a.x, kernel_memory_format(a.x));
+#ifdef BNFUSED_WITH_CUDA
+  if (a.x.is_cuda()) {
+    add_relu_forward_cuda(a.x, r, a.mean, a.rstd, a.weight, a.bias, key, p, out, nullptr);
+    return out;
+  }
+#endif
   add_relu_forward_cpu(a.x, r, a.mean, a.rstd, a.weight, a.bias, host_key(key), p, out);
   return out;
 }
@@ -299,6 +305,12 @@ std::tuple<at::Tensor, at::Tensor> add_relu_forward_bits(const at::Tensor& input
   const auto r = residual_like_input(residual, a.x, op);
   auto out = cpu::empty_output(a.x, kernel_memory_format(a.x));
   auto bits = at::empty({keep_bits_bytes(a.x.numel())}, a.x.options().dtype(at::kByte));
+#ifdef BNFUSED_WITH_CUDA
+  if (a.x.is_cuda()) {
+    add_relu_forward_cuda(a.x, r, a.mean, a.rstd, a.weight, a.bias, key, p, out, bits.data_ptr<uint8_t>());
+    return {out, bits};
+  }
+#endif
   add_relu_forward_cpu(a.x, r, a.mean, a.rstd, a.weight, a.bias, host_key(key), p, out, bits.data_ptr<uint8_t>());
   return {out, bits};
 }
@@ -323,6 +335,9 @@ std::tuple<at::Tensor, at::Tensor> add_relu_backward_reduce(const at::Tensor& gr
   const KernelArgs a = prepare_add_backward(op, input, mean, rstd, std::nullopt, p);
   const uint8_t* bits = pass_bits_of(pass_bits, a.x, op);
   const auto dy = like_input_layout(grad_out, a.x, op);
+#ifdef BNFUSED_WITH_CUDA
+  if (a.x.is_cuda()) return add_relu_backward_reduce_cuda(dy, a.x, a.mean, a.rstd, pass_bits, p);
+#endif
   return backward_reduce_cpu(dy, a.x, a.mean, a.rstd, std::nullopt, std::nullopt, PhiloxKey{0, 0}, p, bits,
                              /*relu_gate=*/false);
 }
@@ -348,6 +363,17 @@ std::tuple<at::Tensor, at::Tensor> add_relu_backward_input(const at::Tensor& gra
   }
   auto dx = cpu::empty_output(a.x, kernel_memory_format(a.x));
   auto grad_residual = cpu::empty_output(a.x, kernel_memory_format(a.x));
+#ifdef BNFUSED_WITH_CUDA
+  if (a.x.is_cuda()) {
+    OptTensor mg, mgx;
+    if (has_g) {
+      mg = sg->div(static_cast<double>(n));
+      mgx = sgx->div(static_cast<double>(n));
+    }
+    add_relu_backward_input_cuda(dy, a.x, a.mean, a.rstd, a.weight, pass_bits, p, mg, mgx, dx, grad_residual);
+    return {dx, grad_residual};
+  }
+#endif
   backward_input_cpu(dy, a.x, a.mean, a.rstd, a.weight, std::nullopt, PhiloxKey{0, 0}, p, sg, sgx, n, dx, bits,
                      &grad_residual);
   return {dx, grad_residual};
@@ -427,21 +453,21 @@ TORCH_LIBRARY(bnfused, m) {
 }
 
 // The same device-generic entry points serve both backends; they branch on the input's device.
-#define BNFUSED_REGISTER_BACKEND(m)                             \
-  m.impl("batch_stats", &bnfused::batch_stats);                 \
-  m.impl("batch_stats_update", &bnfused::batch_stats_update);   \
-  m.impl("forward", &bnfused::forward);                         \
-  m.impl("backward_reduce", &bnfused::backward_reduce);         \
-  m.impl("backward_input", &bnfused::backward_input);           \
+#define BNFUSED_REGISTER_BACKEND(m)                                         \
+  m.impl("add_relu_forward", &bnfused::add_relu_forward);                   \
+  m.impl("add_relu_forward_bits", &bnfused::add_relu_forward_bits);         \
+  m.impl("add_relu_backward_reduce", &bnfused::add_relu_backward_reduce);   \
+  m.impl("add_relu_backward_input", &bnfused::add_relu_backward_input);     \
+  m.impl("batch_stats", &bnfused::batch_stats);                             \
+  m.impl("batch_stats_update", &bnfused::batch_stats_update);               \
+  m.impl("forward", &bnfused::forward);                                     \
+  m.impl("backward_reduce", &bnfused::backward_reduce);                     \
+  m.impl("backward_input", &bnfused::backward_input);                       \
   m.impl("dropout_mask", &bnfused::dropout_mask);
 
 TORCH_LIBRARY_IMPL(bnfused, CPU, m) {
   BNFUSED_REGISTER_BACKEND(m)
   m.impl("forward_keep_bits", &bnfused::forward_keep_bits);
-  m.impl("add_relu_forward", &bnfused::add_relu_forward);
-  m.impl("add_relu_forward_bits", &bnfused::add_relu_forward_bits);
-  m.impl("add_relu_backward_reduce", &bnfused::add_relu_backward_reduce);
-  m.impl("add_relu_backward_input", &bnfused::add_relu_backward_input);
 }
 #ifdef BNFUSED_WITH_CUDA
 TORCH_LIBRARY_IMPL(bnfused, CUDA, m) { BNFUSED_REGISTER_BACKEND(m) }

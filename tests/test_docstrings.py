@@ -11,7 +11,8 @@ import bnfused
 
 DOCUMENTED = [bnfused.BatchNormReLUDropout1d, bnfused.BatchNormReLUDropout2d, bnfused.BatchNormReLUDropout3d,
               bnfused.SyncBatchNormReLUDropout, bnfused.bn_relu_dropout, bnfused.fold_eval,
-              bnfused.BNReLUDropoutFunction]
+              bnfused.BNReLUDropoutFunction, bnfused.BatchNormAddReLU1d, bnfused.BatchNormAddReLU2d,
+              bnfused.BatchNormAddReLU3d, bnfused.bn_add_relu_dropout]
 MODULES = DOCUMENTED[:4]
 
 

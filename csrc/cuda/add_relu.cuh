@@ -1,0 +1,229 @@
+// BN + residual add + ReLU (+ dropout) kernels, torch-free: the forward y = relu(fma(x, a, b) + residual) * mult with
+// its pass bits [y > 0] (1 bit per element in memory order, as the CPU kernels pack them), the pass of the
+// residual's gradient g = dy * pass * scale, and the BN backward over g as Ops of reduce.cuh and apply.cuh (the
+// BN->ReLU->Dropout Ops without the [z > 0] gate and without a mask: g holds both). Host wrappers in add_relu.cu.
+//
+// The two elementwise kernels walk memory in units of 8 consecutive elements, one byte of pass bits each, so no
+// byte is shared between threads. ChannelsFirst (and 2-d input): a unit is one Philox block. ChannelsLast with
+// S > 1: the unit's elements are 8 channels of one row, 8 logical indices (n*C + c)*S + s apart by S, so the mask
+// takes one Philox call per element with dropout (the BN->ReLU->Dropout tile kernel shares one call between 8
+// rows instead; the ResNet tail usually runs without dropout, where this costs nothing).
+#pragma once
+#include "apply.cuh"
+#include "reduce.cuh"
+
+namespace bnfused::cuda {
+
+// Channel of memory element m and its logical index, stepped element by element (no division per element).
+struct UnitWalk {
+  int64_t C, S;
+  bool channels_last;
+  int64_t n, s, c;  // current element
+
+  __device__ __forceinline__ UnitWalk(int64_t m, int64_t C_, int64_t S_, bool cl) : C(C_), S(S_), channels_last(cl) {
+    int64_t q;
+    if (cl) {  // m = (n*S + s)*C + c
+      divmod(m, C, q, c);
+      divmod(q, S, n, s);
+    } else {  // m = (n*C + c)*S + s
+      divmod(m, S, q, s);
+      divmod(q, C, n, c);
+    }
+  }
+  __device__ __forceinline__ uint64_t logical() const { return static_cast<uint64_t>((n * C + c) * S + s); }
+  __device__ __forceinline__ void next() {
+    if (channels_last) {
+      if (++c == C) {
+        c = 0;
+        if (++s == S) {
+          s = 0;
+          ++n;
+        }
+      }
+    } else if (++s == S) {
+      s = 0;
+      if (++c == C) {
+        c = 0;
+        ++n;
+      }
+    }
+  }
+};
+
+// y and (pass_bits non-null) the pass bits of 8-element memory units; drop: mask (kDropout), per element by
+// logical index (kPerElementMask: channels_last with S > 1) or one Philox block per unit.
+template <typename scalar_t, typename acc_t, bool kDropout, bool kPerElementMask>
+__global__ void __launch_bounds__(kThreads)
+    add_relu_forward_kernel(const ChannelParams<acc_t> prm, const scalar_t* __restrict__ x,
+                            const scalar_t* __restrict__ residual, scalar_t* __restrict__ out,
+                            uint8_t* __restrict__ pass_bits, int64_t numel, int64_t C, int64_t S, bool channels_last,
+                            bool vec_ok, Dropout<acc_t> drop) {
+  PhiloxKey key{0, 0};
+  if constexpr (kDropout) key = load_key(drop.key);
+  const int64_t groups = (numel + kUnit - 1) / kUnit;
+  for (int64_t grp = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; grp < groups;
+       grp += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i0 = grp * kUnit;
+    const int cnt = static_cast<int>((numel - i0) < kUnit ? (numel - i0) : kUnit);
+    const bool whole = vec_ok && cnt == kUnit;
+    acc_t xv[kUnit], rv[kUnit], mult[kUnit], yv[kUnit];
+    if (whole) {
+      load8(x + i0, xv);
+      load8(residual + i0, rv);
+    } else {
+      load_lanes(x + i0, 0, cnt, xv);
+      load_lanes(residual + i0, 0, cnt, rv);
+    }
+    UnitWalk walk(i0, C, S, channels_last);
+    if constexpr (kDropout && !kPerElementMask) block_mults(key, static_cast<uint64_t>(grp), drop.threshold,
+                                                            drop.scale, mult);
+    uint32_t byte = 0;
+#pragma unroll
+    for (int j = 0; j < kUnit; ++j) {
+      acc_t m = acc_t(1);
+      if constexpr (kDropout && kPerElementMask) {
+        const uint64_t L = walk.logical();
+        m = lane_u16(mask_block(key, L >> 3), static_cast<int>(L & 7)) >= drop.threshold ? drop.scale : acc_t(0);
+      } else if constexpr (kDropout) {
+        m = mult[j];
+      }
+      yv[j] = relu_nan(bn_preact(xv[j], prm.affine(walk.c)) + rv[j]) * m;
+      byte |= static_cast<uint32_t>(j < cnt && yv[j] > acc_t(0)) << j;
+      if (j + 1 < cnt) walk.next();
+    }
+    if (whole)
+      store8(out + i0, yv);
+    else
+      store_lanes(out + i0, 0, cnt, yv);
+    if (pass_bits != nullptr) pass_bits[grp] = static_cast<uint8_t>(byte);
+  }
+}
+
+// g = dy * scale where the pass bit is set, else 0: the residual's gradient and the BN's upstream gradient.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    pass_grad_kernel(const scalar_t* __restrict__ dy, const uint8_t* __restrict__ pass_bits,
+                     scalar_t* __restrict__ g, int64_t numel, acc_t scale, bool vec_ok) {
+  const int64_t groups = (numel + kUnit - 1) / kUnit;
+  for (int64_t grp = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; grp < groups;
+       grp += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i0 = grp * kUnit;
+    const int cnt = static_cast<int>((numel - i0) < kUnit ? (numel - i0) : kUnit);
+    const bool whole = vec_ok && cnt == kUnit;
+    acc_t dv[kUnit], gv[kUnit];
+    if (whole)
+      load8(dy + i0, dv);
+    else
+      load_lanes(dy + i0, 0, cnt, dv);
+    const uint32_t byte = pass_bits[grp];
+#pragma unroll
+    for (int j = 0; j < kUnit; ++j) gv[j] = ((byte >> j) & 1u) ? dv[j] * scale : acc_t(0);
+    if (whole)
+      store8(g + i0, gv);
+    else
+      store_lanes(g + i0, 0, cnt, gv);
+  }
+}
+
+// Sums of g and g * (x - mean) with g given (reduce.cuh's dy input, no mask, no gate); times rstd at the end.
+template <typename acc_t>
+struct AddGradSumsOp {
+  static constexpr bool kGrad = true;
+  static constexpr int kComponents = 2;
+  template <typename T>
+  using Acc = SumPair<T>;
+  struct Chan {
+    acc_t mean;
+  };
+
+  const acc_t* mean;
+  const acc_t* rstd;
+  acc_t* sum_g;
+  acc_t* sum_g_xhat;
+
+  __device__ __forceinline__ Chan channel(int64_t c) const { return Chan{mean[c]}; }
+
+  template <typename T>
+  __device__ __forceinline__ static Acc<T> identity() {
+    return Acc<T>{T(0), T(0)};
+  }
+
+  __device__ __forceinline__ void add(Acc<acc_t>& acc, const Chan& ch, const acc_t (&x)[kUnit],
+                                      const acc_t (&g)[kUnit], const acc_t (&)[kUnit], int lo, int hi) const {
+    acc_t sg = 0, sgx = 0;
+#pragma unroll
+    for (int j = 0; j < kUnit; ++j)
+      if (j >= lo && j < hi) {
+        sg += g[j];
+        sgx += g[j] * (x[j] - ch.mean);
+      }
+    acc.g += sg;
+    acc.gx += sgx;
+  }
+
+  __device__ __forceinline__ void add_element(Acc<acc_t>& acc, const Chan& ch, acc_t x, acc_t g, acc_t) const {
+    acc.g += g;
+    acc.gx += g * (x - ch.mean);
+  }
+
+  template <typename T>
+  __device__ __forceinline__ void finish(int64_t c, const Acc<T>& a) const {
+    sum_g[c] = static_cast<acc_t>(a.g);
+    sum_g_xhat[c] = static_cast<acc_t>(a.gx * static_cast<T>(rstd[c]));
+  }
+};
+
+// dx from g (apply.cuh's dy input, no mask, no gate): the BN backward of BackwardInputOp without its ReLU.
+template <typename acc_t, bool kBatchStats>
+struct AddBackwardInputOp {
+  static constexpr bool kNeedsDy = true;
+  struct Chan {
+    BackwardCoef<acc_t> coef;
+  };
+  ChannelParams<acc_t> prm;
+  const acc_t* mean_g;       // kBatchStats only
+  const acc_t* mean_g_xhat;  // kBatchStats only
+
+  __device__ __forceinline__ Chan channel(int64_t c) const {
+    const acc_t mg = kBatchStats ? mean_g[c] : acc_t(0);
+    const acc_t mgx = kBatchStats ? mean_g_xhat[c] : acc_t(0);
+    return Chan{backward_coef<acc_t>(prm.mean[c], prm.rstd[c], prm.w(c), kBatchStats, mg, mgx)};
+  }
+  __device__ __forceinline__ acc_t apply(const Chan& ch, acc_t x, acc_t g, acc_t /*mult*/) const {
+    if constexpr (kBatchStats)
+      return grad_input_element(g, x, ch.coef);
+    else
+      return grad_input_element_eval(g, ch.coef);
+  }
+};
+
+// ---- host drivers (numel > 0) ----
+
+template <typename scalar_t, typename acc_t>
+void run_add_relu_forward(const ChannelParams<acc_t>& prm, const scalar_t* x, const scalar_t* residual,
+                          scalar_t* out, uint8_t* pass_bits, const Geometry& g, const Dropout<acc_t>* drop,
+                          cudaStream_t stream) {
+  const int64_t numel = g.N * g.C * g.S;
+  const bool channels_last = g.layout == Layout::ChannelsLast;
+  const bool vec_ok = aligned_to(x, 16) && aligned_to(residual, 16) && aligned_to(out, 16);
+  const Dropout<acc_t> d = drop ? *drop : Dropout<acc_t>{nullptr, 0u, acc_t(1)};
+  auto run = [&](auto kernel) {
+    launch(kernel, dim3(apply_blocks(ceil_div(numel, kUnit))), dim3(kThreads), stream, prm, x, residual, out,
+           pass_bits, numel, g.C, g.S, channels_last, vec_ok, d);
+  };
+  if (drop == nullptr)
+    run(add_relu_forward_kernel<scalar_t, acc_t, false, false>);
+  else if (channels_last && g.S > 1)
+    run(add_relu_forward_kernel<scalar_t, acc_t, true, true>);
+  else
+    run(add_relu_forward_kernel<scalar_t, acc_t, true, false>);
+}
+
+template <typename scalar_t, typename acc_t>
+void run_pass_grad(const scalar_t* dy, const uint8_t* pass_bits, scalar_t* g, int64_t numel, acc_t scale,
+                   cudaStream_t stream) {
+  launch(pass_grad_kernel<scalar_t, acc_t>, dim3(apply_blocks(ceil_div(numel, kUnit))), dim3(kThreads), stream, dy,
+         pass_bits, g, numel, scale, aligned_to(dy, 16) && aligned_to(g, 16));
+}
+
+}  // namespace bnfused::cuda
