@@ -13,22 +13,27 @@ from torch import Tensor, nn
 from . import ops
 
 
+def _keyed_dropout(y: Tensor, p: float, key: Optional[Tensor], drop: bool, who: str) -> Tensor:
+    """Dropout of y with the fused kernels' mask for `key` (when `drop` and p > 0), scaled as ATen's dropout."""
+    if drop and p > 0:
+        if p >= 1:
+            return y * 0.0
+        if key is None:
+            raise ValueError(f"{who}: a Philox key is needed when dropout is active")
+        keep = ops.dropout_mask(key.to(y.device), y.shape, p)
+        # As ATen's dropout: input * (mask / (1 - p)).
+        y = y * (keep.to(y.dtype) * (1.0 / (1.0 - p)))
+    return y
+
+
 def reference_bn_relu_dropout(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                               weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                               training: bool = False, momentum: float = 0.1, eps: float = 1e-5, p: float = 0.5,
                               key: Optional[Tensor] = None, dropout_training: Optional[bool] = None) -> Tensor:
     """Unfused equivalent of bnfused.bn_relu_dropout with an explicit Philox key (int64[2])."""
     y = F.relu(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps))
-    drop = training if dropout_training is None else dropout_training
-    if drop and p > 0:
-        if p >= 1:
-            return y * 0.0
-        if key is None:
-            raise ValueError("reference_bn_relu_dropout: a Philox key is needed when dropout is active")
-        keep = ops.dropout_mask(key.to(input.device), input.shape, p)
-        # As ATen's dropout: input * (mask / (1 - p)).
-        y = y * (keep.to(y.dtype) * (1.0 / (1.0 - p)))
-    return y
+    return _keyed_dropout(y, p, key, training if dropout_training is None else dropout_training,
+                          "reference_bn_relu_dropout")
 
 
 def reference_bn_add_relu_dropout(input: Tensor, residual: Tensor, running_mean: Optional[Tensor],
@@ -38,15 +43,8 @@ def reference_bn_add_relu_dropout(input: Tensor, residual: Tensor, running_mean:
                                   dropout_training: Optional[bool] = None) -> Tensor:
     """Unfused equivalent of bnfused.bn_add_relu_dropout: F.batch_norm -> + residual -> relu -> the same mask."""
     y = F.relu(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps) + residual)
-    drop = training if dropout_training is None else dropout_training
-    if drop and p > 0:
-        if p >= 1:
-            return y * 0.0
-        if key is None:
-            raise ValueError("reference_bn_add_relu_dropout: a Philox key is needed when dropout is active")
-        keep = ops.dropout_mask(key.to(input.device), input.shape, p)
-        y = y * (keep.to(y.dtype) * (1.0 / (1.0 - p)))
-    return y
+    return _keyed_dropout(y, p, key, training if dropout_training is None else dropout_training,
+                          "reference_bn_add_relu_dropout")
 
 
 class KeyedDropout(nn.Module):
