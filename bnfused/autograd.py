@@ -140,7 +140,8 @@ def add_relu_grads(grad_out: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weig
     if (need_x and batch_stats) or need_w or need_b:
         sums = ops.add_relu_backward_reduce(grad_out, x, mean, rstd, pass_bits, p)
     if need_x or need_r:
-        sum_g, sum_g_xhat = sums if batch_stats else (None, None)
+        # Only grad_input reads the sums (the residual's gradient alone needs none: grad_input is then dropped).
+        sum_g, sum_g_xhat = sums if need_x and batch_stats else (None, None)
         grad_x, grad_r = ops.add_relu_backward_input(grad_out, x, mean, rstd, weight, pass_bits, p, sum_g,
                                                      sum_g_xhat, x.numel() // x.shape[1])
     if need_w and weight is not None:

@@ -105,8 +105,9 @@ _HAS_MODE_PROBES = all(hasattr(torch._C, name) for name in (
 
 
 def _eager_cpp_path(input: Tensor) -> bool:
-    """Whether the eager call can take the C++ path (_C.bn_relu_dropout_eager: the same ops and backward formula as
-    BNReLUDropoutFunction, without its ~50 us of Python per layer and step): a plain CPU tensor, outside
+    """Whether the eager call can take the C++ path (_C.bn_relu_dropout_eager / _C.bn_add_relu_dropout_eager: the
+    same ops and backward formulas as BNReLUDropoutFunction / BNAddReLUDropoutFunction, without their ~50 us of
+    Python per layer and step): a plain CPU tensor, outside
     torch.compile, functorch transforms and torch function / dispatch modes, which keep the Python path."""
     return (_HAS_MODE_PROBES and type(input) is Tensor and input.is_cpu and not torch.compiler.is_compiling()
             and not torch._C._are_functorch_transforms_active() and not torch._C._is_torch_function_mode_enabled()
@@ -277,9 +278,16 @@ def bn_add_relu_dropout_unchecked(input: Tensor, residual: Tensor, running_mean:
         return torch.relu(_empty_batch(input, weight, bias) + residual)
     drop = training if dropout_training is None else dropout_training
     p_eff = float(p) if drop else 0.0
-    if p_eff > 0.0:
-        key = ops.philox_key(input.device, generator, seed)
-    else:  # the kernels skip the RNG, the key is a placeholder
+    if p_eff == 0.0 and _compiling_for_inductor():  # as bn_relu_dropout_unchecked: what the unfused tail traces to
+        param_dtype = _batch_norm_param_dtype(input, running_mean, running_var, weight, bias)
+        if param_dtype is not None:
+            return _unfused_batch_norm_relu(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                                            param_dtype, residual=residual)
+    key = ops.philox_key(input.device, generator, seed) if p_eff > 0.0 else None
+    if type(residual) is Tensor and _eager_cpp_path(input):
+        return _extension._C.bn_add_relu_dropout_eager(input, residual, running_mean, running_var, weight, bias,
+                                                       bool(training), float(momentum), float(eps), p_eff, key)
+    if key is None:  # the kernels skip the RNG, the key is a placeholder
         key = torch.zeros(2, dtype=torch.int64, device=input.device)
     mean, rstd = _statistics(input, running_mean, running_var, training, momentum, eps)
     args = (input, residual, mean, rstd, weight, bias, key, p_eff, bool(training))

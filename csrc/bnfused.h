@@ -76,6 +76,11 @@ std::vector<bool> keep_block_rows_cpu(PhiloxKey key, double p, uint64_t first, u
 at::Tensor bn_relu_dropout_eager(const at::Tensor& input, const OptTensor& running_mean, const OptTensor& running_var,
                                  const OptTensor& weight, const OptTensor& bias, bool training, double momentum,
                                  double eps, double p, const OptTensor& key);
+// functional.bn_add_relu_dropout_unchecked on plain CPU tensors, the same way (BN + residual add + ReLU + dropout).
+at::Tensor bn_add_relu_dropout_eager(const at::Tensor& input, const at::Tensor& residual,
+                                     const OptTensor& running_mean, const OptTensor& running_var,
+                                     const OptTensor& weight, const OptTensor& bias, bool training, double momentum,
+                                     double eps, double p, const OptTensor& key);
 
 #ifdef BNFUSED_WITH_CUDA
 // ---- CUDA backend (csrc/cuda) ----

@@ -1,12 +1,13 @@
-// The eager path of the module and functional on plain CPU tensors as one C++ call: batch statistics (or the
-// running ones), the fused forward and a C++ autograd node whose backward calls the backward ops. Python's
+// The eager path of the modules and functionals on plain CPU tensors as one C++ call: batch statistics (or the
+// running ones), the fused forward and a C++ autograd node whose backward calls the backward ops; for
+// BN -> ReLU -> Dropout (bn_relu_dropout) and for BN + residual add + ReLU (+ dropout) (bn_add_relu_dropout). Python's
 // autograd.Function and three boxed op calls cost ~50 us per layer and step, which is most of a small layer's
 // time ((4, 8): module fwd+bwd 266 us against 204 for nn's chain). The ops are the registered ones, called
 // through the dispatcher, so profilers and dispatch modes see the same calls as on the Python path.
 //
-// functional.py keeps the Python path (BNReLUDropoutFunction, autograd.py) for torch.compile, CUDA, tensor
-// subclasses and active torch function / dispatch modes; the two backward formulas (here and autograd.input_grads)
-// must stay the same.
+// functional.py keeps the Python path (BNReLUDropoutFunction / BNAddReLUDropoutFunction, autograd.py) for
+// torch.compile, CUDA, tensor subclasses and active torch function / dispatch modes; the backward formulas here
+// and in autograd.input_grads / autograd.add_relu_grads must stay the same.
 #include <torch/extension.h>
 
 #include "bnfused.h"
@@ -61,9 +62,67 @@ auto& backward_input_op() {
   return op;
 }
 
+using AddForwardBitsSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                              const at::Tensor&, const OptTensor&, const OptTensor&,
+                                                              const at::Tensor&, double, bool);
+
+auto& add_relu_forward_op() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("bnfused::add_relu_forward", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const OptTensor&, const OptTensor&, const at::Tensor&, double, bool)>();
+  return op;
+}
+
+auto& add_relu_forward_bits_op() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("bnfused::add_relu_forward_bits", "")
+                       .typed<AddForwardBitsSig>();
+  return op;
+}
+
+auto& add_relu_backward_reduce_op() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("bnfused::add_relu_backward_reduce", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                 const at::Tensor&, const at::Tensor&,
+                                                                 const at::Tensor&, double)>();
+  return op;
+}
+
+auto& add_relu_backward_input_op() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("bnfused::add_relu_backward_input", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const OptTensor&, const at::Tensor&, double, const OptTensor&, const OptTensor&,
+                           c10::SymInt)>();
+  return op;
+}
+
 OptTensor defined_or_none(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
 bool requires_grad(const OptTensor& t) { return t.has_value() && t->defined() && t->requires_grad(); }
+
+// (mean, rstd) the kernels normalise with, as functional._statistics: the batch's in training (running statistics
+// updated in place when given), else the running ones.
+std::tuple<at::Tensor, at::Tensor> statistics(const at::Tensor& input, const OptTensor& running_mean,
+                                              const OptTensor& running_var, bool training, double momentum,
+                                              double eps) {
+  if (training) {
+    // Below autograd: the statistics are constants of the node (its backward differentiates through them).
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return batch_stats_update_op().call(input, running_mean, running_var, momentum, eps);
+  }
+  TORCH_CHECK(running_mean.has_value() && running_mean->defined() && running_var.has_value() && running_var->defined(),
+              "running_mean must be defined in evaluation mode");
+  at::NoGradGuard no_grad;
+  const auto acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return {running_mean->detach().to(acc), running_var->detach().to(acc).add(eps).rsqrt_()};
+}
+
+// The key argument of a call without dropout (p == 0): the kernels skip the RNG and never read it.
+at::Tensor placeholder_key(const at::Tensor& input) { return at::zeros({2}, input.options().dtype(at::kLong)); }
 
 }  // namespace
 
@@ -119,25 +178,72 @@ struct BNReLUDropoutFunction : public torch::autograd::Function<BNReLUDropoutFun
 at::Tensor bn_relu_dropout_eager(const at::Tensor& input, const OptTensor& running_mean, const OptTensor& running_var,
                                  const OptTensor& weight, const OptTensor& bias, bool training, double momentum,
                                  double eps, double p, const OptTensor& key) {
-  const auto acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor mean, rstd;
-  if (training) {
-    // Below autograd: the statistics are constants of the node (its backward differentiates through them).
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    std::tie(mean, rstd) = batch_stats_update_op().call(input, running_mean, running_var, momentum, eps);
-  } else {
-    TORCH_CHECK(running_mean.has_value() && running_mean->defined() && running_var.has_value() &&
-                    running_var->defined(),
-                "running_mean must be defined in evaluation mode");
-    at::NoGradGuard no_grad;
-    mean = running_mean->detach().to(acc);
-    rstd = running_var->detach().to(acc).add(eps).rsqrt_();
-  }
-  const at::Tensor k = key.has_value() ? *key : at::zeros({2}, input.options().dtype(at::kLong));
+  const auto [mean, rstd] = statistics(input, running_mean, running_var, training, momentum, eps);
+  const at::Tensor k = key.has_value() ? *key : placeholder_key(input);
   // As autograd._saves_keep_bits: the CPU forward packs the mask for the backward when one will run.
   const bool save_keep_bits = input.is_cpu() && p > 0.0 && p < 1.0 && at::GradMode::is_enabled() &&
                               (input.requires_grad() || requires_grad(weight) || requires_grad(bias));
   return BNReLUDropoutFunction::apply(input, mean, rstd, weight, bias, k, p, training, save_keep_bits);
+}
+
+// y = dropout(relu((x - mean) * rstd * weight + bias + residual)), as BNAddReLUDropoutFunction in autograd.py:
+// saves x, the per-channel tensors and the pass bits (1 bit per element), never the residual.
+struct BNAddReLUDropoutFunction : public torch::autograd::Function<BNAddReLUDropoutFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& residual,
+                            const at::Tensor& mean, const at::Tensor& rstd, const OptTensor& weight,
+                            const OptTensor& bias, const at::Tensor& key, double p, bool batch_stats, bool need_grad) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    if (!need_grad) return add_relu_forward_op().call(x, residual, mean, rstd, weight, bias, key, p, batch_stats);
+    auto [out, pass_bits] = add_relu_forward_bits_op().call(x, residual, mean, rstd, weight, bias, key, p, batch_stats);
+    ctx->save_for_backward({x, mean, rstd, weight.value_or(at::Tensor()), pass_bits});
+    ctx->saved_data["p"] = p;
+    ctx->saved_data["batch_stats"] = batch_stats;
+    ctx->saved_data["has_bias"] = bias.has_value();
+    if (bias.has_value()) ctx->saved_data["bias_dtype"] = bias->scalar_type();
+    return out;
+  }
+
+  // The same formula as autograd.add_relu_grads.
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &mean = saved[1], &rstd = saved[2], &pass_bits = saved[4];
+    const OptTensor weight = defined_or_none(saved[3]);
+    const double p = ctx->saved_data["p"].toDouble();
+    const bool batch_stats = ctx->saved_data["batch_stats"].toBool();
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    // needs_input_grad counts the defined tensor inputs only: x, residual, mean, rstd, then weight and bias.
+    const bool need_x = ctx->needs_input_grad(0);
+    const bool need_r = ctx->needs_input_grad(1);
+    const bool need_w = weight.has_value() && ctx->needs_input_grad(4);
+    const bool need_b = has_bias && ctx->needs_input_grad(weight.has_value() ? 5 : 4);
+    const at::Tensor& grad_out = grads[0];
+    at::Tensor sum_g, sum_g_xhat, grad_x, grad_r, grad_w, grad_b;
+    if ((need_x && batch_stats) || need_w || need_b)
+      std::tie(sum_g, sum_g_xhat) = add_relu_backward_reduce_op().call(grad_out, x, mean, rstd, pass_bits, p);
+    if (need_x || need_r) {
+      // Only grad_input reads the sums (the residual's gradient alone needs none: grad_input is then dropped).
+      const OptTensor sg = need_x && batch_stats ? OptTensor(sum_g) : std::nullopt;
+      const OptTensor sgx = need_x && batch_stats ? OptTensor(sum_g_xhat) : std::nullopt;
+      std::tie(grad_x, grad_r) = add_relu_backward_input_op().call(grad_out, x, mean, rstd, weight, pass_bits, p, sg,
+                                                                   sgx, c10::SymInt(x.numel() / x.size(1)));
+    }
+    if (need_w) grad_w = sum_g_xhat.to(weight->scalar_type());
+    if (need_b) grad_b = sum_g.to(ctx->saved_data["bias_dtype"].toScalarType());
+    return {need_x ? grad_x : at::Tensor(), need_r ? grad_r : at::Tensor(), at::Tensor(), at::Tensor(), grad_w,
+            grad_b, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor bn_add_relu_dropout_eager(const at::Tensor& input, const at::Tensor& residual,
+                                     const OptTensor& running_mean, const OptTensor& running_var,
+                                     const OptTensor& weight, const OptTensor& bias, bool training, double momentum,
+                                     double eps, double p, const OptTensor& key) {
+  const auto [mean, rstd] = statistics(input, running_mean, running_var, training, momentum, eps);
+  const at::Tensor k = key.has_value() ? *key : placeholder_key(input);
+  // As BNAddReLUDropoutFunction.forward: the pass bits only when a backward will read them.
+  const bool need_grad = at::GradMode::is_enabled() && (input.requires_grad() || residual.requires_grad() ||
+                                                        requires_grad(weight) || requires_grad(bias));
+  return BNAddReLUDropoutFunction::apply(input, residual, mean, rstd, weight, bias, k, p, training, need_grad);
 }
 
 }  // namespace bnfused

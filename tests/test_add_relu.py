@@ -502,6 +502,81 @@ def test_saves_input_bits_and_per_channel_only(dtype, layout, training, p):
     assert x.grad is not None and r.grad is not None
 
 
+# ---- the eager C++ path (_C.bn_add_relu_dropout_eager) against the Python one (BNAddReLUDropoutFunction) ----
+
+def run_path(cpp, monkeypatch, x, r, rm, rv, w, b, training, p, needs=(True, True, True, True), momentum=0.1):
+    """y, gradients (of x, residual, w, b where required), grad_fn name and running stats after one call."""
+    with monkeypatch.context() as mp:
+        if not cpp:
+            mp.setattr(bnfused.functional, "_eager_cpp_path", lambda input: False)
+        x, r = x.detach().requires_grad_(needs[0]), r.detach().requires_grad_(needs[1])
+        w = None if w is None else w.detach().requires_grad_(needs[2])
+        b = None if b is None else b.detach().requires_grad_(needs[3])
+        rm, rv = (None, None) if rm is None else (rm.clone(), rv.clone())
+        y = bnfused.bn_add_relu_dropout(x, r, rm, rv, w, b, training, momentum, 1e-5, p, seed=7)
+        name = y.grad_fn.name() if y.grad_fn is not None else None
+        leaves = [t for t in (x, r, w, b) if t is not None and t.requires_grad]
+        grads = torch.autograd.grad(y, leaves, torch.randn_like(y, generator=torch.Generator().manual_seed(1))) \
+            if leaves else ()
+    return y, grads, name, rm, rv
+
+
+def _assert_same_runs(runs):
+    for cpp_value, python_value in zip(runs[0][:2] + runs[0][3:], runs[1][:2] + runs[1][3:]):
+        torch.testing.assert_close(cpp_value, python_value, rtol=0, atol=0)
+    assert runs[0][0].stride() == runs[1][0].stride()
+
+
+@pytest.mark.parametrize("shape,layout,res_layout", CASES[::2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("p", [0.0, 0.3, 1.0])
+def test_eager_cpp_path_matches_python_path(monkeypatch, shape, layout, res_layout, dtype, training, p):
+    """Plain CPU tensors take the C++ node: the Python Function's output, gradients and running stats bit for bit."""
+    acc = ops.acc_dtype(dtype)
+    x, r = make_tensor(shape, layout, dtype, "cpu", 0.2), make_tensor(shape, res_layout, dtype, "cpu")
+    w, b = torch.rand(C, dtype=acc) + 0.5, torch.randn(C, dtype=acc) * 0.3
+    rm, rv = torch.randn(C, dtype=acc) * 0.2, torch.rand(C, dtype=acc) + 0.5
+    runs = [run_path(cpp, monkeypatch, x, r, rm, rv, w, b, training, p) for cpp in (True, False)]
+    assert runs[0][2] == "torch::autograd::CppNode<bnfused::BNAddReLUDropoutFunction>"
+    assert runs[1][2] == "BNAddReLUDropoutFunctionBackward"
+    _assert_same_runs(runs)
+
+
+@pytest.mark.parametrize("weight,bias", [(True, True), (True, False), (False, True), (False, False)])
+@pytest.mark.parametrize("needs", [(True, True), (True, False), (False, True), (False, False)],
+                         ids=["x+res", "x", "res", "params-only"])
+def test_eager_cpp_path_grad_edges(monkeypatch, weight, bias, needs):
+    """needs_input_grad counts the defined tensor inputs only: every weight / bias / x / residual combination gets
+    the Python path's gradients (and none requiring grad builds no node)."""
+    x, r = make_tensor((3, C, 5), "contiguous", torch.float64, "cpu"), make_tensor((3, C, 5), "contiguous",
+                                                                                    torch.float64, "cpu")
+    w = torch.rand(C, dtype=torch.float64) + 0.5 if weight else None
+    b = torch.randn(C, dtype=torch.float64) if bias else None
+    runs = [run_path(cpp, monkeypatch, x, r, None, None, w, b, True, 0.5, needs + (True, True)) for cpp in (True, False)]
+    assert len(runs[0][1]) == sum(needs) + int(weight) + int(bias)
+    assert (runs[0][2] is None) == (runs[1][2] is None) == (len(runs[0][1]) == 0)
+    _assert_same_runs(runs)
+
+
+def test_eager_cpp_path_gate_and_no_grad(monkeypatch):
+    """A residual that is a tensor subclass keeps the Python path (its __torch_function__ must run); under no_grad
+    the C++ call builds no node and saves nothing, with the same output."""
+    class Sub(torch.Tensor):
+        pass
+
+    x, r = torch.randn(4, C, 3, requires_grad=True), torch.randn(4, C, 3)
+    y = bnfused.bn_add_relu_dropout(x, r.as_subclass(Sub), None, None, training=True, p=0.5, seed=1)
+    assert y.grad_fn.name() == "BNAddReLUDropoutFunctionBackward"
+    torch.testing.assert_close(y, bnfused.bn_add_relu_dropout(x, r, None, None, training=True, p=0.5, seed=1),
+                               rtol=0, atol=0)
+    with torch.no_grad():
+        seen, y_nograd = saved_tensors_of(lambda: bnfused.bn_add_relu_dropout(x, r, None, None, training=True, p=0.5,
+                                                                              seed=1))
+    assert y_nograd.grad_fn is None and not seen
+    torch.testing.assert_close(y_nograd, y.detach(), rtol=0, atol=0)
+
+
 # ---- torch.compile and torch.export ----
 
 class Block(nn.Module):

@@ -1,9 +1,9 @@
 """Under torch.compile, a block without dropout (eval, p = 0) traces to F.batch_norm -> relu, what the unfused
-model traces to, so inductor fuses it with its neighbours; with dropout it keeps the fused custom ops (the mask
-for a seed unchanged). Checked: which ops each mode traces to, results against the unfused reference to
-inductor's rounding (outputs, gradients, running statistics, num_batches_tracked, momentum None), the
-parameter dtypes F.batch_norm cannot take (they keep the fused op), the single-process SyncBatchNormReLUDropout,
-and torch.export (which keeps the fused op)."""
+model traces to (the block tail: F.batch_norm -> + residual -> relu), so inductor fuses it with its neighbours;
+with dropout it keeps the fused custom ops (the mask for a seed unchanged). Checked: which ops each mode traces
+to, results against the unfused reference to inductor's rounding (outputs, gradients, running statistics,
+num_batches_tracked, momentum None), the parameter dtypes F.batch_norm cannot take (they keep the fused op), the
+single-process SyncBatchNormReLUDropout, and torch.export (which keeps the fused op)."""
 import copy
 
 import pytest
@@ -165,3 +165,54 @@ def test_export_keeps_the_fused_op_without_dropout():
     exported = torch.export.export(block, (torch.randn(2, 4, 3, 3),))
     targets = {n.target for n in exported.graph.nodes if n.op == "call_function"}
     assert torch.ops.bnfused.forward.default in targets, targets
+
+
+# ---- the block tail: BN + residual add + ReLU ----
+
+ADD_OPS = (torch.ops.bnfused.add_relu_forward.default, torch.ops.bnfused.add_relu_forward_bits.default)
+
+
+class _Tail(nn.Module):
+    """conv -> BatchNormAddReLU2d(conv(x), x) -> head: a ResNet block's tail with an identity shortcut."""
+
+    def __init__(self, p: float, fused: bool = True) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn = bnfused.BatchNormAddReLU2d(4, p=p, momentum=0.2) if fused else nn.BatchNorm2d(4, momentum=0.2)
+        self.fused = fused
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x), x) if self.fused else torch.relu(self.bn(self.conv(x)) + x)
+        return self.head(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize("mode", ["eval", "train p=0", "train p>0"])
+def test_block_tail_traces_to_batch_norm_without_dropout(mode):
+    tail = _Tail(p=0.3 if mode == "train p>0" else 0.0).train(mode != "eval")
+    _, targets = _traced_targets(tail, torch.randn(3, 4, 5, 5))
+    names = {str(t) for t in targets}
+    traced_add_op = any(str(op) in names or str(op.overloadpacket) in names for op in ADD_OPS)
+    assert traced_add_op == (mode == "train p>0"), targets
+
+
+def test_compiled_block_tail_without_dropout_trains_like_the_unfused_tail(device):
+    torch.manual_seed(0)
+    tail = _Tail(p=0.0).to(device)
+    ref = _Tail(p=0.0, fused=False).to(device)
+    ref.load_state_dict(tail.state_dict())
+    compiled = torch.compile(tail, fullgraph=True)
+    x = torch.randn(6, 4, 5, 5, device=device) * 2 + 0.5
+    target = torch.randint(0, 3, (6,), device=device)
+    for step in range(2):
+        for model, fn in ((ref, ref), (tail, compiled)):
+            model.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(fn(x + step), target).backward()
+        for (name, p_ref), (_, p_tail) in zip(ref.named_parameters(), tail.named_parameters()):
+            torch.testing.assert_close(p_tail.grad, p_ref.grad, **TOL, msg=f"grad of {name}, step {step}")
+        for (name, b_ref), (_, b_tail) in zip(ref.named_buffers(), tail.named_buffers()):
+            torch.testing.assert_close(b_tail, b_ref, **TOL, msg=f"{name}, step {step}")
+    tail.eval()
+    ref.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), ref(x), **TOL)
