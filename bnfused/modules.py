@@ -10,6 +10,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import functional
 
+_BUFFERS = frozenset(("running_mean", "running_var", "num_batches_tracked"))
+_MISSING = object()
+
 
 class _BatchNormReLUDropout(_BatchNorm):
     _expected_dims: tuple[int, ...] = ()
@@ -72,25 +75,37 @@ class _BatchNormReLUDropout(_BatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        running_mean, running_var, bn_training, factor = self._batch_norm_step(input)
-        return functional.bn_relu_dropout_unchecked(input, running_mean, running_var, self.weight, self.bias,
-                                                    bn_training, factor, self.eps, self.p,
-                                                    dropout_training=self.training)
+        weight, bias = self._tensor("weight"), self._tensor("bias")
+        running_mean, running_var, bn_training, factor = self._batch_norm_step(input, weight, bias)
+        return functional.bn_relu_dropout_unchecked(input, running_mean, running_var, weight, bias, bn_training,
+                                                    factor, self.eps, self.p, dropout_training=self.training)
 
-    def _batch_norm_step(self, input: Tensor) -> tuple[Tensor | None, Tensor | None, bool, float]:
+    def _tensor(self, name: str) -> Tensor | None:
+        """self.<name> for a parameter or buffer, read from its dict: ``self.weight`` goes through
+        nn.Module.__getattr__ (~0.5 us a name, 10 names a call: most of the gap to nn.BatchNorm2d -> nn.ReLU on a
+        small layer). A name not in the dict (a parametrization's property, ...) takes the attribute lookup."""
+        store = self._buffers if name in _BUFFERS else self._parameters
+        t = store.get(name, _MISSING)
+        return getattr(self, name) if t is _MISSING else t
+
+    def _batch_norm_step(self, input: Tensor, weight: Tensor | None,
+                         bias: Tensor | None) -> tuple[Tensor | None, Tensor | None, bool, float]:
         """_BatchNorm.forward's bookkeeping, every check first: (running_mean, running_var, bn_training,
         exponential_average_factor) for the functional, num_batches_tracked advanced in training."""
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        use_running = not self.training or self.track_running_stats
-        running_mean = self.running_mean if use_running else None
-        running_var = self.running_var if use_running else None
-        functional.check_inputs(input, running_mean, running_var, self.weight, self.bias, bn_training,
-                                0.0 if self.momentum is None else self.momentum, self.eps, self.p)
-        exponential_average_factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average
-                exponential_average_factor = 1.0 / float(self.num_batches_tracked)
+        running_mean, running_var = self._tensor("running_mean"), self._tensor("running_var")
+        training, momentum = self.training, self.momentum
+        bn_training = training or (running_mean is None and running_var is None)
+        if training and not self.track_running_stats:
+            running_mean = running_var = None
+        exponential_average_factor = 0.0 if momentum is None else momentum
+        functional.check_inputs(input, running_mean, running_var, weight, bias, bn_training,
+                                exponential_average_factor, self.eps, self.p)
+        if training and self.track_running_stats:
+            num_batches_tracked = self._tensor("num_batches_tracked")
+            if num_batches_tracked is not None:
+                num_batches_tracked.add_(1)
+                if momentum is None:  # cumulative moving average
+                    exponential_average_factor = 1.0 / float(num_batches_tracked)
         return running_mean, running_var, bn_training, exponential_average_factor
 
 
@@ -255,9 +270,10 @@ class _BatchNormAddReLU(_BatchNormReLUDropout):
     def forward(self, input: Tensor, residual: Tensor) -> Tensor:  # type: ignore[override]
         self._check_input_dim(input)
         functional.check_residual(input, residual)  # before num_batches_tracked moves, like every other check
-        running_mean, running_var, bn_training, factor = self._batch_norm_step(input)
-        return functional.bn_add_relu_dropout_unchecked(input, residual, running_mean, running_var, self.weight,
-                                                        self.bias, bn_training, factor, self.eps, self.p,
+        weight, bias = self._tensor("weight"), self._tensor("bias")
+        running_mean, running_var, bn_training, factor = self._batch_norm_step(input, weight, bias)
+        return functional.bn_add_relu_dropout_unchecked(input, residual, running_mean, running_var, weight,
+                                                        bias, bn_training, factor, self.eps, self.p,
                                                         dropout_training=self.training)
 
 

@@ -118,11 +118,29 @@ std::tuple<at::Tensor, at::Tensor> statistics(const at::Tensor& input, const Opt
               "running_mean must be defined in evaluation mode");
   at::NoGradGuard no_grad;
   const auto acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  return {running_mean->detach().to(acc), running_var->detach().to(acc).add(eps).rsqrt_()};
+  // Eval layers are small and many: no dispatch that the common case (buffers in acc dtype, no grad) can skip.
+  const auto constant = [](const at::Tensor& t) { return t.requires_grad() ? t.detach() : t; };
+  at::Tensor mean = constant(*running_mean).to(acc);
+  const at::Tensor var = constant(*running_var).to(acc).contiguous();
+  // rstd = rsqrt(var + eps) as torch computes it (what functional._statistics gives): the sum rounded to acc,
+  // then 1 / sqrt rounded once (ATen's CPU rsqrt, vectorised and scalar alike).
+  at::Tensor rstd = at::empty_like(var);
+  AT_DISPATCH_FLOATING_TYPES(acc, "bnfused_eval_rstd", [&] {
+    const scalar_t* v = var.const_data_ptr<scalar_t>();
+    scalar_t* r = rstd.mutable_data_ptr<scalar_t>();
+    const auto e = static_cast<scalar_t>(eps);
+    for (int64_t c = 0; c < var.numel(); ++c) r[c] = scalar_t(1) / std::sqrt(v[c] + e);
+  });
+  return {mean, rstd};
 }
 
-// The key argument of a call without dropout (p == 0): the kernels skip the RNG and never read it.
-at::Tensor placeholder_key(const at::Tensor& input) { return at::zeros({2}, input.options().dtype(at::kLong)); }
+// The key argument of a call without dropout (p == 0): the kernels skip the RNG and never read it, so one
+// zero tensor serves every call (CPU only: the eager path's device; never written, so saving it is safe).
+const at::Tensor& placeholder_key(const at::Tensor& input) {
+  TORCH_INTERNAL_ASSERT(input.is_cpu());
+  static const auto* key = new at::Tensor(at::zeros({2}, at::TensorOptions().dtype(at::kLong)));  // never freed
+  return *key;
+}
 
 }  // namespace
 
@@ -179,7 +197,7 @@ at::Tensor bn_relu_dropout_eager(const at::Tensor& input, const OptTensor& runni
                                  const OptTensor& weight, const OptTensor& bias, bool training, double momentum,
                                  double eps, double p, const OptTensor& key) {
   const auto [mean, rstd] = statistics(input, running_mean, running_var, training, momentum, eps);
-  const at::Tensor k = key.has_value() ? *key : placeholder_key(input);
+  const at::Tensor& k = key.has_value() ? *key : placeholder_key(input);
   // As autograd._saves_keep_bits: the CPU forward packs the mask for the backward when one will run.
   const bool save_keep_bits = input.is_cpu() && p > 0.0 && p < 1.0 && at::GradMode::is_enabled() &&
                               (input.requires_grad() || requires_grad(weight) || requires_grad(bias));
@@ -239,7 +257,7 @@ at::Tensor bn_add_relu_dropout_eager(const at::Tensor& input, const at::Tensor& 
                                      const OptTensor& weight, const OptTensor& bias, bool training, double momentum,
                                      double eps, double p, const OptTensor& key) {
   const auto [mean, rstd] = statistics(input, running_mean, running_var, training, momentum, eps);
-  const at::Tensor k = key.has_value() ? *key : placeholder_key(input);
+  const at::Tensor& k = key.has_value() ? *key : placeholder_key(input);
   // As BNAddReLUDropoutFunction.forward: the pass bits only when a backward will read them.
   const bool need_grad = at::GradMode::is_enabled() && (input.requires_grad() || residual.requires_grad() ||
                                                         requires_grad(weight) || requires_grad(bias));

@@ -355,6 +355,33 @@ def test_affine_without_bias(device, dim):
     torch.testing.assert_close(fused(x), F.relu(bn(x)), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("fused_cls", [bnfused.BatchNormReLUDropout2d, bnfused.BatchNormAddReLU2d])
+def test_parametrized_weight_and_swapped_tensors_are_used(device, fused_cls):
+    """The forward reads parameters and buffers from their dicts (no nn.Module.__getattr__ per name), but what
+    self.<name> resolves to still wins: a parametrization's property (the name leaves _parameters) and tensors
+    swapped in by torch.func.functional_call."""
+    fused = fused_cls(C, p=0.0, device=device).train()
+    bn = nn.BatchNorm2d(C, device=device).train()
+    for module in (fused, bn):
+        torch.nn.utils.parametrize.register_parametrization(module, "weight", _Scale3())
+    x = make_input((2, C, 3, 4), "contiguous", torch.float32, device)
+    args = (x, torch.zeros_like(x)) if fused_cls is bnfused.BatchNormAddReLU2d else (x,)
+    torch.testing.assert_close(fused(*args), F.relu(bn(x)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused.running_var, bn.running_var)
+    # functional_call: other weight / running statistics for one call, the module's own untouched
+    plain = fused_cls(C, p=0.0, device=device).eval()
+    swapped = {"weight": torch.full((C,), 2.0, device=device), "running_var": torch.full((C,), 4.0, device=device)}
+    ref = nn.BatchNorm2d(C, device=device).eval()
+    expected = F.relu(torch.func.functional_call(ref, swapped, (x,)))
+    torch.testing.assert_close(torch.func.functional_call(plain, swapped, args), expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(plain.weight, torch.ones(C, device=device))
+
+
+class _Scale3(nn.Module):
+    def forward(self, w):
+        return 3.0 * w
+
+
 def test_reduced_precision_params_stay_float32(device):
     fused = bnfused.BatchNormReLUDropout2d(C, p=0.3, device=device)
     x = make_input((2, C, 4, 4), "channels_last", torch.bfloat16, device).requires_grad_()
