@@ -13,7 +13,8 @@ from typing import Optional
 from torch import nn
 
 from . import graph_sites
-from .modules import BatchNormReLUDropout1d, BatchNormReLUDropout2d, BatchNormReLUDropout3d
+from .modules import (BatchNormAddReLU1d, BatchNormAddReLU2d, BatchNormAddReLU3d, BatchNormReLUDropout1d,
+                      BatchNormReLUDropout2d, BatchNormReLUDropout3d)
 from .sync import SyncBatchNormReLUDropout
 
 logger = logging.getLogger(__name__)
@@ -84,12 +85,9 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix and name else prefix or name
 
 
-def _add_modules() -> dict:
-    """nn.BatchNormXd -> the fused BN + add + ReLU module (empty when this build has none)."""
-    from . import modules
-    found = {bn: getattr(modules, f"BatchNormAddReLU{d}d", None)
-             for bn, d in ((nn.BatchNorm1d, 1), (nn.BatchNorm2d, 2), (nn.BatchNorm3d, 3))}
-    return {bn: cls for bn, cls in found.items() if cls is not None}
+# nn.BatchNormXd -> the fused BN + add + ReLU module of its dimension.
+_ADD_MODULES = {nn.BatchNorm1d: BatchNormAddReLU1d, nn.BatchNorm2d: BatchNormAddReLU2d,
+                nn.BatchNorm3d: BatchNormAddReLU3d}
 
 
 def _fused_for(bn: nn.modules.batchnorm._BatchNorm, p: float, sync: bool, process_group,
@@ -97,7 +95,7 @@ def _fused_for(bn: nn.modules.batchnorm._BatchNorm, p: float, sync: bool, proces
     """The fused module taking bn's place, sharing its Parameter and buffer objects and the hooks that keep
     their meaning."""
     if add:
-        fused = _add_modules()[type(bn)].from_batchnorm(bn, p)
+        fused = _ADD_MODULES[type(bn)].from_batchnorm(bn, p)
     elif sync:
         fused = SyncBatchNormReLUDropout.from_batchnorm(bn, p, process_group)
     else:
@@ -134,7 +132,7 @@ class _Converter:
         # How many places of the module tree hold each module object: a shared ReLU cannot become nn.Identity.
         self.places = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
         # BN + residual -> ReLU sites: with the fused add modules (no synchronised one: not with sync=True)
-        self.add_types = () if sync else tuple(_add_modules())
+        self.add_types = () if sync else tuple(_ADD_MODULES)
 
     # ------------------------------------------------------------ nn.Sequential chains (in place, no tracing)
     def sequential(self, seq: nn.Sequential, prefix: str) -> None:

@@ -32,34 +32,34 @@ def check_p(p: float) -> None:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
 
 
-def check_eps(eps: float) -> None:
+def check_eps(eps: float, op: str = "bn_relu_dropout") -> None:
     check_number(eps, "eps")
     # Comparisons instead of math.isinf: under torch.compile(dynamic=True) eps may be a SymFloat.
     # The wording keeps PyTorch's "eps must be positive" (what its own module tests match).
     if not 0.0 < eps < math.inf:
-        raise ValueError(f"bn_relu_dropout eps must be positive (and finite), but got {eps}")
+        raise ValueError(f"{op} eps must be positive (and finite), but got {eps}")
 
 
 def check_inputs(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                  weight: Optional[Tensor], bias: Optional[Tensor], training: bool, momentum: float, eps: float,
-                 p: float) -> None:
-    """Every check of the fused op, raising what PyTorch raises for the unfused layers."""
+                 p: float, op: str = "bn_relu_dropout") -> None:
+    """Every check of the fused op, raising what PyTorch raises for the unfused layers; op names the caller."""
     if not isinstance(input, Tensor):
-        raise TypeError(f"bn_relu_dropout(): input must be a Tensor, got {type(input).__name__}")
+        raise TypeError(f"{op}(): input must be a Tensor, got {type(input).__name__}")
     if input.dtype not in _FLOAT_DTYPES:
-        raise NotImplementedError(f"\"bn_relu_dropout\" not implemented for '{str(input.dtype).replace('torch.', '')}'"
+        raise NotImplementedError(f"\"{op}\" not implemented for '{str(input.dtype).replace('torch.', '')}'"
                                   " (expected float32, float64, float16 or bfloat16 input)")
     if input.dim() < 2:
-        raise ValueError(f"bn_relu_dropout(): expected input with at least 2 dims (N, C, ...), got {input.dim()}D input")
+        raise ValueError(f"{op}(): expected input with at least 2 dims (N, C, ...), got {input.dim()}D input")
     check_p(p)
-    check_eps(eps)
+    check_eps(eps, op)
     check_number(momentum, "momentum")  # None too, as F.batch_norm (the modules pass their factor)
     if input.is_cuda and not _extension.WITH_CUDA:
-        raise RuntimeError("bn_relu_dropout(): input is a CUDA tensor but bnfused was built without CUDA kernels "
+        raise RuntimeError(f"{op}(): input is a CUDA tensor but bnfused was built without CUDA kernels "
                            "(CPU-only torch or no nvcc at build time); rebuild it on a CUDA machine")
     device = input.device
     if device.type not in ("cpu", "cuda", "meta"):
-        raise RuntimeError(f"bn_relu_dropout(): unsupported device {device}")
+        raise RuntimeError(f"{op}(): unsupported device {device}")
     channels = input.shape[1]
     param_dtypes = (input.dtype, ops.acc_dtype(input.dtype))  # hoisted: small layers feel every microsecond
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
@@ -330,7 +330,7 @@ def bn_add_relu_dropout(input: Tensor, residual: Tensor, running_mean: Optional[
         >>> torch.allclose(y, ref, atol=1e-5)
         True
     """
-    check_inputs(input, running_mean, running_var, weight, bias, training, momentum, eps, p)
+    check_inputs(input, running_mean, running_var, weight, bias, training, momentum, eps, p, "bn_add_relu_dropout")
     check_residual(input, residual)
     return bn_add_relu_dropout_unchecked(input, residual, running_mean, running_var, weight, bias, training,
                                          momentum, eps, p, generator, seed, dropout_training)

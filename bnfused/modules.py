@@ -18,6 +18,7 @@ class _BatchNormReLUDropout(_BatchNorm):
     _expected_dims: tuple[int, ...] = ()
     # The unfused layer each dimension-specific module replaces (None: any, as nn.SyncBatchNorm).
     _replaces: type[_BatchNorm] | None = None
+    _op = "bn_relu_dropout"  # the functional named in error messages
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, *, p: float = 0.5,
@@ -99,7 +100,7 @@ class _BatchNormReLUDropout(_BatchNorm):
             running_mean = running_var = None
         exponential_average_factor = 0.0 if momentum is None else momentum
         functional.check_inputs(input, running_mean, running_var, weight, bias, bn_training,
-                                exponential_average_factor, self.eps, self.p)
+                                exponential_average_factor, self.eps, self.p, self._op)
         if training and self.track_running_stats:
             num_batches_tracked = self._tensor("num_batches_tracked")
             if num_batches_tracked is not None:
@@ -261,6 +262,8 @@ _ADD_DOC = r"""Applies Batch Normalization, a residual add, ReLU and Dropout ove
 
 class _BatchNormAddReLU(_BatchNormReLUDropout):
     """The fused base with a residual: forward(input, residual) = dropout(relu(bn(input) + residual), p)."""
+
+    _op = "bn_add_relu_dropout"
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, *, p: float = 0.0,

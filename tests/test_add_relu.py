@@ -449,10 +449,17 @@ def test_bad_arguments_like_bn_relu_dropout(device, bad, error, match):
     with pytest.raises(error, match=match):
         bnfused.bn_add_relu_dropout(x, r, rm, torch.ones(C, device=device), **args)
     assert not rm.any()
-    with pytest.raises(NotImplementedError, match="int64"):
+    with pytest.raises(NotImplementedError, match="\"bn_add_relu_dropout\" not implemented for 'int64'"):
         bnfused.bn_add_relu_dropout(x.long(), r.long(), None, None, training=True)
     with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
         bnfused.bn_add_relu_dropout(x[:1, :, :1], r[:1, :, :1], None, None, training=True)
+    # the errors name the function (or module) the user called
+    with pytest.raises(ValueError, match=r"^bn_add_relu_dropout\(\): expected input with at least 2 dims"):
+        bnfused.bn_add_relu_dropout(x[0, 0], r[0, 0], None, None, training=True)
+    with pytest.raises(ValueError, match="^bn_add_relu_dropout eps must be positive"):
+        bnfused.bn_add_relu_dropout(x, r, None, None, training=True, eps=-1.0)
+    with pytest.raises(NotImplementedError, match="^\"bn_add_relu_dropout\" not implemented"):
+        bnfused.BatchNormAddReLU1d(C).to(device)(x.long(), r.long())
 
 
 def test_ops_reject_bad_residual_and_bits():
