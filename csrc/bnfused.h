@@ -110,8 +110,8 @@ std::tuple<at::Tensor, at::Tensor> add_relu_backward_reduce_cuda(const at::Tenso
                                                                  const at::Tensor& pass_bits, double p);
 void add_relu_backward_input_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
                                   const at::Tensor& rstd, const OptTensor& weight, const at::Tensor& pass_bits,
-                                  double p, const OptTensor& mean_g, const OptTensor& mean_g_xhat, at::Tensor& dx,
-                                  at::Tensor& grad_residual);
+                                  double p, const OptTensor& sum_g, const OptTensor& sum_g_xhat, int64_t count,
+                                  at::Tensor& dx, at::Tensor& grad_residual);
 #endif
 
 }  // namespace bnfused

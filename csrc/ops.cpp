@@ -365,12 +365,7 @@ std::tuple<at::Tensor, at::Tensor> add_relu_backward_input(const at::Tensor& gra
   auto grad_residual = cpu::empty_output(a.x, kernel_memory_format(a.x));
 #ifdef BNFUSED_WITH_CUDA
   if (a.x.is_cuda()) {
-    OptTensor mg, mgx;
-    if (has_g) {
-      mg = sg->div(static_cast<double>(n));
-      mgx = sgx->div(static_cast<double>(n));
-    }
-    add_relu_backward_input_cuda(dy, a.x, a.mean, a.rstd, a.weight, pass_bits, p, mg, mgx, dx, grad_residual);
+    add_relu_backward_input_cuda(dy, a.x, a.mean, a.rstd, a.weight, pass_bits, p, sg, sgx, n, dx, grad_residual);
     return {dx, grad_residual};
   }
 #endif

@@ -1,7 +1,6 @@
 // BN + residual add + ReLU (+ dropout) on CUDA: the forward with its pass bits, and the two add-mode backward ops
-// (the residual's gradient g from grad_out and the bits, then the BN backward over g through reduce.cuh and
-// apply.cuh). The kernels are in add_relu.cuh.
-#include <ATen/ops/empty_like.h>
+// (the sums of g = grad_out * pass / (1 - p) through reduce.cuh with the bits as the mask; dx and g in one
+// elementwise pass). The kernels and their torch-free drivers are in add_relu.cuh.
 #include <ATen/ops/zeros.h>
 
 #include "add_relu.cuh"
@@ -27,21 +26,6 @@ void add_relu_forward_cuda(const at::Tensor& x, const at::Tensor& residual, cons
       });
 }
 
-namespace {
-
-// g = dy * pass / (1 - p) into `g` (x's layout and dtype).
-void pass_grad(const at::Tensor& dy, const at::Tensor& pass_bits, double p, at::Tensor& g) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::ScalarType::Half, at::ScalarType::BFloat16, dy.scalar_type(), "bnfused_add_relu_pass_grad_cuda", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        cuda::run_pass_grad<scalar_t, acc_t>(dy.const_data_ptr<scalar_t>(), pass_bits.const_data_ptr<uint8_t>(),
-                                             g.mutable_data_ptr<scalar_t>(), dy.numel(), dropout_scale<acc_t>(p),
-                                             cuda::current_stream());
-      });
-}
-
-}  // namespace
-
 std::tuple<at::Tensor, at::Tensor> add_relu_backward_reduce_cuda(const at::Tensor& dy, const at::Tensor& x,
                                                                  const at::Tensor& mean, const at::Tensor& rstd,
                                                                  const at::Tensor& pass_bits, double p) {
@@ -52,8 +36,6 @@ std::tuple<at::Tensor, at::Tensor> add_relu_backward_reduce_cuda(const at::Tenso
   at::Tensor sum_g_xhat = at::zeros({g.C}, x.options().dtype(acc_type));
   if (g.C == 0 || g.N * g.S == 0) return {sum_g, sum_g_xhat};
   TORCH_CHECK(g.C <= 0x7fffffff, "bnfused: too many channels for the CUDA kernels: ", g.C);
-  at::Tensor grad = at::empty_like(x);  // x's strides: the kernels' layout
-  pass_grad(dy, pass_bits, p, grad);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(), "bnfused_add_relu_backward_reduce_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
@@ -61,39 +43,31 @@ std::tuple<at::Tensor, at::Tensor> add_relu_backward_reduce_cuda(const at::Tenso
         const Op op{mean.const_data_ptr<acc_t>(), rstd.const_data_ptr<acc_t>(), sum_g.mutable_data_ptr<acc_t>(),
                     sum_g_xhat.mutable_data_ptr<acc_t>()};
         const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
-        const scalar_t* g_ptr = grad.const_data_ptr<scalar_t>();
-        const auto plan = cuda::plan_reduction<scalar_t, Op>(g, x_ptr, g_ptr);
+        const scalar_t* dy_ptr = dy.const_data_ptr<scalar_t>();
+        const auto plan = cuda::plan_reduction<scalar_t, Op>(g, x_ptr, dy_ptr);
         at::Tensor ws = cuda::workspace<acc_t>(x, plan.workspace_elems());
-        cuda::run_reduction<scalar_t, acc_t>(op, plan, x_ptr, g_ptr, g, nullptr, cuda::workspace_ptr<acc_t>(ws),
-                                             cuda::current_stream());
+        cuda::run_add_relu_backward_reduce<scalar_t, acc_t>(
+            op, plan, dy_ptr, x_ptr, pass_bits.const_data_ptr<uint8_t>(), dropout_scale<acc_t>(p), g,
+            cuda::workspace_ptr<acc_t>(ws), cuda::current_stream());
       });
   return {sum_g, sum_g_xhat};
 }
 
 void add_relu_backward_input_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
                                   const at::Tensor& rstd, const OptTensor& weight, const at::Tensor& pass_bits,
-                                  double p, const OptTensor& mean_g, const OptTensor& mean_g_xhat, at::Tensor& dx,
-                                  at::Tensor& grad_residual) {
+                                  double p, const OptTensor& sum_g, const OptTensor& sum_g_xhat, int64_t count,
+                                  at::Tensor& dx, at::Tensor& grad_residual) {
   if (x.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
   const Geometry g = geometry_of(x);
-  pass_grad(dy, pass_bits, p, grad_residual);
-  const bool batch_stats = mean_g.has_value() && mean_g->defined();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(), "bnfused_add_relu_backward_input_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        const auto prm = channel_params<acc_t>(mean, rstd, weight, std::nullopt);
-        const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
-        const scalar_t* g_ptr = grad_residual.const_data_ptr<scalar_t>();
-        scalar_t* dx_ptr = dx.mutable_data_ptr<scalar_t>();
-        const auto stream = cuda::current_stream();
-        if (batch_stats)
-          cuda::run_apply<scalar_t, acc_t>(cuda::AddBackwardInputOp<acc_t, true>{prm, cuda::opt_ptr<acc_t>(mean_g),
-                                                                                   cuda::opt_ptr<acc_t>(mean_g_xhat)},
-                                           x_ptr, g_ptr, dx_ptr, g, nullptr, stream);
-        else
-          cuda::run_apply<scalar_t, acc_t>(cuda::AddBackwardInputOp<acc_t, false>{prm, nullptr, nullptr}, x_ptr, g_ptr,
-                                           dx_ptr, g, nullptr, stream);
+        cuda::run_add_relu_backward_input<scalar_t, acc_t>(
+            channel_params<acc_t>(mean, rstd, weight, std::nullopt), cuda::opt_ptr<acc_t>(sum_g),
+            cuda::opt_ptr<acc_t>(sum_g_xhat), count, dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+            pass_bits.const_data_ptr<uint8_t>(), dropout_scale<acc_t>(p), dx.mutable_data_ptr<scalar_t>(),
+            grad_residual.mutable_data_ptr<scalar_t>(), g, cuda::current_stream());
       });
 }
 

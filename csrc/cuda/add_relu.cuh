@@ -1,7 +1,8 @@
 // BN + residual add + ReLU (+ dropout) kernels, torch-free: the forward y = relu(fma(x, a, b) + residual) * mult with
-// its pass bits [y > 0] (1 bit per element in memory order, as the CPU kernels pack them), the pass of the
-// residual's gradient g = dy * pass * scale, and the BN backward over g as Ops of reduce.cuh and apply.cuh (the
-// BN->ReLU->Dropout Ops without the [z > 0] gate and without a mask: g holds both). Host wrappers in add_relu.cu.
+// its pass bits [y > 0] (1 bit per element in memory order, as the CPU kernels pack them), and the backward with
+// g = dy * pass * scale (the residual's gradient and the BN's upstream gradient) computed in registers from dy and
+// the bits in both passes: the sums as an Op of reduce.cuh with the bits as its mask, and one elementwise pass
+// writing g and dx. Host wrappers in add_relu.cu.
 //
 // The two elementwise kernels walk memory in units of 8 consecutive elements, one byte of pass bits each, so no
 // byte is shared between threads. ChannelsFirst (and 2-d input): a unit is one Philox block. ChannelsLast with
@@ -9,7 +10,6 @@
 // takes one Philox call per element with dropout (the BN->ReLU->Dropout tile kernel shares one call between 8
 // rows instead; the ResNet tail usually runs without dropout, where this costs nothing).
 #pragma once
-#include "apply.cuh"
 #include "reduce.cuh"
 
 namespace bnfused::cuda {
@@ -99,33 +99,8 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// g = dy * scale where the pass bit is set, else 0: the residual's gradient and the BN's upstream gradient.
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-    pass_grad_kernel(const scalar_t* __restrict__ dy, const uint8_t* __restrict__ pass_bits,
-                     scalar_t* __restrict__ g, int64_t numel, acc_t scale, bool vec_ok) {
-  const int64_t groups = (numel + kUnit - 1) / kUnit;
-  for (int64_t grp = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; grp < groups;
-       grp += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t i0 = grp * kUnit;
-    const int cnt = static_cast<int>((numel - i0) < kUnit ? (numel - i0) : kUnit);
-    const bool whole = vec_ok && cnt == kUnit;
-    acc_t dv[kUnit], gv[kUnit];
-    if (whole)
-      load8(dy + i0, dv);
-    else
-      load_lanes(dy + i0, 0, cnt, dv);
-    const uint32_t byte = pass_bits[grp];
-#pragma unroll
-    for (int j = 0; j < kUnit; ++j) gv[j] = ((byte >> j) & 1u) ? dv[j] * scale : acc_t(0);
-    if (whole)
-      store8(g + i0, gv);
-    else
-      store_lanes(g + i0, 0, cnt, gv);
-  }
-}
-
-// Sums of g and g * (x - mean) with g given (reduce.cuh's dy input, no mask, no gate); times rstd at the end.
+// Sums of g and g * (x - mean), g = dy * mult with the pass bits as the mask (reduce.cuh's dy input and a
+// Dropout with bits; no [z > 0] gate); times rstd at the end.
 template <typename acc_t>
 struct AddGradSumsOp {
   static constexpr bool kGrad = true;
@@ -149,19 +124,21 @@ struct AddGradSumsOp {
   }
 
   __device__ __forceinline__ void add(Acc<acc_t>& acc, const Chan& ch, const acc_t (&x)[kUnit],
-                                      const acc_t (&g)[kUnit], const acc_t (&)[kUnit], int lo, int hi) const {
+                                      const acc_t (&dy)[kUnit], const acc_t (&mult)[kUnit], int lo, int hi) const {
     acc_t sg = 0, sgx = 0;
 #pragma unroll
     for (int j = 0; j < kUnit; ++j)
       if (j >= lo && j < hi) {
-        sg += g[j];
-        sgx += g[j] * (x[j] - ch.mean);
+        const acc_t g = dy[j] * mult[j];
+        sg += g;
+        sgx += g * (x[j] - ch.mean);
       }
     acc.g += sg;
     acc.gx += sgx;
   }
 
-  __device__ __forceinline__ void add_element(Acc<acc_t>& acc, const Chan& ch, acc_t x, acc_t g, acc_t) const {
+  __device__ __forceinline__ void add_element(Acc<acc_t>& acc, const Chan& ch, acc_t x, acc_t dy, acc_t mult) const {
+    const acc_t g = dy * mult;
     acc.g += g;
     acc.gx += g * (x - ch.mean);
   }
@@ -173,29 +150,74 @@ struct AddGradSumsOp {
   }
 };
 
-// dx from g (apply.cuh's dy input, no mask, no gate): the BN backward of BackwardInputOp without its ReLU.
+// dx from g: the BN backward of BackwardInputOp without its ReLU gate; the sums are divided here, per channel, as
+// the CPU kernels do.
 template <typename acc_t, bool kBatchStats>
 struct AddBackwardInputOp {
-  static constexpr bool kNeedsDy = true;
-  struct Chan {
-    BackwardCoef<acc_t> coef;
-  };
-  ChannelParams<acc_t> prm;
-  const acc_t* mean_g;       // kBatchStats only
-  const acc_t* mean_g_xhat;  // kBatchStats only
+  ChannelParams<acc_t> prm;  // mean, rstd, weight (bias unused)
+  const acc_t* sum_g;        // kBatchStats only
+  const acc_t* sum_g_xhat;   // kBatchStats only
+  acc_t count;               // kBatchStats only: the values the sums ran over (global under SyncBN)
 
-  __device__ __forceinline__ Chan channel(int64_t c) const {
-    const acc_t mg = kBatchStats ? mean_g[c] : acc_t(0);
-    const acc_t mgx = kBatchStats ? mean_g_xhat[c] : acc_t(0);
-    return Chan{backward_coef<acc_t>(prm.mean[c], prm.rstd[c], prm.w(c), kBatchStats, mg, mgx)};
+  __device__ __forceinline__ BackwardCoef<acc_t> channel(int64_t c) const {
+    const acc_t mg = kBatchStats ? sum_g[c] / count : acc_t(0);
+    const acc_t mgx = kBatchStats ? sum_g_xhat[c] / count : acc_t(0);
+    return backward_coef<acc_t>(prm.mean[c], prm.rstd[c], prm.w(c), kBatchStats, mg, mgx);
   }
-  __device__ __forceinline__ acc_t apply(const Chan& ch, acc_t x, acc_t g, acc_t /*mult*/) const {
+  __device__ __forceinline__ acc_t apply(const BackwardCoef<acc_t>& coef, acc_t x, acc_t g) const {
     if constexpr (kBatchStats)
-      return grad_input_element(g, x, ch.coef);
+      return grad_input_element(g, x, coef);
     else
-      return grad_input_element_eval(g, ch.coef);
+      return grad_input_element_eval(g, coef);
   }
 };
+
+// grad_residual = g = dy * scale where the pass bit is set (else 0) and dx = Op(x, g), g kept in acc_t between the
+// two (as the CPU computes it: dx is not computed from g rounded to scalar_t). 8-element memory units, one byte of
+// pass bits each, as the forward writes them.
+template <typename scalar_t, typename acc_t, bool kBatchStats>
+__global__ void __launch_bounds__(kThreads)
+    add_relu_backward_input_kernel(const AddBackwardInputOp<acc_t, kBatchStats> op, const scalar_t* __restrict__ dy,
+                                   const scalar_t* __restrict__ x, const uint8_t* __restrict__ pass_bits,
+                                   scalar_t* __restrict__ dx, scalar_t* __restrict__ grad_residual, int64_t numel,
+                                   int64_t C, int64_t S, bool channels_last, bool vec_ok, acc_t scale) {
+  const int64_t groups = (numel + kUnit - 1) / kUnit;
+  for (int64_t grp = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; grp < groups;
+       grp += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i0 = grp * kUnit;
+    const int cnt = static_cast<int>((numel - i0) < kUnit ? (numel - i0) : kUnit);
+    const bool whole = vec_ok && cnt == kUnit;
+    acc_t dv[kUnit], xv[kUnit], gv[kUnit], dxv[kUnit];
+    if (whole) {
+      load8(dy + i0, dv);
+      load8(x + i0, xv);
+    } else {
+      load_lanes(dy + i0, 0, cnt, dv);
+      load_lanes(x + i0, 0, cnt, xv);
+    }
+    const uint32_t byte = pass_bits[grp];
+    UnitWalk walk(i0, C, S, channels_last);
+    int64_t c = walk.c;
+    BackwardCoef<acc_t> coef = op.channel(c);
+#pragma unroll
+    for (int j = 0; j < kUnit; ++j) {
+      if (walk.c != c) {  // a new channel (every element in channels_last)
+        c = walk.c;
+        coef = op.channel(c);
+      }
+      gv[j] = ((byte >> j) & 1u) ? dv[j] * scale : acc_t(0);
+      dxv[j] = op.apply(coef, xv[j], gv[j]);
+      if (j + 1 < cnt) walk.next();
+    }
+    if (whole) {
+      store8(grad_residual + i0, gv);
+      store8(dx + i0, dxv);
+    } else {
+      store_lanes(grad_residual + i0, 0, cnt, gv);
+      store_lanes(dx + i0, 0, cnt, dxv);
+    }
+  }
+}
 
 // ---- host drivers (numel > 0) ----
 
@@ -219,11 +241,35 @@ void run_add_relu_forward(const ChannelParams<acc_t>& prm, const scalar_t* x, co
     run(add_relu_forward_kernel<scalar_t, acc_t, true, false>);
 }
 
+// add_relu_backward_reduce: Op's sums of g = dy * pass * scale over (x, dy), as planned by
+// plan_reduction<scalar_t, AddGradSumsOp<acc_t>>(geo, x, dy); ws: plan.workspace_elems() acc_t (or null).
 template <typename scalar_t, typename acc_t>
-void run_pass_grad(const scalar_t* dy, const uint8_t* pass_bits, scalar_t* g, int64_t numel, acc_t scale,
-                   cudaStream_t stream) {
-  launch(pass_grad_kernel<scalar_t, acc_t>, dim3(apply_blocks(ceil_div(numel, kUnit))), dim3(kThreads), stream, dy,
-         pass_bits, g, numel, scale, aligned_to(dy, 16) && aligned_to(g, 16));
+void run_add_relu_backward_reduce(const AddGradSumsOp<acc_t>& op, const ReducePlan& plan, const scalar_t* dy,
+                                  const scalar_t* x, const uint8_t* pass_bits, acc_t scale, const Geometry& geo,
+                                  acc_t* ws, cudaStream_t stream) {
+  Dropout<acc_t> pass{nullptr, 0u, scale};
+  pass.bits = pass_bits;
+  run_reduction<scalar_t, acc_t>(op, plan, x, dy, geo, &pass, ws, stream);
+}
+
+// add_relu_backward_input: grad_residual = g and dx from (x, g); sum_g == nullptr: running statistics.
+template <typename scalar_t, typename acc_t>
+void run_add_relu_backward_input(const ChannelParams<acc_t>& prm, const acc_t* sum_g, const acc_t* sum_g_xhat,
+                                 int64_t count, const scalar_t* dy, const scalar_t* x, const uint8_t* pass_bits,
+                                 acc_t scale, scalar_t* dx, scalar_t* grad_residual, const Geometry& geo,
+                                 cudaStream_t stream) {
+  const int64_t numel = geo.N * geo.C * geo.S;
+  const bool vec_ok = aligned_to(dy, 16) && aligned_to(x, 16) && aligned_to(dx, 16) && aligned_to(grad_residual, 16);
+  auto run = [&](auto kernel, auto op) {
+    launch(kernel, dim3(apply_blocks(ceil_div(numel, kUnit))), dim3(kThreads), stream, op, dy, x, pass_bits, dx,
+           grad_residual, numel, geo.C, geo.S, geo.layout == Layout::ChannelsLast, vec_ok, scale);
+  };
+  if (sum_g != nullptr)
+    run(add_relu_backward_input_kernel<scalar_t, acc_t, true>,
+        AddBackwardInputOp<acc_t, true>{prm, sum_g, sum_g_xhat, static_cast<acc_t>(count)});
+  else
+    run(add_relu_backward_input_kernel<scalar_t, acc_t, false>,
+        AddBackwardInputOp<acc_t, false>{prm, nullptr, nullptr, acc_t(1)});
 }
 
 }  // namespace bnfused::cuda

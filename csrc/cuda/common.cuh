@@ -99,6 +99,9 @@ struct Dropout {
   const int64_t* key;  // int64[2] (seed, offset) on the device
   uint32_t threshold;
   acc_t scale;
+  // Or the mask as bits, 1 per element in memory order (the add ops' pass bits; reductions only): key and
+  // threshold unused, multiplier = bit ? scale : 0.
+  const uint8_t* bits = nullptr;
 };
 
 template <typename acc_t>
@@ -176,6 +179,26 @@ __device__ __forceinline__ void block_mults(PhiloxKey key, uint64_t blk, uint32_
   const Philox4 r = mask_block(key, blk);
 #pragma unroll
   for (int j = 0; j < kUnit; ++j) mult[j] = lane_u16(r, j) >= threshold ? scale : acc_t(0);
+}
+
+// Multipliers (bit ? scale : 0) of the 8 lanes of one byte of mask bits.
+template <typename acc_t>
+__device__ __forceinline__ void byte_mults(uint32_t byte, acc_t scale, acc_t (&mult)[kUnit]) {
+#pragma unroll
+  for (int j = 0; j < kUnit; ++j) mult[j] = ((byte >> j) & 1u) ? scale : acc_t(0);
+}
+
+// Bit j (j < rows <= 8) = mask bit of memory element off + j * stride (a channels_last column of 8 rows).
+__device__ __forceinline__ uint32_t column_bits(const uint8_t* __restrict__ bits, int64_t off, int64_t stride,
+                                                int rows) {
+  uint32_t out = 0;
+#pragma unroll
+  for (int j = 0; j < kUnit; ++j)
+    if (j < rows) {
+      const int64_t m = off + j * stride;
+      out |= ((static_cast<uint32_t>(bits[m >> 3]) >> (m & 7)) & 1u) << j;
+    }
+  return out;
 }
 
 // 32-bit word w (0..7) of the 256-bit concatenation r0:r1, by selects (no local-memory indexing).

@@ -262,7 +262,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t c = blockIdx.x;
   const int tx = blockDim.x;
   PhiloxKey key{0, 0};
-  if constexpr (kDropout) key = load_key(drop.key);
+  if constexpr (kDropout)
+    if (drop.bits == nullptr) key = load_key(drop.key);
   const auto ch = op.channel(c);
   Acc acc = Op::template identity<acc_t>();
 
@@ -289,7 +290,10 @@ __global__ void __launch_bounds__(kThreads)
       else
         load_lanes(dy + b0, lo, hi, dv);
       if constexpr (kDropout) {
-        block_mults(key, static_cast<uint64_t>(blk), drop.threshold, drop.scale, mult);
+        if (drop.bits != nullptr)  // unit blk is byte blk of the bits (memory order == logical order here)
+          byte_mults(drop.bits[blk], drop.scale, mult);
+        else
+          block_mults(key, static_cast<uint64_t>(blk), drop.threshold, drop.scale, mult);
       } else {
 #pragma unroll
         for (int j = 0; j < kUnit; ++j) mult[j] = acc_t(1);
@@ -318,7 +322,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * tx + threadIdx.x) * V;
   const bool active = c0 < C;  // V divides C when V > 1
   PhiloxKey key{0, 0};
-  if constexpr (kDropout) key = load_key(drop.key);
+  if constexpr (kDropout)
+    if (drop.bits == nullptr) key = load_key(drop.key);
 
   typename Op::Chan ch[V];
   Acc acc[V];
@@ -345,6 +350,8 @@ __global__ void __launch_bounds__(kThreads)
           const uint64_t L = static_cast<uint64_t>((n * C + c0 + v) * S + s0);
           if constexpr (!kDropout)
             keep[v] = 0xFFu;
+          else if (drop.bits != nullptr)
+            keep[v] = column_bits(drop.bits, base + v, C, rows);
           else if constexpr (kAligned8)
             keep[v] = run_keep_bits<true>(key, L, rows, drop.threshold);
           else
@@ -479,7 +486,8 @@ ReducePlan plan_reduction(const Geometry& g, const scalar_t* x_ptr, const scalar
   return plan;
 }
 
-// Runs Op as planned; drop == nullptr: no dropout; ws: plan.workspace_elems() acc_t (or null when 0).
+// Runs Op as planned; drop == nullptr: no dropout (drop->bits: the mask from bits); ws: plan.workspace_elems()
+// acc_t (or null when 0).
 // The Op's finish() writes the per-channel results.
 template <typename scalar_t, typename acc_t, class Op>
 void run_reduction(const Op& op, const ReducePlan& plan, const scalar_t* x_ptr, const scalar_t* dy_ptr,

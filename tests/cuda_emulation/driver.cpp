@@ -1,11 +1,13 @@
 // Runs the real CUDA kernels (csrc/cuda/*.cuh) on the CPU emulation (cuda_emu.h) over a matrix of shapes, layouts,
 // dtypes, dropout probabilities and base-pointer alignments, against a scalar reference built from the shared math
 // (csrc/bn_math.h, csrc/philox.h): masks and forward bit for bit, statistics and sums to a tolerance.
-// Usage: driver [--quick] [--only OP] [--counts]; exits non-zero on the first mismatch (reported on stderr).
+// The BN + residual add + ReLU ops run on the same matrix (add_relu_cases.h).
+// Usage: driver [--quick] [--only OP] [--counts]; exits non-zero after 5 mismatches (reported on stderr).
 #include "cuda/backward_input.cuh"
 #include "cuda/forward.cuh"
 #include "cuda/reduce.cuh"
 
+#include <algorithm>
 #include <cinttypes>
 #include <cmath>
 #include <cstdio>
@@ -133,6 +135,12 @@ StatDtype stat_dtype() {
 }
 
 constexpr int64_t kKey[2] = {0x1234567890abcdefLL, 48};
+
+}  // namespace
+
+#include "add_relu_cases.h"  // the BN + residual add + ReLU ops (run_add_case), on the helpers above
+
+namespace {
 
 template <typename scalar_t, typename acc_t>
 void run_case(const Case& cs) {
@@ -348,6 +356,8 @@ void run_case(const Case& cs) {
         }
     }
   }
+
+  run_add_case<scalar_t, acc_t>(cs, x, dy, prm);
 }
 
 // dropout_mask: bool output, any numel, aligned or not; bit for bit with the scalar Philox contract.
@@ -503,6 +513,23 @@ void print_counts() {
     count_row((base + " backward_input").c_str(), numel, [&] {
       run_backward_input<float, float>(prm, mg.data(), mgx.data(), N * S, dy.data(), x.data(), out.data(), g, &drop,
                                        nullptr);
+    });
+    // The add ops (add_relu_cases.h): the training forward with its pass bits, then the two backward ops.
+    std::vector<float> res(numel, -0.25f), gr(numel);
+    std::vector<uint8_t> bits((numel + 7) / 8);
+    count_row((base + " add_relu_forward_bits").c_str(), numel, [&] {
+      run_add_relu_forward<float, float>(prm, x.data(), res.data(), out.data(), bits.data(), g, &drop, nullptr);
+    });
+    count_row((base + " add_relu_backward_reduce").c_str(), numel, [&] {
+      const AddGradSumsOp<float> op{mean.data(), rstd.data(), sg.data(), sgx.data()};
+      const auto plan = plan_reduction<float, AddGradSumsOp<float>>(g, x.data(), dy.data());
+      std::vector<float> ws(plan.workspace_elems());
+      run_add_relu_backward_reduce<float, float>(op, plan, dy.data(), x.data(), bits.data(), drop.scale, g,
+                                                 ws.empty() ? nullptr : ws.data(), nullptr);
+    });
+    count_row((base + " add_relu_backward_input").c_str(), numel, [&] {
+      run_add_relu_backward_input<float, float>(prm, sg.data(), sgx.data(), N * S, dy.data(), x.data(), bits.data(),
+                                                drop.scale, out.data(), gr.data(), g, nullptr);
     });
   }
 }
