@@ -6,9 +6,10 @@
 //
 // The two elementwise kernels walk memory in units of 8 consecutive elements, one byte of pass bits each, so no
 // byte is shared between threads. ChannelsFirst (and 2-d input): a unit is one Philox block. ChannelsLast with
-// S > 1: the unit's elements are 8 channels of one row, 8 logical indices (n*C + c)*S + s apart by S, so the mask
-// takes one Philox call per element with dropout (the BN->ReLU->Dropout tile kernel shares one call between 8
-// rows instead; the ResNet tail usually runs without dropout, where this costs nothing).
+// S > 1: the unit's elements are 8 channels of one row, 8 logical indices (n*C + c)*S + s apart by S; with
+// dropout and C % 8 == 0 the forward takes 8 such units (8 rows of the same 8 channels) per thread step, sharing
+// one Philox call per channel between its 8 rows (the tile kernel below); with C % 8 != 0 a unit can span two
+// rows and its mask takes one Philox call per element.
 #pragma once
 #include "reduce.cuh"
 
@@ -96,6 +97,67 @@ __global__ void __launch_bounds__(kThreads)
     else
       store_lanes(out + i0, 0, cnt, yv);
     if (pass_bits != nullptr) pass_bits[grp] = static_cast<uint8_t>(byte);
+  }
+}
+
+// The forward for ChannelsLast with S > 1, C % 8 == 0 and dropout: one thread step = 8 consecutive s of one sample
+// x 8 adjacent channels c0 .. c0+7 (c0 % 8 == 0). Each row's 8 elements are one memory unit (one byte of pass bits,
+// the thread's own) and each channel's 8 rows the logical run (n*C + c)*S + s0 .. +7, so the mask costs one Philox
+// call per channel and step (two when S % 8 != 0, shared between adjacent channels when S < 8), as in apply.cuh's
+// tile kernel; adjacent threads take adjacent channel groups of the same rows (coalesced).
+template <typename scalar_t, typename acc_t, bool kAligned8>
+__global__ void __launch_bounds__(kThreads)
+    add_relu_forward_tile_kernel(const ChannelParams<acc_t> prm, const scalar_t* __restrict__ x,
+                                 const scalar_t* __restrict__ residual, scalar_t* __restrict__ out,
+                                 uint8_t* __restrict__ pass_bits, int64_t C, int64_t S, int64_t SG, int64_t CG,
+                                 int64_t items, bool vec_ok, Dropout<acc_t> drop) {
+  const PhiloxKey key = load_key(drop.key);
+  for (int64_t w = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; w < items;
+       w += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    int64_t q, cg, n, sg;
+    divmod(w, CG, q, cg);
+    divmod(q, SG, n, sg);
+    const int64_t c0 = cg * kUnit, s0 = sg * kUnit;
+    const int rows = static_cast<int>((S - s0) < kUnit ? (S - s0) : kUnit);
+    const int64_t base = (n * S + s0) * C + c0;  // memory offset of (n, s0, c0): a multiple of 8
+    uint32_t keep[kUnit];
+    ChannelAffine<acc_t> ab[kUnit];
+    [[maybe_unused]] PhiloxCache cache;
+#pragma unroll
+    for (int v = 0; v < kUnit; ++v) {
+      const uint64_t L = static_cast<uint64_t>((n * C + c0 + v) * S + s0);  // logical index of (n, c0 + v, s0)
+      if constexpr (kAligned8)
+        keep[v] = run_keep_bits<true>(key, L, rows, drop.threshold);
+      else
+        keep[v] = run_keep_bits_cached(cache, key, L, rows, drop.threshold);
+      ab[v] = prm.affine(c0 + v);
+    }
+#pragma unroll
+    for (int j = 0; j < kUnit; ++j) {
+      if (j < rows) {
+        const int64_t off = base + j * C;
+        acc_t xv[kUnit], rv[kUnit], yv[kUnit];
+        if (vec_ok) {
+          load8(x + off, xv);
+          load8(residual + off, rv);
+        } else {
+          load_lanes(x + off, 0, kUnit, xv);
+          load_lanes(residual + off, 0, kUnit, rv);
+        }
+        uint32_t byte = 0;
+#pragma unroll
+        for (int v = 0; v < kUnit; ++v) {
+          const acc_t m = ((keep[v] >> j) & 1u) ? drop.scale : acc_t(0);
+          yv[v] = relu_nan(bn_preact(xv[v], ab[v]) + rv[v]) * m;
+          byte |= static_cast<uint32_t>(yv[v] > acc_t(0)) << v;
+        }
+        if (vec_ok)
+          store8(out + off, yv);
+        else
+          store_lanes(out + off, 0, kUnit, yv);
+        if (pass_bits != nullptr) pass_bits[off >> 3] = static_cast<uint8_t>(byte);
+      }
+    }
   }
 }
 
@@ -233,12 +295,23 @@ void run_add_relu_forward(const ChannelParams<acc_t>& prm, const scalar_t* x, co
     launch(kernel, dim3(apply_blocks(ceil_div(numel, kUnit))), dim3(kThreads), stream, prm, x, residual, out,
            pass_bits, numel, g.C, g.S, channels_last, vec_ok, d);
   };
-  if (drop == nullptr)
+  if (drop != nullptr && channels_last && g.S > 1 && g.C % kUnit == 0) {
+    const int64_t SG = ceil_div(g.S, kUnit), CG = g.C / kUnit, items = g.N * SG * CG;
+    auto run_tile = [&](auto kernel) {
+      launch(kernel, dim3(apply_blocks(items)), dim3(kThreads), stream, prm, x, residual, out, pass_bits, g.C, g.S,
+             SG, CG, items, vec_ok, d);
+    };
+    if (g.S % kUnit == 0)
+      run_tile(add_relu_forward_tile_kernel<scalar_t, acc_t, true>);
+    else
+      run_tile(add_relu_forward_tile_kernel<scalar_t, acc_t, false>);
+  } else if (drop == nullptr) {
     run(add_relu_forward_kernel<scalar_t, acc_t, false, false>);
-  else if (channels_last && g.S > 1)
+  } else if (channels_last && g.S > 1) {
     run(add_relu_forward_kernel<scalar_t, acc_t, true, true>);
-  else
+  } else {
     run(add_relu_forward_kernel<scalar_t, acc_t, true, false>);
+  }
 }
 
 // add_relu_backward_reduce: Op's sums of g = dy * pass * scale over (x, dy), as planned by

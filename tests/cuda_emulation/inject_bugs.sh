@@ -27,6 +27,11 @@ BUGS=(
     plan.vec = aligned_to(x_ptr, 16)|    plan.splits = 65536;
     plan.vec = aligned_to(x_ptr, 16)|plain|--quick --only stats|CUDA error 9 .*cudaGetLastError"
   "vector loads on a misaligned pointer|cuda/apply.cuh|    const bool vec_ok = aligned_to(x_ptr, 16) && aligned_to(dy_ptr, 16) && aligned_to(out_ptr, 16);|    const bool vec_ok = true;|asan|--quick --only forward|misaligned address"
+  "add forward: pass bits written to the wrong byte|cuda/add_relu.cuh|        if (pass_bits != nullptr) pass_bits[off >> 3] = static_cast<uint8_t>(byte);|        if (pass_bits != nullptr) pass_bits[base >> 3] = static_cast<uint8_t>(byte);|plain|--quick --only add_relu_forward|FAIL add_relu_forward \(bits\)"
+  "add forward: tile rows past S|cuda/add_relu.cuh|      if (j < rows) {
+        const int64_t off = base + j * C;|      if (true) {
+        const int64_t off = base + j * C;|asan|--quick --only add_relu_forward|heap-buffer-overflow"
+  "add backward: pass bits of a column at the wrong stride|cuda/common.cuh|      const int64_t m = off + j * stride;|      const int64_t m = off + j;|plain|--quick --only add_relu_backward_reduce|FAIL add_relu_backward_reduce"
 )
 
 status=0
