@@ -46,9 +46,11 @@ std::tuple<at::Tensor, at::Tensor> add_relu_backward_reduce_cuda(const at::Tenso
         const scalar_t* dy_ptr = dy.const_data_ptr<scalar_t>();
         const auto plan = cuda::plan_reduction<scalar_t, Op>(g, x_ptr, dy_ptr);
         at::Tensor ws = cuda::workspace<acc_t>(x, plan.workspace_elems());
+        at::Tensor counters_holder;
         cuda::run_add_relu_backward_reduce<scalar_t, acc_t>(
             op, plan, dy_ptr, x_ptr, pass_bits.const_data_ptr<uint8_t>(), dropout_scale<acc_t>(p), g,
-            cuda::workspace_ptr<acc_t>(ws), cuda::current_stream());
+            cuda::workspace_ptr<acc_t>(ws), cuda::reduction_counters(x, plan.counter_elems(), counters_holder),
+            cuda::current_stream());
       });
   return {sum_g, sum_g_xhat};
 }

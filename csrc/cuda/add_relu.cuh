@@ -122,14 +122,14 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t base = (n * S + s0) * C + c0;  // memory offset of (n, s0, c0): a multiple of 8
     uint32_t keep[kUnit];
     ChannelAffine<acc_t> ab[kUnit];
-    [[maybe_unused]] PhiloxCache cache;
+    [[maybe_unused]] KeepCarry carry;  // adjacent channels' runs follow each other when S < 8
 #pragma unroll
     for (int v = 0; v < kUnit; ++v) {
       const uint64_t L = static_cast<uint64_t>((n * C + c0 + v) * S + s0);  // logical index of (n, c0 + v, s0)
       if constexpr (kAligned8)
         keep[v] = run_keep_bits<true>(key, L, rows, drop.threshold);
       else
-        keep[v] = run_keep_bits_cached(cache, key, L, rows, drop.threshold);
+        keep[v] = carry.run(key, L, rows, drop.threshold);
       ab[v] = prm.affine(c0 + v);
     }
 #pragma unroll
@@ -315,14 +315,14 @@ void run_add_relu_forward(const ChannelParams<acc_t>& prm, const scalar_t* x, co
 }
 
 // add_relu_backward_reduce: Op's sums of g = dy * pass * scale over (x, dy), as planned by
-// plan_reduction<scalar_t, AddGradSumsOp<acc_t>>(geo, x, dy); ws: plan.workspace_elems() acc_t (or null).
+// plan_reduction<scalar_t, AddGradSumsOp<acc_t>>(geo, x, dy); ws and counters as run_reduction takes them.
 template <typename scalar_t, typename acc_t>
 void run_add_relu_backward_reduce(const AddGradSumsOp<acc_t>& op, const ReducePlan& plan, const scalar_t* dy,
                                   const scalar_t* x, const uint8_t* pass_bits, acc_t scale, const Geometry& geo,
-                                  acc_t* ws, cudaStream_t stream) {
+                                  acc_t* ws, unsigned* counters, cudaStream_t stream) {
   Dropout<acc_t> pass{nullptr, 0u, scale};
   pass.bits = pass_bits;
-  run_reduction<scalar_t, acc_t>(op, plan, x, dy, geo, &pass, ws, stream);
+  run_reduction<scalar_t, acc_t>(op, plan, x, dy, geo, &pass, ws, counters, stream);
 }
 
 // add_relu_backward_input: grad_residual = g and dx from (x, g); sum_g == nullptr: running statistics.

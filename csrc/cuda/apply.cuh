@@ -13,48 +13,68 @@
 
 namespace bnfused::cuda {
 
+// Unit b holds the logical (== memory) elements 8b - sh .. 8b - sh + 7: with the pointers sh elements past a
+// 16-byte boundary (the host's shared_misalignment) every whole unit is 16-byte aligned, and only the head unit
+// (b = 0) and the tail are partial. sh = 0: the units are the Philox blocks. sh > 0: unit b takes its first sh
+// keep bits from Philox block b - 1 and the others from block b; each lane generates block b and passes its bits
+// one lane up the warp, and lane 0 only generates the block below lane 1's unit (a warp step is 31 units), so a
+// lane still makes one Philox call per step: an extra call in lane 0 alone would cost the whole warp a second
+// one (SIMT), exactly as two calls per unit would.
 template <typename scalar_t, typename acc_t, class Op, bool kDropout, bool kUniform>
 __global__ void __launch_bounds__(kThreads)
     apply_flat_kernel(const Op op, const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy,
-                      scalar_t* __restrict__ out, int64_t numel, int64_t C, int64_t S, bool vec_ok,
+                      scalar_t* __restrict__ out, int64_t numel, int64_t C, int64_t S, int sh, bool vec,
                       Dropout<acc_t> drop) {
   PhiloxKey key{0, 0};
   if constexpr (kDropout) key = load_key(drop.key);
-  const int64_t groups = (numel + kUnit - 1) / kUnit;
-  for (int64_t grp = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; grp < groups;
-       grp += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t i0 = grp * kUnit;
-    const int cnt = static_cast<int>((numel - i0) < kUnit ? (numel - i0) : kUnit);
-    const bool whole = vec_ok && cnt == kUnit;
+  const int64_t units = (numel + sh + kUnit - 1) / kUnit;
+  const int lead = (kDropout && sh != 0) ? 1 : 0;  // lanes of a warp that only generate bits
+  const int per_warp = 32 - lead;
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
+  // Warp-uniform loop (the shuffle needs every lane).
+  for (int64_t w = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; w * per_warp < units;
+       w += warps) {
+    const int64_t b = w * per_warp + lane - lead;  // -1 for the first warp's lead lane
+    uint32_t keep = 0xFFu;
+    if constexpr (kDropout) {
+      const uint32_t own = (b >= 0 && b < units) ? block_bits(key, static_cast<uint64_t>(b), drop.threshold) : 0u;
+      keep = own;
+      if (lead) {
+        const uint32_t below = __shfl_up_sync(0xffffffffu, own, 1);
+        keep = ((below >> (kUnit - sh)) | (own << sh)) & 0xFFu;
+      }
+    }
+    if (lane < lead || b >= units) continue;
+    const int64_t i0 = b * kUnit - sh;  // element of lane 0 (negative for the head unit)
+    const int lo = i0 < 0 ? static_cast<int>(-i0) : 0;
+    const int hi = (numel - i0) < kUnit ? static_cast<int>(numel - i0) : kUnit;
+    const int64_t first = i0 + lo;
+    const bool whole = vec && lo == 0 && hi == kUnit;
     acc_t xv[kUnit], dv[kUnit], mult[kUnit], yv[kUnit];
     if (whole)
       load8(x + i0, xv);
     else
-      load_lanes(x + i0, 0, cnt, xv);
+      load_lanes(x + first, lo, hi, xv);
     if constexpr (Op::kNeedsDy) {
       if (whole)
         load8(dy + i0, dv);
       else
-        load_lanes(dy + i0, 0, cnt, dv);
+        load_lanes(dy + first, lo, hi, dv);
     }
-    if constexpr (kDropout) {
-      block_mults(key, static_cast<uint64_t>(grp), drop.threshold, drop.scale, mult);
-    } else {
-#pragma unroll
-      for (int j = 0; j < kUnit; ++j) mult[j] = acc_t(1);
-    }
+    bits_mults(keep, kDropout ? drop.scale : acc_t(1), mult);
     int64_t q, s, c, unused;
-    divmod(i0, S, q, s);
+    divmod(first, S, q, s);
     divmod(q, C, unused, c);
     auto ch = op.channel(c);
-    if constexpr (kUniform) {
+    if constexpr (kUniform) {  // S % 8 == 0 and sh == 0: one channel per unit
 #pragma unroll
       for (int j = 0; j < kUnit; ++j) yv[j] = op.apply(ch, xv[j], dv[j], mult[j]);
     } else {
 #pragma unroll
       for (int j = 0; j < kUnit; ++j) {
         yv[j] = op.apply(ch, xv[j], dv[j], mult[j]);
-        if (j + 1 < cnt && ++s == S) {  // next element starts a new channel plane
+        if (j >= lo && j + 1 < hi && ++s == S) {  // next element starts a new channel plane
           s = 0;
           if (++c == C) c = 0;
           ch = op.channel(c);
@@ -64,60 +84,58 @@ __global__ void __launch_bounds__(kThreads)
     if (whole)
       store8(out + i0, yv);
     else
-      store_lanes(out + i0, 0, cnt, yv);
+      store_lanes(out + first, lo, hi, yv);
   }
 }
 
+// Channel vector cv holds channels cv*V - shc .. cv*V - shc + V - 1 (those in [0, C)): with the pointers shc
+// elements past a V-element boundary (C % V == 0, so every row (n, s) is too) the whole vectors are aligned and
+// only the first and the last vector of a row are partial (scalar accesses).
 template <typename scalar_t, typename acc_t, class Op, int V, bool kDropout, bool kAligned8>
 __global__ void __launch_bounds__(kThreads)
     apply_tile_kernel(const Op op, const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy,
-                      scalar_t* __restrict__ out, int64_t C, int64_t S, int64_t SG, int64_t CV, int64_t items,
-                      Dropout<acc_t> drop) {
-  using Vec = VecN<scalar_t, V>;
+                      scalar_t* __restrict__ out, int64_t C, int64_t S, int64_t SG, int64_t CV, int shc,
+                      int64_t strip, int64_t items, Dropout<acc_t> drop) {
   PhiloxKey key{0, 0};
   if constexpr (kDropout) key = load_key(drop.key);
+  const int64_t strips = (SG + strip - 1) / strip;  // per row of units
   for (int64_t w = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; w < items;
        w += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    int64_t q, cv, n, sg;
+    int64_t q, cv, n, st;
     divmod(w, CV, q, cv);
-    divmod(q, SG, n, sg);
-    const int64_t c0 = cv * V;
-    const int64_t s0 = sg * kUnit;
-    const int rows = static_cast<int>((S - s0) < kUnit ? (S - s0) : kUnit);
-    const int64_t base = (n * S + s0) * C + c0;
-    // Keep bits first (8 per channel), so the rows below stream through registers one at a time.
-    uint32_t keep[V];
-    typename Op::Chan ch[V];
-    [[maybe_unused]] PhiloxCache cache;
+    divmod(q, strips, n, st);
+    const int64_t c0 = cv * V - shc;
+    const int vlo = c0 < 0 ? static_cast<int>(-c0) : 0;
+    const int vhi = (C - c0) < V ? static_cast<int>(C - c0) : V;
+    typename Op::Chan ch[V] = {};  // lanes outside [vlo, vhi) stay unused
 #pragma unroll
-    for (int v = 0; v < V; ++v) {
-      if constexpr (kDropout) {
-        const uint64_t L = static_cast<uint64_t>((n * C + c0 + v) * S + s0);  // logical index of (n, c, s0)
-        if constexpr (kAligned8)
-          keep[v] = run_keep_bits<true>(key, L, rows, drop.threshold);
-        else
-          keep[v] = run_keep_bits_cached(cache, key, L, rows, drop.threshold);
-      } else {
-        keep[v] = 0xFFu;
-      }
-      ch[v] = op.channel(c0 + v);
-    }
+    for (int v = 0; v < V; ++v)
+      if (v >= vlo && v < vhi) ch[v] = op.channel(c0 + v);
+    [[maybe_unused]] KeepCarry carry[V];
+    const int64_t sg_end = (st + 1) * strip < SG ? (st + 1) * strip : SG;
+    for (int64_t sg = st * strip; sg < sg_end; ++sg) {  // the strip's units, consecutive along s
+      const int64_t s0 = sg * kUnit;
+      const int rows = static_cast<int>((S - s0) < kUnit ? (S - s0) : kUnit);
+      const int64_t base = (n * S + s0) * C + c0;
+      // Keep bits first (8 per channel), so the rows below stream through registers one at a time.
+      uint32_t keep[V] = {};
+      if constexpr (kDropout) unit_keep_bits<V, kAligned8>(key, drop.threshold, n, C, c0, S, s0, rows, vlo, vhi,
+                                                           carry, keep);
 #pragma unroll
-    for (int j = 0; j < kUnit; ++j) {
-      if (j < rows) {
-        const int64_t off = base + j * C;
-        const Vec a = *reinterpret_cast<const Vec*>(x + off);
-        Vec d;
-        if constexpr (Op::kNeedsDy) d = *reinterpret_cast<const Vec*>(dy + off);
-        Vec o;
+      for (int j = 0; j < kUnit; ++j) {
+        if (j < rows) {
+          const int64_t off = base + j * C;
+          acc_t a[V], d[V] = {}, o[V] = {};
+          load_vec<V>(x, off, vlo, vhi, a);
+          if constexpr (Op::kNeedsDy) load_vec<V>(dy, off, vlo, vhi, d);
 #pragma unroll
-        for (int v = 0; v < V; ++v) {
-          const acc_t mult = kDropout ? (((keep[v] >> j) & 1u) ? drop.scale : acc_t(0)) : acc_t(1);
-          acc_t dyv = acc_t(0);
-          if constexpr (Op::kNeedsDy) dyv = static_cast<acc_t>(d.v[v]);
-          o.v[v] = static_cast<scalar_t>(op.apply(ch[v], static_cast<acc_t>(a.v[v]), dyv, mult));
+          for (int v = 0; v < V; ++v) {
+            if (v < vlo || v >= vhi) continue;
+            const acc_t mult = kDropout ? (((keep[v] >> j) & 1u) ? drop.scale : acc_t(0)) : acc_t(1);
+            o[v] = op.apply(ch[v], a[v], Op::kNeedsDy ? d[v] : acc_t(0), mult);
+          }
+          store_vec<V>(out, off, vlo, vhi, o);
         }
-        *reinterpret_cast<Vec*>(out + off) = o;
       }
     }
   }
@@ -133,12 +151,13 @@ void run_apply(const Op& op, const scalar_t* x_ptr, const scalar_t* dy_ptr, scal
 
   if (g.layout == Layout::ChannelsFirst || g.S == 1) {
     const int64_t numel = g.N * g.C * g.S;
-    const int64_t groups = ceil_div(numel, kUnit);
-    const bool vec_ok = aligned_to(x_ptr, 16) && aligned_to(dy_ptr, 16) && aligned_to(out_ptr, 16);
-    const bool uniform = g.S % kUnit == 0;
+    const int k = shared_misalignment(16, x_ptr, dy_ptr, out_ptr);
+    const int sh = k < 0 ? 0 : k;
+    const int64_t units = ceil_div(numel + sh, kUnit);
+    const bool uniform = g.S % kUnit == 0 && sh == 0;
     auto run = [&](auto kernel) {
-      launch(kernel, dim3(apply_blocks(groups)), dim3(kThreads), stream, op, x_ptr, dy_ptr, out_ptr, numel, g.C,
-             g.S, vec_ok, d);
+      launch(kernel, dim3(apply_blocks(units)), dim3(kThreads), stream, op, x_ptr, dy_ptr, out_ptr, numel, g.C, g.S,
+             sh, k >= 0, d);
     };
     if (dropout) {
       if (uniform)
@@ -155,16 +174,16 @@ void run_apply(const Op& op, const scalar_t* x_ptr, const scalar_t* dy_ptr, scal
   }
 
   constexpr int kVmax = sizeof(scalar_t) >= 8 ? 2 : 4;
-  const size_t vbytes = kVmax * sizeof(scalar_t);
-  const bool vec = g.C % kVmax == 0 && aligned_to(x_ptr, vbytes) && aligned_to(dy_ptr, vbytes) &&
-                   aligned_to(out_ptr, vbytes);
-  const int64_t CV = g.C / (vec ? kVmax : 1);
+  const int shc = shared_misalignment(kVmax * sizeof(scalar_t), x_ptr, dy_ptr, out_ptr);
+  const bool vec = g.C % kVmax == 0 && shc >= 0;
+  const int64_t CV = vec ? ceil_div(g.C + shc, kVmax) : g.C;
   const int64_t SG = ceil_div(g.S, kUnit);
-  const int64_t items = g.N * SG * CV;
   const bool a8 = g.S % kUnit == 0;
+  const int64_t strip = (dropout && !a8 && g.S > kUnit) ? strip_units(g.N * SG * CV, SG) : 1;
+  const int64_t items = g.N * ceil_div(SG, strip) * CV;
   auto run = [&](auto kernel) {
     launch(kernel, dim3(apply_blocks(items)), dim3(kThreads), stream, op, x_ptr, dy_ptr, out_ptr, g.C, g.S, SG, CV,
-           items, d);
+           vec ? shc : 0, strip, items, d);
   };
   if (vec) {
     if (!dropout)

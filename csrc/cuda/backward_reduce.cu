@@ -28,13 +28,9 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_cuda(const at::Tensor& dy, co
         using Op = cuda::GradSumsOp<acc_t>;
         const Op op{channel_params<acc_t>(mean, rstd, weight, bias), sum_g.mutable_data_ptr<acc_t>(),
                     sum_g_xhat.mutable_data_ptr<acc_t>()};
-        const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
-        const scalar_t* dy_ptr = dy.const_data_ptr<scalar_t>();
-        const auto plan = cuda::plan_reduction<scalar_t, Op>(g, x_ptr, dy_ptr);
-        at::Tensor ws = cuda::workspace<acc_t>(x, plan.workspace_elems());
         const auto drop = cuda::make_dropout<acc_t>(key_c.const_data_ptr<int64_t>(), p);
-        cuda::run_reduction<scalar_t, acc_t>(op, plan, x_ptr, dy_ptr, g, p > 0.0 ? &drop : nullptr,
-                                             cuda::workspace_ptr<acc_t>(ws), cuda::current_stream());
+        cuda::reduce<scalar_t, acc_t>(x, op, g, x.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(),
+                                      p > 0.0 ? &drop : nullptr);
       });
   return {sum_g, sum_g_xhat};
 }

@@ -16,6 +16,8 @@
 #define BNFUSED_SHARED(T, name, count) \
   static char name##_site;             \
   T* const name = ::cuda_emu::shared_array<T>(&name##_site, (count))
+// The emulation counts the elements moved by vector and by scalar accesses (driver --counts).
+#define BNFUSED_COUNT_ACCESS(is_vector, elems) ::cuda_emu::count_access((is_vector), (elems))
 #else
 #include <c10/cuda/CUDAException.h>
 #include <cuda_bf16.h>
@@ -23,10 +25,12 @@
 #include <cuda_runtime.h>
 #define BNFUSED_CUDA_CHECK(expr) C10_CUDA_CHECK(expr)
 #define BNFUSED_SHARED(T, name, count) __shared__ T name[count]
+#define BNFUSED_COUNT_ACCESS(is_vector, elems) ((void)0)
 #endif
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <utility>
 
 // Relative includes: found next to this file whatever the include path (csrc/bn_math.h is named so
@@ -83,10 +87,37 @@ inline bool aligned_to(const void* p, size_t bytes) {
   return p == nullptr || reinterpret_cast<uintptr_t>(p) % bytes == 0;
 }
 
+// How many elements the pointers lie past a `bytes` boundary (0 .. bytes/sizeof(T) - 1), when they all lie the same
+// distance past it (null pointers ignored); -1 when they differ. The kernels peel that many elements so the rest
+// is vector-aligned; one peel can align only one offset, so pointers that differ take scalar accesses (rare:
+// x, grad_out and the output of one call are usually sliced alike).
+template <typename T>
+inline int shared_misalignment(size_t bytes, const T* a, const T* b = nullptr, const T* c = nullptr) {
+  int k = -2;  // none seen yet
+  for (const T* p : {a, b, c}) {
+    if (p == nullptr) continue;
+    const uintptr_t r = reinterpret_cast<uintptr_t>(p) % bytes;
+    if (r % sizeof(T) != 0) return -1;
+    const int e = static_cast<int>(r / sizeof(T));
+    if (k != -2 && k != e) return -1;
+    k = e;
+  }
+  return k == -2 ? 0 : k;
+}
+
 // Blocks for a grid-stride elementwise kernel over `items` work items (one per thread per step).
 inline unsigned apply_blocks(int64_t items) {
   const int64_t cap = static_cast<int64_t>(sm_count()) * (2048 / kThreads) * 4;
   return static_cast<unsigned>(std::max<int64_t>(1, std::min(ceil_div(items, kThreads), cap)));
+}
+
+// Units per thread along s for channels_last with S % 8 != 0 (S > 8), out of SG per row, when one unit per thread
+// would take `threads` threads: a thread walking a strip of consecutive units of its channels carries the Philox
+// block a unit ends in into the next (KeepCarry: one call per unit instead of two), at the cost of fewer threads;
+// strips as long as the grid keeps sm_count() * 512 threads (a quarter of the resident ones), each with 8
+// independent row loads in flight, enough to cover the memory latency at full bandwidth.
+inline int64_t strip_units(int64_t threads, int64_t SG) {
+  return std::clamp<int64_t>(threads / (static_cast<int64_t>(sm_count()) * 512), 1, SG);
 }
 
 // Blocks a reduction grid should aim for (about one full wave of 256-thread blocks).
@@ -135,6 +166,7 @@ struct alignas(sizeof(T) * N) VecN {
 // 8 consecutive elements at p (p 16-byte aligned) into acc_t registers, with 16-byte accesses.
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void load8(const scalar_t* __restrict__ p, acc_t (&out)[kUnit]) {
+  BNFUSED_COUNT_ACCESS(true, kUnit);
   constexpr int kPer = 16 / sizeof(scalar_t);
   using V = VecN<scalar_t, kPer>;
 #pragma unroll
@@ -147,6 +179,7 @@ __device__ __forceinline__ void load8(const scalar_t* __restrict__ p, acc_t (&ou
 
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void store8(scalar_t* __restrict__ p, const acc_t (&in)[kUnit]) {
+  BNFUSED_COUNT_ACCESS(true, kUnit);
   constexpr int kPer = 16 / sizeof(scalar_t);
   using V = VecN<scalar_t, kPer>;
 #pragma unroll
@@ -158,34 +191,89 @@ __device__ __forceinline__ void store8(scalar_t* __restrict__ p, const acc_t (&i
   }
 }
 
-// Lanes [lo, hi) of out from p[lo..hi) (scalar accesses), the others 0.
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ void load_lanes(const scalar_t* __restrict__ p, int lo, int hi, acc_t (&out)[kUnit]) {
+// Lanes [lo, hi) of out from p[0 .. hi - lo) (scalar accesses; p is the element of lane lo), the others 0.
+template <typename scalar_t, typename acc_t, int N = kUnit>
+__device__ __forceinline__ void load_lanes(const scalar_t* __restrict__ p, int lo, int hi, acc_t (&out)[N]) {
+  BNFUSED_COUNT_ACCESS(false, hi - lo);
 #pragma unroll
-  for (int j = 0; j < kUnit; ++j) out[j] = (j >= lo && j < hi) ? static_cast<acc_t>(p[j]) : acc_t(0);
+  for (int j = 0; j < N; ++j) out[j] = (j >= lo && j < hi) ? static_cast<acc_t>(p[j - lo]) : acc_t(0);
 }
 
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ void store_lanes(scalar_t* __restrict__ p, int lo, int hi, const acc_t (&in)[kUnit]) {
+template <typename scalar_t, typename acc_t, int N = kUnit>
+__device__ __forceinline__ void store_lanes(scalar_t* __restrict__ p, int lo, int hi, const acc_t (&in)[N]) {
+  BNFUSED_COUNT_ACCESS(false, hi - lo);
 #pragma unroll
-  for (int j = 0; j < kUnit; ++j)
-    if (j >= lo && j < hi) p[j] = static_cast<scalar_t>(in[j]);
+  for (int j = 0; j < N; ++j)
+    if (j >= lo && j < hi) p[j - lo] = static_cast<scalar_t>(in[j]);
+}
+
+// V consecutive elements (channels) at p + off, lanes [lo, hi): one W-wide access per W-chunk inside [lo, hi)
+// (p + off aligned to W elements, W divides V; W = 1: scalar), scalar accesses to the lanes of partial chunks, 0
+// outside [lo, hi). off + lo >= 0: the pointer never leaves the tensor.
+template <int V, int W = V, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_vec(const scalar_t* __restrict__ p, int64_t off, int lo, int hi,
+                                         acc_t (&out)[V]) {
+#pragma unroll
+  for (int q = 0; q < V; q += W) {
+    if (W > 1 && lo <= q && q + W <= hi) {
+      BNFUSED_COUNT_ACCESS(true, W);
+      const VecN<scalar_t, W> w = *reinterpret_cast<const VecN<scalar_t, W>*>(p + off + q);
+#pragma unroll
+      for (int v = 0; v < W; ++v) out[q + v] = static_cast<acc_t>(w.v[v]);
+    } else {
+#pragma unroll
+      for (int v = q; v < q + W; ++v) {
+        const bool in = v >= lo && v < hi;
+        if (in) BNFUSED_COUNT_ACCESS(false, 1);
+        out[v] = in ? static_cast<acc_t>(p[off + v]) : acc_t(0);
+      }
+    }
+  }
+}
+
+template <int V, int W = V, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void store_vec(scalar_t* __restrict__ p, int64_t off, int lo, int hi,
+                                          const acc_t (&in)[V]) {
+#pragma unroll
+  for (int q = 0; q < V; q += W) {
+    if (W > 1 && lo <= q && q + W <= hi) {
+      BNFUSED_COUNT_ACCESS(true, W);
+      VecN<scalar_t, W> w;
+#pragma unroll
+      for (int v = 0; v < W; ++v) w.v[v] = static_cast<scalar_t>(in[q + v]);
+      *reinterpret_cast<VecN<scalar_t, W>*>(p + off + q) = w;
+    } else {
+#pragma unroll
+      for (int v = q; v < q + W; ++v)
+        if (v >= lo && v < hi) {
+          BNFUSED_COUNT_ACCESS(false, 1);
+          p[off + v] = static_cast<scalar_t>(in[v]);
+        }
+    }
+  }
+}
+
+// Keep bits of Philox block `blk` (bit j <-> element 8*blk + j).
+__device__ __forceinline__ uint32_t block_bits(PhiloxKey key, uint64_t blk, uint32_t threshold) {
+  const Philox4 r = mask_block(key, blk);
+  uint32_t bits = 0;
+#pragma unroll
+  for (int j = 0; j < kUnit; ++j) bits |= static_cast<uint32_t>(lane_u16(r, j) >= threshold) << j;
+  return bits;
+}
+
+// Multipliers (bit j of keep ? scale : 0) of 8 lanes.
+template <typename acc_t>
+__device__ __forceinline__ void bits_mults(uint32_t keep, acc_t scale, acc_t (&mult)[kUnit]) {
+#pragma unroll
+  for (int j = 0; j < kUnit; ++j) mult[j] = ((keep >> j) & 1u) ? scale : acc_t(0);
 }
 
 // Multipliers (keep ? scale : 0) of the 8 lanes of Philox block `blk`.
 template <typename acc_t>
 __device__ __forceinline__ void block_mults(PhiloxKey key, uint64_t blk, uint32_t threshold, acc_t scale,
                                             acc_t (&mult)[kUnit]) {
-  const Philox4 r = mask_block(key, blk);
-#pragma unroll
-  for (int j = 0; j < kUnit; ++j) mult[j] = lane_u16(r, j) >= threshold ? scale : acc_t(0);
-}
-
-// Multipliers (bit ? scale : 0) of the 8 lanes of one byte of mask bits.
-template <typename acc_t>
-__device__ __forceinline__ void byte_mults(uint32_t byte, acc_t scale, acc_t (&mult)[kUnit]) {
-#pragma unroll
-  for (int j = 0; j < kUnit; ++j) mult[j] = ((byte >> j) & 1u) ? scale : acc_t(0);
+  bits_mults(block_bits(key, blk, threshold), scale, mult);
 }
 
 // Bit j (j < rows <= 8) = mask bit of memory element off + j * stride (a channels_last column of 8 rows).
@@ -201,6 +289,14 @@ __device__ __forceinline__ uint32_t column_bits(const uint8_t* __restrict__ bits
   return out;
 }
 
+// Bits j < count (count <= 8) = mask bits of memory elements off .. off + count - 1 (8 per byte, memory order).
+__device__ __forceinline__ uint32_t run_bits(const uint8_t* __restrict__ bits, int64_t off, int count) {
+  const int l0 = static_cast<int>(off & 7);
+  const uint32_t b0 = bits[off >> 3];
+  const uint32_t b1 = (l0 + count > kUnit) ? bits[(off >> 3) + 1] : 0u;
+  return ((b0 >> l0) | (b1 << (kUnit - l0))) & ((1u << count) - 1u);
+}
+
 // 32-bit word w (0..7) of the 256-bit concatenation r0:r1, by selects (no local-memory indexing).
 __device__ __forceinline__ uint32_t pick_word(const Philox4& r0, const Philox4& r1, int w) {
   uint32_t v = r0.x[0];
@@ -214,43 +310,28 @@ __device__ __forceinline__ uint32_t pick_word(const Philox4& r0, const Philox4& 
   return v;
 }
 
-// The last two Philox blocks a thread generated. Channels_last units of adjacent channels share blocks when
-// S < 8 (2-d input: S == 1), so a thread's V channels generate each block once instead of once per channel.
-struct PhiloxCache {
-  uint64_t b0 = ~uint64_t(0), b1 = ~uint64_t(0);
-  Philox4 r0, r1;
-  bool newest_is_1 = false;
-  __device__ __forceinline__ Philox4 get(PhiloxKey key, uint64_t b) {
-    if (b == b0) return r0;
-    if (b == b1) return r1;
-    const Philox4 r = mask_block(key, b);
-    if (newest_is_1) {
-      b0 = b;
-      r0 = r;
-    } else {
-      b1 = b;
-      r1 = r;
-    }
-    newest_is_1 = !newest_is_1;
-    return r;
+// Keep bits of logical runs of <= 8 elements that follow each other (a channel's consecutive units along s, or
+// the units of adjacent channels when S < 8), carrying the keep bits of the Philox block the last run ended in:
+// the next run starts in it, so with S % 8 != 0 a run costs one call instead of two. Each call goes to the first
+// block the carry lacks, a path every lane takes, and a second one only where the run starts in a block it did
+// not carry (a strip's first unit): in a warp whose lanes differ in alignment, a per-lane choice between two
+// calls would cost the whole warp both.
+struct KeepCarry {
+  uint64_t blk = ~uint64_t(0);  // the block `bits` belong to
+  uint32_t bits = 0;
+  __device__ __forceinline__ uint32_t run(PhiloxKey key, uint64_t L, int rows, uint32_t threshold) {
+    const uint64_t b0 = L >> 3, b1 = (L + rows - 1) >> 3;
+    const int l0 = static_cast<int>(L & 7);
+    if (b0 == blk && b1 == b0) return (bits >> l0) & 0xFFu;  // within the carried block
+    const bool have_lo = b0 == blk;
+    const uint32_t fresh = block_bits(key, have_lo ? b1 : b0, threshold);
+    const uint32_t lo = have_lo ? bits : fresh;
+    const uint32_t hi = (have_lo || b1 == b0) ? fresh : block_bits(key, b1, threshold);
+    blk = b1;
+    bits = hi;
+    return ((lo >> l0) | (hi << (kUnit - l0))) & 0xFFu;
   }
 };
-
-// Keep bits of the logical run L .. L+rows-1 (rows <= 8, any L) through the thread's cache of Philox blocks.
-__device__ __forceinline__ uint32_t run_keep_bits_cached(PhiloxCache& cache, PhiloxKey key, uint64_t L, int rows,
-                                                         uint32_t threshold) {
-  const int l0 = static_cast<int>(L & 7);
-  const Philox4 r0 = cache.get(key, L >> 3);
-  const Philox4 r1 = (l0 + rows > kUnit) ? cache.get(key, (L >> 3) + 1) : r0;
-  uint32_t bits = 0;
-#pragma unroll
-  for (int j = 0; j < kUnit; ++j) {
-    const int pos = l0 + j;  // 0..14
-    const uint32_t u16 = (pick_word(r0, r1, pos >> 1) >> ((pos & 1) * 16)) & 0xFFFFu;
-    bits |= static_cast<uint32_t>(u16 >= threshold) << j;
-  }
-  return bits;
-}
 
 // Keep bits of the logical run L, L+1, ..., L+rows-1 (rows <= 8): bit j <-> element L+j.
 // kAligned8: the caller guarantees L % 8 == 0 (one Philox call, compile-time lanes).
@@ -273,6 +354,28 @@ __device__ __forceinline__ uint32_t run_keep_bits(PhiloxKey key, uint64_t L, int
     }
   }
   return bits;
+}
+
+// Keep bits of one channels_last unit (rows s0 .. s0 + rows - 1 of sample n) for channels c0 + v, v in [vlo, vhi):
+// bit j of keep[v] <-> row j; the others all ones. S % 8 == 0 (kAligned8): one call per channel. Else through the
+// carries: each channel's carry follows it along a strip of consecutive units (S > 8); with S < 8 the runs of
+// adjacent channels follow each other, so the carry is handed from channel to channel.
+template <int V, bool kAligned8>
+__device__ __forceinline__ void unit_keep_bits(PhiloxKey key, uint32_t threshold, int64_t n, int64_t C, int64_t c0,
+                                               int64_t S, int64_t s0, int rows, int vlo, int vhi,
+                                               KeepCarry (&carry)[V], uint32_t (&keep)[V]) {
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    keep[v] = 0xFFu;
+    if (v < vlo || v >= vhi) continue;
+    const uint64_t L = static_cast<uint64_t>((n * C + c0 + v) * S + s0);  // logical index of (n, c, s0)
+    if constexpr (kAligned8) {
+      keep[v] = run_keep_bits<true>(key, L, rows, threshold);
+    } else {
+      if (v > 0 && S < kUnit) carry[v] = carry[v - 1];
+      keep[v] = carry[v].run(key, L, rows, threshold);
+    }
+  }
 }
 
 }  // namespace bnfused::cuda

@@ -3,10 +3,11 @@
 // the drivers here do the loading, the dropout multipliers, the block reduction and the two-stage grid
 // reduction.
 //
-// Two stages, no float atomics, deterministic: a grid of blocks writes one partial accumulator per
-// (block row, channel) into a workspace, and a finalize kernel merges the partials of each channel in double
-// precision (one warp per channel). When one block row covers the whole batch, the block writes the result
-// itself and the workspace and second launch are skipped.
+// One launch, no float atomics, deterministic: when a channel is split over gridDim.y blocks, each block writes
+// its partial accumulator into a workspace and counts its arrival on its column's counter (one integer
+// atomicAdd); the block that arrives last merges the column's partials in double precision in index order (so
+// the result does not depend on the arrival order) and runs the Op's finish, then resets the counter to 0 for
+// the next call. When one block row covers the whole batch, the block finishes its channels itself.
 //
 // ChannelsFirst (N, C, S): grid.x = channel, grid.y = split of the channel's N*S elements. A row (n, c) is
 //   cut at global multiples of 8 into units (one Philox block each, 128-bit loads when whole); a block of
@@ -251,13 +252,61 @@ struct GradSumsOp {
   }
 };
 
+// ---- the last-block merge ----
+
+// Every thread of the block calls this after the block stored its partials. True in the block that arrived last
+// of the gridDim.y blocks of its column (counter = that column's arrival counter, 0 on entry); that block
+// resets the counter. PyTorch's reduction uses the same fences: each writer's __threadfence makes its partials
+// visible device-wide before the barrier and thread 0's atomicAdd publish them; the last block's fence orders its
+// reads of the partials after the atomic.
+__device__ __forceinline__ bool arrived_last(unsigned* counter) {
+  BNFUSED_SHARED(unsigned, last, 1);
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0 && threadIdx.y == 0) {
+    const unsigned before = atomicAdd(counter, 1u);
+    last[0] = before == gridDim.y - 1;
+    if (last[0]) *counter = 0;  // every block of the column has counted: no one else touches it in this launch
+  }
+  __syncthreads();
+  const bool is_last = last[0] != 0;
+  if (is_last) __threadfence();
+  return is_last;
+}
+
+// Merges the gridDim.y partials of channels [c_begin, c_end) in double and finishes them; one warp per channel,
+// lane l taking partials l, l + 32, ... then the warp tree: a fixed order, whichever block arrived last.
+template <typename acc_t, class Op>
+__device__ __forceinline__ void merge_partials(const Op& op, const acc_t* ws, int64_t C, int64_t c_begin,
+                                               int64_t c_end) {
+  using Acc = typename Op::template Acc<double>;
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  const int lane = tid & 31, nwarps = (blockDim.x * blockDim.y) >> 5;
+  const int splits = static_cast<int>(gridDim.y);
+  const int64_t plane = static_cast<int64_t>(splits) * C;
+  for (int64_t c = c_begin + (tid >> 5); c < c_end; c += nwarps) {  // warp-uniform
+    Acc a = Op::template identity<double>();
+    for (int s = lane; s < splits; s += 32) {
+      Acc b;
+      ws_load(ws, plane, static_cast<int64_t>(s) * C + c, b);
+      a = combine(a, b);
+    }
+    a = warp_reduce(a);
+    if (lane == 0) op.finish(c, a);
+  }
+}
+
 // ---- kernels ----
 
+// Units are cut sh elements before the Philox blocks (unit b: elements 8b - sh .. 8b - sh + 7), so with the
+// pointers sh elements past a 16-byte boundary every whole unit is aligned; clipped to the row. With sh > 0 a
+// unit's mask takes two Philox calls (the tiles of small rows leave no warp-wide neighbour to share them with,
+// as the flat apply kernel does), traded for vector loads of x and dy.
 template <typename scalar_t, typename acc_t, class Op, bool kDropout>
 __global__ void __launch_bounds__(kThreads)
     reduce_cf_kernel(const Op op, const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy, int64_t C,
-                     int64_t S, int64_t tiles, int64_t chunks_per_row, bool vec_ok, Dropout<acc_t> drop,
-                     acc_t* __restrict__ ws) {
+                     int64_t S, int64_t tiles, int64_t chunks_per_row, int sh, bool vec, Dropout<acc_t> drop,
+                     acc_t* __restrict__ ws, unsigned* __restrict__ counters) {
   using Acc = typename Op::template Acc<acc_t>;
   const int64_t c = blockIdx.x;
   const int tx = blockDim.x;
@@ -272,100 +321,112 @@ __global__ void __launch_bounds__(kThreads)
     int64_t n, chunk;
     divmod(t, chunks_per_row, n, chunk);
     const int64_t row = (n * C + c) * S;  // logical index == memory offset of (n, c, 0)
-    const int64_t blk = (row >> 3) + chunk * tx + threadIdx.x;
-    const int64_t b0 = blk * kUnit;
+    const int64_t blk = ((row + sh) >> 3) + chunk * tx + threadIdx.x;
+    const int64_t b0 = blk * kUnit - sh;  // element of lane 0
     const int64_t lo_off = row > b0 ? row : b0;
     const int64_t hi_off = (row + S) < (b0 + kUnit) ? (row + S) : (b0 + kUnit);
     if (lo_off >= hi_off) continue;
     const int lo = static_cast<int>(lo_off - b0), hi = static_cast<int>(hi_off - b0);
     acc_t xv[kUnit], dv[kUnit], mult[kUnit];
-    const bool whole = vec_ok && lo == 0 && hi == kUnit;
+    const bool whole = vec && lo == 0 && hi == kUnit;
     if (whole)
       load8(x + b0, xv);
     else
-      load_lanes(x + b0, lo, hi, xv);
+      load_lanes(x + lo_off, lo, hi, xv);
     if constexpr (Op::kGrad) {
       if (whole)
         load8(dy + b0, dv);
       else
-        load_lanes(dy + b0, lo, hi, dv);
+        load_lanes(dy + lo_off, lo, hi, dv);
+      uint32_t keep = 0xFFu;
       if constexpr (kDropout) {
-        if (drop.bits != nullptr)  // unit blk is byte blk of the bits (memory order == logical order here)
-          byte_mults(drop.bits[blk], drop.scale, mult);
+        if (drop.bits != nullptr)  // the mask from bits in memory order (== logical order here)
+          keep = run_bits(drop.bits, lo_off, hi - lo) << lo;
+        else if (sh == 0)
+          keep = run_keep_bits<true>(key, static_cast<uint64_t>(b0), kUnit, drop.threshold);
         else
-          block_mults(key, static_cast<uint64_t>(blk), drop.threshold, drop.scale, mult);
-      } else {
-#pragma unroll
-        for (int j = 0; j < kUnit; ++j) mult[j] = acc_t(1);
+          keep = run_keep_bits<false>(key, static_cast<uint64_t>(lo_off), hi - lo, drop.threshold) << lo;
       }
+      bits_mults(keep, kDropout ? drop.scale : acc_t(1), mult);
     }
     op.add(acc, ch, xv, dv, mult, lo, hi);
   }
 
   acc = block_reduce(acc, Op::template identity<acc_t>());
-  if (threadIdx.x == 0 && threadIdx.y == 0) {
-    if (gridDim.y == 1)
-      op.finish(c, acc);
-    else
-      ws_store(ws, static_cast<int64_t>(gridDim.y) * C, static_cast<int64_t>(blockIdx.y) * C + c, acc);
+  const bool lead = threadIdx.x == 0 && threadIdx.y == 0;
+  if (gridDim.y == 1) {
+    if (lead) op.finish(c, acc);
+    return;
   }
+  if (lead) ws_store(ws, static_cast<int64_t>(gridDim.y) * C, static_cast<int64_t>(blockIdx.y) * C + c, acc);
+  if (arrived_last(counters + blockIdx.x)) merge_partials(op, ws, C, c, c + 1);
 }
 
-template <typename scalar_t, typename acc_t, class Op, int V, bool kDropout, bool kAligned8>
+// Channel vectors as in apply.cuh's tile kernel: vector cv holds channels cv*V - shc .. +V-1 (those in [0, C)),
+// whole vectors aligned, the first and last of a row partial; loaded W channels per access (W = V, or 1 when
+// unaligned; 2-d input with a gradient takes V = 8 channels, one Philox block, per thread). Each thread takes a
+// contiguous range of items (units along s), so a channel's consecutive units share the Philox block between
+// them (KeepCarry).
+template <typename scalar_t, typename acc_t, class Op, int V, int W, bool kDropout, bool kAligned8>
 __global__ void __launch_bounds__(kThreads)
     reduce_cl_kernel(const Op op, const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy, int64_t C,
-                     int64_t S, int64_t SG, int64_t items, Dropout<acc_t> drop, acc_t* __restrict__ ws) {
+                     int64_t S, int64_t SG, int64_t items, int64_t CV, int shc, Dropout<acc_t> drop,
+                     acc_t* __restrict__ ws, unsigned* __restrict__ counters) {
   using Acc = typename Op::template Acc<acc_t>;
-  using Vec = VecN<scalar_t, V>;
   BNFUSED_SHARED(Acc, sh, kThreads * V);
   const int tx = blockDim.x, ty = blockDim.y;
-  const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * tx + threadIdx.x) * V;
-  const bool active = c0 < C;  // V divides C when V > 1
+  const int64_t cv = static_cast<int64_t>(blockIdx.x) * tx + threadIdx.x;
+  const int64_t c0 = cv * V - shc;
+  const bool active = cv < CV;
+  const int vlo = c0 < 0 ? static_cast<int>(-c0) : 0;
+  const int vhi = !active ? 0 : ((C - c0) < V ? static_cast<int>(C - c0) : V);
   PhiloxKey key{0, 0};
   if constexpr (kDropout)
     if (drop.bits == nullptr) key = load_key(drop.key);
 
-  typename Op::Chan ch[V];
+  typename Op::Chan ch[V] = {};  // lanes outside [vlo, vhi) stay unused
   Acc acc[V];
 #pragma unroll
   for (int v = 0; v < V; ++v) {
     acc[v] = Op::template identity<acc_t>();
-    if (active) ch[v] = op.channel(c0 + v);
+    if (v >= vlo && v < vhi) ch[v] = op.channel(c0 + v);
   }
 
   if (active) {
-    for (int64_t t = static_cast<int64_t>(blockIdx.y) * ty + threadIdx.y; t < items;
-         t += static_cast<int64_t>(gridDim.y) * ty) {
+    [[maybe_unused]] KeepCarry carry[V];
+    const int64_t threads_y = static_cast<int64_t>(gridDim.y) * ty;
+    const int64_t per = (items + threads_y - 1) / threads_y;
+    const int64_t t_begin = (static_cast<int64_t>(blockIdx.y) * ty + threadIdx.y) * per;
+    const int64_t t_end = t_begin + per < items ? t_begin + per : items;
+    for (int64_t t = t_begin; t < t_end; ++t) {
       int64_t n, sg;
       divmod(t, SG, n, sg);
       const int64_t s0 = sg * kUnit;
       const int rows = static_cast<int>((S - s0) < kUnit ? (S - s0) : kUnit);
       const int64_t base = (n * S + s0) * C + c0;
       if constexpr (Op::kGrad) {
-        // Streams row by row: keep bits first, then one V-vector of x and dy per row.
-        uint32_t keep[V];
-        [[maybe_unused]] PhiloxCache cache;
+        // Streams row by row: keep bits first, then V channels of x and dy per row.
+        uint32_t keep[V] = {};
+        if constexpr (kDropout) {
+          if (drop.bits != nullptr) {
 #pragma unroll
-        for (int v = 0; v < V; ++v) {
-          const uint64_t L = static_cast<uint64_t>((n * C + c0 + v) * S + s0);
-          if constexpr (!kDropout)
-            keep[v] = 0xFFu;
-          else if (drop.bits != nullptr)
-            keep[v] = column_bits(drop.bits, base + v, C, rows);
-          else if constexpr (kAligned8)
-            keep[v] = run_keep_bits<true>(key, L, rows, drop.threshold);
-          else
-            keep[v] = run_keep_bits_cached(cache, key, L, rows, drop.threshold);
+            for (int v = 0; v < V; ++v)
+              if (v >= vlo && v < vhi) keep[v] = column_bits(drop.bits, base + v, C, rows);
+          } else {
+            unit_keep_bits<V, kAligned8>(key, drop.threshold, n, C, c0, S, s0, rows, vlo, vhi, carry, keep);
+          }
         }
 #pragma unroll
         for (int j = 0; j < kUnit; ++j) {
           if (j < rows) {
-            const Vec a = *reinterpret_cast<const Vec*>(x + base + j * C);
-            const Vec d = *reinterpret_cast<const Vec*>(dy + base + j * C);
+            acc_t a[V], d[V];
+            load_vec<V, W>(x, base + j * C, vlo, vhi, a);
+            load_vec<V, W>(dy, base + j * C, vlo, vhi, d);
 #pragma unroll
             for (int v = 0; v < V; ++v) {
+              if (v < vlo || v >= vhi) continue;
               const acc_t mult = kDropout ? (((keep[v] >> j) & 1u) ? drop.scale : acc_t(0)) : acc_t(1);
-              op.add_element(acc[v], ch[v], static_cast<acc_t>(a.v[v]), static_cast<acc_t>(d.v[v]), mult);
+              op.add_element(acc[v], ch[v], a[v], d[v], mult);
             }
           }
         }
@@ -374,17 +435,14 @@ __global__ void __launch_bounds__(kThreads)
         acc_t xv[V][kUnit];
 #pragma unroll
         for (int j = 0; j < kUnit; ++j) {
-          if (j < rows) {
-            const Vec a = *reinterpret_cast<const Vec*>(x + base + j * C);
+          acc_t a[V] = {};
+          if (j < rows) load_vec<V, W>(x, base + j * C, vlo, vhi, a);
 #pragma unroll
-            for (int v = 0; v < V; ++v) xv[v][j] = static_cast<acc_t>(a.v[v]);
-          } else {
-#pragma unroll
-            for (int v = 0; v < V; ++v) xv[v][j] = acc_t(0);
-          }
+          for (int v = 0; v < V; ++v) xv[v][j] = a[v];
         }
 #pragma unroll
-        for (int v = 0; v < V; ++v) op.add(acc[v], ch[v], xv[v], xv[v], xv[v], 0, rows);
+        for (int v = 0; v < V; ++v)
+          if (v >= vlo && v < vhi) op.add(acc[v], ch[v], xv[v], xv[v], xv[v], 0, rows);
       }
     }
   }
@@ -404,6 +462,7 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.y == 0 && active) {
 #pragma unroll
     for (int v = 0; v < V; ++v) {
+      if (v < vlo || v >= vhi) continue;
       const Acc a = sh[me + v];
       if (gridDim.y == 1)
         op.finish(c0 + v, a);
@@ -411,42 +470,39 @@ __global__ void __launch_bounds__(kThreads)
         ws_store(ws, static_cast<int64_t>(gridDim.y) * C, static_cast<int64_t>(blockIdx.y) * C + c0 + v, a);
     }
   }
-}
-
-// Merges the `splits` partials of each channel in double precision; one warp per channel.
-template <typename acc_t, class Op>
-__global__ void __launch_bounds__(kThreads)
-    reduce_finalize_kernel(const Op op, const acc_t* __restrict__ ws, int64_t C, int splits) {
-  using Acc = typename Op::template Acc<double>;
-  const int lane = threadIdx.x & 31;
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + (threadIdx.x >> 5);
-  if (c >= C) return;  // warp-uniform
-  const int64_t plane = static_cast<int64_t>(splits) * C;
-  Acc a = Op::template identity<double>();
-  for (int s = lane; s < splits; s += 32) {
-    Acc b;
-    ws_load(ws, plane, static_cast<int64_t>(s) * C + c, b);
-    a = combine(a, b);
+  if (gridDim.y == 1) return;
+  if (arrived_last(counters + blockIdx.x)) {  // the channels of this column of blocks
+    const int64_t c_begin = static_cast<int64_t>(blockIdx.x) * tx * V - shc;
+    const int64_t c_end = c_begin + tx * V;
+    merge_partials(op, ws, C, c_begin < 0 ? 0 : c_begin, c_end < C ? c_end : C);
   }
-  a = warp_reduce(a);
-  if (lane == 0) op.finish(c, a);
 }
 
 // ---- host driver ----
 
-// The launch shape of a reduction: the first kernel's grid and block and `splits`, the partials per channel
-// (splits > 1: a workspace of workspace_elems() acc_t and a finalize launch).
+// The launch shape of a reduction: the grid and block and `splits`, the partials per channel (splits > 1: a
+// workspace of workspace_elems() acc_t and counter_elems() arrival counters).
 struct ReducePlan {
   dim3 grid;
   dim3 block;
   int64_t splits = 1;
   int64_t tiles = 0, chunks_per_row = 0;  // ChannelsFirst
-  int64_t SG = 0, items = 0;              // ChannelsLast
+  int64_t SG = 0, items = 0, CV = 0;      // ChannelsLast
   bool vec = false;                       // ChannelsFirst: 128-bit loads; ChannelsLast: V = kVmax
+  int shift = 0;  // the pointers' shared misalignment (elements): units / channel vectors are cut to align
   int64_t C = 0;
   int components = 0;
   int64_t workspace_elems() const { return splits > 1 ? components * splits * C : 0; }
+  int64_t counter_elems() const { return splits > 1 ? grid.x : 0; }
 };
+
+// Channels per thread of the channels_last reduction: one vector (kVmax, or 1 when unaligned), except for 2-d
+// input with a gradient: 8, so a thread's channels of a row are one Philox block (two when C % 8 != 0), where
+// one vector or one channel would make a call per 4 elements or per element.
+template <typename scalar_t, class Op>
+inline int channels_per_thread(const Geometry& g, bool vec) {
+  return (Op::kGrad && g.S == 1) ? kUnit : (vec ? (sizeof(scalar_t) >= 8 ? 2 : 4) : 1);
+}
 
 // Plans Op over x (and dy when Op::kGrad) in geometry g. N * S > 0 and C > 0; the caller checks
 // C <= INT32_MAX (grid.x).
@@ -457,28 +513,38 @@ ReducePlan plan_reduction(const Geometry& g, const scalar_t* x_ptr, const scalar
   plan.components = Op::kComponents;
   const int64_t target = reduce_target_blocks();
   if (g.layout == Layout::ChannelsFirst) {
-    // Units per row: a row of S elements starting anywhere spans at most this many Philox blocks.
-    const int64_t units = (g.S % kUnit == 0) ? g.S / kUnit : (g.S + kUnit - 2) / kUnit + 1;
+    const int k = shared_misalignment(16, x_ptr, dy_ptr);
+    plan.vec = k >= 0;
+    plan.shift = plan.vec ? k : 0;
+    // Units per row: rows start on a unit boundary when S % 8 == 0 and the units are not shifted; else a row
+    // of S elements starting anywhere spans at most this many units.
+    const int64_t units =
+        (g.S % kUnit == 0 && plan.shift == 0) ? g.S / kUnit : (g.S + kUnit - 2) / kUnit + 1;
     const int tx = std::min(kThreads, next_pow2(units));
     const int ty = kThreads / tx;
     plan.chunks_per_row = ceil_div(units, tx);
     plan.tiles = g.N * plan.chunks_per_row;
     plan.splits = std::min<int64_t>(ceil_div(target, g.C), ceil_div(plan.tiles, 2 * ty));
     plan.splits = std::clamp<int64_t>(plan.splits, 1, 65535);
-    plan.vec = aligned_to(x_ptr, 16) && aligned_to(dy_ptr, 16);
     plan.grid = dim3(static_cast<unsigned>(g.C), static_cast<unsigned>(plan.splits));
     plan.block = dim3(tx, ty);
   } else {
     constexpr int kVmax = sizeof(scalar_t) >= 8 ? 2 : 4;
-    plan.vec = g.C % kVmax == 0 && aligned_to(x_ptr, kVmax * sizeof(scalar_t)) &&
-               aligned_to(dy_ptr, kVmax * sizeof(scalar_t));
-    const int64_t CV = g.C / (plan.vec ? kVmax : 1);
+    const int k = shared_misalignment(kVmax * sizeof(scalar_t), x_ptr, dy_ptr);
+    plan.vec = g.C % kVmax == 0 && k >= 0;
+    plan.shift = plan.vec ? k : 0;
+    plan.CV = ceil_div(g.C + plan.shift, channels_per_thread<scalar_t, Op>(g, plan.vec));
+    const int64_t CV = plan.CV;
     const int tx = std::min(32, next_pow2(CV));
     const int ty = kThreads / tx;
     plan.SG = ceil_div(g.S, kUnit);
     plan.items = g.N * plan.SG;
     const int64_t gx = ceil_div(CV, tx);
-    plan.splits = std::min<int64_t>(ceil_div(target, gx), ceil_div(plan.items, 2 * ty));
+    // At least 2 units per thread, or a strip of them (strip_units) when S % 8 != 0 and a mask may be needed.
+    const int64_t per = (Op::kGrad && g.S > kUnit && g.S % kUnit != 0)
+                            ? std::max<int64_t>(2, strip_units(g.N * plan.SG * CV, plan.SG))
+                            : 2;
+    plan.splits = std::min<int64_t>(ceil_div(target, gx), ceil_div(plan.items, per * ty));
     plan.splits = std::clamp<int64_t>(plan.splits, 1, 65535);
     plan.grid = dim3(static_cast<unsigned>(gx), static_cast<unsigned>(plan.splits));
     plan.block = dim3(tx, ty);
@@ -486,18 +552,20 @@ ReducePlan plan_reduction(const Geometry& g, const scalar_t* x_ptr, const scalar
   return plan;
 }
 
-// Runs Op as planned; drop == nullptr: no dropout (drop->bits: the mask from bits); ws: plan.workspace_elems()
-// acc_t (or null when 0).
-// The Op's finish() writes the per-channel results.
+// Runs Op as planned, one launch; drop == nullptr: no dropout (drop->bits: the mask from bits); ws:
+// plan.workspace_elems() acc_t, counters: plan.counter_elems() zeros, left zero (each null when 0). Calls that
+// may run at the same time (other streams) need their own counters. The Op's finish() writes the per-channel
+// results.
 template <typename scalar_t, typename acc_t, class Op>
 void run_reduction(const Op& op, const ReducePlan& plan, const scalar_t* x_ptr, const scalar_t* dy_ptr,
-                   const Geometry& g, const Dropout<acc_t>* drop, acc_t* ws_ptr, cudaStream_t stream) {
+                   const Geometry& g, const Dropout<acc_t>* drop, acc_t* ws_ptr, unsigned* counters,
+                   cudaStream_t stream) {
   const Dropout<acc_t> d = drop ? *drop : Dropout<acc_t>{nullptr, 0u, acc_t(1)};
   const bool dropout = Op::kGrad && drop != nullptr;
   if (g.layout == Layout::ChannelsFirst) {
     auto run = [&](auto kernel) {
       launch(kernel, plan.grid, plan.block, stream, op, x_ptr, dy_ptr, g.C, g.S, plan.tiles, plan.chunks_per_row,
-             plan.vec, d, ws_ptr);
+             plan.shift, plan.vec, d, ws_ptr, counters);
     };
     if (dropout)
       run(reduce_cf_kernel<scalar_t, acc_t, Op, true>);
@@ -506,37 +574,42 @@ void run_reduction(const Op& op, const ReducePlan& plan, const scalar_t* x_ptr, 
   } else {
     constexpr int kVmax = sizeof(scalar_t) >= 8 ? 2 : 4;
     auto run = [&](auto kernel) {
-      launch(kernel, plan.grid, plan.block, stream, op, x_ptr, dy_ptr, g.C, g.S, plan.SG, plan.items, d, ws_ptr);
+      launch(kernel, plan.grid, plan.block, stream, op, x_ptr, dy_ptr, g.C, g.S, plan.SG, plan.items, plan.CV,
+             plan.shift, d, ws_ptr, counters);
     };
     const bool a8 = g.S % kUnit == 0;
+    // V channels per thread, W per access.
+    auto run_v = [&](auto v_const, auto w_const) {
+      constexpr int V = decltype(v_const)::value, W = decltype(w_const)::value;
+      if (!dropout)
+        run(reduce_cl_kernel<scalar_t, acc_t, Op, V, W, false, true>);
+      else if constexpr (V == kUnit)  // 2-d: S % 8 != 0
+        run(reduce_cl_kernel<scalar_t, acc_t, Op, V, W, true, false>);
+      else if (a8)
+        run(reduce_cl_kernel<scalar_t, acc_t, Op, V, W, true, true>);
+      else
+        run(reduce_cl_kernel<scalar_t, acc_t, Op, V, W, true, false>);
+    };
+    using One = std::integral_constant<int, 1>;
+    using Vmax = std::integral_constant<int, kVmax>;
     if constexpr (Op::kGrad) {
-      if (plan.vec) {
-        if (!dropout)
-          run(reduce_cl_kernel<scalar_t, acc_t, Op, kVmax, false, true>);
-        else if (a8)
-          run(reduce_cl_kernel<scalar_t, acc_t, Op, kVmax, true, true>);
+      using Eight = std::integral_constant<int, kUnit>;
+      if (g.S == 1) {  // 2-d: S % 8 != 0, never a8
+        if (plan.vec)
+          run_v(Eight{}, Vmax{});
         else
-          run(reduce_cl_kernel<scalar_t, acc_t, Op, kVmax, true, false>);
+          run_v(Eight{}, One{});
+      } else if (plan.vec) {
+        run_v(Vmax{}, Vmax{});
       } else {
-        if (!dropout)
-          run(reduce_cl_kernel<scalar_t, acc_t, Op, 1, false, true>);
-        else if (a8)
-          run(reduce_cl_kernel<scalar_t, acc_t, Op, 1, true, true>);
-        else
-          run(reduce_cl_kernel<scalar_t, acc_t, Op, 1, true, false>);
+        run_v(One{}, One{});
       }
     } else {
       if (plan.vec)
-        run(reduce_cl_kernel<scalar_t, acc_t, Op, kVmax, false, true>);
+        run(reduce_cl_kernel<scalar_t, acc_t, Op, kVmax, kVmax, false, true>);
       else
-        run(reduce_cl_kernel<scalar_t, acc_t, Op, 1, false, true>);
+        run(reduce_cl_kernel<scalar_t, acc_t, Op, 1, 1, false, true>);
     }
-  }
-
-  if (plan.splits > 1) {
-    const unsigned blocks = static_cast<unsigned>(ceil_div(g.C, kThreads / 32));
-    launch(reduce_finalize_kernel<acc_t, Op>, dim3(blocks), dim3(kThreads), stream, op,
-           static_cast<const acc_t*>(ws_ptr), g.C, static_cast<int>(plan.splits));
   }
 }
 

@@ -1,4 +1,4 @@
-// batch_stats on CUDA: per-channel mean and biased variance (Welford, two-stage grid reduction: StatsOp,
+// batch_stats on CUDA: per-channel mean and biased variance (Welford, one-launch grid reduction: StatsOp,
 // reduce.cuh); batch_stats_update: mean and rstd with the running statistics updated by the same reduction.
 #include "host.cuh"
 #include "reduce.cuh"
@@ -26,12 +26,8 @@ std::tuple<at::Tensor, at::Tensor> batch_stats_cuda(const at::Tensor& x) {
         using acc_t = at::opmath_type<scalar_t>;
         using Op = cuda::StatsOp<acc_t>;
         const Op op{mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>()};
-        const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
-        const auto plan = cuda::plan_reduction<scalar_t, Op>(g, x_ptr, nullptr);
-        at::Tensor ws = cuda::workspace<acc_t>(x, plan.workspace_elems());
-        cuda::run_reduction<scalar_t, acc_t>(op, plan, x_ptr, static_cast<const scalar_t*>(nullptr), g,
-                                             static_cast<const cuda::Dropout<acc_t>*>(nullptr),
-                                             cuda::workspace_ptr<acc_t>(ws), cuda::current_stream());
+        cuda::reduce<scalar_t, acc_t>(x, op, g, x.const_data_ptr<scalar_t>(), static_cast<const scalar_t*>(nullptr),
+                                      static_cast<const cuda::Dropout<acc_t>*>(nullptr));
       });
   return {mean, var};
 }
@@ -88,12 +84,8 @@ std::tuple<at::Tensor, at::Tensor> batch_stats_update_cuda(const at::Tensor& x, 
         using Op = cuda::StatsOp<acc_t>;
         const Op op{mean.mutable_data_ptr<acc_t>(), nullptr, rstd.mutable_data_ptr<acc_t>(), static_cast<acc_t>(eps),
                     running};
-        const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
-        const auto plan = cuda::plan_reduction<scalar_t, Op>(g, x_ptr, nullptr);
-        at::Tensor ws = cuda::workspace<acc_t>(x, plan.workspace_elems());
-        cuda::run_reduction<scalar_t, acc_t>(op, plan, x_ptr, static_cast<const scalar_t*>(nullptr), g,
-                                             static_cast<const cuda::Dropout<acc_t>*>(nullptr),
-                                             cuda::workspace_ptr<acc_t>(ws), cuda::current_stream());
+        cuda::reduce<scalar_t, acc_t>(x, op, g, x.const_data_ptr<scalar_t>(), static_cast<const scalar_t*>(nullptr),
+                                      static_cast<const cuda::Dropout<acc_t>*>(nullptr));
       });
   return {mean, rstd};
 }

@@ -119,7 +119,8 @@ void run_add_case(const Case& cs, const Buffer<scalar_t>& x, const Buffer<scalar
     const auto plan = plan_reduction<scalar_t, Op>(geo, x.ptr, dy.ptr);
     std::vector<acc_t> ws(plan.workspace_elems());
     run_add_relu_backward_reduce<scalar_t, acc_t>(op, plan, dy.ptr, x.ptr, bits.ptr, scale, geo,
-                                                  ws.empty() ? nullptr : ws.data(), stream);
+                                                  ws.empty() ? nullptr : ws.data(), counters_for(plan), stream);
+    check_counters_reset(plan);
     for (int64_t c = 0; c < C; ++c)
       if (!(std::fabs(sum_g[c] - sg_ref[c]) <= tol * (mag_g[c] + 1e-30)) ||
           !(std::fabs(sum_gx[c] - sgx_ref[c]) <= tol * (mag_gx[c] + 1e-30))) {

@@ -60,6 +60,11 @@ namespace cuda_emu {
 
 inline std::atomic<uint64_t> launches{0};      // kernels launched (valid configurations)
 inline std::atomic<uint64_t> philox_calls{0};  // mask_block calls (csrc/philox.h's hook)
+inline std::atomic<uint64_t> vector_elems{0};  // elements moved by vector loads/stores (common.cuh's hook)
+inline std::atomic<uint64_t> scalar_elems{0};  // elements moved by scalar loads/stores
+inline void count_access(bool is_vector, int elems) {
+  (is_vector ? vector_elems : scalar_elems).fetch_add(static_cast<uint64_t>(elems), std::memory_order_relaxed);
+}
 inline cudaError_t last_error = cudaSuccess;
 
 inline int env_int(const char* name, int fallback) {
@@ -293,8 +298,8 @@ inline T* shared_array(const void* site, size_t count) {
   return static_cast<T*>(p);
 }
 
-// ---- the thread pool: slot s of concurrent_blocks() runs blocks s, s + K, s + 2K, ... with one OS thread per
-// CUDA thread ----
+// ---- the thread pool: slot s of concurrent_blocks() runs blocks s, s + K, s + 2K, ... (numbered y fastest) with
+// one OS thread per CUDA thread ----
 class Pool {
  public:
   static Pool& get() {
@@ -408,7 +413,9 @@ class Pool {
         if (b >= job.nblocks) break;
         gridDim = g;
         blockDim = bd;
-        blockIdx = uint3{b % g.x, (b / g.x) % g.y, b / (g.x * g.y)};
+        // Blocks in y-fastest order (CUDA promises no order): the blocks of one column of a grid (the splits of a
+        // reduction's channel, which meet in its last-block merge) run at the same time in different slots.
+        blockIdx = uint3{(b / g.y) % g.x, b % g.y, b / (g.x * g.y)};
         threadIdx = uint3{t % bd.x, (t / bd.x) % bd.y, t / (bd.x * bd.y)};
         tl_block = &sl.block;
         tl_tid = t;
@@ -534,12 +541,27 @@ inline T __shfl_down_sync(uint32_t mask, T v, unsigned delta, int line = __built
   return out;
 }
 template <typename T>
+inline T __shfl_up_sync(uint32_t mask, T v, unsigned delta, int line = __builtin_LINE()) {
+  static_assert(sizeof(T) <= 16 && std::is_trivially_copyable_v<T>);
+  T out;
+  cuda_emu::warp_exchange(mask, &v, &out, sizeof(T), [&](int l) { return l - static_cast<int>(delta); },
+                          "__shfl_up_sync", line);
+  return out;
+}
+template <typename T>
 inline T __shfl_xor_sync(uint32_t mask, T v, int lane_mask, int line = __builtin_LINE()) {
   static_assert(sizeof(T) <= 16 && std::is_trivially_copyable_v<T>);
   T out;
   cuda_emu::warp_exchange(mask, &v, &out, sizeof(T), [&](int l) { return l ^ lane_mask; }, "__shfl_xor_sync", line);
   return out;
 }
+
+// Device-wide atomics and fences as seq_cst std::atomic operations: the happens-before they give is what TSan
+// checks (the last-block merge of reduce.cuh: a block's partials, its fence and barrier, then its atomicAdd).
+inline unsigned atomicAdd(unsigned* p, unsigned v) {
+  return std::atomic_ref<unsigned>(*p).fetch_add(v, std::memory_order_seq_cst);
+}
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline double __dmul_rn(double a, double b) { return a * b; }

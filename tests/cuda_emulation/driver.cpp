@@ -136,6 +136,40 @@ StatDtype stat_dtype() {
 
 constexpr int64_t kKey[2] = {0x1234567890abcdefLL, 48};
 
+// The arrival counters of the reductions' last-block merge, shared by every reduction the driver runs (one
+// stream, as a host wrapper's per-stream counters): zero before a run, and every run must leave them zero.
+std::vector<unsigned> g_counters(1 << 16, 0u);
+
+unsigned* counters_for(const ReducePlan& plan) {
+  if (plan.counter_elems() > static_cast<int64_t>(g_counters.size())) die("too many reduction counters");
+  return plan.counter_elems() ? g_counters.data() : nullptr;
+}
+void check_counters_reset(const ReducePlan& plan) {
+  for (int64_t i = 0; i < plan.counter_elems(); ++i)
+    if (g_counters[i] != 0) die("a reduction left arrival counter " + std::to_string(i) + " at " +
+                                std::to_string(g_counters[i]) + " (the last block must reset it)");
+}
+
+// Plans and runs Op over x (and dy) with a fresh workspace and the shared counters.
+template <typename scalar_t, typename acc_t, class Op>
+ReducePlan reduce(const Op& op, const Geometry& g, const scalar_t* x, const scalar_t* dy, const Dropout<acc_t>* drop) {
+  const auto plan = plan_reduction<scalar_t, Op>(g, x, dy);
+  std::vector<acc_t> ws(plan.workspace_elems());
+  run_reduction<scalar_t, acc_t>(op, plan, x, dy, g, drop, ws.empty() ? nullptr : ws.data(), counters_for(plan),
+                                 nullptr);
+  check_counters_reset(plan);
+  return plan;
+}
+
+// A split reduction run again into poisoned outputs must give the same bits: the counters work for the next call
+// and the merge order does not depend on which block arrived last (it differs from run to run).
+template <typename T>
+bool same_again(std::vector<T>& out, const std::vector<T>& first) {
+  for (size_t i = 0; i < out.size(); ++i)
+    if (!same_bits(out[i], first[i])) return false;
+  return true;
+}
+
 }  // namespace
 
 #include "add_relu_cases.h"  // the BN + residual add + ReLU ops (run_add_case), on the helpers above
@@ -220,11 +254,25 @@ void run_case(const Case& cs) {
     running.unbias = unbiased_var_factor(N * S);
     using Op = StatsOp<acc_t>;
     const Op op{m.data(), v.data(), r.data(), static_cast<acc_t>(eps), running};
-    const auto plan = plan_reduction<scalar_t, Op>(g, x.ptr, nullptr);
-    std::vector<acc_t> ws(plan.workspace_elems());
-    run_reduction<scalar_t, acc_t>(op, plan, x.ptr, static_cast<const scalar_t*>(nullptr), g,
-                                   static_cast<const Dropout<acc_t>*>(nullptr), ws.empty() ? nullptr : ws.data(),
-                                   stream);
+    auto run = [&] {
+      return reduce<scalar_t, acc_t>(op, g, x.ptr, static_cast<const scalar_t*>(nullptr),
+                                     static_cast<const Dropout<acc_t>*>(nullptr));
+    };
+    const auto plan = run();
+    if (plan.splits > 1) {
+      const auto m1 = m, v1 = v, r1 = r;
+      const auto rm1 = run_mean, rv1 = run_var;
+      std::fill(m.begin(), m.end(), std::numeric_limits<acc_t>::quiet_NaN());
+      std::fill(v.begin(), v.end(), std::numeric_limits<acc_t>::quiet_NaN());
+      std::fill(r.begin(), r.end(), std::numeric_limits<acc_t>::quiet_NaN());
+      run_mean = old_mean;
+      run_var = old_var;
+      run();
+      if (!same_again(m, m1) || !same_again(v, v1) || !same_again(r, r1) || !same_again(run_mean, rm1) ||
+          !same_again(run_var, rv1))
+        mismatch("stats (second call)", cs, dt, "differs from the first call (splits " +
+                 std::to_string(plan.splits) + ")");
+    }
     for (int64_t c = 0; c < C; ++c) {
       const double spread = std::sqrt(vref[c]) + std::fabs(mref[c]);
       if (!(std::fabs(m[c] - mref[c]) <= tol * (spread + 1e-30)) ||
@@ -302,10 +350,16 @@ void run_case(const Case& cs) {
     std::vector<acc_t> sum_g(C), sum_gx(C);
     using Op = GradSumsOp<acc_t>;
     const Op op{prm, sum_g.data(), sum_gx.data()};
-    const auto plan = plan_reduction<scalar_t, Op>(g, x.ptr, dy.ptr);
-    std::vector<acc_t> ws(plan.workspace_elems());
-    run_reduction<scalar_t, acc_t>(op, plan, x.ptr, dy.ptr, g, dropout ? &drop : nullptr,
-                                   ws.empty() ? nullptr : ws.data(), stream);
+    const auto plan = reduce<scalar_t, acc_t>(op, g, x.ptr, dy.ptr, dropout ? &drop : nullptr);
+    if (plan.splits > 1) {
+      const auto sg1 = sum_g, sgx1 = sum_gx;
+      std::fill(sum_g.begin(), sum_g.end(), std::numeric_limits<acc_t>::quiet_NaN());
+      std::fill(sum_gx.begin(), sum_gx.end(), std::numeric_limits<acc_t>::quiet_NaN());
+      reduce<scalar_t, acc_t>(op, g, x.ptr, dy.ptr, dropout ? &drop : nullptr);
+      if (!same_again(sum_g, sg1) || !same_again(sum_gx, sgx1))
+        mismatch("backward_reduce (second call)", cs, dt, "differs from the first call (splits " +
+                 std::to_string(plan.splits) + ")");
+    }
     for (int64_t c = 0; c < C; ++c) {
       const double sg = sg_ref[c], sgx = sgx_ref[c];
       if (!(std::fabs(sum_g[c] - sg) <= tol * (mag_g[c] + 1e-30)) ||
@@ -383,7 +437,7 @@ void run_mask_case(int64_t numel, double p, bool misaligned) {
 
 std::vector<Shape> shapes() {
   // N*S in {0, 1, 7, 8, 33, 257, ...}; S not a multiple of 8/32/256; shapes large enough to split a channel over
-  // several blocks (the two-stage reduction and its finalize) in both layouts.
+  // several blocks (the last-block merge of the split reduction) in both layouts.
   std::vector<Shape> all = {
       {0, 3, {4}},     {1, 5, {}},      {7, 6, {}},       {8, 16, {}},       {33, 12, {}},    {257, 3, {}},
       {1, 3, {7}},     {3, 5, {11}},    {1, 2, {257}},    {4, 3, {4, 4}},    {3, 8, {7, 7}},  {2, 64, {2, 2}},
@@ -443,10 +497,7 @@ void check_stats_inf() {
     std::vector<float> m(C), v(C);
     const StatsOp<float> op{m.data(), v.data()};
     const Geometry g{N, C, S, layout};
-    const auto plan = plan_reduction<float, StatsOp<float>>(g, x.data(), nullptr);
-    std::vector<float> ws(plan.workspace_elems());
-    run_reduction<float, float>(op, plan, x.data(), static_cast<const float*>(nullptr), g,
-                                static_cast<const Dropout<float>*>(nullptr), ws.empty() ? nullptr : ws.data(), nullptr);
+    reduce<float, float>(op, g, x.data(), static_cast<const float*>(nullptr), static_cast<const Dropout<float>*>(nullptr));
     const char* where = layout == Layout::ChannelsFirst ? "NCHW" : "channels_last";
     if (!std::isfinite(m[0]) || !std::isfinite(v[0]) || !(m[1] == INFINITY) || !(m[2] == -INFINITY) ||
         !std::isnan(v[1]) || !std::isnan(v[2])) {
@@ -457,81 +508,162 @@ void check_stats_inf() {
   }
 }
 
-// Kernel launches and Philox calls per element of one op on one shape (the --counts table).
+// What a run of kernels did: launches, Philox calls, elements moved by vector and by scalar accesses.
+struct Counts {
+  uint64_t launches, philox, vec, scalar;
+  static Counts now() {
+    return {cuda_emu::launches.load(), cuda_emu::philox_calls.load(), cuda_emu::vector_elems.load(),
+            cuda_emu::scalar_elems.load()};
+  }
+  Counts operator-(const Counts& o) const {
+    return {launches - o.launches, philox - o.philox, vec - o.vec, scalar - o.scalar};
+  }
+};
+
 template <typename F>
-void count_row(const char* what, int64_t numel, F run) {
-  const uint64_t l0 = cuda_emu::launches.load(), p0 = cuda_emu::philox_calls.load();
+Counts measure(F run) {
+  const Counts before = Counts::now();
   run();
-  std::printf("  %-46s launches %" PRIu64 "  philox calls/element %.3f\n", what, cuda_emu::launches.load() - l0,
-              double(cuda_emu::philox_calls.load() - p0) / double(numel));
+  return Counts::now() - before;
+}
+
+// The four ops of a training step on one float32 tensor (p = 0.3), x/dy/out at `misaligned` base pointers; `only`
+// names one op or is empty. Returns the counts of each op run.
+struct StepCounts {
+  Counts stats, forward, backward_reduce, backward_input;
+  Counts add_forward, add_backward_reduce, add_backward_input;  // the add ops (add_relu_cases.h)
+};
+StepCounts step_counts(const Shape& sh, Layout layout, bool misaligned) {
+  const int64_t N = sh.N, C = sh.C, S = sh.S(), numel = N * C * S;
+  const Geometry g{N, C, S, layout};
+  Buffer<float> x(numel, misaligned), dy(numel, misaligned), out(numel, misaligned);
+  for (int64_t i = 0; i < numel; ++i) {
+    x.ptr[i] = 0.5f;
+    dy.ptr[i] = 1.0f;
+  }
+  std::vector<float> mean(C, 0.f), rstd(C, 1.f), sg(C), sgx(C), mg(C), mgx(C), run_mean(C, 0.f), run_var(C, 1.f);
+  const ChannelParams<float> prm{mean.data(), rstd.data(), nullptr, nullptr};
+  const auto drop = make_dropout<float>(kKey, 0.3);
+  StepCounts r;
+  r.stats = measure([&] {
+    RunningStats running;
+    running.mean = run_mean.data();
+    running.var = run_var.data();
+    running.momentum = 0.1;
+    std::vector<float> m(C), rs(C);
+    const StatsOp<float> op{m.data(), nullptr, rs.data(), 1e-5f, running};
+    reduce<float, float>(op, g, x.ptr, static_cast<const float*>(nullptr), static_cast<const Dropout<float>*>(nullptr));
+  });
+  r.forward = measure([&] { run_forward<float, float>(prm, x.ptr, out.ptr, g, &drop, nullptr); });
+  r.backward_reduce = measure([&] {
+    const GradSumsOp<float> op{prm, sg.data(), sgx.data()};
+    reduce<float, float>(op, g, x.ptr, dy.ptr, &drop);
+  });
+  r.backward_input = measure([&] {
+    run_backward_input<float, float>(prm, mg.data(), mgx.data(), N * S, dy.ptr, x.ptr, out.ptr, g, &drop, nullptr);
+  });
+  // The add ops: the training forward with its pass bits, then the two backward ops.
+  Buffer<float> res(numel, misaligned), gr(numel, misaligned);
+  for (int64_t i = 0; i < numel; ++i) res.ptr[i] = -0.25f;
+  std::vector<uint8_t> bits((numel + 7) / 8);
+  r.add_forward = measure([&] {
+    run_add_relu_forward<float, float>(prm, x.ptr, res.ptr, out.ptr, bits.data(), g, &drop, nullptr);
+  });
+  r.add_backward_reduce = measure([&] {
+    const AddGradSumsOp<float> op{mean.data(), rstd.data(), sg.data(), sgx.data()};
+    const auto plan = plan_reduction<float, AddGradSumsOp<float>>(g, x.ptr, dy.ptr);
+    std::vector<float> ws(plan.workspace_elems());
+    run_add_relu_backward_reduce<float, float>(op, plan, dy.ptr, x.ptr, bits.data(), drop.scale, g,
+                                               ws.empty() ? nullptr : ws.data(), counters_for(plan), nullptr);
+    check_counters_reset(plan);
+  });
+  r.add_backward_input = measure([&] {
+    run_add_relu_backward_input<float, float>(prm, sg.data(), sgx.data(), N * S, dy.ptr, x.ptr, bits.data(),
+                                              drop.scale, out.ptr, gr.ptr, g, nullptr);
+  });
+  return r;
+}
+
+const char* layout_name(const Shape& sh, Layout layout) {
+  return layout == Layout::ChannelsFirst ? "NCHW" : (sh.spatial.empty() ? "2-d" : "channels_last");
+}
+
+std::string shape_name(const Shape& sh) {
+  std::string dims = "(" + std::to_string(sh.N) + ", " + std::to_string(sh.C);
+  for (auto d : sh.spatial) dims += ", " + std::to_string(d);
+  return dims + ")";
+}
+
+// Misaligned base pointers are peeled, not sent down the scalar path: with x, dy and out one element past a
+// 16-byte boundary, the elements moved by scalar accesses stay within the partial units at the edges -- per
+// pointer at most 2 x 7 per row of the kernel (the flat kernel: one row, the tensor; channels-first reductions:
+// a row per (n, c)), and 2 x 3 per row (n, s) for channels_last (the partial 4-wide chunks at both ends).
+void check_peel() {
+  struct Row {
+    Shape sh;
+    Layout layout;
+  };
+  const Row rows[] = {{{4, 16, {8, 8}}, Layout::ChannelsFirst},
+                      {{3, 5, {7, 7}}, Layout::ChannelsFirst},
+                      {{4, 64, {7, 7}}, Layout::ChannelsLast},
+                      {{256, 64, {}}, Layout::ChannelsLast}};
+  for (const Row& r : rows) {
+    const int64_t N = r.sh.N, C = r.sh.C, S = r.sh.S();
+    const StepCounts c = step_counts(r.sh, r.layout, true);
+    const bool cf = r.layout == Layout::ChannelsFirst;
+    const bool flat = cf || S == 1;                                  // apply: one row
+    const int64_t reduce_bound = cf ? 2 * 7 * N * C : 2 * 3 * N * S;  // per pointer
+    const int64_t apply_bound = flat ? 2 * 7 : 2 * 3 * N * S;
+    const struct {
+      const char* op;
+      const Counts& counts;
+      int64_t bound;
+    } checks[] = {{"stats", c.stats, reduce_bound},
+                  {"forward", c.forward, 2 * apply_bound},
+                  {"backward_reduce", c.backward_reduce, 2 * reduce_bound},
+                  {"backward_input", c.backward_input, 3 * apply_bound}};
+    for (const auto& k : checks) {
+      ++g_cases;
+      if (static_cast<int64_t>(k.counts.scalar) > k.bound || k.counts.vec == 0) {
+        std::fprintf(stderr, "FAIL peel: %s %s %s misaligned by one element: %" PRIu64 " elements by scalar "
+                     "accesses (at most %" PRId64 "), %" PRIu64 " by vector accesses\n", k.op,
+                     shape_name(r.sh).c_str(), layout_name(r.sh, r.layout), k.counts.scalar, k.bound, k.counts.vec);
+        if (++g_failures >= 5) std::exit(1);
+      }
+    }
+  }
 }
 
 void print_counts() {
-  std::printf("kernel launches and Philox calls per element (float32, p = 0.3):\n");
+  std::printf("kernel launches, Philox calls per element and the share of elements moved by scalar accesses "
+              "(float32, p = 0.3; aligned / x, dy, out one element past a 16-byte boundary):\n");
   struct Row {
-    const char* name;
     Shape sh;
     Layout layout;
   };
   const Row rows[] = {
-      {"(256, 64) 2-d", {256, 64, {}}, Layout::ChannelsLast},
-      {"(8, 64, 7, 7) NCHW", {8, 64, {7, 7}}, Layout::ChannelsFirst},
-      {"(8, 64, 7, 7) channels_last", {8, 64, {7, 7}}, Layout::ChannelsLast},
-      {"(8, 64, 2, 2) channels_last", {8, 64, {2, 2}}, Layout::ChannelsLast},
-      {"(4, 64, 8, 8) channels_last", {4, 64, {8, 8}}, Layout::ChannelsLast},
+      {{256, 64, {}}, Layout::ChannelsLast},      {{256, 10, {}}, Layout::ChannelsLast},
+      {{8, 64, {7, 7}}, Layout::ChannelsFirst},   {{8, 64, {7, 7}}, Layout::ChannelsLast},
+      {{8, 64, {2, 2}}, Layout::ChannelsLast},    {{4, 64, {8, 8}}, Layout::ChannelsLast},
+      {{32, 64, {7, 7}}, Layout::ChannelsLast},   {{32, 64, {14, 14}}, Layout::ChannelsLast},
   };
   for (const Row& r : rows) {
-    const int64_t N = r.sh.N, C = r.sh.C, S = r.sh.S(), numel = N * C * S;
-    const Geometry g{N, C, S, r.layout};
-    std::vector<float> x(numel, 0.5f), dy(numel, 1.0f), out(numel), mean(C, 0.f), rstd(C, 1.f), sg(C), sgx(C), mg(C),
-        mgx(C);
-    const ChannelParams<float> prm{mean.data(), rstd.data(), nullptr, nullptr};
-    const auto drop = make_dropout<float>(kKey, 0.3);
-    std::string base = r.name;
-    std::vector<float> run_mean(C, 0.f), run_var(C, 1.f);
-    count_row((base + " stats with running-stat update").c_str(), numel, [&] {
-      RunningStats running;
-      running.mean = run_mean.data();
-      running.var = run_var.data();
-      running.momentum = 0.1;
-      const StatsOp<float> op{mean.data(), nullptr, rstd.data(), 1e-5f, running};
-      const auto plan = plan_reduction<float, StatsOp<float>>(g, x.data(), nullptr);
-      std::vector<float> ws(plan.workspace_elems());
-      run_reduction<float, float>(op, plan, x.data(), static_cast<const float*>(nullptr), g,
-                                  static_cast<const Dropout<float>*>(nullptr), ws.empty() ? nullptr : ws.data(),
-                                  nullptr);
-    });
-    std::fill(mean.begin(), mean.end(), 0.f);
-    std::fill(rstd.begin(), rstd.end(), 1.f);
-    count_row((base + " forward").c_str(), numel,
-              [&] { run_forward<float, float>(prm, x.data(), out.data(), g, &drop, nullptr); });
-    count_row((base + " backward_reduce").c_str(), numel, [&] {
-      const GradSumsOp<float> op{prm, sg.data(), sgx.data()};
-      const auto plan = plan_reduction<float, GradSumsOp<float>>(g, x.data(), dy.data());
-      std::vector<float> ws(plan.workspace_elems());
-      run_reduction<float, float>(op, plan, x.data(), dy.data(), g, &drop, ws.empty() ? nullptr : ws.data(), nullptr);
-    });
-    count_row((base + " backward_input").c_str(), numel, [&] {
-      run_backward_input<float, float>(prm, mg.data(), mgx.data(), N * S, dy.data(), x.data(), out.data(), g, &drop,
-                                       nullptr);
-    });
-    // The add ops (add_relu_cases.h): the training forward with its pass bits, then the two backward ops.
-    std::vector<float> res(numel, -0.25f), gr(numel);
-    std::vector<uint8_t> bits((numel + 7) / 8);
-    count_row((base + " add_relu_forward_bits").c_str(), numel, [&] {
-      run_add_relu_forward<float, float>(prm, x.data(), res.data(), out.data(), bits.data(), g, &drop, nullptr);
-    });
-    count_row((base + " add_relu_backward_reduce").c_str(), numel, [&] {
-      const AddGradSumsOp<float> op{mean.data(), rstd.data(), sg.data(), sgx.data()};
-      const auto plan = plan_reduction<float, AddGradSumsOp<float>>(g, x.data(), dy.data());
-      std::vector<float> ws(plan.workspace_elems());
-      run_add_relu_backward_reduce<float, float>(op, plan, dy.data(), x.data(), bits.data(), drop.scale, g,
-                                                 ws.empty() ? nullptr : ws.data(), nullptr);
-    });
-    count_row((base + " add_relu_backward_input").c_str(), numel, [&] {
-      run_add_relu_backward_input<float, float>(prm, sg.data(), sgx.data(), N * S, dy.data(), x.data(), bits.data(),
-                                                drop.scale, out.data(), gr.data(), g, nullptr);
-    });
+    const double numel = double(r.sh.N * r.sh.C * r.sh.S());
+    const StepCounts a = step_counts(r.sh, r.layout, false), m = step_counts(r.sh, r.layout, true);
+    const std::string base = shape_name(r.sh) + " " + layout_name(r.sh, r.layout);
+    auto line = [&](const char* op, const Counts& ca, const Counts& cm) {
+      auto share = [](const Counts& c) { return c.vec + c.scalar ? double(c.scalar) / double(c.vec + c.scalar) : 0.0; };
+      std::printf("  %-44s launches %" PRIu64 "  philox calls/element %.3f / %.3f  scalar share %.3f / %.3f\n",
+                  (base + " " + op).c_str(), ca.launches, double(ca.philox) / numel, double(cm.philox) / numel,
+                  share(ca), share(cm));
+    };
+    line("stats+update", a.stats, m.stats);
+    line("forward", a.forward, m.forward);
+    line("backward_reduce", a.backward_reduce, m.backward_reduce);
+    line("backward_input", a.backward_input, m.backward_input);
+    line("add_relu_forward_bits", a.add_forward, m.add_forward);
+    line("add_relu_backward_reduce", a.add_backward_reduce, m.add_backward_reduce);
+    line("add_relu_backward_input", a.add_backward_input, m.add_backward_input);
   }
 }
 
@@ -556,6 +688,7 @@ int run_all(int argc, char** argv) {
   }
   if (g_only.empty() || g_only == "launch") check_launch_limits();
   if (g_only.empty() || g_only == "stats") check_stats_inf();
+  if (g_only.empty() || g_only == "peel") check_peel();
   if (g_only.empty() || g_only == "dropout_mask")
     for (const int64_t numel : {0, 1, 7, 8, 9, 33, 257, 1000, 4099})
       for (const double p : {0.0, 0.3, 1.0})
