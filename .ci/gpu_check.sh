@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# The GPU validation (the GPU issue) as one prepared call on a lent device machine: build for sm_90, every op once
+# against the CPU (.ci/gpu_ops_smoke.py: masks, forward and pass bits bit for bit), that workload under
+# compute-sanitizer (memcheck, racecheck, initcheck, synccheck), the CUDA cases of the op/module/autograd/graph
+# tests, then the benchmark. Every stage runs under its own timeout inside one budget, so a slow stage cannot eat
+# the ones after it; the last lines printed are a summary table (the device tool returns the output's tail).
+#
+#   device run: command=".ci/gpu_check.sh", timeout_s=600          # all stages, ~9.5 minutes at most
+#   GPU_CHECK_STAGES="bench" .ci/gpu_check.sh                      # a second call on the still-warm machine
+#
+# Logs go to $OUT (the device tool brings back at most 8 files: build, smoke, sanitize, tests, bench logs, the
+# summary and the benchmark's .md + .png), or .gpu_check/ where OUT is unset.
+# Env: GPU_CHECK_STAGES (default "build smoke sanitize tests bench"), GPU_CHECK_BUDGET_S (default 570),
+#      PYTHON (default python3: on the device machine the venv that holds torch), MAX_JOBS (default 16),
+#      BNFUSED_CUDA_ARCHS (default 90), BENCH_ARGS (default --quick).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-.gpu_check}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+STAGES=${GPU_CHECK_STAGES:-build smoke sanitize tests bench}
+BUDGET=${GPU_CHECK_BUDGET_S:-570}
+export MAX_JOBS=${MAX_JOBS:-16} BNFUSED_CUDA_ARCHS=${BNFUSED_CUDA_ARCHS:-90} PYTHONUNBUFFERED=1
+SUMMARY=$OUT/summary.txt
+: >"$SUMMARY"
+
+# stage NAME LIMIT_S LOG CMD...: runs CMD with at most LIMIT_S (and what is left of the budget), appends to LOG.
+stage() {
+  local name=$1 limit=$2 log=$3 left t0 rc
+  shift 3
+  left=$((BUDGET - SECONDS))
+  if [ "$left" -lt 20 ]; then
+    printf '%-22s skipped (budget spent)\n' "$name" | tee -a "$SUMMARY"
+    return 0
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  t0=$SECONDS
+  echo "== $name (limit $limit s): $*" >>"$log"
+  timeout --kill-after=5 "$limit" "$@" >>"$log" 2>&1
+  rc=$?
+  local verdict=ok
+  [ $rc -eq 124 ] || [ $rc -eq 137 ] && verdict="TIMEOUT"
+  [ $rc -ne 0 ] && [ "$verdict" = ok ] && verdict="FAIL rc=$rc"
+  printf '%-22s %-12s %4d s  %s\n' "$name" "$verdict" $((SECONDS - t0)) "$(tail -n 1 "$log" | cut -c1-90)" \
+    | tee -a "$SUMMARY"
+  return 0
+}
+
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+
+{
+  echo "date: $(date -u '+%F %T UTC')  commit: $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader 2>&1
+  "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', \
+torch.cuda.is_available())" 2>&1
+  nvcc --version 2>&1 | tail -1
+  compute-sanitizer --version 2>&1 | head -1
+} | tee -a "$SUMMARY"
+
+if has build; then
+  stage build 300 "$OUT/build.log" "$PY" setup.py -q build_ext --inplace
+  "$PY" -c "import bnfused; print('bnfused', bnfused.__version__, 'WITH_CUDA', bnfused.WITH_CUDA)" 2>&1 | tee -a "$SUMMARY"
+fi
+if has smoke; then
+  stage smoke 90 "$OUT/smoke.log" "$PY" .ci/gpu_ops_smoke.py
+fi
+if has sanitize; then
+  # --error-exitcode: a report fails the stage; the workload is the quick smoke run (3 shapes, float32, p = 0.3).
+  for tool in memcheck racecheck initcheck synccheck; do
+    stage "sanitize $tool" 75 "$OUT/sanitize.log" compute-sanitizer --tool "$tool" --error-exitcode 9 \
+      --print-limit 20 "$PY" .ci/gpu_ops_smoke.py --quick
+  done
+fi
+if has tests; then
+  # The CUDA parametrisations of the op, functional, module, autograd, mask and CUDA-graph tests (compile tests are
+  # the slowest on a GPU: run them with GPU_CHECK_STAGES="tests-compile" when there is time).
+  xdist=()
+  "$PY" -c "import xdist" >/dev/null 2>&1 && xdist=(-n 8)
+  stage tests 200 "$OUT/tests.log" "$PY" -m pytest -q -p no:cacheprovider "${xdist[@]}" --maxfail=30 -k cuda \
+    tests/test_ops.py tests/test_functional.py tests/test_modules.py tests/test_add_relu.py tests/test_autograd.py \
+    tests/test_dropout_mask.py tests/test_keep_bits.py tests/test_bad_inputs.py tests/test_saved_memory.py \
+    tests/test_cuda_graphs.py tests/test_sync.py
+fi
+if has tests-compile; then
+  stage tests-compile 300 "$OUT/tests.log" "$PY" -m pytest -q -p no:cacheprovider --maxfail=10 -k cuda \
+    tests/test_compile.py tests/test_compile_pointwise.py tests/test_export.py tests/test_opcheck.py
+fi
+if has bench; then
+  # shellcheck disable=SC2086
+  stage bench 400 "$OUT/bench.log" "$PY" benchmarks/bench.py --device cuda --out "$OUT" ${BENCH_ARGS:---quick}
+fi
+echo "---- summary ($SECONDS s) ----"
+cat "$SUMMARY"
