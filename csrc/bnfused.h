@@ -82,6 +82,10 @@ at::Tensor bn_add_relu_dropout_eager(const at::Tensor& input, const at::Tensor& 
                                      const OptTensor& weight, const OptTensor& bias, bool training, double momentum,
                                      double eps, double p, const OptTensor& key);
 
+// functional.check_inputs' tensor conditions, true when all hold (the caller raises through the Python checks).
+bool eager_inputs_ok(const at::Tensor& input, const OptTensor& running_mean, const OptTensor& running_var,
+                     const OptTensor& weight, const OptTensor& bias, bool training);
+
 #ifdef BNFUSED_WITH_CUDA
 // ---- CUDA backend (csrc/cuda) ----
 // The key lives in device memory (int64[2]: seed, offset) so CUDA graph replays read a fresh one.

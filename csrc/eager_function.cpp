@@ -264,4 +264,35 @@ at::Tensor bn_add_relu_dropout_eager(const at::Tensor& input, const at::Tensor& 
   return BNAddReLUDropoutFunction::apply(input, residual, mean, rstd, weight, bias, k, p, training, need_grad);
 }
 
+// functional.check_inputs' conditions on the tensors, without raising: true when every one holds (the eager call
+// then skips the Python checks, ~4 us a layer); false sends the caller to the Python checks, which raise the
+// error (so the message and exception type are defined in one place). p, eps and momentum stay in Python.
+bool eager_inputs_ok(const at::Tensor& input, const OptTensor& running_mean, const OptTensor& running_var,
+                     const OptTensor& weight, const OptTensor& bias, bool training) {
+  const auto dtype = input.scalar_type();
+  if (dtype != at::kFloat && dtype != at::kDouble && dtype != at::kHalf && dtype != at::kBFloat16) return false;
+  if (input.dim() < 2) return false;
+  const auto device = input.device();
+#ifndef BNFUSED_WITH_CUDA
+  if (device.is_cuda()) return false;
+#endif
+  if (!device.is_cpu() && !device.is_cuda() && !device.is_meta()) return false;
+  const int64_t channels = input.size(1);
+  const auto acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  for (const OptTensor* t : {&running_mean, &running_var, &weight, &bias}) {
+    if (!t->has_value()) continue;
+    const at::Tensor& v = **t;
+    if (!v.defined() || v.dim() != 1 || v.size(0) != channels || v.device() != device) return false;
+    if (v.scalar_type() != dtype && v.scalar_type() != acc) return false;  // both floating point
+  }
+  if (running_mean.has_value() != running_var.has_value()) return false;
+  if (!training && !running_mean.has_value()) return false;
+  if (training) {  // more than one value per channel
+    int64_t values = input.size(0);
+    for (int64_t d = 2; d < input.dim(); ++d) values *= input.size(d);
+    if (values == 1) return false;
+  }
+  return true;
+}
+
 }  // namespace bnfused

@@ -520,6 +520,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("running_var"), pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("training"),
         pybind11::arg("momentum"), pybind11::arg("eps"), pybind11::arg("p"), pybind11::arg("key"),
         pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("eager_inputs_ok", &bnfused::eager_inputs_ok,
+        "functional.check_inputs' tensor conditions without raising (false: run the Python checks for the error)",
+        pybind11::arg("input"), pybind11::arg("running_mean"), pybind11::arg("running_var"), pybind11::arg("weight"),
+        pybind11::arg("bias"), pybind11::arg("training"));
   m.def("philox4x32_10", &philox_raw, "Raw Philox4x32-10 of one counter (4 words) and key (2 words)",
         pybind11::arg("counter"), pybind11::arg("key"));
   m.def("philox_block", &philox_block, "Philox output used for mask block `block` (elements 8*block ... 8*block+7)",

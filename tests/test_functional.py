@@ -293,6 +293,27 @@ def test_eager_cpp_path_gate():
                                    rtol=0, atol=0)
 
 
+def test_fast_input_check_takes_valid_inputs_and_leaves_errors_to_python(monkeypatch):
+    """check_inputs asks _C.eager_inputs_ok first; it accepts the common valid calls (else the fast path would be
+    dead code) and rejects each bad one, which the Python checks then raise (tests/test_bad_inputs.py: the errors)."""
+    ok = bnfused._extension._C.eager_inputs_ok
+    x = torch.randn(4, C, 3)
+    w, b, rm, rv = torch.ones(C), torch.zeros(C), torch.zeros(C), torch.ones(C)
+    assert ok(x, rm, rv, w, b, True) and ok(x, None, None, None, None, True) and ok(x, rm, rv, None, None, False)
+    assert ok(x.to(torch.bfloat16), rm, rv, w, b, True) and ok(x.double(), rm.double(), rv.double(), None, None, True)
+    bad = [(x.long(), rm, rv, w, b, True), (x[0, 0], None, None, None, None, True), (x, rm[:2], rv, w, b, True),
+           (x, rm, rv, w.double(), b, True), (x, rm, None, w, b, True), (x, None, None, w, b, False),
+           (x[:1, :, :1], None, None, None, None, True), (x, rm, rv, w.view(1, C), b, True),
+           (x.to(torch.bfloat16), rm, rv, w.half(), b, True), (x, rm.to("meta"), rv, w, b, True)]
+    for args in bad:
+        assert not ok(*args), args
+    # the fast path is taken (the Python checks not run) for a valid call
+    calls = []
+    monkeypatch.setattr(bnfused.functional, "check_number", lambda *a: calls.append(a))
+    bnfused.functional.check_inputs(x, rm, rv, w, b, True, 0.1, 1e-5, 0.5)
+    assert len(calls) == 3  # p, eps, momentum only
+
+
 def test_eager_cpp_node_autograd_semantics():
     """Saved x is version-checked, the graph frees after one backward unless retained, no_grad builds no node and
     gives the same output, and checkpointing (saved-tensor hooks, recomputed forward) gives the same gradients."""
