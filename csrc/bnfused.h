@@ -90,7 +90,8 @@ bool eager_inputs_ok(const at::Tensor& input, const OptTensor& running_mean, con
 // ---- CUDA backend (csrc/cuda) ----
 // The key lives in device memory (int64[2]: seed, offset) so CUDA graph replays read a fresh one.
 std::tuple<at::Tensor, at::Tensor> batch_stats_cuda(const at::Tensor& x);
-// (mean, rstd) with running_mean/running_var (when given) updated in place, all in the reduction's finalize.
+// (mean, rstd) with running_mean/running_var (when given) updated in place, all in the reduction's one launch: where
+// a channel's sum ends (its block, or the last block's merge of the partials when it is split over several).
 std::tuple<at::Tensor, at::Tensor> batch_stats_update_cuda(const at::Tensor& x, const OptTensor& running_mean,
                                                            const OptTensor& running_var, double momentum, double eps);
 void forward_cuda(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd, const OptTensor& weight,

@@ -5,7 +5,8 @@
 // writing g and dx. Host wrappers in add_relu.cu.
 //
 // The two elementwise kernels walk memory in units of 8 consecutive elements, one byte of pass bits each, so no
-// byte is shared between threads. ChannelsFirst (and 2-d input): a unit is one Philox block. ChannelsLast with
+// byte is shared between threads (misaligned pointers: units cut k elements early, each byte still written by one
+// thread, see add_relu_forward_kernel). ChannelsFirst (and 2-d input): a unit is one Philox block. ChannelsLast with
 // S > 1: the unit's elements are 8 channels of one row, 8 logical indices (n*C + c)*S + s apart by S; with
 // dropout and C % 8 == 0 the forward takes 8 such units (8 rows of the same 8 channels) per thread step, sharing
 // one Philox call per channel between its 8 rows (the tile kernel below); with C % 8 != 0 a unit can span two
@@ -53,50 +54,69 @@ struct UnitWalk {
 
 // y and (pass_bits non-null) the pass bits of 8-element memory units; drop: mask (kDropout), per element by
 // logical index (kPerElementMask: channels_last with S > 1) or one Philox block per unit.
+//
+// Misaligned pointers (x, residual and out sh elements past a 16-byte boundary; a residual misaligned unlike x
+// takes the scalar path, one peel aligns one offset): the units are cut sh elements early (PeeledUnit) as in the
+// apply flat kernel, so a unit straddles two bytes of pass bits. Rather than two writers per byte (a byte has no
+// atomic OR, and a 32-bit one would need zeroed bits), each byte is written whole by the unit holding its last
+// element: unit b writes byte b - 1 from its own first sh pass bits and the last 8 - sh of unit b - 1, handed one
+// lane up the warp; lane 0 of each warp loads and computes the unit below lane 1's only for that (it stores
+// nothing: WarpSteps with lead = 1, 31 units per warp step, its loads the neighbour warp's, mostly cache hits),
+// and the last unit also writes the last byte when that lies wholly in it. Its Philox block is the one lane 1's
+// keep bits take from below, as in the apply flat kernel, so a lane still makes one call per step.
 template <typename scalar_t, typename acc_t, bool kDropout, bool kPerElementMask>
 __global__ void __launch_bounds__(kThreads)
     add_relu_forward_kernel(const ChannelParams<acc_t> prm, const scalar_t* __restrict__ x,
                             const scalar_t* __restrict__ residual, scalar_t* __restrict__ out,
                             uint8_t* __restrict__ pass_bits, int64_t numel, int64_t C, int64_t S, bool channels_last,
-                            bool vec_ok, Dropout<acc_t> drop) {
+                            int sh, bool vec, Dropout<acc_t> drop) {
+  constexpr bool kBlockMask = kDropout && !kPerElementMask;
   PhiloxKey key{0, 0};
   if constexpr (kDropout) key = load_key(drop.key);
-  const int64_t groups = (numel + kUnit - 1) / kUnit;
-  for (int64_t grp = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; grp < groups;
-       grp += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t i0 = grp * kUnit;
-    const int cnt = static_cast<int>((numel - i0) < kUnit ? (numel - i0) : kUnit);
-    const bool whole = vec_ok && cnt == kUnit;
-    acc_t xv[kUnit], rv[kUnit], mult[kUnit], yv[kUnit];
-    if (whole) {
-      load8(x + i0, xv);
-      load8(residual + i0, rv);
-    } else {
-      load_lanes(x + i0, 0, cnt, xv);
-      load_lanes(residual + i0, 0, cnt, rv);
+  const int64_t units = (numel + sh + kUnit - 1) / kUnit;
+  const bool with_bits = pass_bits != nullptr;
+  for (WarpSteps ws((sh != 0 && (kBlockMask || with_bits)) ? 1 : 0); ws.more(units); ws.next()) {
+    const int64_t b = ws.unit();  // -1 for the first warp's lead lane
+    const bool live = b >= 0 && b < units;
+    uint32_t keep = 0xFFu;
+    if constexpr (kBlockMask) {
+      keep = live ? block_bits(key, static_cast<uint64_t>(b), drop.threshold) : 0u;
+      if (sh != 0) keep = peeled_keep(keep, sh);
     }
-    UnitWalk walk(i0, C, S, channels_last);
-    if constexpr (kDropout && !kPerElementMask) block_mults(key, static_cast<uint64_t>(grp), drop.threshold,
-                                                            drop.scale, mult);
-    uint32_t byte = 0;
+    uint32_t pass = 0;  // bit j: lane j of the unit
+    if (live && (with_bits || !ws.supplier())) {  // a lead lane without bits to supply only generates its block
+      const PeeledUnit u(b, sh, numel, vec);
+      acc_t xv[kUnit], rv[kUnit], yv[kUnit];
+      u.load(x, xv);
+      u.load(residual, rv);
+      UnitWalk walk(u.first, C, S, channels_last);
 #pragma unroll
-    for (int j = 0; j < kUnit; ++j) {
-      acc_t m = acc_t(1);
-      if constexpr (kDropout && kPerElementMask) {
-        const uint64_t L = walk.logical();
-        m = lane_u16(mask_block(key, L >> 3), static_cast<int>(L & 7)) >= drop.threshold ? drop.scale : acc_t(0);
-      } else if constexpr (kDropout) {
-        m = mult[j];
+      for (int j = 0; j < kUnit; ++j) {
+        const bool in = j >= u.lo && j < u.hi;
+        acc_t m = acc_t(1);
+        if constexpr (kPerElementMask) {
+          if (in) {
+            const uint64_t L = walk.logical();
+            m = lane_u16(mask_block(key, L >> 3), static_cast<int>(L & 7)) >= drop.threshold ? drop.scale : acc_t(0);
+          }
+        } else if constexpr (kDropout) {
+          m = ((keep >> j) & 1u) ? drop.scale : acc_t(0);
+        }
+        yv[j] = relu_nan(bn_preact(xv[j], prm.affine(walk.c)) + rv[j]) * m;
+        pass |= static_cast<uint32_t>(in && yv[j] > acc_t(0)) << j;
+        if (in && j + 1 < u.hi) walk.next();
       }
-      yv[j] = relu_nan(bn_preact(xv[j], prm.affine(walk.c)) + rv[j]) * m;
-      byte |= static_cast<uint32_t>(j < cnt && yv[j] > acc_t(0)) << j;
-      if (j + 1 < cnt) walk.next();
+      if (!ws.supplier()) u.store(out, yv);
     }
-    if (whole)
-      store8(out + i0, yv);
-    else
-      store_lanes(out + i0, 0, cnt, yv);
-    if (pass_bits != nullptr) pass_bits[grp] = static_cast<uint8_t>(byte);
+    if (!with_bits) continue;
+    if (sh == 0) {  // unit b is byte b (no lead lane)
+      if (live) pass_bits[b] = static_cast<uint8_t>(pass);
+      continue;
+    }
+    const uint32_t below = __shfl_up_sync(0xffffffffu, pass, 1);
+    if (!live || ws.supplier()) continue;
+    if (b >= 1) pass_bits[b - 1] = static_cast<uint8_t>(window8(below, pass, sh));
+    if (b == units - 1 && b * kUnit < numel) pass_bits[b] = static_cast<uint8_t>(pass >> sh);
   }
 }
 
@@ -105,59 +125,89 @@ __global__ void __launch_bounds__(kThreads)
 // the thread's own) and each channel's 8 rows the logical run (n*C + c)*S + s0 .. +7, so the mask costs one Philox
 // call per channel and step (two when S % 8 != 0, shared between adjacent channels when S < 8), as in apply.cuh's
 // tile kernel; adjacent threads take adjacent channel groups of the same rows (coalesced).
+// Misaligned (x, residual, out sh elements past 16 bytes; C % 8 == 0, so every row is too): the groups are cut sh
+// channels early along each row (group cg: channels 8cg - sh .. 8cg - sh + 7, C/8 + 1 groups, partial at both ends
+// of a row, whose partial 16-byte chunks take scalar accesses), and as in the flat kernel a row's byte k is written
+// whole by group k + 1 from its first sh bits and group k's last 8 - sh, handed one lane up the warp (items are
+// numbered group fastest, so group k is the item below; lane 0 only supplies it, WarpSteps with lead = 1).
 template <typename scalar_t, typename acc_t, bool kAligned8>
 __global__ void __launch_bounds__(kThreads)
     add_relu_forward_tile_kernel(const ChannelParams<acc_t> prm, const scalar_t* __restrict__ x,
                                  const scalar_t* __restrict__ residual, scalar_t* __restrict__ out,
                                  uint8_t* __restrict__ pass_bits, int64_t C, int64_t S, int64_t SG, int64_t CG,
-                                 int64_t items, bool vec_ok, Dropout<acc_t> drop) {
+                                 int64_t items, int sh, bool vec, Dropout<acc_t> drop) {
+  constexpr int kW = 16 / sizeof(scalar_t);  // elements per 16-byte access
   const PhiloxKey key = load_key(drop.key);
-  for (int64_t w = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; w < items;
-       w += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    int64_t q, cg, n, sg;
-    divmod(w, CG, q, cg);
-    divmod(q, SG, n, sg);
-    const int64_t c0 = cg * kUnit, s0 = sg * kUnit;
-    const int rows = static_cast<int>((S - s0) < kUnit ? (S - s0) : kUnit);
-    const int64_t base = (n * S + s0) * C + c0;  // memory offset of (n, s0, c0): a multiple of 8
-    uint32_t keep[kUnit];
-    ChannelAffine<acc_t> ab[kUnit];
-    [[maybe_unused]] KeepCarry carry;  // adjacent channels' runs follow each other when S < 8
+  const bool with_bits = pass_bits != nullptr;
+  for (WarpSteps ws((sh != 0 && with_bits) ? 1 : 0); ws.more(items); ws.next()) {
+    const int64_t w = ws.unit();  // -1 for the first warp's lead lane
+    const bool live = w >= 0 && w < items;
+    int64_t cg = 0, base = 0;  // base: memory offset of (n, s0, c0)
+    int rows = 0;
+    uint64_t pass = 0;  // byte j: row j's pass bits (bit v: channel c0 + v)
+    if (live) {
+      int64_t q, n, sg;
+      divmod(w, CG, q, cg);
+      divmod(q, SG, n, sg);
+      const int64_t c0 = cg * kUnit - sh, s0 = sg * kUnit;
+      const int vlo = c0 < 0 ? static_cast<int>(-c0) : 0;
+      const int vhi = (C - c0) < kUnit ? static_cast<int>(C - c0) : kUnit;
+      rows = static_cast<int>((S - s0) < kUnit ? (S - s0) : kUnit);
+      base = (n * S + s0) * C + c0;
+      uint32_t keep[kUnit];
+      ChannelAffine<acc_t> ab[kUnit] = {};
+      [[maybe_unused]] KeepCarry carry;  // adjacent channels' runs follow each other when S < 8
 #pragma unroll
-    for (int v = 0; v < kUnit; ++v) {
-      const uint64_t L = static_cast<uint64_t>((n * C + c0 + v) * S + s0);  // logical index of (n, c0 + v, s0)
-      if constexpr (kAligned8)
-        keep[v] = run_keep_bits<true>(key, L, rows, drop.threshold);
-      else
-        keep[v] = carry.run(key, L, rows, drop.threshold);
-      ab[v] = prm.affine(c0 + v);
-    }
-#pragma unroll
-    for (int j = 0; j < kUnit; ++j) {
-      if (j < rows) {
-        const int64_t off = base + j * C;
-        acc_t xv[kUnit], rv[kUnit], yv[kUnit];
-        if (vec_ok) {
-          load8(x + off, xv);
-          load8(residual + off, rv);
-        } else {
-          load_lanes(x + off, 0, kUnit, xv);
-          load_lanes(residual + off, 0, kUnit, rv);
-        }
-        uint32_t byte = 0;
-#pragma unroll
-        for (int v = 0; v < kUnit; ++v) {
-          const acc_t m = ((keep[v] >> j) & 1u) ? drop.scale : acc_t(0);
-          yv[v] = relu_nan(bn_preact(xv[v], ab[v]) + rv[v]) * m;
-          byte |= static_cast<uint32_t>(yv[v] > acc_t(0)) << v;
-        }
-        if (vec_ok)
-          store8(out + off, yv);
+      for (int v = 0; v < kUnit; ++v) {
+        keep[v] = 0xFFu;
+        if (v < vlo || v >= vhi) continue;
+        const uint64_t L = static_cast<uint64_t>((n * C + c0 + v) * S + s0);  // logical index of (n, c0 + v, s0)
+        if constexpr (kAligned8)
+          keep[v] = run_keep_bits<true>(key, L, rows, drop.threshold);
         else
-          store_lanes(out + off, 0, kUnit, yv);
-        if (pass_bits != nullptr) pass_bits[off >> 3] = static_cast<uint8_t>(byte);
+          keep[v] = carry.run(key, L, rows, drop.threshold);
+        ab[v] = prm.affine(c0 + v);
+      }
+#pragma unroll
+      for (int j = 0; j < kUnit; ++j) {
+        if (j < rows) {
+          const int64_t off = base + j * C;
+          acc_t xv[kUnit], rv[kUnit], yv[kUnit] = {};
+          if (vec) {
+            load_vec<kUnit, kW>(x, off, vlo, vhi, xv);
+            load_vec<kUnit, kW>(residual, off, vlo, vhi, rv);
+          } else {
+            load_vec<kUnit, 1>(x, off, vlo, vhi, xv);
+            load_vec<kUnit, 1>(residual, off, vlo, vhi, rv);
+          }
+          uint32_t byte = 0;
+#pragma unroll
+          for (int v = 0; v < kUnit; ++v) {
+            if (v < vlo || v >= vhi) continue;
+            const acc_t m = ((keep[v] >> j) & 1u) ? drop.scale : acc_t(0);
+            yv[v] = relu_nan(bn_preact(xv[v], ab[v]) + rv[v]) * m;
+            byte |= static_cast<uint32_t>(yv[v] > acc_t(0)) << v;
+          }
+          if (!ws.supplier()) {
+            if (vec)
+              store_vec<kUnit, kW>(out, off, vlo, vhi, yv);
+            else
+              store_vec<kUnit, 1>(out, off, vlo, vhi, yv);
+          }
+          pass |= static_cast<uint64_t>(byte) << (8 * j);
+        }
       }
     }
+    if (!with_bits) continue;
+    if (sh == 0) {  // the group is one byte of each row
+      for (int j = 0; live && j < rows; ++j) pass_bits[(base + j * C) >> 3] = static_cast<uint8_t>(pass >> (8 * j));
+      continue;
+    }
+    const uint64_t below = __shfl_up_sync(0xffffffffu, pass, 1);
+    if (!live || ws.supplier() || cg == 0) continue;
+    for (int j = 0; j < rows; ++j)  // row j's byte of channels 8(cg - 1) .. 8cg - 1
+      pass_bits[((base + j * C + sh) >> 3) - 1] = static_cast<uint8_t>(
+          window8(static_cast<uint32_t>(below >> (8 * j)) & 0xFFu, static_cast<uint32_t>(pass >> (8 * j)) & 0xFFu, sh));
   }
 }
 
@@ -235,30 +285,24 @@ struct AddBackwardInputOp {
 };
 
 // grad_residual = g = dy * scale where the pass bit is set (else 0) and dx = Op(x, g), g kept in acc_t between the
-// two (as the CPU computes it: dx is not computed from g rounded to scalar_t). 8-element memory units, one byte of
-// pass bits each, as the forward writes them.
+// two (as the CPU computes it: dx is not computed from g rounded to scalar_t). 8-element memory units, peeled as
+// the forward's (PeeledUnit: dy, x, dx and grad_residual sh elements past a 16-byte boundary, else scalar); a unit
+// reads its pass bits across two bytes, and no byte is written here, so no lane needs its neighbour.
 template <typename scalar_t, typename acc_t, bool kBatchStats>
 __global__ void __launch_bounds__(kThreads)
     add_relu_backward_input_kernel(const AddBackwardInputOp<acc_t, kBatchStats> op, const scalar_t* __restrict__ dy,
                                    const scalar_t* __restrict__ x, const uint8_t* __restrict__ pass_bits,
                                    scalar_t* __restrict__ dx, scalar_t* __restrict__ grad_residual, int64_t numel,
-                                   int64_t C, int64_t S, bool channels_last, bool vec_ok, acc_t scale) {
-  const int64_t groups = (numel + kUnit - 1) / kUnit;
-  for (int64_t grp = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; grp < groups;
-       grp += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t i0 = grp * kUnit;
-    const int cnt = static_cast<int>((numel - i0) < kUnit ? (numel - i0) : kUnit);
-    const bool whole = vec_ok && cnt == kUnit;
+                                   int64_t C, int64_t S, bool channels_last, int sh, bool vec, acc_t scale) {
+  const int64_t units = (numel + sh + kUnit - 1) / kUnit;
+  for (int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; b < units;
+       b += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const PeeledUnit u(b, sh, numel, vec);
     acc_t dv[kUnit], xv[kUnit], gv[kUnit], dxv[kUnit];
-    if (whole) {
-      load8(dy + i0, dv);
-      load8(x + i0, xv);
-    } else {
-      load_lanes(dy + i0, 0, cnt, dv);
-      load_lanes(x + i0, 0, cnt, xv);
-    }
-    const uint32_t byte = pass_bits[grp];
-    UnitWalk walk(i0, C, S, channels_last);
+    u.load(dy, dv);
+    u.load(x, xv);
+    const uint32_t pass = run_bits(pass_bits, u.first, u.hi - u.lo) << u.lo;  // bit j: lane j
+    UnitWalk walk(u.first, C, S, channels_last);
     int64_t c = walk.c;
     BackwardCoef<acc_t> coef = op.channel(c);
 #pragma unroll
@@ -267,17 +311,12 @@ __global__ void __launch_bounds__(kThreads)
         c = walk.c;
         coef = op.channel(c);
       }
-      gv[j] = ((byte >> j) & 1u) ? dv[j] * scale : acc_t(0);
+      gv[j] = ((pass >> j) & 1u) ? dv[j] * scale : acc_t(0);
       dxv[j] = op.apply(coef, xv[j], gv[j]);
-      if (j + 1 < cnt) walk.next();
+      if (j >= u.lo && j + 1 < u.hi) walk.next();
     }
-    if (whole) {
-      store8(grad_residual + i0, gv);
-      store8(dx + i0, dxv);
-    } else {
-      store_lanes(grad_residual + i0, 0, cnt, gv);
-      store_lanes(dx + i0, 0, cnt, dxv);
-    }
+    u.store(grad_residual, gv);
+    u.store(dx, dxv);
   }
 }
 
@@ -289,17 +328,18 @@ void run_add_relu_forward(const ChannelParams<acc_t>& prm, const scalar_t* x, co
                           cudaStream_t stream) {
   const int64_t numel = g.N * g.C * g.S;
   const bool channels_last = g.layout == Layout::ChannelsLast;
-  const bool vec_ok = aligned_to(x, 16) && aligned_to(residual, 16) && aligned_to(out, 16);
+  const int k = shared_misalignment(16, x, residual, out);
+  const int sh = k < 0 ? 0 : k;
   const Dropout<acc_t> d = drop ? *drop : Dropout<acc_t>{nullptr, 0u, acc_t(1)};
   auto run = [&](auto kernel) {
-    launch(kernel, dim3(apply_blocks(ceil_div(numel, kUnit))), dim3(kThreads), stream, prm, x, residual, out,
-           pass_bits, numel, g.C, g.S, channels_last, vec_ok, d);
+    launch(kernel, dim3(apply_blocks(ceil_div(numel + sh, kUnit))), dim3(kThreads), stream, prm, x, residual, out,
+           pass_bits, numel, g.C, g.S, channels_last, sh, k >= 0, d);
   };
   if (drop != nullptr && channels_last && g.S > 1 && g.C % kUnit == 0) {
-    const int64_t SG = ceil_div(g.S, kUnit), CG = g.C / kUnit, items = g.N * SG * CG;
+    const int64_t SG = ceil_div(g.S, kUnit), CG = g.C / kUnit + (sh != 0 ? 1 : 0), items = g.N * SG * CG;
     auto run_tile = [&](auto kernel) {
       launch(kernel, dim3(apply_blocks(items)), dim3(kThreads), stream, prm, x, residual, out, pass_bits, g.C, g.S,
-             SG, CG, items, vec_ok, d);
+             SG, CG, items, sh, k >= 0, d);
     };
     if (g.S % kUnit == 0)
       run_tile(add_relu_forward_tile_kernel<scalar_t, acc_t, true>);
@@ -332,10 +372,11 @@ void run_add_relu_backward_input(const ChannelParams<acc_t>& prm, const acc_t* s
                                  acc_t scale, scalar_t* dx, scalar_t* grad_residual, const Geometry& geo,
                                  cudaStream_t stream) {
   const int64_t numel = geo.N * geo.C * geo.S;
-  const bool vec_ok = aligned_to(dy, 16) && aligned_to(x, 16) && aligned_to(dx, 16) && aligned_to(grad_residual, 16);
+  const int k = shared_misalignment(16, dy, x, dx, grad_residual);
+  const int sh = k < 0 ? 0 : k;
   auto run = [&](auto kernel, auto op) {
-    launch(kernel, dim3(apply_blocks(ceil_div(numel, kUnit))), dim3(kThreads), stream, op, dy, x, pass_bits, dx,
-           grad_residual, numel, geo.C, geo.S, geo.layout == Layout::ChannelsLast, vec_ok, scale);
+    launch(kernel, dim3(apply_blocks(ceil_div(numel + sh, kUnit))), dim3(kThreads), stream, op, dy, x, pass_bits, dx,
+           grad_residual, numel, geo.C, geo.S, geo.layout == Layout::ChannelsLast, sh, k >= 0, scale);
   };
   if (sum_g != nullptr)
     run(add_relu_backward_input_kernel<scalar_t, acc_t, true>,

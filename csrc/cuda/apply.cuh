@@ -13,13 +13,13 @@
 
 namespace bnfused::cuda {
 
-// Unit b holds the logical (== memory) elements 8b - sh .. 8b - sh + 7: with the pointers sh elements past a
-// 16-byte boundary (the host's shared_misalignment) every whole unit is 16-byte aligned, and only the head unit
-// (b = 0) and the tail are partial. sh = 0: the units are the Philox blocks. sh > 0: unit b takes its first sh
-// keep bits from Philox block b - 1 and the others from block b; each lane generates block b and passes its bits
-// one lane up the warp, and lane 0 only generates the block below lane 1's unit (a warp step is 31 units), so a
-// lane still makes one Philox call per step: an extra call in lane 0 alone would cost the whole warp a second
-// one (SIMT), exactly as two calls per unit would.
+// Unit b (PeeledUnit) holds the logical (== memory) elements 8b - sh .. 8b - sh + 7: with the pointers sh
+// elements past a 16-byte boundary (the host's shared_misalignment) every whole unit is 16-byte aligned, and only
+// the head unit (b = 0) and the tail are partial. sh = 0: the units are the Philox blocks. sh > 0: unit b takes its
+// first sh keep bits from Philox block b - 1 and the others from block b; each lane generates block b and passes
+// its bits one lane up the warp (peeled_keep), and lane 0 only generates the block below lane 1's unit (WarpSteps
+// with lead = 1: a warp step is 31 units), so a lane still makes one Philox call per step: an extra call in lane 0
+// alone would cost the whole warp a second one (SIMT), exactly as two calls per unit would.
 template <typename scalar_t, typename acc_t, class Op, bool kDropout, bool kUniform>
 __global__ void __launch_bounds__(kThreads)
     apply_flat_kernel(const Op op, const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy,
@@ -28,43 +28,21 @@ __global__ void __launch_bounds__(kThreads)
   PhiloxKey key{0, 0};
   if constexpr (kDropout) key = load_key(drop.key);
   const int64_t units = (numel + sh + kUnit - 1) / kUnit;
-  const int lead = (kDropout && sh != 0) ? 1 : 0;  // lanes of a warp that only generate bits
-  const int per_warp = 32 - lead;
-  const int lane = threadIdx.x & 31;
-  const int64_t warps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
-  // Warp-uniform loop (the shuffle needs every lane).
-  for (int64_t w = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; w * per_warp < units;
-       w += warps) {
-    const int64_t b = w * per_warp + lane - lead;  // -1 for the first warp's lead lane
+  for (WarpSteps ws((kDropout && sh != 0) ? 1 : 0); ws.more(units); ws.next()) {
+    const int64_t b = ws.unit();  // -1 for the first warp's lead lane
     uint32_t keep = 0xFFu;
     if constexpr (kDropout) {
-      const uint32_t own = (b >= 0 && b < units) ? block_bits(key, static_cast<uint64_t>(b), drop.threshold) : 0u;
-      keep = own;
-      if (lead) {
-        const uint32_t below = __shfl_up_sync(0xffffffffu, own, 1);
-        keep = ((below >> (kUnit - sh)) | (own << sh)) & 0xFFu;
-      }
+      keep = (b >= 0 && b < units) ? block_bits(key, static_cast<uint64_t>(b), drop.threshold) : 0u;
+      if (sh != 0) keep = peeled_keep(keep, sh);
     }
-    if (lane < lead || b >= units) continue;
-    const int64_t i0 = b * kUnit - sh;  // element of lane 0 (negative for the head unit)
-    const int lo = i0 < 0 ? static_cast<int>(-i0) : 0;
-    const int hi = (numel - i0) < kUnit ? static_cast<int>(numel - i0) : kUnit;
-    const int64_t first = i0 + lo;
-    const bool whole = vec && lo == 0 && hi == kUnit;
+    if (ws.supplier() || b >= units) continue;
+    const PeeledUnit u(b, sh, numel, vec);
     acc_t xv[kUnit], dv[kUnit], mult[kUnit], yv[kUnit];
-    if (whole)
-      load8(x + i0, xv);
-    else
-      load_lanes(x + first, lo, hi, xv);
-    if constexpr (Op::kNeedsDy) {
-      if (whole)
-        load8(dy + i0, dv);
-      else
-        load_lanes(dy + first, lo, hi, dv);
-    }
+    u.load(x, xv);
+    if constexpr (Op::kNeedsDy) u.load(dy, dv);
     bits_mults(keep, kDropout ? drop.scale : acc_t(1), mult);
     int64_t q, s, c, unused;
-    divmod(first, S, q, s);
+    divmod(u.first, S, q, s);
     divmod(q, C, unused, c);
     auto ch = op.channel(c);
     if constexpr (kUniform) {  // S % 8 == 0 and sh == 0: one channel per unit
@@ -74,17 +52,14 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int j = 0; j < kUnit; ++j) {
         yv[j] = op.apply(ch, xv[j], dv[j], mult[j]);
-        if (j >= lo && j + 1 < hi && ++s == S) {  // next element starts a new channel plane
+        if (j >= u.lo && j + 1 < u.hi && ++s == S) {  // next element starts a new channel plane
           s = 0;
           if (++c == C) c = 0;
           ch = op.channel(c);
         }
       }
     }
-    if (whole)
-      store8(out + i0, yv);
-    else
-      store_lanes(out + first, lo, hi, yv);
+    u.store(out, yv);
   }
 }
 

@@ -92,9 +92,10 @@ inline bool aligned_to(const void* p, size_t bytes) {
 // is vector-aligned; one peel can align only one offset, so pointers that differ take scalar accesses (rare:
 // x, grad_out and the output of one call are usually sliced alike).
 template <typename T>
-inline int shared_misalignment(size_t bytes, const T* a, const T* b = nullptr, const T* c = nullptr) {
+inline int shared_misalignment(size_t bytes, const T* a, const T* b = nullptr, const T* c = nullptr,
+                               const T* d = nullptr) {
   int k = -2;  // none seen yet
-  for (const T* p : {a, b, c}) {
+  for (const T* p : {a, b, c, d}) {
     if (p == nullptr) continue;
     const uintptr_t r = reinterpret_cast<uintptr_t>(p) % bytes;
     if (r % sizeof(T) != 0) return -1;
@@ -251,6 +252,67 @@ __device__ __forceinline__ void store_vec(scalar_t* __restrict__ p, int64_t off,
         }
     }
   }
+}
+
+// Unit b of a flat kernel (memory offset == index into the tensor): elements 8b - sh .. 8b - sh + 7, lanes
+// [lo, hi) of them inside the tensor. With the pointers sh elements past a 16-byte boundary (shared_misalignment)
+// every whole unit is 16-byte aligned (`whole`: 16-byte accesses) and only the head unit (b = 0) and the tail are
+// partial (scalar accesses); vec == false (pointers misaligned differently): every unit scalar.
+struct PeeledUnit {
+  int64_t i0;     // element of lane 0 (negative for the head unit)
+  int64_t first;  // element of lane lo
+  int lo, hi;
+  bool whole;
+  __device__ __forceinline__ PeeledUnit(int64_t b, int sh, int64_t numel, bool vec) {
+    i0 = b * kUnit - sh;
+    lo = i0 < 0 ? static_cast<int>(-i0) : 0;
+    hi = (numel - i0) < kUnit ? static_cast<int>(numel - i0) : kUnit;
+    first = i0 + lo;
+    whole = vec && lo == 0 && hi == kUnit;
+  }
+  template <typename scalar_t, typename acc_t>
+  __device__ __forceinline__ void load(const scalar_t* __restrict__ p, acc_t (&out)[kUnit]) const {
+    if (whole)
+      load8(p + i0, out);
+    else
+      load_lanes(p + first, lo, hi, out);
+  }
+  template <typename scalar_t, typename acc_t>
+  __device__ __forceinline__ void store(scalar_t* __restrict__ p, const acc_t (&in)[kUnit]) const {
+    if (whole)
+      store8(p + i0, in);
+    else
+      store_lanes(p + first, lo, hi, in);
+  }
+};
+
+// Warp-uniform grid-stride walk over units (the shuffles below need every lane) for kernels whose unit takes a
+// value from the unit below it, handed one lane up the warp. lead = 1: lane 0 of each warp only supplies the value
+// of the unit below lane 1's (that unit belongs to the warp below), so a warp step covers 31 units; lead = 0: 32.
+struct WarpSteps {
+  int lead, lane;
+  int64_t w, warps;
+  __device__ __forceinline__ explicit WarpSteps(int lead_)
+      : lead(lead_),
+        lane(static_cast<int>(threadIdx.x & 31)),
+        w((static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5),
+        warps((static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5) {}
+  __device__ __forceinline__ bool more(int64_t units) const { return w * (32 - lead) < units; }
+  __device__ __forceinline__ void next() { w += warps; }
+  __device__ __forceinline__ int64_t unit() const { return w * (32 - lead) + lane - lead; }  // -1: first lead lane
+  __device__ __forceinline__ bool supplier() const { return lane < lead; }
+};
+
+// Bits k .. k + 7 (0 <= k <= 8) of the 16-bit concatenation hi:lo of two bytes.
+__device__ __forceinline__ uint32_t window8(uint32_t lo, uint32_t hi, int k) {
+  return ((lo >> k) | (hi << (kUnit - k))) & 0xFFu;
+}
+
+// Keep bits of peeled unit b (sh > 0) from `own`, Philox block b's bits: its first sh lanes lie in block b - 1,
+// whose bits the lane below holds (WarpSteps with lead = 1; every lane calls this).
+__device__ __forceinline__ uint32_t peeled_keep(uint32_t own, int sh) {
+  const uint32_t below = __shfl_up_sync(0xffffffffu, own, 1);
+  return window8(below, own, kUnit - sh);
 }
 
 // Keep bits of Philox block `blk` (bit j <-> element 8*blk + j).

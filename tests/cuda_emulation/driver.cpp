@@ -51,15 +51,17 @@ struct Case {
   Shape shape;
   Layout layout;
   double p;
-  bool misaligned;  // base pointers one element past a 16-byte boundary
+  int misaligned;  // base pointers this many elements past a 16-byte boundary (1 in the main matrix)
   bool affine;
   std::string name() const {
     char buf[160];
     std::string dims = std::to_string(shape.N) + "x" + std::to_string(shape.C);
     for (auto d : shape.spatial) dims += "x" + std::to_string(d);
+    const std::string mis = misaligned == 0 ? "" : misaligned == 1 ? " misaligned" :
+                            " misaligned by " + std::to_string(misaligned);
     std::snprintf(buf, sizeof buf, "%s %s p=%g%s%s", dims.c_str(),
                   layout == Layout::ChannelsFirst ? "NCHW" : (shape.spatial.empty() ? "2d" : "channels_last"), p,
-                  misaligned ? " misaligned" : "", affine ? "" : " no-affine");
+                  mis.c_str(), affine ? "" : " no-affine");
     return buf;
   }
 };
@@ -91,13 +93,13 @@ struct Rng {
   }
 };
 
-// "Device" memory: exactly n elements (ASan sees one past the end), at a 16-byte boundary or one element past it.
+// "Device" memory: exactly n elements (ASan sees one past the end), `misaligned` elements past a 16-byte boundary.
 template <typename T>
 struct Buffer {
   unsigned char* raw;
   T* ptr;
-  Buffer(int64_t n, bool misaligned) {
-    const size_t lead = misaligned ? sizeof(T) : 0;
+  Buffer(int64_t n, int misaligned) {
+    const size_t lead = static_cast<size_t>(misaligned) * sizeof(T);
     raw = static_cast<unsigned char*>(::operator new(lead + n * sizeof(T) + (n == 0), std::align_val_t(16)));
     ptr = reinterpret_cast<T*>(raw + lead);
   }
@@ -459,6 +461,16 @@ void run_dtype() {
         for (const bool misaligned : {false, true})
           run_case<scalar_t, acc_t>(Case{sh, layout, p, misaligned, !(misaligned && p == 0.3)});
     }
+  // The peels for other distances past 16 bytes (2 .. 16 / sizeof - 1 elements; --quick: the largest), every op,
+  // on shapes that reach the flat and tile kernels (S % 8 != 0, C % 8 == 0 channels_last, 2-d).
+  const int kMaxShift = 16 / static_cast<int>(sizeof(scalar_t)) - 1;
+  const std::vector<Shape> shift_shapes = {{33, 12, {}}, {3, 5, {11}}, {2, 64, {2, 2}}, {3, 8, {7, 7}}};
+  for (int k = g_quick ? std::max(kMaxShift, 2) : 2; k <= kMaxShift; ++k)
+    for (const Shape& sh : shift_shapes)
+      for (const Layout layout : {Layout::ChannelsFirst, Layout::ChannelsLast}) {
+        if (sh.spatial.empty() && layout == Layout::ChannelsFirst) continue;
+        run_case<scalar_t, acc_t>(Case{sh, layout, 0.3, k, true});
+      }
 }
 
 // Launches the hardware rejects must fail at the launch check, not run.
@@ -597,7 +609,9 @@ std::string shape_name(const Shape& sh) {
 // Misaligned base pointers are peeled, not sent down the scalar path: with x, dy and out one element past a
 // 16-byte boundary, the elements moved by scalar accesses stay within the partial units at the edges -- per
 // pointer at most 2 x 7 per row of the kernel (the flat kernel: one row, the tensor; channels-first reductions:
-// a row per (n, c)), and 2 x 3 per row (n, s) for channels_last (the partial 4-wide chunks at both ends).
+// a row per (n, c)), and 2 x 3 per row (n, s) for channels_last (the partial 4-wide chunks at both ends). The add
+// ops likewise: the forward (x, residual, out) in the flat kernel or channels_last's tile kernel, the backward
+// input pass (dy, x, dx, grad_residual) always flat (memory units in both layouts).
 void check_peel() {
   struct Row {
     Shape sh;
@@ -621,7 +635,10 @@ void check_peel() {
     } checks[] = {{"stats", c.stats, reduce_bound},
                   {"forward", c.forward, 2 * apply_bound},
                   {"backward_reduce", c.backward_reduce, 2 * reduce_bound},
-                  {"backward_input", c.backward_input, 3 * apply_bound}};
+                  {"backward_input", c.backward_input, 3 * apply_bound},
+                  {"add_relu_forward_bits", c.add_forward, 3 * apply_bound},
+                  {"add_relu_backward_reduce", c.add_backward_reduce, 2 * reduce_bound},
+                  {"add_relu_backward_input", c.add_backward_input, 4 * 2 * 7}};
     for (const auto& k : checks) {
       ++g_cases;
       if (static_cast<int64_t>(k.counts.scalar) > k.bound || k.counts.vec == 0) {

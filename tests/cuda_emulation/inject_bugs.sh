@@ -33,10 +33,12 @@ BUGS=(
   if (threadIdx.x == 0 && threadIdx.y == 0) {
     const unsigned before|  if (threadIdx.x == 0 && threadIdx.y == 0) {
     const unsigned before|tsan|--quick --only backward_reduce|ThreadSanitizer: data race"
-  "add forward: pass bits written to the wrong byte|cuda/add_relu.cuh|        if (pass_bits != nullptr) pass_bits[off >> 3] = static_cast<uint8_t>(byte);|        if (pass_bits != nullptr) pass_bits[base >> 3] = static_cast<uint8_t>(byte);|plain|--quick --only add_relu_forward|FAIL add_relu_forward \(bits\)"
-  "add forward: tile rows past S|cuda/add_relu.cuh|      if (j < rows) {
-        const int64_t off = base + j * C;|      if (true) {
-        const int64_t off = base + j * C;|asan|--quick --only add_relu_forward|heap-buffer-overflow"
+  "add forward: pass bits written to the wrong byte|cuda/add_relu.cuh|pass_bits[(base + j * C) >> 3] = |pass_bits[base >> 3] = |plain|--quick --only add_relu_forward|FAIL add_relu_forward \(bits\)"
+  "add forward: tile rows past S|cuda/add_relu.cuh|        if (j < rows) {
+          const int64_t off = base + j * C;|        if (true) {
+          const int64_t off = base + j * C;|asan|--quick --only add_relu_forward|heap-buffer-overflow"
+  "add forward, peeled: the last byte not written|cuda/add_relu.cuh|    if (b == units - 1 && b * kUnit < numel) pass_bits[b]|    if (false) pass_bits[b]|plain|--quick --only add_relu_forward|FAIL add_relu_forward \(bits\)"
+  "add forward, peeled: the lead lane stores its unit too|cuda/add_relu.cuh|      if (!ws.supplier()) u.store(out, yv);|      u.store(out, yv);|tsan|--quick --only add_relu_forward|ThreadSanitizer: data race"
   "add backward: pass bits of a column at the wrong stride|cuda/common.cuh|      const int64_t m = off + j * stride;|      const int64_t m = off + j;|plain|--quick --only add_relu_backward_reduce|FAIL add_relu_backward_reduce"
 )
 
