@@ -137,14 +137,8 @@ void run_add_case(const Case& cs, const Buffer<scalar_t>& x, const Buffer<scalar
     const ChannelParams<acc_t> prm_w{prm.mean, prm.rstd, prm.weight, nullptr};  // the op takes no bias
     for (const bool batch_stats : {true, false}) {
       ++g_cases;
-      std::vector<acc_t> sg(C), sgx(C), mg(C), mgx(C);
-      const acc_t count = static_cast<acc_t>(N * S);
-      for (int64_t c = 0; c < C; ++c) {
-        sg[c] = static_cast<acc_t>(sg_ref[c]);
-        sgx[c] = static_cast<acc_t>(sgx_ref[c]);
-        mg[c] = sg[c] / count;
-        mgx[c] = sgx[c] / count;
-      }
+      const auto sums = acc_sums<acc_t>(sg_ref, sgx_ref, N * S);
+      const auto &sg = sums.sum_g, &sgx = sums.sum_gx, &mg = sums.mean_g, &mgx = sums.mean_gx;
       run_add_relu_backward_input<scalar_t, acc_t>(prm_w, batch_stats ? sg.data() : nullptr,
                                                    batch_stats ? sgx.data() : nullptr, N * S, dy.ptr, x.ptr,
                                                    bits.ptr, scale, out.ptr, out2.ptr, geo, stream);

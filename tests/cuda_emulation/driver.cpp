@@ -172,6 +172,26 @@ bool same_again(std::vector<T>& out, const std::vector<T>& first) {
   return true;
 }
 
+// The reference sums as backward_input takes them (rounded to acc_t) and their means over `count`, which the
+// reference gradient uses (as the kernels do).
+template <typename acc_t>
+struct AccSums {
+  std::vector<acc_t> sum_g, sum_gx, mean_g, mean_gx;
+};
+
+template <typename acc_t>
+AccSums<acc_t> acc_sums(const std::vector<double>& sg_ref, const std::vector<double>& sgx_ref, int64_t count) {
+  const size_t C = sg_ref.size();
+  AccSums<acc_t> a{std::vector<acc_t>(C), std::vector<acc_t>(C), std::vector<acc_t>(C), std::vector<acc_t>(C)};
+  for (size_t c = 0; c < C; ++c) {
+    a.sum_g[c] = static_cast<acc_t>(sg_ref[c]);
+    a.sum_gx[c] = static_cast<acc_t>(sgx_ref[c]);
+    a.mean_g[c] = a.sum_g[c] / static_cast<acc_t>(count);
+    a.mean_gx[c] = a.sum_gx[c] / static_cast<acc_t>(count);
+  }
+  return a;
+}
+
 }  // namespace
 
 #include "add_relu_cases.h"  // the BN + residual add + ReLU ops (run_add_case), on the helpers above
@@ -379,14 +399,8 @@ void run_case(const Case& cs) {
   if (selected("backward_input") && numel > 0) {
     for (const bool batch_stats : {true, false}) {
       ++g_cases;
-      std::vector<acc_t> sg(C), sgx(C), mg(C), mgx(C);
-      const acc_t count = static_cast<acc_t>(N * S);
-      for (int64_t c = 0; c < C; ++c) {
-        sg[c] = static_cast<acc_t>(sg_ref[c]);
-        sgx[c] = static_cast<acc_t>(sgx_ref[c]);
-        mg[c] = sg[c] / count;
-        mgx[c] = sgx[c] / count;
-      }
+      const auto sums = acc_sums<acc_t>(sg_ref, sgx_ref, N * S);
+      const auto &sg = sums.sum_g, &sgx = sums.sum_gx, &mg = sums.mean_g, &mgx = sums.mean_gx;
       run_backward_input<scalar_t, acc_t>(prm, batch_stats ? sg.data() : nullptr, batch_stats ? sgx.data() : nullptr,
                                           N * S, dy.ptr, x.ptr, out.ptr, g, dropout ? &drop : nullptr, stream);
       for (int64_t n = 0; n < N; ++n)
