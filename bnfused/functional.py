@@ -46,7 +46,8 @@ def check_inputs(input: Tensor, running_mean: Optional[Tensor], running_var: Opt
     """Every check of the fused op, raising what PyTorch raises for the unfused layers; op names the caller."""
     if type(input) is Tensor and _HAS_FAST_CHECK and not torch.compiler.is_compiling():
         # Plain tensors: the tensor conditions in one C++ call (~4 us of Python a layer saved); when one fails, the
-        # Python checks below find it and raise. p, eps and momentum are checked here either way.
+        # Python checks below find it and raise (eager_inputs_ok in csrc/eager_function.cpp mirrors their tensor
+        # conditions: change both together). p, eps and momentum are checked here either way.
         try:
             tensors_ok = _extension._C.eager_inputs_ok(input, running_mean, running_var, weight, bias, bool(training))
         except TypeError:  # a non-tensor argument: the checks below name it
@@ -149,11 +150,15 @@ def _batch_norm_param_dtype(input: Tensor, running_mean: Optional[Tensor], runni
 
 def _unfused_batch_norm_relu(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                              weight: Optional[Tensor], bias: Optional[Tensor], training: bool, momentum: float,
-                             eps: float, param_dtype: torch.dtype, residual: Optional[Tensor] = None) -> Tensor:
+                             eps: float, residual: Optional[Tensor] = None) -> Optional[Tensor]:
     """relu(F.batch_norm(...) (+ residual)): what a block compiles to without dropout (eval, p = 0). It is the
     graph the unfused model traces to, so inductor fuses the normalization and the ReLU with the neighbouring
     ops (their reductions and pointwise passes) and generates the backward, where the opaque fused op would cost
-    passes of its own; without dropout the fused kernels have no mask to save either."""
+    passes of its own; without dropout the fused kernels have no mask to save either. None where F.batch_norm
+    cannot take the parameter dtypes (the caller keeps the fused op)."""
+    param_dtype = _batch_norm_param_dtype(input, running_mean, running_var, weight, bias)
+    if param_dtype is None:
+        return None
     weight = weight if weight is None or weight.dtype == param_dtype else weight.to(param_dtype)
     bias = bias if bias is None or bias.dtype == param_dtype else bias.to(param_dtype)
     z = torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
@@ -180,10 +185,9 @@ def bn_relu_dropout_unchecked(input: Tensor, running_mean: Optional[Tensor], run
     drop = training if dropout_training is None else dropout_training
     p_eff = float(p) if drop else 0.0
     if p_eff == 0.0 and _compiling_for_inductor():
-        param_dtype = _batch_norm_param_dtype(input, running_mean, running_var, weight, bias)
-        if param_dtype is not None:
-            return _unfused_batch_norm_relu(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                                            param_dtype)
+        out = _unfused_batch_norm_relu(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        if out is not None:
+            return out
     key = ops.philox_key(input.device, generator, seed) if p_eff > 0.0 else None
     if _eager_cpp_path(input):
         return _extension._C.bn_relu_dropout_eager(input, running_mean, running_var, weight, bias, bool(training),
@@ -294,10 +298,10 @@ def bn_add_relu_dropout_unchecked(input: Tensor, residual: Tensor, running_mean:
     drop = training if dropout_training is None else dropout_training
     p_eff = float(p) if drop else 0.0
     if p_eff == 0.0 and _compiling_for_inductor():  # as bn_relu_dropout_unchecked: what the unfused tail traces to
-        param_dtype = _batch_norm_param_dtype(input, running_mean, running_var, weight, bias)
-        if param_dtype is not None:
-            return _unfused_batch_norm_relu(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                                            param_dtype, residual=residual)
+        out = _unfused_batch_norm_relu(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                                       residual)
+        if out is not None:
+            return out
     key = ops.philox_key(input.device, generator, seed) if p_eff > 0.0 else None
     if type(residual) is Tensor and _eager_cpp_path(input):
         return _extension._C.bn_add_relu_dropout_eager(input, residual, running_mean, running_var, weight, bias,
