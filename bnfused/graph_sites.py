@@ -212,14 +212,19 @@ def calls_of(graph: fx.Graph) -> dict[str, int]:
 def remove_calls(graph: fx.Graph, sites: list[Site]) -> None:
     """Drops each site's ReLU and Dropout nodes: their users take the BN (now fused) node's output. A BN + add
     site's BN call moves to the add, taking the residual as its second input, and the add goes too."""
+    # The residual may be an earlier site's output (h = relu(bn1(..)); relu(bn2(..) + h)): its node is gone
+    # once that site is rewritten, so residuals are looked up here, by the node that replaced them.
+    replaced: dict[fx.Node, fx.Node] = {}
     for site in sites:
         fused = site.bn_node
         if site.add_node is not None:
+            residual = replaced.get(site.residual, site.residual)
             with graph.inserting_before(site.add_node):
-                fused = graph.call_module(site.bn_node.target, (site.bn_node.args[0], site.residual))
+                fused = graph.call_module(site.bn_node.target, (site.bn_node.args[0], residual))
             fused.meta = dict(site.bn_node.meta)
         last = site.dropout_node or site.relu_node
         last.replace_all_uses_with(fused)
+        replaced[last] = fused
         for node in (site.dropout_node, site.relu_node, site.add_node):
             if node is not None:
                 graph.erase_node(node)

@@ -416,6 +416,42 @@ def test_add_spellings(how):
         torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-10)
 
 
+class ResidualFromSite(nn.Module):
+    """The residual is another site's output: h = relu(bn1(conv1(x))), then relu(bn2(conv2(h)) + h); with
+    order="after", the add's BN is called before the site that makes its residual."""
+
+    def __init__(self, order):
+        super().__init__()
+        self.order = order
+        self.conv1, self.bn1 = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+        self.conv2, self.bn2 = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        if self.order == "after":
+            out = self.bn2(self.conv2(x))
+            return torch.relu(out + torch.relu(self.bn1(self.conv1(x))))
+        h = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(h)) + h)
+
+
+@needs_add
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_residual_that_is_another_fused_site(order):
+    torch.manual_seed(0)
+    model = ResidualFromSite(order).double()
+    fused_model, report = bnfused.convert(copy.deepcopy(model), report=True)
+    assert sorted((s.name, s.residual) for s in report.fused) == [("bn1", None), ("bn2", "torch.relu")]
+    assert type(fused_model.bn2) is bnfused.BatchNormAddReLU2d
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    for training in (True, False):
+        model.train(training), fused_model.train(training)
+        y_ref, y = model(x), fused_model(x)
+        torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+        g_ref, = torch.autograd.grad(y_ref.sum(), x)
+        g, = torch.autograd.grad(y.sum(), x)
+        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-10)
+
+
 @needs_add
 def test_add_with_another_user_or_a_residual_written_in_place_is_not_fused():
     class Net(nn.Module):
