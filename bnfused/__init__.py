@@ -13,7 +13,7 @@ from .fold import fold_eval
 from .functional import bn_add_relu_dropout, bn_relu_dropout
 from .modules import (BatchNormAddReLU1d, BatchNormAddReLU2d, BatchNormAddReLU3d, BatchNormReLUDropout1d,
                       BatchNormReLUDropout2d, BatchNormReLUDropout3d)
-from .sync import SyncBatchNormReLUDropout
+from .sync import SyncBatchNormAddReLU, SyncBatchNormReLUDropout
 
 __all__ = [
     "BNAddReLUDropoutFunction",
@@ -27,6 +27,7 @@ __all__ = [
     "CPU_CAPABILITY",
     "ConvertReport",
     "FusedSite",
+    "SyncBatchNormAddReLU",
     "SyncBatchNormReLUDropout",
     "UnfusedBatchNorm",
     "WITH_CUDA",

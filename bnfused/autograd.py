@@ -2,7 +2,7 @@
 and torch.compile) and the user-facing BNReLUDropoutFunction."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -130,10 +130,16 @@ class BNReLUDropoutFunction(torch.autograd.Function):
 
 def add_relu_grads(grad_out: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor],
                    bias_dtype: Optional[torch.dtype], pass_bits: Tensor, p: float, batch_stats: bool,
-                   needs_input_grad: tuple[bool, bool, bool, bool]) -> tuple[Optional[Tensor], ...]:
+                   needs_input_grad: tuple[bool, bool, bool, bool],
+                   global_sums: Optional[Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]] = None,
+                   count: Optional[int] = None) -> tuple[Optional[Tensor], ...]:
     """(grad_input, grad_residual, grad_weight, grad_bias) of y = dropout(relu(bn(x) + residual)); None where not
     needed. The residual's gradient g = grad_out * pass / (1 - p) comes out of the input-gradient pass, which
-    reads grad_out, x and the pass bits once and writes both gradients."""
+    reads grad_out, x and the pass bits once and writes both gradients.
+
+    SyncBatchNormAddReLU passes global_sums (this rank's (sum_g, sum_g_xhat) -> the process group's) and the
+    group's element count: only grad_input reads them; grad_weight/grad_bias stay the local sums, as
+    nn.SyncBatchNorm returns them."""
     need_x, need_r, need_w, need_b = needs_input_grad
     grad_x = grad_r = grad_w = grad_b = None
     sums = None
@@ -142,8 +148,10 @@ def add_relu_grads(grad_out: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weig
     if need_x or need_r:
         # Only grad_input reads the sums (the residual's gradient alone needs none: grad_input is then dropped).
         sum_g, sum_g_xhat = sums if need_x and batch_stats else (None, None)
+        if sum_g is not None and global_sums is not None:
+            sum_g, sum_g_xhat = global_sums(sum_g, sum_g_xhat)
         grad_x, grad_r = ops.add_relu_backward_input(grad_out, x, mean, rstd, weight, pass_bits, p, sum_g,
-                                                     sum_g_xhat, x.numel() // x.shape[1])
+                                                     sum_g_xhat, x.numel() // x.shape[1] if count is None else count)
     if need_w and weight is not None:
         grad_w = sums[1] if sums[1].dtype == weight.dtype else sums[1].to(weight.dtype)
     if need_b and bias_dtype is not None:

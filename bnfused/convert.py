@@ -1,7 +1,7 @@
-"""convert(): swap BatchNormXd -> ReLU (-> Dropout) sites for the fused module (SyncBatchNormReLUDropout with
-sync=True / convert_sync), wherever the data flows that way: in nn.Sequential chains and in forward() code (found
-by torch.fx, see graph_sites.py). The fused module shares the BN's Parameter and buffer objects; a report says
-what was fused and why the other BatchNorm layers were not."""
+"""convert(): swap BatchNormXd -> ReLU (-> Dropout) sites for the fused module (SyncBatchNormReLUDropout /
+SyncBatchNormAddReLU with sync=True / convert_sync), wherever the data flows that way: in nn.Sequential chains
+and in forward() code (found by torch.fx, see graph_sites.py). The fused module shares the BN's Parameter and
+buffer objects; a report says what was fused and why the other BatchNorm layers were not."""
 from __future__ import annotations
 
 import logging
@@ -15,7 +15,7 @@ from torch import nn
 from . import graph_sites
 from .modules import (BatchNormAddReLU1d, BatchNormAddReLU2d, BatchNormAddReLU3d, BatchNormReLUDropout1d,
                       BatchNormReLUDropout2d, BatchNormReLUDropout3d)
-from .sync import SyncBatchNormReLUDropout
+from .sync import SyncBatchNormAddReLU, SyncBatchNormReLUDropout
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,9 @@ def _fused_for(bn: nn.modules.batchnorm._BatchNorm, p: float, sync: bool, proces
                add: bool = False) -> nn.Module:
     """The fused module taking bn's place, sharing its Parameter and buffer objects and the hooks that keep
     their meaning."""
-    if add:
+    if add and sync:
+        fused = SyncBatchNormAddReLU.from_batchnorm(bn, p, process_group)
+    elif add:
         fused = _ADD_MODULES[type(bn)].from_batchnorm(bn, p)
     elif sync:
         fused = SyncBatchNormReLUDropout.from_batchnorm(bn, p, process_group)
@@ -131,8 +133,8 @@ class _Converter:
         self.reasons: dict[str, str] = {}  # BN name -> why it is not fused
         # How many places of the module tree hold each module object: a shared ReLU cannot become nn.Identity.
         self.places = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
-        # BN + residual -> ReLU sites: with the fused add modules (no synchronised one: not with sync=True)
-        self.add_types = () if sync else tuple(_ADD_MODULES)
+        # BN + residual -> ReLU sites: the fused add modules (SyncBatchNormAddReLU for every BN type with sync=True)
+        self.add_types = self.bn_types if sync else tuple(_ADD_MODULES)
 
     # ------------------------------------------------------------ nn.Sequential chains (in place, no tracing)
     def sequential(self, seq: nn.Sequential, prefix: str) -> None:
@@ -307,8 +309,12 @@ def convert(module: nn.Module, sync: bool = False, process_group=None, *, report
 
     Only exact nn.BatchNorm1d/2d/3d (and nn.SyncBatchNorm with ``sync=True``), nn.ReLU and nn.Dropout are
     matched (not ReLU6, LeakyReLU, Dropout2d). With ``sync=True`` every site becomes a SyncBatchNormReLUDropout
-    over ``process_group`` (an nn.SyncBatchNorm's own group when None; the world when that is None too), as
-    nn.SyncBatchNorm.convert_sync_batchnorm does for the unfused layer.
+    (a SyncBatchNormAddReLU for BN + residual -> ReLU) over ``process_group`` (an nn.SyncBatchNorm's own group
+    when None; the world when that is None too), as nn.SyncBatchNorm.convert_sync_batchnorm does for the unfused
+    layer. BatchNorm layers left unfused stay as they are, so with ``sync=True`` a warning names the plain
+    nn.BatchNormXd among them: run ``nn.SyncBatchNorm.convert_sync_batchnorm(model)`` first to synchronise them
+    too. Not after: the fused modules are BatchNorm modules, and convert_sync_batchnorm would turn each back into
+    a plain nn.SyncBatchNorm, dropping its ReLU and dropout.
     """
     if process_group is not None and not sync:
         raise ValueError("convert(): process_group is only used with sync=True")
@@ -319,10 +325,18 @@ def convert(module: nn.Module, sync: bool = False, process_group=None, *, report
                f"{result.unfused[0].reason}" if result.unfused else "the model has no matching BatchNorm layer")
         warnings.warn(f"bnfused.convert fused no BatchNorm -> ReLU site: {why} "
                       "(convert(model, report=True) lists them all)", stacklevel=2)
+    if sync:
+        plain = [u.name for u in result.unfused if type(module.get_submodule(u.name)) in _FUSED_FOR]
+        if plain:
+            warnings.warn(f"bnfused.convert_sync left {len(plain)} nn.BatchNorm layer(s) unfused and not "
+                          f"synchronised, e.g. {plain[0]}: run nn.SyncBatchNorm.convert_sync_batchnorm(model) before "
+                          "convert_sync to synchronise them (after it, convert_sync_batchnorm would turn the fused "
+                          "modules back into plain SyncBatchNorm layers without their ReLU)", stacklevel=2)
     return (module, result) if report else module
 
 
 def convert_sync(module: nn.Module, process_group=None, *, report: bool = False):
     """convert(module, sync=True, process_group=process_group): sites of nn.BatchNormXd or nn.SyncBatchNorm ->
-    ReLU (-> Dropout) become SyncBatchNormReLUDropout."""
+    ReLU (-> Dropout) become SyncBatchNormReLUDropout, BN + residual -> ReLU sites SyncBatchNormAddReLU. Run
+    ``nn.SyncBatchNorm.convert_sync_batchnorm`` before it (never after) to synchronise the BN layers it leaves."""
     return convert(module, sync=True, process_group=process_group, report=report)

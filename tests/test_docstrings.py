@@ -12,7 +12,7 @@ import bnfused
 DOCUMENTED = [bnfused.BatchNormReLUDropout1d, bnfused.BatchNormReLUDropout2d, bnfused.BatchNormReLUDropout3d,
               bnfused.SyncBatchNormReLUDropout, bnfused.bn_relu_dropout, bnfused.fold_eval,
               bnfused.BNReLUDropoutFunction, bnfused.BatchNormAddReLU1d, bnfused.BatchNormAddReLU2d,
-              bnfused.BatchNormAddReLU3d, bnfused.bn_add_relu_dropout]
+              bnfused.BatchNormAddReLU3d, bnfused.bn_add_relu_dropout, bnfused.SyncBatchNormAddReLU]
 MODULES = DOCUMENTED[:4]
 
 

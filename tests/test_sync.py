@@ -1,9 +1,10 @@
-"""SyncBatchNormReLUDropout over torch.distributed (gloo on localhost) against single-process BatchNorm -> ReLU.
+"""SyncBatchNormReLUDropout / SyncBatchNormAddReLU over torch.distributed (gloo on localhost) against
+single-process BatchNorm -> ReLU and BatchNorm -> + residual -> ReLU.
 
 Each spawned rank builds the same full batch, runs the synced module on its slice and checks, itself, the
-outputs, input gradients, weight/bias gradients, running statistics and num_batches_tracked against an
-nn.BatchNormXd -> ReLU over the whole batch (p = 0), and the dropout masks against the Philox key with the rank
-folded in. Process start and gloo init cost seconds, so one spawn runs many checks: one with 2 ranks, one with 3.
+outputs, input (and residual) gradients, weight/bias gradients, running statistics and num_batches_tracked
+against an nn.BatchNormXd (+ residual) -> ReLU over the whole batch (p = 0), and the dropout masks against the
+Philox key with the rank folded in. Process start and gloo init cost seconds, so one spawn runs many checks: one with 2 ranks, one with 3.
 """
 import contextlib
 import copy
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bnfused
+import torchvision_like as tv
 from bnfused import ops
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -105,8 +107,9 @@ def full_batch(shape, dtype, device, seed, offset=0.5):
     return x.to(device, dtype), grad.to(device, dtype)
 
 
-def make_pair(channels, dims, kwargs, dtype, device):
-    """A synced module (p = 0) and the nn.BatchNormXd it must match, with the same non-trivial state."""
+def make_pair(channels, dims, kwargs, dtype, device, add=False):
+    """A synced module (p = 0; the block tail SyncBatchNormAddReLU with add) and the nn.BatchNormXd it must
+    match, with the same non-trivial state."""
     ref = REF_BN[dims](channels, **kwargs).to(device, dtype)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -116,14 +119,26 @@ def make_pair(channels, dims, kwargs, dtype, device):
         if ref.running_mean is not None:
             ref.running_mean.copy_(torch.randn(channels, generator=g) * 0.2)
             ref.running_var.copy_(torch.rand(channels, generator=g) + 0.5)
-    sync = bnfused.SyncBatchNormReLUDropout(channels, p=0.0, **kwargs).to(device, dtype)
+    synced = bnfused.SyncBatchNormAddReLU if add else bnfused.SyncBatchNormReLUDropout
+    sync = synced(channels, p=0.0, **kwargs).to(device, dtype)
     sync.load_state_dict(ref.state_dict())
     return sync, ref
 
 
+def unfused(bn, x, residual=None):
+    """The layers the synced module replaces: relu(bn(x)), or relu(bn(x) + residual) for the block tail."""
+    return torch.relu(bn(x) if residual is None else bn(x) + residual)
+
+
+def residual_like(x, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(x.shape, generator=g, dtype=torch.float64).to(x.device, x.dtype)
+
+
 def check_parity(rank, device, shape, split, kwargs=None, dtype=torch.float32, memory_format=None,
-                 offset=0.5, members=None, steps=2):
-    """Train steps of the synced module on this rank's slice vs nn.BatchNormXd -> ReLU on the whole batch.
+                 offset=0.5, members=None, steps=2, add=False):
+    """Train steps of the synced module on this rank's slice vs nn.BatchNormXd -> ReLU on the whole batch
+    (SyncBatchNormAddReLU vs nn.BatchNormXd -> + residual -> ReLU with add).
 
     members: the global ranks of the module's process group (all ranks when None); split is over them.
     """
@@ -134,7 +149,7 @@ def check_parity(rank, device, shape, split, kwargs=None, dtype=torch.float32, m
         return
     index = members.index(rank)
     lo, hi = bounds(split, index)
-    sync, ref = make_pair(shape[1], len(shape), kwargs, dtype, device)
+    sync, ref = make_pair(shape[1], len(shape), kwargs, dtype, device, add)
     sync.process_group = group
     tol = TOL[dtype]
     counter = CollectiveCounter()
@@ -144,29 +159,34 @@ def check_parity(rank, device, shape, split, kwargs=None, dtype=torch.float32, m
         if memory_format is not None:
             x_local = x_local.contiguous(memory_format=memory_format)
         x_local.requires_grad_()
+        residual = residual_like(x, seed=step) if add else None
+        r_local = residual[lo:hi].clone().requires_grad_() if add else None
         sync.zero_grad()
         ref.zero_grad()
         with counter():
-            y = sync(x_local)
+            y = sync(x_local, r_local) if add else sync(x_local)
             y.backward(grad[lo:hi])
         # one all_gather in forward, one all_reduce in backward, on every rank, an empty one included
         assert counter.calls == ["all_gather", "all_reduce"] * (step + 1), counter.calls
 
         ref_before = copy.deepcopy(ref)
         x_ref = x.clone().requires_grad_()
-        y_ref = torch.relu(ref(x_ref))
+        r_ref = residual.clone().requires_grad_() if add else None
+        y_ref = unfused(ref, x_ref, r_ref)
         y_ref.backward(grad)
         torch.testing.assert_close(y, y_ref[lo:hi], **tol)
         if memory_format is not None and x_local.numel():
             assert y.is_contiguous(memory_format=memory_format)
         torch.testing.assert_close(x_local.grad, x_ref.grad[lo:hi], **tol)
+        if add:
+            torch.testing.assert_close(r_local.grad, r_ref.grad[lo:hi], **tol)
 
         if ref.weight is not None:
             # nn.SyncBatchNorm's convention: this rank's own sums (DDP averages them), i.e. the single-process
             # gradient of the loss restricted to this rank's slice; their sum over ranks is the whole gradient.
             masked = torch.zeros_like(grad)
             masked[lo:hi] = grad[lo:hi]
-            torch.relu(ref_before(x)).backward(masked)
+            unfused(ref_before, x, residual).backward(masked)
             torch.testing.assert_close(sync.weight.grad, ref_before.weight.grad, **tol)
             torch.testing.assert_close(sync.bias.grad, ref_before.bias.grad, **tol)
             for name in ("weight", "bias"):
@@ -186,12 +206,13 @@ def check_parity(rank, device, shape, split, kwargs=None, dtype=torch.float32, m
     sync.eval()
     ref.eval()
     x, _ = full_batch(shape, dtype, device, seed=7)
+    r_local = residual_like(x, seed=8)[lo:hi] if add else None
     with counter():
-        y = sync(x[lo:hi])
+        y = sync(x[lo:hi], r_local) if add else sync(x[lo:hi])
     assert counter.calls.count("all_gather") == steps
     if x[lo:hi].numel():
-        expected = torch.relu(ref(x[lo:hi])) if ref.running_mean is not None else torch.relu(
-            F.batch_norm(x[lo:hi], None, None, ref.weight, ref.bias, True, 0.0, ref.eps))
+        expected = unfused(ref, x[lo:hi], r_local) if ref.running_mean is not None else unfused(
+            lambda t: F.batch_norm(t, None, None, ref.weight, ref.bias, True, 0.0, ref.eps), x[lo:hi], r_local)
         torch.testing.assert_close(y, expected, **tol)
 
 
@@ -216,19 +237,22 @@ def check_reduced_precision(rank, device):
 
 # ---------------------------------------------------------------- dropout across ranks
 
-def check_dropout(rank, world_size, device, p=0.3):
+def check_dropout(rank, world_size, device, p=0.3, add=False):
     shape, split = (4, 3, 4, 5), [2, 2]
-    sync, ref = make_pair(3, 4, {}, torch.float32, device)
+    sync, ref = make_pair(3, 4, {}, torch.float32, device, add)
     sync.p = p
     lo, hi = bounds(split, rank)
     x, grad = full_batch(shape, torch.float32, device, seed=5)
     x_local = x[lo:hi].clone().requires_grad_()
+    residual = residual_like(x, seed=6) if add else None
+    inputs = (x_local, residual[lo:hi]) if add else (x_local,)
 
     torch.manual_seed(11)  # the same seed on every rank, as a DDP job would set it
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.dtype) or t, lambda t: t):
-        y = sync(x_local)
-    assert (torch.uint8 in saved) == (device.type == "cpu")  # the CPU backward reads the 1-bit mask
+        y = sync(*inputs)
+    # the CPU backward reads the 1-bit mask; the block tail saves its 1-bit pass mask on every device
+    assert (torch.uint8 in saved) == (add or device.type == "cpu")
     y.backward(grad[lo:hi])
     torch.manual_seed(11)
     key = ops.philox_key(device)  # the key the module drew, before the rank was folded in
@@ -238,7 +262,7 @@ def check_dropout(rank, world_size, device, p=0.3):
     # ...and this rank's output used its own: the full batch's mask is the ranks' masks stacked
     full_mask = torch.cat(masks)
     x_ref = x.clone().requires_grad_()
-    y_ref = torch.relu(ref(x_ref)) * full_mask / (1 - p)
+    y_ref = unfused(ref, x_ref, residual) * full_mask / (1 - p)
     y_ref.backward(grad)
     torch.testing.assert_close(y, y_ref[lo:hi], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(x_local.grad, x_ref.grad[lo:hi], rtol=1e-4, atol=1e-5)
@@ -247,31 +271,55 @@ def check_dropout(rank, world_size, device, p=0.3):
     assert any(not torch.equal(other, y.detach()) for other in gathered(y.detach()))
 
     torch.manual_seed(11)
-    assert torch.equal(sync(x_local), y)  # reproducible from the seed
-    assert not torch.equal(sync(x_local), y)  # and a fresh mask per call
+    assert torch.equal(sync(*inputs), y)  # reproducible from the seed
+    assert not torch.equal(sync(*inputs), y)  # and a fresh mask per call
 
 
 # ---------------------------------------------------------------- DDP training vs single-process training
 
-def make_net(device, bn=nn.BatchNorm2d):
+class ResidualNet(nn.Module):
+    """conv -> bn1 -> relu, then conv -> bn2 -> + (that ReLU's output) -> relu, then a head: a BN -> ReLU site
+    and a BN + residual -> ReLU site, as in a ResNet block."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.bn1(self.conv1(x)))
+        return self.head(torch.relu(self.bn2(self.conv2(h)) + h))
+
+
+def make_net(device, bn=nn.BatchNorm2d, residual=False):
     torch.manual_seed(3)
+    if residual:
+        return ResidualNet().to(device)
     return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), bn(4), nn.ReLU(), nn.Conv2d(4, 2, 1)).to(device)
 
 
-def check_ddp_training(rank, device, split, steps=3):
+def batch_norms(net):
+    return [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def check_ddp_training(rank, device, split, steps=3, residual=False):
     """SGD steps under DistributedDataParallel on slices == single-process steps on the whole batch.
 
     Each rank's loss is its share of the whole batch's mean loss times the world size, so DDP's gradient
     average is the whole batch's gradient even for uneven (or empty) slices.
     """
     world_size = len(split)
-    single = make_net(device)
-    # the unfused nn.SyncBatchNorm chain, converted: its chains must become the fused synced module
-    net = bnfused.convert_sync(nn.SyncBatchNorm.convert_sync_batchnorm(make_net(device)))
-    assert type(net[1]) is bnfused.SyncBatchNormReLUDropout and net[1].p == 0.0
+    single = make_net(device, residual=residual)
+    # the unfused nn.SyncBatchNorm model, converted: its sites must become the fused synced modules
+    net = bnfused.convert_sync(nn.SyncBatchNorm.convert_sync_batchnorm(make_net(device, residual=residual)))
+    expected = ([bnfused.SyncBatchNormReLUDropout, bnfused.SyncBatchNormAddReLU] if residual
+                else [bnfused.SyncBatchNormReLUDropout])
+    assert [type(m) for m in batch_norms(net)] == expected and all(m.p == 0.0 for m in batch_norms(net))
     ddp = nn.parallel.DistributedDataParallel(net)
-    opt_single = torch.optim.SGD(single.parameters(), lr=0.1, momentum=0.9)
-    opt_ddp = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+    lr = 0.01 if residual else 0.1  # the residual net's sum-of-squares loss diverges at 0.1
+    opt_single = torch.optim.SGD(single.parameters(), lr=lr, momentum=0.9)
+    opt_ddp = torch.optim.SGD(ddp.parameters(), lr=lr, momentum=0.9)
     lo, hi = bounds(split, rank)
     total = sum(split)
     for step in range(steps):
@@ -286,9 +334,10 @@ def check_ddp_training(rank, device, split, steps=3):
         opt_ddp.step()
     for (name, a), b in zip(single.named_parameters(), net.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
-    torch.testing.assert_close(net[1].running_mean, single[1].running_mean, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(net[1].running_var, single[1].running_var, rtol=1e-4, atol=1e-5)
-    assert int(net[1].num_batches_tracked) == steps
+    for fused, bn in zip(batch_norms(net), batch_norms(single)):
+        torch.testing.assert_close(fused.running_mean, bn.running_mean, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(fused.running_var, bn.running_var, rtol=1e-4, atol=1e-5)
+        assert int(fused.num_batches_tracked) == steps
 
 
 # ---------------------------------------------------------------- the spawned workers
@@ -304,6 +353,30 @@ def check_bad_inputs_before_communication(device):
         with counter(), pytest.raises(error):
             sync(bad)
     assert counter.calls == [] and int(sync.num_batches_tracked) == 0
+    tail, _ = make_pair(3, 4, {}, torch.float32, device, add=True)
+    x = torch.randn(2, 3, 4, 4, device=device)
+    for residual in (torch.randn(2, 3, 4, 5, device=device), x.double(), x[:, :2]):
+        with counter(), pytest.raises(RuntimeError, match="residual"):
+            tail(x, residual)
+    assert counter.calls == [] and int(tail.num_batches_tracked) == 0
+
+
+def check_residual_only_gradient(rank, device):
+    """Only the residual needs a gradient: it reads no global sums, so the backward issues no all_reduce."""
+    shape, split = (5, 3, 4), [2, 3]
+    lo, hi = bounds(split, rank)
+    tail, ref = make_pair(3, 3, {}, torch.float32, device, add=True)
+    tail.requires_grad_(False)
+    x, grad = full_batch(shape, torch.float32, device, seed=12)
+    residual = residual_like(x, seed=13)
+    r_local = residual[lo:hi].clone().requires_grad_()
+    counter = CollectiveCounter()
+    with counter():
+        tail(x[lo:hi], r_local).backward(grad[lo:hi])
+    assert counter.calls == ["all_gather"], counter.calls
+    r_ref = residual.clone().requires_grad_()
+    unfused(ref, x, r_ref).backward(grad)
+    torch.testing.assert_close(r_local.grad, r_ref.grad[lo:hi], rtol=1e-4, atol=1e-5)
 
 
 def two_ranks(rank, world_size, device):
@@ -318,6 +391,17 @@ def two_ranks(rank, world_size, device):
     check_reduced_precision(rank, device)
     check_dropout(rank, world_size, device)
     check_ddp_training(rank, device, [3, 3])
+    # the block tail: the same statistics, plus the residual and its gradient
+    check_parity(rank, device, (6, 3), [5, 1], add=True)
+    check_parity(rank, device, (5, 3, 4), [2, 3], dict(momentum=None), add=True)
+    check_parity(rank, device, (4, 3, 3, 5), [1, 3], memory_format=torch.channels_last, add=True)
+    check_parity(rank, device, (5, 2, 2, 3, 2), [3, 2], dict(affine=False), add=True)
+    check_parity(rank, device, (4, 3, 5), [2, 2], dict(track_running_stats=False, eps=1e-3), add=True)
+    check_parity(rank, device, (6, 3, 4, 4), [3, 3], dict(momentum=0.3), dtype=torch.float64, offset=1e4,
+                 steps=1, add=True)
+    check_residual_only_gradient(rank, device)
+    check_dropout(rank, world_size, device, add=True)
+    check_ddp_training(rank, device, [3, 3], residual=True)
 
 
 def three_ranks(rank, world_size, device):
@@ -328,6 +412,11 @@ def three_ranks(rank, world_size, device):
     # process_group: ranks 0 and 2 synchronise; rank 1 runs nothing
     check_parity(rank, device, (6, 3, 2, 2), [2, 4], members=[0, 2])
     check_ddp_training(rank, device, [3, 0, 2])
+    check_parity(rank, device, (7, 3, 4), [4, 0, 3], add=True)
+    check_parity(rank, device, (5, 2, 2, 3), [0, 1, 4], dict(momentum=None), memory_format=torch.channels_last,
+                 add=True)
+    check_parity(rank, device, (6, 3, 2, 2), [2, 4], members=[0, 2], add=True)
+    check_ddp_training(rank, device, [3, 0, 2], residual=True)
 
     # every rank empty: an empty output, running statistics unchanged, num_batches_tracked counts the step
     sync, _ = make_pair(3, 3, {}, torch.float32, device)
@@ -336,6 +425,12 @@ def three_ranks(rank, world_size, device):
     y = sync(x)
     y.sum().backward()
     assert y.shape == x.shape and torch.equal(sync.running_mean, before) and int(sync.num_batches_tracked) == 1
+    tail, _ = make_pair(3, 3, {}, torch.float32, device, add=True)
+    residual = torch.randn(0, 3, 4, device=device, requires_grad=True)
+    y = tail(x, residual)
+    y.sum().backward()
+    assert y.shape == x.shape and residual.grad.shape == x.shape
+    assert torch.equal(tail.running_mean, before) and int(tail.num_batches_tracked) == 1
 
     # one value per channel over the whole group: every rank raises (no collective left waiting), no state change
     sync, _ = make_pair(3, 2, {}, torch.float32, device)
@@ -355,6 +450,14 @@ def three_ranks(rank, world_size, device):
     torch.manual_seed(4)
     assert counter.calls == [] and torch.equal(y, single(x))
     assert torch.equal(sync.running_var, single.running_var)
+    tail = bnfused.SyncBatchNormAddReLU(3, p=0.4, process_group=own).to(device)
+    single = bnfused.BatchNormAddReLU2d(3, p=0.4).to(device)
+    residual = residual_like(x, seed=rank)
+    torch.manual_seed(4)
+    with counter():
+        y = tail(x, residual)
+    torch.manual_seed(4)
+    assert counter.calls == [] and torch.equal(y, single(x, residual))
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
@@ -389,6 +492,34 @@ def test_falls_back_to_single_process_module(device, shape):
         assert torch.equal(a, b)
 
 
+ADD = {2: bnfused.BatchNormAddReLU1d, 3: bnfused.BatchNormAddReLU1d, 4: bnfused.BatchNormAddReLU2d,
+       5: bnfused.BatchNormAddReLU3d}
+
+
+@pytest.mark.parametrize("shape", [(6, 3), (4, 3, 5), (2, 3, 4, 5), (2, 3, 2, 3, 4)], ids=["2d", "3d", "4d", "5d"])
+def test_add_falls_back_to_single_process_module(device, shape):
+    """SyncBatchNormAddReLU without a process group: bit-for-bit BatchNormAddReLUXd, the residual's gradient too."""
+    tail = bnfused.SyncBatchNormAddReLU(3, momentum=None, p=0.3).to(device)
+    single = ADD[len(shape)](3, momentum=None, p=0.3).to(device)
+    for training in (True, True, False):
+        tail.train(training)
+        single.train(training)
+        x, residual = torch.randn(shape, device=device), torch.randn(shape, device=device)
+        results = []
+        for m in (tail, single):
+            xi, ri = x.clone().requires_grad_(), residual.clone().requires_grad_()
+            torch.manual_seed(9)
+            y = m(xi, ri)
+            y.backward(torch.ones_like(y))
+            results.append((y, xi.grad, ri.grad))
+        for a, b in zip(*results):
+            assert torch.equal(a, b)
+    for (name, a), b in zip(tail.named_parameters(), single.parameters()):
+        assert torch.equal(a.grad, b.grad), name
+    for a, b in zip(tail.state_dict().values(), single.state_dict().values()):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("bad, error, match", [
     (torch.randn(4), ValueError, "expected at least 2D input"),
     (torch.randn(4, 0, 2), ValueError, "number of input channels should be non-zero"),
@@ -411,6 +542,25 @@ def test_constructor_and_state_dict_like_sync_batchnorm():
     assert (sync.eps, sync.momentum, sync.process_group, sync.p) == (1e-3, 0.2, "group", 0.1)
     assert sync.state_dict().keys() == nn.SyncBatchNorm(3).state_dict().keys()
     assert "p=0.1" in repr(sync)
+    tail = bnfused.SyncBatchNormAddReLU(3, 1e-3, 0.2, True, True, "group")
+    assert (tail.eps, tail.momentum, tail.process_group, tail.p) == (1e-3, 0.2, "group", 0.0)
+    assert tail.state_dict().keys() == nn.SyncBatchNorm(3).state_dict().keys()
+
+
+def test_add_bad_inputs_raise_without_state_change():
+    tail = bnfused.SyncBatchNormAddReLU(3)
+    x = torch.randn(4, 3, 2)
+    for bad, residual, error, match in (
+            (torch.randn(4), torch.randn(4), ValueError, "expected at least 2D input"),
+            (x, torch.randn(4, 3, 3), RuntimeError, "residual of shape"),
+            (x, x.double(), RuntimeError, "residual is torch.float64"),
+            (x, 1.0, TypeError, "residual must be a Tensor"),
+            (torch.randn(1, 3), torch.randn(1, 3), ValueError, "Expected more than 1 value per channel"),
+            (torch.randn(4, 2, 2), torch.randn(4, 2, 2), RuntimeError, "should contain 2 elements not 3")):
+        with pytest.raises(error, match=match):
+            tail(bad, residual)
+    assert int(tail.num_batches_tracked) == 0
+    assert torch.equal(tail.running_mean, torch.zeros(3)) and torch.equal(tail.running_var, torch.ones(3))
 
 
 # ---------------------------------------------------------------- convert(sync=True) / convert_sync
@@ -444,3 +594,25 @@ def test_convert_sync_process_group():
     assert type(plain[0]) is nn.SyncBatchNorm and type(plain[2]) is bnfused.BatchNormReLUDropout2d
     with pytest.raises(ValueError, match="only used with sync=True"):
         bnfused.convert(nn.Sequential(), process_group="named")
+
+
+def test_convert_sync_fuses_residual_sites():
+    """ResNet's BN + residual -> ReLU tails become SyncBatchNormAddReLU: every BN that convert() fuses is fused
+    by convert_sync too; what is left unsynchronised (the downsample BNs) is named in a warning."""
+    torch.manual_seed(0)
+    model, report = bnfused.convert_sync(nn.SyncBatchNorm.convert_sync_batchnorm(tv.SMALL["resnet18"]()),
+                                         process_group="group", report=True)
+    _, single = bnfused.convert(tv.SMALL["resnet18"](), report=True)
+    assert [(f.name, f.residual) for f in report.fused] == [(f.name, f.residual) for f in single.fused]
+    tails = [m for n, m in model.named_modules() if n.endswith("bn2")]
+    assert len(tails) == 8 and all(type(m) is bnfused.SyncBatchNormAddReLU and m.process_group == "group"
+                                   for m in tails)
+    left = {n: type(m) for n, m in model.named_modules() if "downsample" in n and n.endswith(".1")}
+    assert left and set(left.values()) == {nn.SyncBatchNorm}
+    with pytest.warns(UserWarning, match=r"left 3 nn.BatchNorm layer\(s\) unfused and not synchronised"):
+        bnfused.convert_sync(tv.SMALL["resnet18"]())
+    model.eval()
+    torch.manual_seed(0)
+    reference = tv.SMALL["resnet18"]().eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-5)
