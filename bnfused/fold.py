@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from .modules import _BatchNormReLUDropout
+from .modules import _BatchNormAddReLU, _BatchNormReLUDropout
 
 
 def _check_foldable(layer: nn.Module, block: nn.Module, out_features: int) -> None:
@@ -59,7 +59,9 @@ def fold_eval(layer: nn.Module, block: _BatchNormReLUDropout) -> nn.Sequential:
     Args:
         layer: the eval-mode ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d`` or ``nn.Linear`` whose output feeds
             the block; its output channels must equal ``block.num_features``
-        block: an eval-mode :class:`BatchNormReLUDropout1d` / ``2d`` / ``3d`` with running statistics
+        block: an eval-mode :class:`BatchNormReLUDropout1d` / ``2d`` / ``3d`` (or SyncBatchNormReLUDropout) with
+            running statistics. Not a BatchNormAddReLU (its ReLU follows the residual add): fold that one's batch
+            norm with ``torch.nn.utils.fusion.fuse_conv_bn_eval`` and keep ``relu(out + residual)``.
 
     Returns:
         ``nn.Sequential(folded_layer, nn.ReLU())``, equal to ``block(layer(x))`` in eval mode.
@@ -77,6 +79,11 @@ def fold_eval(layer: nn.Module, block: _BatchNormReLUDropout) -> nn.Sequential:
         >>> torch.allclose(folded(x), block(conv(x)), atol=1e-5)
         True
     """
+    if isinstance(block, _BatchNormAddReLU):  # relu(bn(x) + residual): the ReLU cannot follow the folded layer
+        raise TypeError(f"fold_eval(): {type(block).__name__} adds a residual before its ReLU, so it does not fold "
+                        "into nn.Sequential(layer, nn.ReLU()); fold its batch norm alone with "
+                        "torch.nn.utils.fusion.fuse_conv_bn_eval(layer, block) (it is a BatchNorm module) and "
+                        "apply relu(folded(x) + residual)")
     if not isinstance(block, _BatchNormReLUDropout):
         raise TypeError(f"fold_eval(): block must be a bnfused.BatchNormReLUDropoutXd, got {type(block).__name__}")
     if isinstance(layer, nn.Linear):

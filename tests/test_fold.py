@@ -90,3 +90,20 @@ def test_fold_rejects_channel_mismatch_and_wrong_types():
         bnfused.fold_eval(nn.Conv2d(3, 6, 1).eval(), nn.BatchNorm2d(6).eval())
     with pytest.raises(TypeError, match="Linear"):
         bnfused.fold_eval(nn.Identity(), block)
+
+
+@pytest.mark.parametrize("tail", [bnfused.BatchNormAddReLU2d, bnfused.SyncBatchNormAddReLU])
+def test_fold_rejects_block_tail_and_points_to_fuse_conv_bn_eval(tail):
+    """A BN + residual -> ReLU module would fold into relu(conv(x)), losing the residual: it is refused, and the
+    way the error names (fuse_conv_bn_eval of its BN, then relu(out + residual)) computes the module."""
+    torch.manual_seed(0)
+    conv, block = nn.Conv2d(3, 4, 3).eval(), tail(4).eval()
+    with torch.no_grad():
+        block.running_mean.normal_()
+        block.running_var.uniform_(0.5, 2.0)
+        block.weight.uniform_(0.5, 1.5)
+    with pytest.raises(TypeError, match="adds a residual before its ReLU.*fuse_conv_bn_eval"):
+        bnfused.fold_eval(conv, block)
+    folded = torch.nn.utils.fusion.fuse_conv_bn_eval(conv, block)
+    x, residual = torch.randn(2, 3, 6, 6), torch.randn(2, 4, 4, 4)
+    torch.testing.assert_close(torch.relu(folded(x) + residual), block(conv(x), residual), rtol=1e-5, atol=1e-5)
