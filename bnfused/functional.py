@@ -273,18 +273,36 @@ def bn_relu_dropout(input: Tensor, running_mean: Optional[Tensor], running_var: 
 
 
 def check_residual(input: Tensor, residual: Tensor) -> None:
-    """The residual of bn_add_relu_dropout: input's shape (no broadcasting), dtype and device, as RuntimeError."""
+    """The residual of bn_add_relu_dropout: input's shape (no broadcasting) and device, as RuntimeError. Its dtype
+    may differ (torch's type promotion, see _mixed_dtype_add_relu_dropout)."""
     if not isinstance(residual, Tensor):
         raise TypeError(f"bn_add_relu_dropout(): residual must be a Tensor, got {type(residual).__name__}")
     if residual.shape != input.shape:
         raise RuntimeError(f"bn_add_relu_dropout(): residual of shape {tuple(residual.shape)} must match the input's "
                            f"shape {tuple(input.shape)}")
-    if residual.dtype != input.dtype:
-        raise RuntimeError(f"bn_add_relu_dropout(): residual is {residual.dtype} but input is {input.dtype}; expected "
-                           "the same dtype")
     if residual.device != input.device:
         raise RuntimeError(f"Expected all tensors to be on the same device, but residual is on {residual.device} and "
                            f"input is on {input.device}")
+
+
+def _mixed_dtype_add_relu_dropout(input: Tensor, residual: Tensor, running_mean: Optional[Tensor],
+                                  running_var: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                                  training: bool, momentum: float, eps: float, p: float,
+                                  generator: Optional[torch.Generator], seed: Optional[int]) -> Tensor:
+    """A residual of another dtype than the input (under autocast, a float32 skip connection around a bfloat16
+    branch): the unfused layers' result, bn(input) rounded to the input's dtype and the sum in torch's promoted
+    dtype, with the fused modules' dropout mask. The fused kernels take one dtype, so this path runs F.batch_norm
+    and pointwise ops (running statistics updated by F.batch_norm, as the unfused layer updates them)."""
+    out = _unfused_batch_norm_relu(input, running_mean, running_var, weight, bias, training, momentum, eps, residual)
+    if out is None:
+        raise RuntimeError(f"bn_add_relu_dropout(): residual is {residual.dtype} but input is {input.dtype}, and "
+                           "F.batch_norm cannot take these parameter dtypes; give the residual the input's dtype")
+    if p == 0.0:
+        return out
+    if p >= 1.0:
+        return out * 0.0
+    keep = ops.dropout_mask(ops.philox_key(input.device, generator, seed), input.shape, p)
+    return out * (keep.to(out.dtype) * (1.0 / (1.0 - p)))
 
 
 def bn_add_relu_dropout_unchecked(input: Tensor, residual: Tensor, running_mean: Optional[Tensor],
@@ -297,6 +315,9 @@ def bn_add_relu_dropout_unchecked(input: Tensor, residual: Tensor, running_mean:
         return torch.relu(_empty_batch(input, weight, bias) + residual)
     drop = training if dropout_training is None else dropout_training
     p_eff = float(p) if drop else 0.0
+    if residual.dtype != input.dtype:
+        return _mixed_dtype_add_relu_dropout(input, residual, running_mean, running_var, weight, bias, training,
+                                             momentum, eps, p_eff, generator, seed)
     if p_eff == 0.0 and _compiling_for_inductor():  # as bn_relu_dropout_unchecked: what the unfused tail traces to
         out = _unfused_batch_norm_relu(input, running_mean, running_var, weight, bias, training, momentum, eps,
                                        residual)
@@ -333,13 +354,16 @@ def bn_add_relu_dropout(input: Tensor, residual: Tensor, running_mean: Optional[
 
     Args:
         input: :math:`(N, C, *)` float32, float64, float16 or bfloat16 tensor
-        residual: tensor of the input's shape, dtype and device (``RuntimeError`` otherwise), any memory format
+        residual: tensor of the input's shape and device (``RuntimeError`` otherwise), any memory format. Of
+            another dtype (autocast: a float32 skip connection around a bfloat16 branch) the result is the unfused
+            layers': ``bn(input)`` in the input's dtype, the sum and output in torch's promoted dtype, computed by
+            F.batch_norm and pointwise ops instead of the fused kernels (same dropout mask)
         running_mean, running_var, weight, bias, training, momentum, eps, generator, seed, dropout_training: as for
             :func:`bn_relu_dropout`
         p: probability of an element to be zeroed, in [0, 1]. Default: 0.0
 
     Returns:
-        Tensor of the input's shape and dtype, in the input's memory format.
+        Tensor of the input's shape and dtype (promoted with the residual's), in the input's memory format.
 
     Examples::
 

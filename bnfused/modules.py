@@ -233,10 +233,11 @@ _ADD_DOC = r"""Applies Batch Normalization, a residual add, ReLU and Dropout ove
     ``num_batches_tracked``, ``momentum=None``, ``state_dict`` keys and eval mode are those of ``nn.{bn}``, as for
     :class:`BatchNormReLUDropout{d}d` (same base class, same dropout mask: Philox keyed by a (seed, offset) pair
     and the logical index, :attr:`p` rounded to a multiple of :math:`2^{{-16}}`). ``residual`` must have the
-    input's shape, dtype and device (``RuntimeError`` otherwise, before any running statistic moves), in any
-    memory format. The residual's gradient is ``grad * keep / (1 - p) * [BN(x) + residual > 0]``; autograd saves
-    the input, per-channel statistics and 1 bit per element, never the residual. Double backward is not
-    supported.
+    input's shape and device (``RuntimeError`` otherwise, before any running statistic moves), in any memory
+    format; a residual of another dtype (autocast: a float32 skip connection around a bfloat16 branch) gives the
+    unfused layers' promoted result, computed unfused. The residual's gradient is
+    ``grad * keep / (1 - p) * [BN(x) + residual > 0]``; autograd saves the input, per-channel statistics and 1 bit
+    per element, never the residual. Double backward is not supported.
 
     Args:
         num_features: :math:`C` from an expected input of size {shape}

@@ -310,8 +310,9 @@ class SyncBatchNormAddReLU(_SyncedBatchNorm, _BatchNormAddReLU):
     with :class:`SyncBatchNormReLUDropout`'s statistics: one ``all_gather`` of per-channel moments in the training
     forward, one ``all_reduce`` of two per-channel sums in the backward (only when the input needs a gradient; the
     residual's gradient needs none), nn.SyncBatchNorm's conventions for running statistics, local ``weight`` /
-    ``bias`` gradients, empty ranks and the per-rank dropout key. The residual has the input's shape, dtype and
-    device (``RuntimeError`` otherwise, before any communication or state change); autograd saves the input,
+    ``bias`` gradients, empty ranks and the per-rank dropout key. The residual has the input's shape and device
+    (``RuntimeError`` otherwise, before any communication or state change), and in synchronised training its dtype
+    too (the single-process tail also takes another dtype, computed unfused); autograd saves the input,
     per-channel statistics and 1 bit per element, not the residual. In eval mode, without an initialised process
     group, or in a group of one process, it is exactly :class:`BatchNormAddReLU2d` (any dimension >= 2).
     :func:`bnfused.convert_sync` puts it at every ``bn(x) + residual -> relu`` site.
@@ -347,6 +348,10 @@ class SyncBatchNormAddReLU(_SyncedBatchNorm, _BatchNormAddReLU):
         sync = self._sync()
         if sync is None:
             return super().forward(input, residual)  # the single-process BatchNormAddReLU
+        if residual.dtype != input.dtype:  # before any collective: every rank raises alike
+            raise RuntimeError(f"SyncBatchNormAddReLU: in synchronised training the residual must have the input's "
+                               f"dtype, got {residual.dtype} and {input.dtype} (cast the residual, e.g. to the "
+                               "input's dtype)")
         stats = self._group_statistics(input, *sync)
         if stats is None:  # every rank empty
             return functional.bn_add_relu_dropout_unchecked(input, residual, None, None, self.weight, self.bias,

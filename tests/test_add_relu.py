@@ -418,7 +418,6 @@ def other_device(device):
 @pytest.mark.parametrize("make_residual,match", [
     (lambda x, d: torch.randn(2, C, 4, 5, device=d), "shape"),
     (lambda x, d: torch.randn(2, C, 1, 1, device=d), "shape"),  # no broadcasting
-    (lambda x, d: torch.randn(x.shape, device=d, dtype=torch.float64), "dtype|float64"),
     (lambda x, d: torch.randn(x.shape, device=other_device(d)), "same device"),
 ])
 def test_bad_residual_raises_before_state_changes(device, make_residual, match):
@@ -436,6 +435,43 @@ def test_bad_residual_raises_before_state_changes(device, make_residual, match):
     assert not rm.any() and torch.equal(rv, torch.ones_like(rv))
     with pytest.raises(TypeError, match="residual must be a Tensor"):
         bnfused.bn_add_relu_dropout(x, 1.0, rm, rv, training=True)
+
+
+@pytest.mark.parametrize("dtype,res_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.float64),
+                                               (torch.float64, torch.float16), (torch.float32, torch.int64)],
+                         ids=["bf16+f32", "f32+f64", "f64+f16", "f32+i64"])
+@pytest.mark.parametrize("training,p", [(True, 0.0), (True, 0.3), (False, 0.0)], ids=["train", "train_p0.3", "eval"])
+def test_residual_of_another_dtype_is_the_unfused_promoted_result(device, dtype, res_dtype, training, p):
+    """relu(bn(x) + residual) with torch's type promotion, as the unfused layers (autocast's float32 skip connection
+    around a bfloat16 branch): bit for bit, outputs, gradients and running statistics; the fused module's mask."""
+    torch.manual_seed(0)
+    param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    block = bnfused.BatchNormAddReLU2d(C, p=p, device=device, dtype=param_dtype).train(training)
+    with torch.no_grad():
+        block.weight.uniform_(0.5, 1.5)
+        block.bias.uniform_(-0.5, 0.5)
+        block.running_mean.normal_()
+    bn = nn.BatchNorm2d(C, device=device, dtype=param_dtype).train(training)
+    bn.load_state_dict(block.state_dict())
+    x = leaf(torch.randn(2, C, 4, 5, device=device).to(dtype))
+    residual = torch.randn(2, C, 4, 5, device=device).mul(3).to(res_dtype)
+    residual = leaf(residual) if residual.is_floating_point() else residual
+    xr, rr = leaf(x), (leaf(residual) if residual.is_floating_point() else residual)
+    torch.manual_seed(11)
+    y = block(x, residual)
+    torch.manual_seed(11)
+    y_ref = KeyedDropout(p, ops.philox_key(device)).train(training)(torch.relu(bn(xr) + rr))
+    assert y.dtype == torch.promote_types(dtype, res_dtype) == y_ref.dtype
+    assert torch.equal(y, y_ref)
+    y.backward(torch.ones_like(y))
+    y_ref.backward(torch.ones_like(y_ref))
+    assert torch.equal(x.grad, xr.grad)
+    if residual.is_floating_point():
+        assert torch.equal(residual.grad, rr.grad)
+    for name in ("weight", "bias"):
+        assert torch.equal(getattr(block, name).grad, getattr(bn, name).grad), name
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(block, name), getattr(bn, name)), name
 
 
 @pytest.mark.parametrize("bad,error,match", [

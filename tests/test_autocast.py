@@ -84,3 +84,31 @@ def test_autocast_eval_uses_float32_running_stats(device, dtype):
     assert y.dtype == dtype
     assert fused[1].running_mean.dtype == torch.float32
     torch.testing.assert_close(y.float(), y_ref.float(), rtol=1e-2, atol=1e-2)
+
+
+class _SkipAroundBranch(nn.Module):
+    """relu(bn(conv(x)) + x): under autocast the branch is reduced precision and the skip connection float32."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)) + x)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_autocast_float32_skip_connection_after_convert(device, dtype, training):
+    """A converted model whose residual keeps float32 while the branch autocasts: the unconverted model's result
+    (float32, bit for bit), where the fused tail would need one dtype."""
+    torch.manual_seed(0)
+    reference = _SkipAroundBranch().to(device).train(training)
+    fused = bnfused.convert(copy.deepcopy(reference))
+    assert type(fused.bn) is bnfused.BatchNormAddReLU2d
+    x = torch.randn(2, 3, 5, 5, device=device)
+    y_ref = _run(reference, x, 0, device, dtype)
+    y = _run(fused, x, 0, device, dtype)
+    assert y.dtype == torch.float32 == y_ref.dtype and torch.equal(y, y_ref)
+    assert torch.equal(fused.conv.weight.grad, reference.conv.weight.grad)
+    assert torch.equal(fused.bn.running_var, reference.bn.running_var)
