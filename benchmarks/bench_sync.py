@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Synced BatchNorm benchmark: per-step forward+backward time of bnfused.SyncBatchNormReLUDropout against
-nn.SyncBatchNorm -> ReLU -> Dropout, two processes on the gloo backend (localhost), per-rank batch shapes below.
+nn.SyncBatchNorm -> ReLU -> Dropout, and of the block tail bnfused.SyncBatchNormAddReLU against
+nn.SyncBatchNorm -> + residual -> ReLU, two processes on the gloo backend (localhost), per-rank batch shapes below.
 
 nn.SyncBatchNorm refuses CPU input, and five of the ATen ops its autograd Function calls (batch_norm_stats,
 batch_norm_gather_stats_with_counts, batch_norm_elemt, batch_norm_backward_reduce, batch_norm_backward_elemt)
@@ -132,13 +133,30 @@ class CPUSyncBatchNorm(nn.SyncBatchNorm):
 
 # ---------------------------------------------------------------- timing (inside each rank)
 
-def _peers(channels: int, device: torch.device) -> dict[str, nn.Module]:
-    unfused_bn = (nn.SyncBatchNorm if device.type == "cuda" else CPUSyncBatchNorm)(channels)
+def _unfused_sync_bn(channels: int, device: torch.device) -> nn.Module:
+    return (nn.SyncBatchNorm if device.type == "cuda" else CPUSyncBatchNorm)(channels)
+
+
+class _Tail(nn.Module):
+    """module(x) -> relu(bn(x) + residual) (the fused tail, or the unfused layers), the residual held fixed."""
+
+    def __init__(self, bn: nn.Module, residual: torch.Tensor, fused: bool) -> None:
+        super().__init__()
+        self.bn, self.residual, self.fused = bn, residual, fused
+
+    def forward(self, x):
+        return self.bn(x, self.residual) if self.fused else torch.relu(self.bn(x) + self.residual)
+
+
+def _peers(channels: int, device: torch.device, residual: torch.Tensor) -> dict[str, nn.Module]:
     return {
         "bnfused_sync": bnfused.SyncBatchNormReLUDropout(channels, p=P),
-        "nn_sync": nn.Sequential(unfused_bn, nn.ReLU(), nn.Dropout(P)),
+        "nn_sync": nn.Sequential(_unfused_sync_bn(channels, device), nn.ReLU(), nn.Dropout(P)),
         "bnfused_nosync": bnfused.BatchNormReLUDropout2d(channels, p=P),
         "nn_nosync": nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(), nn.Dropout(P)),
+        # the ResNet block tail (no dropout, as in ResNets)
+        "bnfused_sync_tail": _Tail(bnfused.SyncBatchNormAddReLU(channels), residual, fused=True),
+        "nn_sync_tail": _Tail(_unfused_sync_bn(channels, device), residual, fused=False),
     }
 
 
@@ -148,16 +166,19 @@ def _check_peers_agree(device: torch.device) -> None:
     torch.manual_seed(dist.get_rank())
     x = torch.randn(3 + dist.get_rank(), 8, 5, 5, device=device) * 2 + 1
     grad = torch.randn_like(x)
-    fused = bnfused.SyncBatchNormReLUDropout(8, p=0.0).to(device)
-    unfused = nn.Sequential((nn.SyncBatchNorm if device.type == "cuda" else CPUSyncBatchNorm)(8), nn.ReLU()).to(device)
-    results = []
-    for m in (fused, unfused):
-        xi = x.clone().requires_grad_()
-        y = m(xi)
-        y.backward(grad)
-        results.append((y, xi.grad, m.state_dict()["running_var" if m is fused else "0.running_var"]))
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    residual = torch.randn_like(x)
+    pairs = ((bnfused.SyncBatchNormReLUDropout(8, p=0.0), nn.Sequential(_unfused_sync_bn(8, device), nn.ReLU())),
+             (_Tail(bnfused.SyncBatchNormAddReLU(8), residual, True),
+              _Tail(_unfused_sync_bn(8, device), residual, False)))
+    for fused, unfused in pairs:
+        results = []
+        for m in (fused.to(device), unfused.to(device)):
+            xi = x.clone().requires_grad_()
+            y = m(xi)
+            y.backward(grad)
+            results.append((y, xi.grad, next(b for n, b in m.named_buffers() if n.endswith("running_var"))))
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 def _step_seconds(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, iters: int) -> list[float]:
@@ -190,7 +211,8 @@ def _worker(rank: int, port: int, device_type: str, quick: bool, out_path: str) 
             torch.manual_seed(rank)
             x = torch.randn(shape, device=device).requires_grad_()
             grad = torch.randn(shape, device=device)
-            peers = {name: m.to(device).train() for name, m in _peers(shape[1], device).items()}
+            residual = torch.randn(shape, device=device)
+            peers = {name: m.to(device).train() for name, m in _peers(shape[1], device, residual).items()}
             samples = {name: [] for name in peers}
             for name, m in peers.items():
                 _step_seconds(m, x, grad, warmup)
@@ -201,6 +223,7 @@ def _worker(rank: int, port: int, device_type: str, quick: bool, out_path: str) 
             rows.append({"device": device.type, "world_size": WORLD_SIZE, "shape_per_rank": list(shape),
                          "dtype": "float32", "p": P, **{f"{name}_ms": v for name, v in ms.items()},
                          "speedup_vs_nn_sync": ms["nn_sync"] / ms["bnfused_sync"],
+                         "tail_speedup_vs_nn_sync": ms["nn_sync_tail"] / ms["bnfused_sync_tail"],
                          "threads_per_rank": torch.get_num_threads()})
         if rank == 0:
             with open(out_path, "w") as f:
@@ -229,15 +252,16 @@ def run(quick: bool = False) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = [f"Synced BN -> ReLU -> Dropout(p={P}), {WORLD_SIZE} gloo processes, per-step forward+backward "
-             "(median ms)", "",
+    lines = [f"Synced BN -> ReLU -> Dropout(p={P}), and the block tail BN -> + residual -> ReLU (p=0), {WORLD_SIZE} "
+             "gloo processes, per-step forward+backward (median ms)", "",
              "| device | shape per rank | bnfused sync | nn.SyncBatchNorm chain | speedup | bnfused, no sync "
-             "| nn.BatchNorm2d chain, no sync |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             "| nn.BatchNorm2d chain, no sync | bnfused sync tail | nn.SyncBatchNorm + residual -> ReLU | speedup |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['device']} | {'x'.join(map(str, r['shape_per_rank']))} | {r['bnfused_sync_ms']:.2f} | "
                      f"{r['nn_sync_ms']:.2f} | {r['speedup_vs_nn_sync']:.2f}x | {r['bnfused_nosync_ms']:.2f} | "
-                     f"{r['nn_nosync_ms']:.2f} |")
+                     f"{r['nn_nosync_ms']:.2f} | {r['bnfused_sync_tail_ms']:.2f} | {r['nn_sync_tail_ms']:.2f} | "
+                     f"{r['tail_speedup_vs_nn_sync']:.2f}x |")
     if any(r["device"] == "cpu" for r in rows):
         lines += ["", "cpu: nn.SyncBatchNorm rejects CPU input; its autograd Function runs with composite CPU kernels "
                   "for its five CUDA-only ATen ops (see benchmarks/bench_sync.py)."]
