@@ -4,6 +4,7 @@ formulas: every dtype, layout and residual layout, train/eval, affine or not, p 
 thread independence, reduced precision as float32 rounded once, gradcheck, opcheck, compile, export, bad inputs and
 what autograd saves."""
 import copy
+import inspect
 import math
 
 import pytest
@@ -383,10 +384,15 @@ def test_module_api_like_batchnorm():
     assert list(fused.state_dict()) == list(nn.BatchNorm2d(5).state_dict())
     assert fused.p == 0.2 and bnfused.BatchNormAddReLU2d(5).p == 0.0
     assert "p=0.2" in repr(fused)
-    no_bias = bnfused.BatchNormAddReLU1d(4, bias=False)
-    assert no_bias.bias is None and no_bias.weight is not None
     with pytest.raises(ValueError, match="dropout probability"):
         bnfused.BatchNormAddReLU3d(4, p=1.5)
+
+
+@pytest.mark.skipif("bias" not in inspect.signature(nn.BatchNorm1d.__init__).parameters,
+                    reason="this torch's nn.BatchNormXd has no bias= argument")
+def test_module_affine_without_bias():
+    no_bias = bnfused.BatchNormAddReLU1d(4, bias=False)
+    assert no_bias.bias is None and no_bias.weight is not None
 
 
 def test_eval_is_deterministic_and_leaves_state_alone(device):
