@@ -5,6 +5,9 @@ reset_parameters, momentum=None (cumulative average) and train()/eval() behave e
 """
 from __future__ import annotations
 
+import inspect
+
+import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -12,6 +15,8 @@ from . import functional
 
 _BUFFERS = frozenset(("running_mean", "running_var", "num_batches_tracked"))
 _MISSING = object()
+# nn.BatchNormXd's bias= (a weight without a bias) is recent: torch 2.13 has it, 2.11 does not.
+_BATCHNORM_TAKES_BIAS = "bias" in inspect.signature(_BatchNorm.__init__).parameters
 
 
 class _BatchNormReLUDropout(_BatchNorm):
@@ -29,6 +34,9 @@ class _BatchNormReLUDropout(_BatchNorm):
             functional.check_number(momentum, "momentum")
         # Recent nn.BatchNormXd take bias= (affine weight without bias); pass it only when False so an
         # older torch (no such argument) keeps working with the default.
+        if not bias and not _BATCHNORM_TAKES_BIAS:
+            raise TypeError(f"{type(self).__name__}(bias=False) needs a torch whose nn.BatchNormXd takes bias= "
+                            f"(torch {torch.__version__}'s does not); use affine=False or a newer torch")
         extra = {} if bias else {"bias": False}
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **extra)
         self.p = float(p)
