@@ -4,6 +4,7 @@ and in forward() code (found by torch.fx, see graph_sites.py). The fused module 
 buffer objects; a report says what was fused and why the other BatchNorm layers were not."""
 from __future__ import annotations
 
+import itertools
 import logging
 import warnings
 from collections import Counter
@@ -115,6 +116,61 @@ def _output_hook_reason(module: nn.Module, what: str, all_hooks: bool = False) -
     return None
 
 
+# A forward with k arguments defaulting to None is traced 2 * 2**k times (each mode, each set of them None).
+_MAX_NONE_ARGS = 3
+
+
+class _Modes:
+    """Whether modules keep the same train/eval mode as each other under model.train() / model.eval(): when some
+    module overrides train() (frozen BatchNorm layers: `for m in self.modules(): if isinstance(m, nn.BatchNorm2d):
+    m.eval()`), each module's mode is read now, after model.train(True) and after model.train(False) (every mode
+    is then restored), and once more with every BN replaced by its fused module, which such an override may
+    not recognise. Without an override every module takes the model's mode, so only the current modes count."""
+
+    def __init__(self, model: nn.Module, bn_types: tuple, stand_in) -> None:
+        self.flags: Optional[dict[int, tuple[bool, ...]]] = None
+        self.stand_in_flags: dict[int, tuple[bool, ...]] = {}
+        if all(type(m).train is nn.Module.train for m in model.modules()):
+            return
+        modules = list(model.modules())
+        saved = [(m, m.training) for m in modules]
+        places = [(parent, name, child) for parent in modules for name, child in parent._modules.items()
+                  if type(child) in bn_types]
+        stand_ins = {id(bn): stand_in(bn) for _, _, bn in places}
+        flags = {id(m): [m.training] for m in modules}
+        try:
+            for mode in (True, False):
+                model.train(mode)
+                for m in modules:
+                    flags[id(m)].append(m.training)
+            for parent, name, bn in places:
+                parent._modules[name] = stand_ins[id(bn)]
+            for mode in (True, False):
+                model.train(mode)
+                for key, fused in stand_ins.items():
+                    self.stand_in_flags.setdefault(key, ())
+                    self.stand_in_flags[key] += (fused.training,)
+        finally:
+            for parent, name, bn in places:
+                parent._modules[name] = bn
+            for m, training in saved:
+                m.training = training
+        self.flags = {key: tuple(v) for key, v in flags.items()}
+
+    def follows(self, a: nn.Module, b: nn.Module) -> bool:
+        """Whether a and b are in the same mode now and after model.train() and model.eval()."""
+        if self.flags is None:
+            return a.training == b.training
+        return self.flags[id(a)] == self.flags[id(b)]
+
+    def unfollowed(self, bn: nn.Module) -> Optional[str]:
+        """Why bn's fused module would not be in bn's mode after model.train() / model.eval() (None: it would)."""
+        if self.flags is None or self.stand_in_flags[id(bn)] == self.flags[id(bn)][1:]:
+            return None
+        return ("model.train() / model.eval() set its mode by a train() override that does not set the fused "
+                "module's the same way (it selects layers by type, e.g. isinstance(m, nn.BatchNorm2d))")
+
+
 def _identity_for(module: nn.Module) -> nn.Module:
     return nn.Identity().train(module.training)
 
@@ -135,6 +191,7 @@ class _Converter:
         self.places = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
         # BN + residual -> ReLU sites: the fused add modules (SyncBatchNormAddReLU for every BN type with sync=True)
         self.add_types = self.bn_types if sync else tuple(_ADD_MODULES)
+        self.modes = _Modes(model, self.bn_types, lambda bn: _fused_for(bn, 0.0, sync, process_group))
 
     # ------------------------------------------------------------ nn.Sequential chains (in place, no tracing)
     def sequential(self, seq: nn.Sequential, prefix: str) -> None:
@@ -154,8 +211,9 @@ class _Converter:
                 continue
             drop = seq._modules[names[i + 2]] if i + 2 < len(names) else None
             # element-wise only (Dropout2d/3d drop whole channels), dropping exactly when the BN trains
-            has_dropout = type(drop) is nn.Dropout and drop.training == bn.training
-            reason = (_output_hook_reason(bn, "the BatchNorm")
+            has_dropout = type(drop) is nn.Dropout and self.modes.follows(drop, bn)
+            reason = (self.modes.unfollowed(bn)
+                      or _output_hook_reason(bn, "the BatchNorm")
                       or _output_hook_reason(nxt, "the ReLU", all_hooks=True)
                       or (_output_hook_reason(drop, "the Dropout", all_hooks=True) if has_dropout else None))
             if reason:
@@ -177,16 +235,25 @@ class _Converter:
         """Whether module's own forward could hold a site: it calls a BN child, or a Sequential ending in one."""
         if graph_sites.is_plain_sequential(module) or type(module).forward is nn.Module.forward:
             return False
-        return any(graph_sites.ending_batchnorm(c, self.bn_types) is not None for c in module.children())
+        return any(graph_sites.ending_batchnorm(c, self.bn_types) is not None
+                   for c in graph_sites.callable_children(module))
 
-    def traced(self, module: nn.Module, prefix: str):
-        """module's forward traced in its mode and in the other one (forward code may read self.training)."""
+    def traced(self, module: nn.Module, prefix: str) -> Optional[dict[tuple[bool, frozenset], "fx.Graph"]]:
+        """module's forward traced in its mode and in the other one (forward code may read self.training), and
+        so again with each set of its None-default arguments None (`if skip is not None:`); keyed by
+        (training, the arguments traced as None)."""
         mode = module.training
+        none_args = graph_sites.none_defaults(module)
         graphs = {}
         try:
-            for training in (mode, not mode):
-                module.training = training  # this module only: its children are leaves of the trace
-                graphs[training] = graph_sites.trace(module)
+            if len(none_args) > _MAX_NONE_ARGS:
+                raise ValueError(f"forward has {len(none_args)} arguments defaulting to None (convert() traces each "
+                                 f"combination of at most {_MAX_NONE_ARGS})")
+            for r in range(len(none_args) + 1):
+                for nones in itertools.combinations(none_args, r):
+                    for training in (mode, not mode):
+                        module.training = training  # this module only: its children are leaves of the trace
+                        graphs[training, frozenset(nones)] = graph_sites.trace(module, nones)
         except Exception as exc:  # noqa: BLE001 -- any tracing failure: keep the module as it is, say why
             reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
             self.report.untraced.append((prefix, reason))
@@ -196,41 +263,36 @@ class _Converter:
             return None
         finally:
             module.training = mode
-        return graphs[mode], graphs[not mode]
+        return graphs
 
     def forward_code(self, module: nn.Module, prefix: str) -> None:
         graphs = self.traced(module, prefix)
         if graphs is None:
             return
-        mode = module.training
-        (sites, reasons), (other_sites, _) = (graph_sites.find_sites(g, module, self.bn_types, t, self.add_types)
-                                              for g, t in zip(graphs, (mode, not mode)))
+        mode, main = module.training, (module.training, frozenset())
+        found = {key: graph_sites.find_sites(g, module, self.bn_types, key[0], self.add_types)
+                 for key, g in graphs.items()}
+        sites, reasons = found[main]
         for path, why in reasons.items():
             self.reasons.setdefault(_join(prefix, path), why)
-        other = {s.bn_path: s for s in other_sites}
-        calls = graph_sites.calls_of(graphs[0])
-        for path, n in graph_sites.calls_of(graphs[1]).items():  # the most calls in either mode
-            calls[path] = max(n, calls.get(path, 0))
+        others = {key: {s.bn_path: s for s in found[key][0]} for key in graphs if key != main}
+        calls: dict[str, int] = {}
+        for g in graphs.values():  # the most calls in any trace
+            for path, n in graph_sites.calls_of(g).items():
+                calls[path] = max(n, calls.get(path, 0))
         in_place, rewrite = [], []
         for site in sites:
             name = _join(prefix, site.bn_path)
-            twin = other.get(site.bn_path)
-            if twin is not None and (site.dropout_node is None) != (twin.dropout_node is None):
-                site.drop_dropout(), twin.drop_dropout()  # a dropout on in one mode only: it stays as it is
-            reason = None
-            if twin is None or (twin.relu_name(), twin.dropout_name(), twin.p, twin.residual_name()) != (
-                    site.relu_name(), site.dropout_name(), site.p, site.residual_name()):
-                reason = f"{type(module).__name__}.forward applies a different chain in train and in eval"
-            elif calls.get(str(site.bn_node.target), 0) != 1 or self.places[id(site.bn)] != 1 or any(
-                    self.places[id(c)] != 1 for c in site.containers):
-                reason = "it is called from more than one place"
-            else:
-                # a BN + add site's fused module also takes the residual: the BN's pre-hooks would see it
-                reason = (_output_hook_reason(site.bn, "the BatchNorm", all_hooks=site.add_node is not None)
-                          or next((r for c in site.containers
-                                   if (r := _output_hook_reason(c, "the nn.Sequential it ends"))), None)
-                          or next((r for m in site.removed_modules.values()
-                                   if (r := _output_hook_reason(m, f"the {type(m).__name__}", True))), None))
+            twins = {key: sites_of.get(site.bn_path) for key, sites_of in others.items()}
+            in_every_trace = [site] + [t for t in twins.values() if t is not None]
+            if len({s.dropout_node is None for s in in_every_trace}) > 1 or (
+                    site.dropout_node is not None and not self.modes.follows(self._dropout_owner(site, module),
+                                                                            site.bn)):
+                # a dropout on in some traces only, or one whose mode may differ from the BN's (the fused
+                # module drops when it trains): it stays as it is
+                for s in in_every_trace:
+                    s.drop_dropout()
+            reason = self._site_reason(module, site, twins, calls)
             if reason:
                 self.reasons[name] = reason
                 continue
@@ -238,15 +300,26 @@ class _Converter:
             swappable = all(calls.get(path) == 1 and self.places[id(m)] == 1 for path, m in site.removed_modules.items())
             n_removed = 1 + (site.dropout_node is not None)
             in_place_ok = swappable and len(site.removed_modules) == n_removed and site.add_node is None
-            (in_place if in_place_ok else rewrite).append((site, twin))
+            (in_place if in_place_ok else rewrite).append((site, twins))
         if rewrite:
-            graph_sites.remove_calls(graphs[0], [s for s, _ in rewrite])
-            graph_sites.remove_calls(graphs[1], [t for _, t in rewrite])
-            (src, globals_), (other_src, _) = graph_sites.source_of(graphs[0]), graph_sites.source_of(graphs[1])
-            if src != other_src:
+            for key, g in graphs.items():
+                graph_sites.remove_calls(g, [s if key == main else twins[key] for s, twins in rewrite])
+            # one forward for both modes: where the traces differ only by self.training's value, it reads it
+            same = all(graph_sites.read_training(graphs[mode, nones], graphs[not mode, nones], mode)
+                       for training, nones in graphs if training == mode)
+            sources = {key: graph_sites.source_of(g) for key, g in graphs.items() if key[0] == mode}
+            why = None
+            if not same:
+                why = f"{type(module).__name__}.forward depends on self.training elsewhere; it is not rewritten"
+            else:
+                try:
+                    src, globals_ = graph_sites.dispatch_source({nones: v for (_, nones), v in sources.items()},
+                                                                graph_sites.none_defaults(module), graphs[main])
+                except ValueError as exc:
+                    why = f"{type(module).__name__}.forward is not rewritten: {exc}"
+            if why:
                 for site, _ in rewrite:
-                    self.reasons[_join(prefix, site.bn_path)] = (
-                        f"{type(module).__name__}.forward depends on self.training elsewhere; it is not rewritten")
+                    self.reasons[_join(prefix, site.bn_path)] = why
                 rewrite = []
             else:
                 graph_sites.install_forward(module, src, globals_)
@@ -263,6 +336,36 @@ class _Converter:
                 dropout = _join(prefix, dropout)
             self.report.fused.append(FusedSite(_join(prefix, site.bn_path), relu, dropout, site.p,
                                                prefix if rewritten else None, site.residual_name()))
+
+    def _site_reason(self, module: nn.Module, site, twins: dict, calls: dict[str, int]) -> Optional[str]:
+        """Why a site found in module's forward cannot be fused (None: it can)."""
+        differs = next((key for key, t in twins.items() if t is None or (
+            t.relu_name(), t.dropout_name(), t.p, t.residual_name()) != (
+            site.relu_name(), site.dropout_name(), site.p, site.residual_name())), None)
+        if differs is not None:
+            return (f"{type(module).__name__}.forward applies a different chain " + (
+                f"when {', '.join(sorted(differs[1]))} is None" if differs[1] else "in train and in eval"))
+        # called once, by this node only: neither the Sequentials it ends nor the BN are called elsewhere
+        chain = site.chain()
+        if calls.get(chain[0], 0) != 1 or any(calls.get(p, 0) for p in chain[1:]) or (
+                self.places[id(site.bn)] != 1 or any(self.places[id(c)] != 1 for c in site.containers)):
+            return "it is called from more than one place"
+        # a BN + add site's fused module also takes the residual: the BN's pre-hooks would see it, and the
+        # Sequentials it ends are no longer called (their layers are)
+        add = site.add_node is not None
+        return (self.modes.unfollowed(site.bn)
+                or _output_hook_reason(site.bn, "the BatchNorm", all_hooks=add)
+                or next((r for c in site.containers
+                         if (r := _output_hook_reason(c, "the nn.Sequential it ends", add))), None)
+                or next((r for m in site.removed_modules.values()
+                         if (r := _output_hook_reason(m, f"the {type(m).__name__}", True))), None))
+
+    @staticmethod
+    def _dropout_owner(site, module: nn.Module) -> nn.Module:
+        """The module whose mode turns the site's dropout on: the nn.Dropout, or the module whose forward calls
+        F.dropout(training=self.training)."""
+        node = site.dropout_node
+        return site.removed_modules[str(node.target)] if node.op == "call_module" else module
 
     def run(self) -> ConvertReport:
         named = list(self.model.named_modules())
@@ -288,9 +391,11 @@ def convert(module: nn.Module, sync: bool = False, process_group=None, *, report
 
     * in nn.Sequential chains (BN, nn.ReLU, optional nn.Dropout adjacent), without tracing;
     * in forward() code, by torch.fx tracing of each module that calls a BN child (children are leaves, so only that
-      module's own code is traced): ReLU as nn.ReLU (inplace or not), F.relu, F.relu_, torch.relu(_),
-      Tensor.relu(_); dropout as nn.Dropout or F.dropout(training=self.training); the BN may end a child
-      nn.Sequential whose caller applies the ReLU (the Sequential's own output then includes the ReLU).
+      module's own code is traced; BNs kept in an nn.ModuleList / nn.ModuleDict count as children, a module made
+      in forward, as ``nn.ReLU(inplace=True)(x)``, is part of that code): ReLU as nn.ReLU (inplace or not),
+      F.relu, F.relu_, torch.relu(_), Tensor.relu(_); dropout as nn.Dropout or F.dropout(training=self.training);
+      BN + residual -> ReLU; the BN may end a child nn.Sequential whose caller applies the add or the ReLU (the
+      Sequential's own output then includes the ReLU; for an add, the rewritten forward calls its layers).
 
     The fused module takes the BN's place (same name, so state_dict keys stay and old checkpoints load) and shares
     its Parameter and buffer objects (an optimizer built before convert() keeps training them), its mode and its
@@ -298,14 +403,21 @@ def convert(module: nn.Module, sync: bool = False, process_group=None, *, report
     Otherwise (functional calls, a ReLU module called more than once as in ResNet blocks) the calls are dropped
     from that module's forward: its class becomes a same-named subclass whose forward is the rewritten trace
     (isinstance holds; attributes, hooks, pickling and deepcopy are kept). A rewritten forward is the trace at
-    convert() time: Python control flow on attributes (``if self.downsample is not None``) is fixed then. Modules
-    whose forward reads ``self.training`` to choose other code are not rewritten, nor are those torch.fx cannot
-    trace (a warning names the module and the reason; their nn.Sequential chains are still fused).
+    convert() time: Python control flow on attributes (``if self.downsample is not None``) is fixed then; it reads
+    ``self.training`` where the traces of both modes differ only by that flag (``F.dropout(x, p, self.training)``),
+    and a forward with (up to 3) arguments defaulting to None is traced with each set of them None, the rewritten
+    forward picking the trace by which are None (``if skip is not None:``). Modules whose forward reads
+    ``self.training`` to choose other code are not rewritten, nor are those torch.fx cannot trace (a warning names
+    the module and the reason; their nn.Sequential chains are still fused). A BN + add site computes an add that
+    broadcasts or promotes (a bias, an (N, C, 1, 1) embedding, another dtype) unfused, as the forward did.
 
     A site stays unfused, with its reason in the report, when a forward hook or backward hook is registered on
-    the BN (it would see the ReLU's output), on the ReLU/Dropout or on a Sequential the BN ends, or when the BN is
-    called from more than one place. convert() logs the report's summary (logger ``bnfused.convert``, INFO) and
-    warns when it fused nothing.
+    the BN (it would see the ReLU's output), on the ReLU/Dropout or on a Sequential the BN ends, when the BN is
+    called from more than one place, or when a train() override sets the BN's mode in a way it would not set the
+    fused module's (``isinstance(m, nn.BatchNorm2d)``: the fused modules are _BatchNorm subclasses; convert() calls
+    ``model.train()`` and ``model.eval()`` once to see it, then restores every mode). A dropout is fused only when
+    its mode is the BN's now and after model.train() / model.eval() (the fused module drops when it trains).
+    convert() logs the report's summary (logger ``bnfused.convert``, INFO) and warns when it fused nothing.
 
     Only exact nn.BatchNorm1d/2d/3d (and nn.SyncBatchNorm with ``sync=True``), nn.ReLU and nn.Dropout are
     matched (not ReLU6, LeakyReLU, Dropout2d). With ``sync=True`` every site becomes a SyncBatchNormReLUDropout

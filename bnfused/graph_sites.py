@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 _RELU_FUNCTIONS = (F.relu, F.relu_, torch.relu, torch.relu_)
 _RELU_METHODS = ("relu", "relu_")
@@ -29,6 +30,13 @@ class _OwnCodeTracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return True
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        try:
+            self.path_of_module(m)
+        except NameError:  # a module made in forward (`nn.ReLU(inplace=True)(out + shortcut)`): part of its code
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
 
 
 def is_plain_sequential(module: nn.Module) -> bool:
@@ -65,6 +73,13 @@ class Site:
     add_node: Optional[fx.Node] = None
     residual: Optional[fx.Node] = None
 
+    def chain(self) -> list[str]:
+        """The paths from the called module down to the BN: [node target, inner containers..., BN path]."""
+        paths = [str(self.bn_node.target)]
+        for container in self.containers:
+            paths.append(f"{paths[-1]}.{list(container._modules)[-1]}")
+        return paths
+
     def drop_dropout(self) -> None:
         """Fuse BN -> ReLU only, leaving the dropout call as it is."""
         if self.dropout_node is not None and self.dropout_node.op == "call_module":
@@ -95,8 +110,31 @@ def _describe(node: fx.Node) -> str:
         "torch.nn.functional.", "F.").replace("torch._C._VariableFunctions.", "torch.")
 
 
-def trace(module: nn.Module) -> fx.Graph:
-    return _OwnCodeTracer().trace(module)
+def trace(module: nn.Module, none_args: tuple[str, ...] = ()) -> fx.Graph:
+    """module's own forward traced; the arguments in none_args are traced as None (torch.fx's concrete_args),
+    without the check fx would add that they are (the rewritten forward picks the trace by checking it)."""
+    graph = _OwnCodeTracer().trace(module, concrete_args={name: None for name in none_args} or None)
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is fx._symbolic_trace._assert_is_none:
+            graph.erase_node(node)
+    return graph
+
+
+def none_defaults(module: nn.Module) -> list[str]:
+    """The forward's arguments that default to None. torch.fx traces each as a tensor, so `if skip is not None:`
+    takes the same branch in every trace: convert() also traces module with them None."""
+    return [name for name, param in inspect.signature(module.forward).parameters.items()
+            if param.default is None and param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)]
+
+
+def callable_children(module: nn.Module):
+    """module's children, looking into the containers that have no forward of their own (nn.ModuleList,
+    nn.ModuleDict: an MLP's `for linear, norm in zip(self.linears, self.norms)`): what module's forward calls."""
+    for child in module.children():
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)) and type(child).forward is nn.Module.forward:
+            yield from callable_children(child)
+        else:
+            yield child
 
 
 def _sole_user(node: fx.Node) -> Optional[fx.Node]:
@@ -160,6 +198,54 @@ def _residual_add(bn_node: fx.Node) -> Optional[tuple[fx.Node, fx.Node]]:
     return (add, residual) if isinstance(residual, fx.Node) else None
 
 
+_IN_PLACE_FUNCTIONS = (operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem)
+
+
+def _may_write(node: fx.Node, value: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether node may write to value in place: an in-place method or function on it, an `inplace=True` call, a
+    module with an inplace layer, or a module with its own forward (it may do anything with its input)."""
+    if value not in _flat_nodes(node):
+        return False
+    if node.op == "call_method":
+        return node.target.endswith("_") and node.args[0] is value
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return (node.target in _IN_PLACE_FUNCTIONS or node.kwargs.get("inplace") is True
+                or (name.endswith("_") and not name.endswith("__")))
+    if node.op == "call_module":
+        module = modules[node.target]
+        return any(getattr(m, "inplace", False) is True or not type(m).__module__.startswith("torch.nn")
+                   and not is_plain_sequential(m) for m in module.modules())
+    return False
+
+
+# ops whose result may share the input's memory (then writing it writes the input)
+_VIEW_NAMES = frozenset(("view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "transpose", "permute",
+                         "t", "squeeze", "unsqueeze", "expand", "expand_as", "narrow", "select", "chunk", "split",
+                         "unbind", "contiguous", "detach", "as_strided", "movedim", "getitem", "diagonal"))
+
+
+def _may_alias(node: fx.Node) -> bool:
+    name = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return node.op in ("call_method", "call_function") and name in _VIEW_NAMES
+
+
+def _input_written_before(bn_node: fx.Node, add: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether a node between the BN call and the add may write to the BN's input (or a view of it) in place: the
+    fused call runs at the add (the residual may be computed after the BN), so that would change what it
+    normalises."""
+    if not isinstance(bn_node.args[0], fx.Node):
+        return False
+    aliases, node = {bn_node.args[0]}, bn_node.next
+    while node is not add:
+        if any(_may_write(node, a, modules) for a in aliases):
+            return True
+        if _may_alias(node) and any(a in _flat_nodes(node) for a in aliases):
+            aliases.add(node)
+        node = node.next
+    return False
+
+
 def find_sites(graph: fx.Graph, root: nn.Module, bn_types: tuple, training: bool,
                add_types: tuple = ()) -> tuple[list[Site], dict]:
     """The BN -> ReLU (-> Dropout) sites of a traced forward (and BN + residual -> ReLU ones for BNs of add_types
@@ -174,7 +260,12 @@ def find_sites(graph: fx.Graph, root: nn.Module, bn_types: tuple, training: bool
             continue
         bn_path = f"{node.target}.{ending[0]}" if ending[0] else str(node.target)
         relu = _sole_user(node)
-        add = _residual_add(node) if type(modules[bn_path]) in add_types and not ending[1] else None
+        # A BN ending nn.Sequentials (RegNet's f, a CIFAR ResNet's residual_function) takes the add too: the rewrite
+        # then calls the Sequentials' layers one by one, so that the fused module gets the residual.
+        add = (_residual_add(node) if type(modules[bn_path]) in add_types and len(node.args) == 1 and not node.kwargs
+               else None)
+        if add is not None and _input_written_before(node, add[0], modules):
+            add = None
         if add is not None and any(s.add_node is add[0] for s in sites):
             add = None  # both operands are BN outputs: the first BN took the add
         if add is not None:
@@ -197,6 +288,12 @@ def find_sites(graph: fx.Graph, root: nn.Module, bn_types: tuple, training: bool
             if n is not None and n.op == "call_module":
                 site.removed_modules[str(n.target)] = modules[n.target]
         sites.append(site)
+    for site in sites:  # a residual BN found before the BN that takes its add: say so
+        if site.residual is not None and site.residual.op == "call_module":
+            ending = ending_batchnorm(modules[site.residual.target], bn_types)
+            path = None if ending is None else ".".join(p for p in (str(site.residual.target), ending[0]) if p)
+            if path in reasons:
+                reasons[path] = f"it is the residual that the fused {site.bn_path} adds"
     return sites, reasons
 
 
@@ -219,8 +316,12 @@ def remove_calls(graph: fx.Graph, sites: list[Site]) -> None:
         fused = site.bn_node
         if site.add_node is not None:
             residual = replaced.get(site.residual, site.residual)
+            x, chain = site.bn_node.args[0], site.chain()
             with graph.inserting_before(site.add_node):
-                fused = graph.call_module(site.bn_node.target, (site.bn_node.args[0], residual))
+                for path, container in zip(chain, site.containers):  # the Sequentials' layers up to the BN
+                    for name in list(container._modules)[:-1]:
+                        x = graph.call_module(f"{path}.{name}", (x,))
+                fused = graph.call_function(bn_add_relu_site, (graph.get_attr(chain[-1]), x, residual))
             fused.meta = dict(site.bn_node.meta)
         last = site.dropout_node or site.relu_node
         last.replace_all_uses_with(fused)
@@ -233,9 +334,132 @@ def remove_calls(graph: fx.Graph, sites: list[Site]) -> None:
     graph.lint()
 
 
+def bn_add_relu_site(fused: nn.Module, input: torch.Tensor, residual: Any) -> torch.Tensor:
+    """A BN + residual -> ReLU (-> Dropout) site of a rewritten forward: ``fused(input, residual)`` for a
+    residual of the input's shape and device (as in residual blocks; the fused modules promote another dtype).
+    The forward computed ``relu(bn(input) + residual)`` for any residual the add accepts, which convert() cannot
+    tell from the code: one that broadcasts (a bias, an embedding of shape (N, C, 1, 1), a scalar) is computed
+    unfused instead, nn.BatchNormXd's forward on the fused module's state (a synchronised module in synchronised
+    training: its fused call with the residual broadcast to the input). The fused modules check the residual
+    before anything moves (statistics, collectives), so the common case pays for no check of its own here."""
+    try:
+        return fused(input, residual)
+    except (RuntimeError, TypeError):
+        if _fits(input, residual):
+            raise
+    from .sync import _SyncedBatchNorm  # noqa: PLC0415 -- sync imports torch.distributed
+    if isinstance(fused, _SyncedBatchNorm) and fused._sync() is not None:  # statistics over the process group
+        if (isinstance(residual, torch.Tensor) and torch.result_type(input, residual) == input.dtype
+                and torch.broadcast_shapes(input.shape, residual.shape) == input.shape):
+            return fused(input, residual.to(input.device, input.dtype).expand(input.shape).contiguous())
+        raise RuntimeError(f"bnfused.convert_sync fused a BatchNorm + residual -> ReLU site whose residual "
+                           f"({_what(residual)}) does not broadcast to the BatchNorm's output ({tuple(input.shape)}, "
+                           f"{input.dtype}) keeping its dtype; SyncBatchNormAddReLU cannot compute it in "
+                           "synchronised training")
+    out = torch.relu(_BatchNorm.forward(fused, input) + residual)  # nn.BatchNormXd's forward on the shared state
+    return F.dropout(out, fused.p, fused.training) if fused.p > 0 else out
+
+
+def _fits(input: torch.Tensor, residual: Any) -> bool:
+    """A residual the fused modules take (what functional.check_residual accepts)."""
+    return isinstance(residual, torch.Tensor) and residual.shape == input.shape and residual.device == input.device
+
+
+def _what(value: Any) -> str:
+    return f"shape {tuple(value.shape)}, {value.dtype}" if isinstance(value, torch.Tensor) else type(value).__name__
+
+
 def source_of(graph: fx.Graph) -> tuple[str, dict[str, Any]]:
     code = graph.python_code(root_module="self")
     return code.src, code.globals
+
+
+def read_training(graph: fx.Graph, other: fx.Graph, training: bool) -> bool:
+    """Makes graph (traced with the module training == `training`) read self.training where the two traces differ
+    only by that flag (F.dropout(x, p, self.training) traces to a constant), so that one forward serves both
+    modes. False, graph unchanged, when they differ otherwise (`if self.training:` choosing other code)."""
+    nodes, other_nodes = list(graph.nodes), list(other.nodes)
+    if len(nodes) != len(other_nodes):
+        return False
+    index = {n: i for i, n in enumerate(nodes)}
+    other_index = {n: i for i, n in enumerate(other_nodes)}
+    flags: list[tuple[fx.Node, list]] = []  # (node, path to each flag in its (args, kwargs))
+
+    def compare(a, b, path, found) -> bool:
+        if isinstance(a, fx.Node) or isinstance(b, fx.Node):
+            return isinstance(a, fx.Node) and isinstance(b, fx.Node) and index[a] == other_index[b]
+        if isinstance(a, bool) and isinstance(b, bool) and a is training and b is (not training):
+            found.append(path)
+            return True
+        if type(a) is not type(b):
+            return False
+        if isinstance(a, (tuple, list)):
+            return len(a) == len(b) and all(compare(x, y, path + (i,), found) for i, (x, y) in enumerate(zip(a, b)))
+        if isinstance(a, dict):
+            return a.keys() == b.keys() and all(compare(a[k], b[k], path + (k,), found) for k in a)
+        return a == b
+
+    for node, twin in zip(nodes, other_nodes):
+        found: list = []
+        if (node.op, node.target) != (twin.op, twin.target) or not compare((node.args, node.kwargs),
+                                                                           (twin.args, twin.kwargs), (), found):
+            return False
+        if found:
+            flags.append((node, found))
+    if not flags:
+        return True
+    with graph.inserting_after(next(n for n in reversed(nodes) if n.op == "placeholder")):
+        flag = graph.get_attr("training")
+
+    def replaced(value, path):
+        if not path:
+            return flag
+        head, rest = path[0], path[1:]
+        if isinstance(value, dict):
+            return {k: replaced(v, rest) if k == head else v for k, v in value.items()}
+        return type(value)(replaced(v, rest) if i == head else v for i, v in enumerate(value))
+
+    for node, paths in flags:
+        args_kwargs = (node.args, node.kwargs)
+        for path in paths:
+            args_kwargs = replaced(args_kwargs, path)
+        node.args, node.kwargs = args_kwargs
+    graph.lint()
+    return True
+
+
+def dispatch_source(variants: dict[frozenset, tuple[str, dict[str, Any]]], none_args: list[str],
+                    graph: fx.Graph) -> tuple[str, dict[str, Any]]:
+    """One forward from the rewritten traces of each set of None arguments (variants[frozenset()]: none of
+    them None): that trace's source when all have the same body, else a forward that calls the trace matching
+    which arguments are None. ValueError when they cannot be combined (*args, clashing globals)."""
+    src, globals_ = variants[frozenset()]
+    body = _body(src)
+    distinct = {sub: v for sub, v in variants.items() if sub and _body(v[0]) != body}
+    if not distinct:
+        return src, globals_
+    params = [str(n.target) for n in graph.nodes if n.op == "placeholder"]
+    if any(p.startswith("*") for p in params):
+        raise ValueError("its forward takes *args or **kwargs")
+    merged = dict(globals_)
+    functions, lines = [_renamed(src, "_bnfused_forward_0")], [src.strip().splitlines()[0]]
+    for i, (sub, (other, other_globals)) in enumerate(distinct.items(), start=1):
+        for name, obj in other_globals.items():
+            if merged.setdefault(name, obj) is not obj:
+                raise ValueError(f"its traces name {name!r} differently")
+        functions.append(_renamed(other, f"_bnfused_forward_{i}"))
+        test = " and ".join(f"{a} is None" if a in sub else f"{a} is not None" for a in none_args)
+        lines.append(f"    if {test}:\n        return _bnfused_forward_{i}(self, {', '.join(params)})")
+    lines.append(f"    return _bnfused_forward_0(self, {', '.join(params)})")
+    return "\n".join(functions + ["\n".join(lines)]) + "\n", merged
+
+
+def _body(src: str) -> str:
+    return src.strip().split("\n", 1)[1] if "\n" in src.strip() else ""
+
+
+def _renamed(src: str, name: str) -> str:
+    return src.replace("def forward(", f"def {name}(", 1)
 
 
 # ---------------------------------------------------------------- installing a rewritten forward
