@@ -89,8 +89,9 @@ inline bool aligned_to(const void* p, size_t bytes) {
 
 // How many elements the pointers lie past a `bytes` boundary (0 .. bytes/sizeof(T) - 1), when they all lie the same
 // distance past it (null pointers ignored); -1 when they differ. The kernels peel that many elements so the rest
-// is vector-aligned; one peel can align only one offset, so pointers that differ take scalar accesses (rare:
-// x, grad_out and the output of one call are usually sliced alike).
+// is vector-aligned; one peel can align only one offset, so pointers that differ take scalar accesses (not rare:
+// the chunks of torch.split / chunk of a batch lie sample-size bytes apart, e.g. 300 for (N, 3, 5, 5) float32,
+// beside freshly allocated outputs; the emulation driver's mixed cases run that path).
 template <typename T>
 inline int shared_misalignment(size_t bytes, const T* a, const T* b = nullptr, const T* c = nullptr,
                                const T* d = nullptr) {

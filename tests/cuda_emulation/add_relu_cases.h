@@ -29,8 +29,9 @@ void run_add_case(const Case& cs, const Buffer<scalar_t>& x, const Buffer<scalar
   // The residual (about as large as bn(x), so both signs of bn(x) + residual occur), and the reference forward:
   // y and the pass bits in memory order. Channel and logical index of memory element m: chan[m], logical[m].
   Rng rng{static_cast<uint64_t>(numel * 2654435761u + C * 3 + cs.misaligned)};
-  Buffer<scalar_t> res(numel, cs.misaligned), out(numel, cs.misaligned), out2(numel, cs.misaligned);
-  Buffer<uint8_t> bits(nbytes, cs.misaligned);
+  const Offsets at = cs.offsets();
+  Buffer<scalar_t> res(numel, at.res), out(numel, at.out), out2(numel, at.gres);
+  Buffer<uint8_t> bits(nbytes, at.bits);
   std::vector<scalar_t> y_ref(numel);
   std::vector<uint8_t> bits_ref(nbytes, 0);
   std::vector<int64_t> chan(numel), logical(numel);
@@ -67,9 +68,12 @@ void run_add_case(const Case& cs, const Buffer<scalar_t>& x, const Buffer<scalar
     for (const bool with_bits : {true, false}) {
       ++g_cases;
       std::memset(bits.ptr, 0xA5, nbytes);  // every bit the kernel leaves alone shows up
-      run_add_relu_forward<scalar_t, acc_t>(prm, x.ptr, res.ptr, out.ptr, with_bits ? bits.ptr : nullptr, geo,
-                                            dropout ? &drop : nullptr, stream);
+      const Counts k = measure([&] {
+        run_add_relu_forward<scalar_t, acc_t>(prm, x.ptr, res.ptr, out.ptr, with_bits ? bits.ptr : nullptr, geo,
+                                              dropout ? &drop : nullptr, stream);
+      });
       const char* what = with_bits ? "add_relu_forward (bits)" : "add_relu_forward";
+      check_scalar_path(what, cs, dt, k, differ(16, sizeof(scalar_t), {at.x, at.res, at.out}));
       for (int64_t m = 0; m < numel; ++m)
         if (!same_bits(y_ref[m], out.ptr[m])) {
           char d[120];
@@ -110,16 +114,19 @@ void run_add_case(const Case& cs, const Buffer<scalar_t>& x, const Buffer<scalar
   const double tol = sizeof(acc_t) == 8 ? 1e-11 : 2e-5;
 
   // ---- add_relu_backward_reduce: the sums to a tolerance (the reductions' subset of the matrix) ----
-  const bool reduce_case = cs.p != 1.0 && (!cs.misaligned || cs.p == 0.3);
-  if (selected("add_relu_backward_reduce") && N * S > 0 && reduce_case) {
+  if (selected("add_relu_backward_reduce") && N * S > 0 && reduce_case_of<scalar_t>(cs)) {
     ++g_cases;
     std::vector<acc_t> sum_g(C), sum_gx(C);
     using Op = AddGradSumsOp<acc_t>;
     const Op op{prm.mean, prm.rstd, sum_g.data(), sum_gx.data()};
     const auto plan = plan_reduction<scalar_t, Op>(geo, x.ptr, dy.ptr);
     std::vector<acc_t> ws(plan.workspace_elems());
-    run_add_relu_backward_reduce<scalar_t, acc_t>(op, plan, dy.ptr, x.ptr, bits.ptr, scale, geo,
-                                                  ws.empty() ? nullptr : ws.data(), counters_for(plan), stream);
+    const Counts k = measure([&] {
+      run_add_relu_backward_reduce<scalar_t, acc_t>(op, plan, dy.ptr, x.ptr, bits.ptr, scale, geo,
+                                                    ws.empty() ? nullptr : ws.data(), counters_for(plan), stream);
+    });
+    check_scalar_path("add_relu_backward_reduce", cs, dt, k,
+                      differ(vector_bytes<scalar_t>(geo, false), sizeof(scalar_t), {at.x, at.dy}));
     check_counters_reset(plan);
     for (int64_t c = 0; c < C; ++c)
       if (!(std::fabs(sum_g[c] - sg_ref[c]) <= tol * (mag_g[c] + 1e-30)) ||
@@ -139,10 +146,13 @@ void run_add_case(const Case& cs, const Buffer<scalar_t>& x, const Buffer<scalar
       ++g_cases;
       const auto sums = acc_sums<acc_t>(sg_ref, sgx_ref, N * S);
       const auto &sg = sums.sum_g, &sgx = sums.sum_gx, &mg = sums.mean_g, &mgx = sums.mean_gx;
-      run_add_relu_backward_input<scalar_t, acc_t>(prm_w, batch_stats ? sg.data() : nullptr,
-                                                   batch_stats ? sgx.data() : nullptr, N * S, dy.ptr, x.ptr,
-                                                   bits.ptr, scale, out.ptr, out2.ptr, geo, stream);
+      const Counts k = measure([&] {
+        run_add_relu_backward_input<scalar_t, acc_t>(prm_w, batch_stats ? sg.data() : nullptr,
+                                                     batch_stats ? sgx.data() : nullptr, N * S, dy.ptr, x.ptr,
+                                                     bits.ptr, scale, out.ptr, out2.ptr, geo, stream);
+      });
       const char* what = batch_stats ? "add_relu_backward_input (batch stats)" : "add_relu_backward_input (running)";
+      check_scalar_path(what, cs, dt, k, differ(16, sizeof(scalar_t), {at.dy, at.x, at.out, at.gres}));
       for (int64_t m = 0; m < numel; ++m) {
         const int64_t c = chan[m];
         const auto coef = backward_coef<acc_t>(prm.mean[c], prm.rstd[c], prm.w(c), batch_stats, mg[c], mgx[c]);

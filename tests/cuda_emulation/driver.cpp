@@ -2,7 +2,8 @@
 // dtypes, dropout probabilities and base-pointer alignments, against a scalar reference built from the shared math
 // (csrc/bn_math.h, csrc/philox.h): masks and forward bit for bit, statistics and sums to a tolerance.
 // The BN + residual add + ReLU ops run on the same matrix (add_relu_cases.h).
-// Usage: driver [--quick] [--only OP] [--counts]; exits non-zero after 5 mismatches (reported on stderr).
+// Usage: driver [--quick] [--mixed] [--only OP] [--counts]; exits non-zero after 5 mismatches (reported on stderr);
+// --mixed runs only the cases whose buffers lie at different misalignments.
 #include "cuda/backward_input.cuh"
 #include "cuda/forward.cuh"
 #include "cuda/reduce.cuh"
@@ -22,9 +23,11 @@ using namespace bnfused::cuda;
 namespace {
 
 bool g_quick = false;
+bool g_mixed_only = false;  // --mixed: only the cases with buffers at different misalignments
 std::string g_only;
 int g_failures = 0;
 long g_cases = 0;
+long g_scalar_checked = 0;  // op runs checked to take the scalar path (check_scalar_path)
 
 template <typename T>
 const char* type_name();
@@ -47,17 +50,42 @@ struct Shape {
   }
 };
 
+// Where each buffer of a case starts: elements past a 16-byte boundary (the pass bits: bytes). x, dy and out are
+// run_case's (out: the forward's output, then backward_input's dx); res, gres (grad_residual) and bits the add ops'
+// (run_add_case; its own out holds their y, then dx).
+struct Offsets {
+  int x, dy, out, res, gres, bits;
+  static Offsets all(int k) { return {k, k, k, k, k, k}; }
+  std::string name() const {
+    char buf[96];
+    std::snprintf(buf, sizeof buf, " at x+%d dy+%d out+%d res+%d gres+%d bits+%d", x, dy, out, res, gres, bits);
+    return buf;
+  }
+};
+
+// Whether the buffers at these offsets (elements of `elem` bytes) lie at different distances past a `bytes`
+// boundary: a kernel that vectorises at that width must then take its scalar path (shared_misalignment < 0).
+bool differ(int bytes, size_t elem, std::initializer_list<int> offsets) {
+  const long first = static_cast<long>(*offsets.begin() * elem) % bytes;
+  for (const int o : offsets)
+    if (static_cast<long>(o * elem) % bytes != first) return true;
+  return false;
+}
+
 struct Case {
   Shape shape;
   Layout layout;
   double p;
   int misaligned;  // base pointers this many elements past a 16-byte boundary (1 in the main matrix)
   bool affine;
+  bool mixed = false;  // the buffers at `at` (different misalignments), not all at `misaligned`
+  Offsets at = {};
+  Offsets offsets() const { return mixed ? at : Offsets::all(misaligned); }
   std::string name() const {
-    char buf[160];
+    char buf[240];
     std::string dims = std::to_string(shape.N) + "x" + std::to_string(shape.C);
     for (auto d : shape.spatial) dims += "x" + std::to_string(d);
-    const std::string mis = misaligned == 0 ? "" : misaligned == 1 ? " misaligned" :
+    const std::string mis = mixed ? at.name() : misaligned == 0 ? "" : misaligned == 1 ? " misaligned" :
                             " misaligned by " + std::to_string(misaligned);
     std::snprintf(buf, sizeof buf, "%s %s p=%g%s%s", dims.c_str(),
                   layout == Layout::ChannelsFirst ? "NCHW" : (shape.spatial.empty() ? "2d" : "channels_last"), p,
@@ -192,6 +220,52 @@ AccSums<acc_t> acc_sums(const std::vector<double>& sg_ref, const std::vector<dou
   return a;
 }
 
+// What a run of kernels did: launches, Philox calls, elements moved by vector and by scalar accesses.
+struct Counts {
+  uint64_t launches, philox, vec, scalar;
+  static Counts now() {
+    return {cuda_emu::launches.load(), cuda_emu::philox_calls.load(), cuda_emu::vector_elems.load(),
+            cuda_emu::scalar_elems.load()};
+  }
+  Counts operator-(const Counts& o) const {
+    return {launches - o.launches, philox - o.philox, vec - o.vec, scalar - o.scalar};
+  }
+};
+
+template <typename F>
+Counts measure(F run) {
+  const Counts before = Counts::now();
+  run();
+  return Counts::now() - before;
+}
+
+// The cases that run the reductions (both op families): all but p = 1; misaligned ones at p = 0.3 only; mixed ones
+// where x and dy lie at different distances past 16 bytes.
+template <typename scalar_t>
+bool reduce_case_of(const Case& cs) {
+  if (cs.p == 1.0) return false;
+  if (cs.mixed) return differ(16, sizeof(scalar_t), {cs.at.x, cs.at.dy});
+  return !cs.misaligned || cs.p == 0.3;
+}
+
+// A mixed case's op whose buffers lie at different distances past its vector width (`scalar`) must have moved every
+// element by scalar accesses: the check that the case runs the kernel's scalar path, not its peeled vector path.
+void check_scalar_path(const char* op, const Case& cs, const char* dtype, const Counts& k, bool scalar) {
+  if (!cs.mixed || !scalar) return;
+  ++g_scalar_checked;
+  if (k.vec != 0 || k.scalar == 0)
+    mismatch(op, cs, dtype, "not the scalar path: " + std::to_string(k.vec) + " elements by vector accesses, " +
+             std::to_string(k.scalar) + " by scalar ones (its pointers lie at different misalignments)");
+}
+
+// The vector width (bytes) the kernels align a geometry's pointers to: 16 for the flat kernels and the
+// channels-first reductions, one channel vector (kVmax elements) for channels_last's tile and column kernels.
+template <typename scalar_t>
+int vector_bytes(const Geometry& g, bool elementwise) {
+  const bool flat = g.layout == Layout::ChannelsFirst || (elementwise && g.S == 1);
+  return flat ? 16 : (sizeof(scalar_t) >= 8 ? 2 : 4) * static_cast<int>(sizeof(scalar_t));
+}
+
 }  // namespace
 
 #include "add_relu_cases.h"  // the BN + residual add + ReLU ops (run_add_case), on the helpers above
@@ -211,7 +285,8 @@ void run_case(const Case& cs) {
   const acc_t scale = dropout_scale<acc_t>(cs.p);
   const uint32_t thr = threshold16(cs.p);
 
-  Buffer<scalar_t> x(numel, cs.misaligned), dy(numel, cs.misaligned), out(numel, cs.misaligned);
+  const Offsets at = cs.offsets();
+  Buffer<scalar_t> x(numel, at.x), dy(numel, at.dy), out(numel, at.out);
   std::vector<double> xd(numel), dyd(numel);  // logical order
   for (int64_t n = 0; n < N; ++n)
     for (int64_t c = 0; c < C; ++c)
@@ -253,8 +328,8 @@ void run_case(const Case& cs) {
 
   auto selected = [&](const char* op) { return g_only.empty() || g_only == op; };
 
-  // ---- stats (independent of p: run once per shape/layout/alignment) ----
-  if (selected("stats") && cs.p == 0.0 && N * S > 0 && (!cs.misaligned || sizeof(scalar_t) == 2)) {
+  // ---- stats (independent of p: run once per shape/layout/alignment; x alone, so never mixed) ----
+  if (selected("stats") && cs.p == 0.0 && N * S > 0 && !cs.mixed && (!cs.misaligned || sizeof(scalar_t) == 2)) {
     ++g_cases;
     // batch_stats and batch_stats_update in one launch: mean, var, rstd, and running statistics of the input's
     // dtype (all four storage dtypes), strided for misaligned cases.
@@ -325,7 +400,9 @@ void run_case(const Case& cs) {
   // ---- forward: bit for bit ----
   if (selected("forward") && numel > 0) {
     ++g_cases;
-    run_forward<scalar_t, acc_t>(prm, x.ptr, out.ptr, g, dropout ? &drop : nullptr, stream);
+    const Counts k =
+        measure([&] { run_forward<scalar_t, acc_t>(prm, x.ptr, out.ptr, g, dropout ? &drop : nullptr, stream); });
+    check_scalar_path("forward", cs, dt, k, differ(vector_bytes<scalar_t>(g, true), sizeof(scalar_t), {at.x, at.out}));
     for (int64_t n = 0; n < N; ++n)
       for (int64_t c = 0; c < C; ++c) {
         const auto ab = prm.affine(c);
@@ -365,14 +442,18 @@ void run_case(const Case& cs) {
   }
 
   // The reductions cost most in the emulation (a shuffle is a barrier of 32 OS threads): all dtypes and layouts
-  // at p = 0 and 0.3, misaligned at p = 0.3 only (p = 1 takes the same path as 0.3, checked by the other ops).
-  const bool reduce_case = cs.p != 1.0 && (!cs.misaligned || cs.p == 0.3);
+  // at p = 0 and 0.3, misaligned at p = 0.3 only (p = 1 takes the same path as 0.3, checked by the other ops), mixed
+  // where x and dy differ (else it is the peeled path of the shared cases).
+  const bool reduce_case = reduce_case_of<scalar_t>(cs);
   if (selected("backward_reduce") && N * S > 0 && reduce_case) {
     ++g_cases;
     std::vector<acc_t> sum_g(C), sum_gx(C);
     using Op = GradSumsOp<acc_t>;
     const Op op{prm, sum_g.data(), sum_gx.data()};
-    const auto plan = reduce<scalar_t, acc_t>(op, g, x.ptr, dy.ptr, dropout ? &drop : nullptr);
+    ReducePlan plan;
+    const Counts k = measure([&] { plan = reduce<scalar_t, acc_t>(op, g, x.ptr, dy.ptr, dropout ? &drop : nullptr); });
+    check_scalar_path("backward_reduce", cs, dt, k,
+                      differ(vector_bytes<scalar_t>(g, false), sizeof(scalar_t), {at.x, at.dy}));
     if (plan.splits > 1) {
       const auto sg1 = sum_g, sgx1 = sum_gx;
       std::fill(sum_g.begin(), sum_g.end(), std::numeric_limits<acc_t>::quiet_NaN());
@@ -401,8 +482,13 @@ void run_case(const Case& cs) {
       ++g_cases;
       const auto sums = acc_sums<acc_t>(sg_ref, sgx_ref, N * S);
       const auto &sg = sums.sum_g, &sgx = sums.sum_gx, &mg = sums.mean_g, &mgx = sums.mean_gx;
-      run_backward_input<scalar_t, acc_t>(prm, batch_stats ? sg.data() : nullptr, batch_stats ? sgx.data() : nullptr,
-                                          N * S, dy.ptr, x.ptr, out.ptr, g, dropout ? &drop : nullptr, stream);
+      const Counts k = measure([&] {
+        run_backward_input<scalar_t, acc_t>(prm, batch_stats ? sg.data() : nullptr,
+                                            batch_stats ? sgx.data() : nullptr, N * S, dy.ptr, x.ptr, out.ptr, g,
+                                            dropout ? &drop : nullptr, stream);
+      });
+      check_scalar_path("backward_input", cs, dt, k,
+                        differ(vector_bytes<scalar_t>(g, true), sizeof(scalar_t), {at.dy, at.x, at.out}));
       for (int64_t n = 0; n < N; ++n)
         for (int64_t c = 0; c < C; ++c) {
           const auto ab = prm.affine(c);
@@ -468,7 +554,7 @@ std::vector<Shape> shapes() {
 template <typename scalar_t, typename acc_t>
 void run_dtype() {
   const std::vector<double> ps = g_quick ? std::vector<double>{0.0, 0.3} : std::vector<double>{0.0, 0.3, 1.0};
-  for (const Shape& sh : shapes())
+  for (const Shape& sh : g_mixed_only ? std::vector<Shape>{} : shapes())
     for (const Layout layout : {Layout::ChannelsFirst, Layout::ChannelsLast}) {
       if (sh.spatial.empty() && layout == Layout::ChannelsFirst) continue;  // 2-d input is (N, C) rows
       for (const double p : ps)
@@ -479,12 +565,36 @@ void run_dtype() {
   // on shapes that reach the flat and tile kernels (S % 8 != 0, C % 8 == 0 channels_last, 2-d).
   const int kMaxShift = 16 / static_cast<int>(sizeof(scalar_t)) - 1;
   const std::vector<Shape> shift_shapes = {{33, 12, {}}, {3, 5, {11}}, {2, 64, {2, 2}}, {3, 8, {7, 7}}};
-  for (int k = g_quick ? std::max(kMaxShift, 2) : 2; k <= kMaxShift; ++k)
+  for (int k = g_quick ? std::max(kMaxShift, 2) : 2; k <= kMaxShift && !g_mixed_only; ++k)
     for (const Shape& sh : shift_shapes)
       for (const Layout layout : {Layout::ChannelsFirst, Layout::ChannelsLast}) {
         if (sh.spatial.empty() && layout == Layout::ChannelsFirst) continue;
         run_case<scalar_t, acc_t>(Case{sh, layout, 0.3, k, true});
       }
+  // Buffers at different misalignments (float32, float16), which no peel can align: the kernels' scalar paths,
+  // checked to take no vector access (check_scalar_path). "all differ": every op's pointers differ (x aligned, the
+  // others not); "residual": x, dy and out share one misalignment (the BN ops peel) while the residual, grad_residual
+  // are aligned views, as a split batch's chunks often are (the add ops alone scalar); float16 "8 apart": x, dy and out
+  // 8 bytes apart, so differing at 16 bytes (the flat and channels-first kernels scalar) but shared at the 8 bytes
+  // of channels_last's 4-channel vectors (its tile and column kernels peel). The pass bits at odd byte offsets.
+  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, __half>) {
+    std::vector<Offsets> sets = {{0, 2, 3, 1, sizeof(scalar_t) == 2 ? 5 : 1, 1}, {3, 3, 3, 0, 0, 5}};
+    if (sizeof(scalar_t) == 2) sets.push_back({1, 5, 5, 3, 7, 2});
+    const std::vector<Shape> mixed_shapes =
+        g_quick ? std::vector<Shape>{{3, 5, {11}}, {3, 8, {7, 7}}, {2, 8, {4, 4}}}
+                : std::vector<Shape>{{33, 12, {}}, {3, 5, {11}}, {2, 8, {4, 4}}, {3, 8, {7, 7}}, {24, 3, {257}}};
+    for (const Offsets& at : sets)
+      for (const Shape& sh : mixed_shapes)
+        for (const Layout layout : {Layout::ChannelsFirst, Layout::ChannelsLast}) {
+          if (sh.spatial.empty() && layout == Layout::ChannelsFirst) continue;
+          for (const double p : g_quick ? std::vector<double>{0.3} : std::vector<double>{0.0, 0.3}) {
+            Case c{sh, layout, p, 0, true};
+            c.mixed = true;
+            c.at = at;
+            run_case<scalar_t, acc_t>(c);
+          }
+        }
+  }
 }
 
 // Launches the hardware rejects must fail at the launch check, not run.
@@ -534,35 +644,16 @@ void check_stats_inf() {
   }
 }
 
-// What a run of kernels did: launches, Philox calls, elements moved by vector and by scalar accesses.
-struct Counts {
-  uint64_t launches, philox, vec, scalar;
-  static Counts now() {
-    return {cuda_emu::launches.load(), cuda_emu::philox_calls.load(), cuda_emu::vector_elems.load(),
-            cuda_emu::scalar_elems.load()};
-  }
-  Counts operator-(const Counts& o) const {
-    return {launches - o.launches, philox - o.philox, vec - o.vec, scalar - o.scalar};
-  }
-};
-
-template <typename F>
-Counts measure(F run) {
-  const Counts before = Counts::now();
-  run();
-  return Counts::now() - before;
-}
-
-// The four ops of a training step on one float32 tensor (p = 0.3), x/dy/out at `misaligned` base pointers; `only`
-// names one op or is empty. Returns the counts of each op run.
+// The ops of a training step on one float32 tensor (p = 0.3), the buffers at offsets `at`. Returns the counts of
+// each op run.
 struct StepCounts {
   Counts stats, forward, backward_reduce, backward_input;
   Counts add_forward, add_backward_reduce, add_backward_input;  // the add ops (add_relu_cases.h)
 };
-StepCounts step_counts(const Shape& sh, Layout layout, bool misaligned) {
+StepCounts step_counts(const Shape& sh, Layout layout, const Offsets& at) {
   const int64_t N = sh.N, C = sh.C, S = sh.S(), numel = N * C * S;
   const Geometry g{N, C, S, layout};
-  Buffer<float> x(numel, misaligned), dy(numel, misaligned), out(numel, misaligned);
+  Buffer<float> x(numel, at.x), dy(numel, at.dy), out(numel, at.out);
   for (int64_t i = 0; i < numel; ++i) {
     x.ptr[i] = 0.5f;
     dy.ptr[i] = 1.0f;
@@ -589,7 +680,7 @@ StepCounts step_counts(const Shape& sh, Layout layout, bool misaligned) {
     run_backward_input<float, float>(prm, mg.data(), mgx.data(), N * S, dy.ptr, x.ptr, out.ptr, g, &drop, nullptr);
   });
   // The add ops: the training forward with its pass bits, then the two backward ops.
-  Buffer<float> res(numel, misaligned), gr(numel, misaligned);
+  Buffer<float> res(numel, at.res), gr(numel, at.gres);
   for (int64_t i = 0; i < numel; ++i) res.ptr[i] = -0.25f;
   std::vector<uint8_t> bits((numel + 7) / 8);
   r.add_forward = measure([&] {
@@ -637,7 +728,7 @@ void check_peel() {
                       {{256, 64, {}}, Layout::ChannelsLast}};
   for (const Row& r : rows) {
     const int64_t N = r.sh.N, C = r.sh.C, S = r.sh.S();
-    const StepCounts c = step_counts(r.sh, r.layout, true);
+    const StepCounts c = step_counts(r.sh, r.layout, Offsets::all(1));
     const bool cf = r.layout == Layout::ChannelsFirst;
     const bool flat = cf || S == 1;                                  // apply: one row
     const int64_t reduce_bound = cf ? 2 * 7 * N * C : 2 * 3 * N * S;  // per pointer
@@ -665,9 +756,13 @@ void check_peel() {
   }
 }
 
+// x aligned, the others at three other distances past 16 bytes: every op but stats (x alone) on its scalar path.
+constexpr Offsets kMixedCounts = {0, 2, 3, 1, 1, 0};
+
 void print_counts() {
   std::printf("kernel launches, Philox calls per element and the share of elements moved by scalar accesses "
-              "(float32, p = 0.3; aligned / x, dy, out one element past a 16-byte boundary):\n");
+              "(float32, p = 0.3; aligned / x, dy, out one element past a 16-byte boundary; scalar share also with\n"
+              "the buffers at different misalignments:%s):\n", kMixedCounts.name().c_str());
   struct Row {
     Shape sh;
     Layout layout;
@@ -680,21 +775,22 @@ void print_counts() {
   };
   for (const Row& r : rows) {
     const double numel = double(r.sh.N * r.sh.C * r.sh.S());
-    const StepCounts a = step_counts(r.sh, r.layout, false), m = step_counts(r.sh, r.layout, true);
+    const StepCounts a = step_counts(r.sh, r.layout, Offsets::all(0)), m = step_counts(r.sh, r.layout, Offsets::all(1));
+    const StepCounts x = step_counts(r.sh, r.layout, kMixedCounts);
     const std::string base = shape_name(r.sh) + " " + layout_name(r.sh, r.layout);
-    auto line = [&](const char* op, const Counts& ca, const Counts& cm) {
+    auto line = [&](const char* op, const Counts& ca, const Counts& cm, const Counts& cx) {
       auto share = [](const Counts& c) { return c.vec + c.scalar ? double(c.scalar) / double(c.vec + c.scalar) : 0.0; };
-      std::printf("  %-44s launches %" PRIu64 "  philox calls/element %.3f / %.3f  scalar share %.3f / %.3f\n",
+      std::printf("  %-44s launches %" PRIu64 "  philox calls/element %.3f / %.3f  scalar share %.3f / %.3f / %.3f\n",
                   (base + " " + op).c_str(), ca.launches, double(ca.philox) / numel, double(cm.philox) / numel,
-                  share(ca), share(cm));
+                  share(ca), share(cm), share(cx));
     };
-    line("stats+update", a.stats, m.stats);
-    line("forward", a.forward, m.forward);
-    line("backward_reduce", a.backward_reduce, m.backward_reduce);
-    line("backward_input", a.backward_input, m.backward_input);
-    line("add_relu_forward_bits", a.add_forward, m.add_forward);
-    line("add_relu_backward_reduce", a.add_backward_reduce, m.add_backward_reduce);
-    line("add_relu_backward_input", a.add_backward_input, m.add_backward_input);
+    line("stats+update", a.stats, m.stats, x.stats);
+    line("forward", a.forward, m.forward, x.forward);
+    line("backward_reduce", a.backward_reduce, m.backward_reduce, x.backward_reduce);
+    line("backward_input", a.backward_input, m.backward_input, x.backward_input);
+    line("add_relu_forward_bits", a.add_forward, m.add_forward, x.add_forward);
+    line("add_relu_backward_reduce", a.add_backward_reduce, m.add_backward_reduce, x.add_backward_reduce);
+    line("add_relu_backward_input", a.add_backward_input, m.add_backward_input, x.add_backward_input);
   }
 }
 
@@ -708,19 +804,22 @@ int run_all(int argc, char** argv) {
       g_quick = true;
     else if (a == "--counts")
       counts = true;
+    else if (a == "--mixed")
+      g_mixed_only = true;
     else if (a == "--only" && i + 1 < argc)
       g_only = argv[++i];
     else
-      die("unknown argument " + a + " (usage: driver [--quick] [--only OP] [--counts])");
+      die("unknown argument " + a + " (usage: driver [--quick] [--mixed] [--only OP] [--counts])");
   }
   if (counts) {
     print_counts();
     return 0;
   }
-  if (g_only.empty() || g_only == "launch") check_launch_limits();
-  if (g_only.empty() || g_only == "stats") check_stats_inf();
-  if (g_only.empty() || g_only == "peel") check_peel();
-  if (g_only.empty() || g_only == "dropout_mask")
+  const bool extras = !g_mixed_only;  // the checks below have no mixed cases
+  if (extras && (g_only.empty() || g_only == "launch")) check_launch_limits();
+  if (extras && (g_only.empty() || g_only == "stats")) check_stats_inf();
+  if (extras && (g_only.empty() || g_only == "peel")) check_peel();
+  if (extras && (g_only.empty() || g_only == "dropout_mask"))
     for (const int64_t numel : {0, 1, 7, 8, 9, 33, 257, 1000, 4099})
       for (const double p : {0.0, 0.3, 1.0})
         for (const bool misaligned : {false, true}) run_mask_case(numel, p, misaligned);
@@ -738,7 +837,8 @@ int run_all(int argc, char** argv) {
     std::fprintf(stderr, "cuda emulation: %d failure(s) in %ld cases\n", g_failures, g_cases);
     return 1;
   }
-  std::printf("cuda emulation: %ld cases passed (%" PRIu64 " kernel launches)\n", g_cases, cuda_emu::launches.load());
+  std::printf("cuda emulation: %ld cases passed (%ld of them on the scalar path of mixed misalignments; %" PRIu64
+              " kernel launches)\n", g_cases, g_scalar_checked, cuda_emu::launches.load());
   return 0;
 }
 

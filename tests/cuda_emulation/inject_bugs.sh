@@ -2,7 +2,7 @@
 # The emulation harness must be able to fail: each known kernel bug below is applied to a copy of csrc/ (never
 # to the sources), the float32 driver is built against the copy with the build that should catch it, run on the
 # op it breaks, and must fail with the expected report. Prints what caught each bug; exits non-zero if any bug
-# went unnoticed. Called by emu_check.sh.
+# went unnoticed. Called by emu_check.sh; `inject_bugs.sh TEXT` applies only the bugs whose name contains TEXT.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 CXX=${CXX:-g++}
@@ -40,6 +40,9 @@ BUGS=(
   "add forward, peeled: the last byte not written|cuda/add_relu.cuh|    if (b == units - 1 && b * kUnit < numel) pass_bits[b]|    if (false) pass_bits[b]|plain|--quick --only add_relu_forward|FAIL add_relu_forward \(bits\)"
   "add forward, peeled: the lead lane stores its unit too|cuda/add_relu.cuh|      if (!ws.supplier()) u.store(out, yv);|      u.store(out, yv);|tsan|--quick --only add_relu_forward|ThreadSanitizer: data race"
   "add backward: pass bits of a column at the wrong stride|cuda/common.cuh|      const int64_t m = off + j * stride;|      const int64_t m = off + j;|plain|--quick --only add_relu_backward_reduce|FAIL add_relu_backward_reduce"
+  "mixed misalignments: the forward vectorises anyway|cuda/apply.cuh|             sh, k >= 0, d);|             sh, true, d);|plain|--quick --mixed --only forward|FAIL forward .*not the scalar path"
+  "mixed misalignments: a reduction vectorises anyway|cuda/reduce.cuh|             plan.shift, plan.vec, d, ws_ptr, counters);|             plan.shift, true, d, ws_ptr, counters);|plain|--quick --mixed --only backward_reduce|FAIL backward_reduce .*not the scalar path"
+  "mixed misalignments: the add backward vectorises anyway|cuda/add_relu.cuh|sh, k >= 0, scale);|sh, true, scale);|asan|--quick --mixed --only add_relu_backward_input|misaligned address"
 )
 
 status=0
@@ -47,6 +50,7 @@ i=0
 for spec in "${BUGS[@]}"; do
   i=$((i + 1))
   IFS='|' read -r -d '' name file old new build args expect <<<"$spec" || true
+  [[ -z "${1:-}" || "$name" == *"$1"* ]] || continue
   expect=${expect%$'\n'}
   dir=$OUT/bug$i
   mkdir -p "$dir"
