@@ -81,12 +81,7 @@ def test_outputs_and_gradients_match(name, training, dtype, tol):
         (y * torch.linspace(-1, 1, y.numel(), dtype=dtype).view_as(y)).sum().backward()
         outs.append(y)
     torch.testing.assert_close(outs[1], outs[0], **tol)
-    grads = dict(model.named_parameters())
-    for pname, param in fused_model.named_parameters():
-        torch.testing.assert_close(param.grad, grads[pname].grad, **tol, msg=lambda m: f"{pname}: {m}")
-    ref_state = model.state_dict()
-    for key, value in fused_model.state_dict().items():  # running statistics moved the same way
-        torch.testing.assert_close(value, ref_state[key], **tol, msg=lambda m: f"{key}: {m}")
+    tv.assert_same_grads_and_state(fused_model, model, **tol)
 
 
 @pytest.mark.parametrize("name", ["resnet18", "densenet121"])

@@ -80,12 +80,7 @@ def test_zoo_outputs_and_gradients_match(name, training):
     for y, y_ref in zip(ys, ys_ref):
         torch.testing.assert_close(y, y_ref, **TOL)
     torch.testing.assert_close(gx, gx_ref, **TOL)
-    grads = dict(model.named_parameters())
-    for pname, param in fused_model.named_parameters():
-        torch.testing.assert_close(param.grad, grads[pname].grad, **TOL, msg=lambda m: f"{pname}: {m}")
-    ref_state = model.state_dict()
-    for key, value in fused_model.state_dict().items():  # running statistics moved the same way
-        torch.testing.assert_close(value, ref_state[key], **TOL, msg=lambda m: f"{key}: {m}")
+    tv.assert_same_grads_and_state(fused_model, model, **TOL)
     assert [mod.training for mod in fused_model.modules() if isinstance(mod, nn.modules.batchnorm._BatchNorm)] == [
         mod.training for mod in model.modules() if isinstance(mod, nn.modules.batchnorm._BatchNorm)]
 

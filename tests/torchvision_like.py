@@ -1442,6 +1442,17 @@ ZOO = {
 UNFUSABLE = {"frozen_bn": 3}
 
 
+
+def assert_same_grads_and_state(fused_model: nn.Module, model: nn.Module, **tol) -> None:
+    """A converted model's parameter gradients and state_dict (running statistics moved the same way) against the
+    original's, by name."""
+    grads = dict(model.named_parameters())
+    for pname, param in fused_model.named_parameters():
+        torch.testing.assert_close(param.grad, grads[pname].grad, **tol, msg=lambda m: f"{pname}: {m}")
+    ref_state = model.state_dict()
+    for key, value in fused_model.state_dict().items():
+        torch.testing.assert_close(value, ref_state[key], **tol, msg=lambda m: f"{key}: {m}")
+
 def count_sites(model: nn.Module) -> dict[str, int]:
     """Sites by structure, counted from the blocks (independently of bnfused.convert's graph matching):
     bn_relu (BN -> ReLU), bn_add_relu (BN + residual -> ReLU), bn_relu6 (BN -> ReLU6: not fusable)."""
