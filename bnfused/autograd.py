@@ -11,28 +11,48 @@ from torch.autograd.function import once_differentiable
 from . import ops
 
 
+GlobalSums = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
 def input_grads(grad_out: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor],
                 bias: Optional[Tensor], key: Tensor, p: float, batch_stats: bool,
-                needs_input_grad: tuple[bool, bool, bool],
-                keep_bits: Optional[Tensor] = None) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+                needs_input_grad: tuple[bool, bool, bool], keep_bits: Optional[Tensor] = None,
+                global_sums: Optional[GlobalSums] = None,
+                count: Optional[int] = None) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """(grad_input, grad_weight, grad_bias) of y = dropout(relu(bn(x))); None where not needed. keep_bits (CPU,
-    from ops.forward_keep_bits) replaces the key as the mask's source."""
+    from ops.forward_keep_bits) replaces the key as the mask's source.
+
+    The one backward of this op family: the custom op's registered autograd, BNReLUDropoutFunction and
+    SyncBNReLUDropoutFunction all call it (csrc/eager_function.cpp computes the same steps in C++, pinned to
+    this by the eager-path parity tests). SyncBatchNormReLUDropout passes global_sums (this rank's (sum_g,
+    sum_g_xhat) -> the process group's) and the group's element count: only grad_input reads them;
+    grad_weight/grad_bias stay the local sums, as nn.SyncBatchNorm returns them."""
     need_x, need_w, need_b = needs_input_grad
-    grad_x = grad_w = grad_b = None
+    grad_x = None
     sums = None
     if (need_x and batch_stats) or need_w or need_b:
         sums = ops.backward_reduce(grad_out, x, mean, rstd, weight, bias, key, p, keep_bits)
     if need_x:
         sum_g, sum_g_xhat = sums if batch_stats else (None, None)
+        if sum_g is not None and global_sums is not None:
+            sum_g, sum_g_xhat = global_sums(sum_g, sum_g_xhat)
         grad_x = ops.backward_input(grad_out, x, mean, rstd, weight, bias, key, p, sum_g, sum_g_xhat,
-                                    x.numel() // x.shape[1], keep_bits)
-    # The sums are in the accumulation dtype; .to() is skipped when that is already the parameter's (a few us of
-    # argument parsing per call, which small batches feel).
-    if need_w and weight is not None:
-        grad_w = sums[1] if sums[1].dtype == weight.dtype else sums[1].to(weight.dtype)
-    if need_b and bias is not None:
-        grad_b = sums[0] if sums[0].dtype == bias.dtype else sums[0].to(bias.dtype)
+                                    x.numel() // x.shape[1] if count is None else count, keep_bits)
+    grad_w, grad_b = _param_grads(sums, weight.dtype if need_w and weight is not None else None,
+                                  bias.dtype if need_b and bias is not None else None)
     return grad_x, grad_w, grad_b
+
+
+def _param_grads(sums: Optional[tuple[Tensor, Tensor]], weight_dtype: Optional[torch.dtype],
+                 bias_dtype: Optional[torch.dtype]) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """(grad_weight, grad_bias) = (sum g*xhat, sum g) in the parameters' dtypes; None where the dtype is None (no
+    such parameter or no gradient wanted). The sums are in the accumulation dtype; .to() is skipped when that is
+    already the parameter's (a few us of argument parsing per call, which small batches feel)."""
+    def cast(t: Tensor, dtype: Optional[torch.dtype]) -> Optional[Tensor]:
+        return None if dtype is None else t if t.dtype == dtype else t.to(dtype)
+    if sums is None:
+        return None, None
+    return cast(sums[1], weight_dtype), cast(sums[0], bias_dtype)
 
 
 def _setup_context(ctx, inputs, output, keep_bits=None):
@@ -130,18 +150,17 @@ class BNReLUDropoutFunction(torch.autograd.Function):
 
 def add_relu_grads(grad_out: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor],
                    bias_dtype: Optional[torch.dtype], pass_bits: Tensor, p: float, batch_stats: bool,
-                   needs_input_grad: tuple[bool, bool, bool, bool],
-                   global_sums: Optional[Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]] = None,
+                   needs_input_grad: tuple[bool, bool, bool, bool], global_sums: Optional[GlobalSums] = None,
                    count: Optional[int] = None) -> tuple[Optional[Tensor], ...]:
     """(grad_input, grad_residual, grad_weight, grad_bias) of y = dropout(relu(bn(x) + residual)); None where not
     needed. The residual's gradient g = grad_out * pass / (1 - p) comes out of the input-gradient pass, which
     reads grad_out, x and the pass bits once and writes both gradients.
 
-    SyncBatchNormAddReLU passes global_sums (this rank's (sum_g, sum_g_xhat) -> the process group's) and the
-    group's element count: only grad_input reads them; grad_weight/grad_bias stay the local sums, as
-    nn.SyncBatchNorm returns them."""
+    The one backward of the block tail (the ops' registered autograd, BNAddReLUDropoutFunction,
+    SyncBNAddReLUDropoutFunction; the C++ eager Function pinned to it by parity tests). global_sums and count:
+    as for input_grads."""
     need_x, need_r, need_w, need_b = needs_input_grad
-    grad_x = grad_r = grad_w = grad_b = None
+    grad_x = grad_r = None
     sums = None
     if (need_x and batch_stats) or need_w or need_b:
         sums = ops.add_relu_backward_reduce(grad_out, x, mean, rstd, pass_bits, p)
@@ -152,10 +171,8 @@ def add_relu_grads(grad_out: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weig
             sum_g, sum_g_xhat = global_sums(sum_g, sum_g_xhat)
         grad_x, grad_r = ops.add_relu_backward_input(grad_out, x, mean, rstd, weight, pass_bits, p, sum_g,
                                                      sum_g_xhat, x.numel() // x.shape[1] if count is None else count)
-    if need_w and weight is not None:
-        grad_w = sums[1] if sums[1].dtype == weight.dtype else sums[1].to(weight.dtype)
-    if need_b and bias_dtype is not None:
-        grad_b = sums[0] if sums[0].dtype == bias_dtype else sums[0].to(bias_dtype)
+    grad_w, grad_b = _param_grads(sums, weight.dtype if need_w and weight is not None else None,
+                                  bias_dtype if need_b else None)
     return (grad_x if need_x else None), (grad_r if need_r else None), grad_w, grad_b
 
 

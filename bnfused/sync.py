@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import functional, ops
-from .autograd import _saves_keep_bits, add_relu_grads
+from .autograd import _saves_keep_bits, add_relu_grads, input_grads
 from .modules import _BatchNormAddReLU, _BatchNormReLUDropout
 
 
@@ -123,14 +123,10 @@ class SyncBNReLUDropoutFunction(torch.autograd.Function):
             bias_dtype = None if bias is None else bias.dtype
             return (*_empty_rank_backward(ctx, x, weight, bias_dtype, mean.dtype, need_x, need_w, need_b),
                     None, None, None, None, None, None)
-        sum_g, sum_g_xhat = ops.backward_reduce(grad_out, x, mean, rstd, weight, bias, key, ctx.p, keep_bits)
-        grad_x = None
-        if need_x:  # as nn.SyncBatchNorm: only the input gradient needs the global sums
-            global_sum_g, global_sum_g_xhat = _all_reduce_sums(sum_g, sum_g_xhat, ctx.group)
-            grad_x = ops.backward_input(grad_out, x, mean, rstd, weight, bias, key, ctx.p, global_sum_g,
-                                        global_sum_g_xhat, ctx.global_count, keep_bits)
-        grad_w = sum_g_xhat.to(weight.dtype) if need_w and weight is not None else None
-        grad_b = sum_g.to(bias.dtype) if need_b and bias is not None else None
+        grad_x, grad_w, grad_b = input_grads(
+            grad_out, x, mean, rstd, weight, bias, key, ctx.p, True, (need_x, need_w, need_b), keep_bits,
+            global_sums=lambda sum_g, sum_g_xhat: _all_reduce_sums(sum_g, sum_g_xhat, ctx.group),
+            count=ctx.global_count)
         return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
