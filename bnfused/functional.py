@@ -4,6 +4,7 @@ All argument checks run before any running statistic changes; errors have PyTorc
 """
 from __future__ import annotations
 
+import enum
 import math
 import numbers
 from typing import Optional
@@ -130,11 +131,6 @@ def _eager_cpp_path(input: Tensor) -> bool:
             and torch._C._len_torch_dispatch_stack() == 0)
 
 
-def _compiling_for_inductor() -> bool:
-    """Under torch.compile (not torch.export, whose programs keep the fused op as one portable node)."""
-    return torch.compiler.is_compiling() and not torch.compiler.is_exporting()
-
-
 def _batch_norm_param_dtype(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                             weight: Optional[Tensor], bias: Optional[Tensor]) -> Optional[torch.dtype]:
     """The one dtype F.batch_norm takes the parameters and running statistics in (weight/bias widened to it, never
@@ -175,34 +171,82 @@ def _statistics(input: Tensor, running_mean: Optional[Tensor], running_var: Opti
     return running_mean.detach().to(acc), torch.rsqrt(running_var.detach().to(acc) + eps)
 
 
+class Route(enum.Enum):
+    """Which implementation a call runs; _route() picks it, both functionals (and through them every module) obey.
+
+    ============  =====================================================  ===========================================
+    route         when (checked in this order)                           what runs
+    ============  =====================================================  ===========================================
+    EMPTY         the input has no elements                              torch.batch_norm's empty result, no kernel
+    MIXED_DTYPE   block tail, residual of another dtype (autocast)       F.batch_norm + promoted add + relu + mask
+    UNFUSED       torch.compile (not export) and no dropout              relu(F.batch_norm(...) (+ residual)), which
+                                                                         inductor fuses with its neighbours
+    EAGER_CPP     eager, plain CPU tensors, no function/dispatch mode    one C++ call: statistics, op, C++ autograd
+                  or functorch transform                                 node (csrc/eager_function.cpp)
+    CUSTOM_OP     torch.compile / torch.export                           the registered op: one graph node, its
+                                                                         fake impl and registered autograd
+    FUNCTION      eager otherwise (CUDA, tensor subclasses, modes)       the ops under a torch.autograd.Function
+    ============  =====================================================  ===========================================
+
+    Every route but EMPTY and MIXED_DTYPE computes the same result (UNFUSED up to inductor's rounding); UNFUSED falls
+    back to CUSTOM_OP where F.batch_norm cannot take the parameter dtypes. The backward of every fused route is
+    autograd.input_grads / autograd.add_relu_grads (or its C++ twin on EAGER_CPP).
+    """
+    EMPTY = "empty"
+    MIXED_DTYPE = "mixed dtype"
+    UNFUSED = "unfused"
+    EAGER_CPP = "eager C++"
+    CUSTOM_OP = "custom op"
+    FUNCTION = "autograd.Function"
+
+
+def _route(input: Tensor, p: float, residual: Optional[Tensor] = None) -> Route:
+    """The route of one call (table in Route); p is the effective drop probability (0 outside dropout training)."""
+    if input.numel() == 0:
+        return Route.EMPTY
+    if residual is not None and residual.dtype != input.dtype:
+        return Route.MIXED_DTYPE
+    if torch.compiler.is_compiling():
+        return Route.UNFUSED if p == 0.0 and not torch.compiler.is_exporting() else Route.CUSTOM_OP
+    if _eager_cpp_path(input) and (residual is None or type(residual) is Tensor):
+        return Route.EAGER_CPP
+    return Route.FUNCTION
+
+
+def _effective_p(p: float, training: bool, dropout_training: Optional[bool]) -> float:
+    return float(p) if (training if dropout_training is None else dropout_training) else 0.0
+
+
+def _placeholder_key(input: Tensor) -> Tensor:
+    # p == 0: the kernels skip the RNG and never read the key
+    return torch.zeros(2, dtype=torch.int64, device=input.device)
+
+
 def bn_relu_dropout_unchecked(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                               weight: Optional[Tensor], bias: Optional[Tensor], training: bool, momentum: float,
                               eps: float, p: float, generator: Optional[torch.Generator] = None,
                               seed: Optional[int] = None, dropout_training: Optional[bool] = None) -> Tensor:
     """bn_relu_dropout() after check_inputs(): the module calls this once its own checks have run."""
-    if input.numel() == 0:
+    p = _effective_p(p, training, dropout_training)
+    route = _route(input, p)
+    if route is Route.EMPTY:
         return _empty_batch(input, weight, bias)
-    drop = training if dropout_training is None else dropout_training
-    p_eff = float(p) if drop else 0.0
-    if p_eff == 0.0 and _compiling_for_inductor():
+    if route is Route.UNFUSED:
         out = _unfused_batch_norm_relu(input, running_mean, running_var, weight, bias, training, momentum, eps)
         if out is not None:
             return out
-    key = ops.philox_key(input.device, generator, seed) if p_eff > 0.0 else None
-    if _eager_cpp_path(input):
+        route = Route.CUSTOM_OP
+    key = ops.philox_key(input.device, generator, seed) if p > 0.0 else None
+    if route is Route.EAGER_CPP:
         return _extension._C.bn_relu_dropout_eager(input, running_mean, running_var, weight, bias, bool(training),
-                                                   float(momentum), float(eps), p_eff, key)
+                                                   float(momentum), float(eps), p, key)
     mean, rstd = _statistics(input, running_mean, running_var, training, momentum, eps)
-    if key is None:  # p == 0: the kernels skip the RNG, the key is a placeholder
-        key = torch.zeros(2, dtype=torch.int64, device=input.device)
-    if torch.compiler.is_compiling():  # the custom op (fake impl + registered autograd) traces as one node
-        args = (input, mean, rstd, weight, bias, key, p_eff, bool(training))
-        if _saves_keep_bits(input, p_eff) and torch.is_grad_enabled():
+    args = (input, mean, rstd, weight, bias, _placeholder_key(input) if key is None else key, p, bool(training))
+    if route is Route.CUSTOM_OP:
+        if _saves_keep_bits(input, p) and torch.is_grad_enabled():
             return ops.forward_keep_bits(*args)[0]  # its registered autograd saves the bits for backward
         return ops.forward(*args)
-    # Eager off the C++ path (CUDA, subclasses, modes): the same kernels and backward through a plain
-    # autograd.Function, without the op's Python wrapper.
-    return BNReLUDropoutFunction.apply(input, mean, rstd, weight, bias, key, p_eff, bool(training))
+    return BNReLUDropoutFunction.apply(*args)
 
 
 def bn_relu_dropout(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -311,27 +355,27 @@ def bn_add_relu_dropout_unchecked(input: Tensor, residual: Tensor, running_mean:
                                   generator: Optional[torch.Generator] = None, seed: Optional[int] = None,
                                   dropout_training: Optional[bool] = None) -> Tensor:
     """bn_add_relu_dropout() after check_inputs() and check_residual() (the modules' path)."""
-    if input.numel() == 0:
+    p = _effective_p(p, training, dropout_training)
+    route = _route(input, p, residual)
+    if route is Route.EMPTY:
         return torch.relu(_empty_batch(input, weight, bias) + residual)
-    drop = training if dropout_training is None else dropout_training
-    p_eff = float(p) if drop else 0.0
-    if residual.dtype != input.dtype:
+    if route is Route.MIXED_DTYPE:
         return _mixed_dtype_add_relu_dropout(input, residual, running_mean, running_var, weight, bias, training,
-                                             momentum, eps, p_eff, generator, seed)
-    if p_eff == 0.0 and _compiling_for_inductor():  # as bn_relu_dropout_unchecked: what the unfused tail traces to
+                                             momentum, eps, p, generator, seed)
+    if route is Route.UNFUSED:
         out = _unfused_batch_norm_relu(input, running_mean, running_var, weight, bias, training, momentum, eps,
                                        residual)
         if out is not None:
             return out
-    key = ops.philox_key(input.device, generator, seed) if p_eff > 0.0 else None
-    if type(residual) is Tensor and _eager_cpp_path(input):
+        route = Route.CUSTOM_OP
+    key = ops.philox_key(input.device, generator, seed) if p > 0.0 else None
+    if route is Route.EAGER_CPP:
         return _extension._C.bn_add_relu_dropout_eager(input, residual, running_mean, running_var, weight, bias,
-                                                       bool(training), float(momentum), float(eps), p_eff, key)
-    if key is None:  # the kernels skip the RNG, the key is a placeholder
-        key = torch.zeros(2, dtype=torch.int64, device=input.device)
+                                                       bool(training), float(momentum), float(eps), p, key)
     mean, rstd = _statistics(input, running_mean, running_var, training, momentum, eps)
-    args = (input, residual, mean, rstd, weight, bias, key, p_eff, bool(training))
-    if torch.compiler.is_compiling():  # one custom-op node (fake impl + registered autograd)
+    args = (input, residual, mean, rstd, weight, bias, _placeholder_key(input) if key is None else key, p,
+            bool(training))
+    if route is Route.CUSTOM_OP:
         if torch.is_grad_enabled():
             return ops.add_relu_forward_bits(*args)[0]  # its registered autograd saves the pass bits
         return ops.add_relu_forward(*args)

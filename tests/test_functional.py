@@ -1,5 +1,6 @@
 """bnfused.bn_relu_dropout against bnfused.reference.reference_bn_relu_dropout (F.batch_norm -> relu -> the same
 Philox mask) and against F.batch_norm -> F.relu -> F.dropout: arguments, running-stat updates, keys."""
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -293,21 +294,47 @@ def test_eager_cpp_path_gate():
                                    rtol=0, atol=0)
 
 
-def test_fast_input_check_takes_valid_inputs_and_leaves_errors_to_python(monkeypatch):
-    """check_inputs asks _C.eager_inputs_ok first; it accepts the common valid calls (else the fast path would be
-    dead code) and rejects each bad one, which the Python checks then raise (tests/test_bad_inputs.py: the errors)."""
+def _python_check_accepts(monkeypatch, *args) -> bool:
+    """Whether functional.check_inputs, on its Python checks alone (the C++ fast check off), accepts the call."""
+    with monkeypatch.context() as mp:
+        mp.setattr(bnfused.functional, "_HAS_FAST_CHECK", False)
+        try:
+            bnfused.functional.check_inputs(*args, 0.1, 1e-5, 0.5)
+        except (TypeError, ValueError, RuntimeError, NotImplementedError):
+            return False
+    return True
+
+
+def test_fast_input_check_agrees_with_the_python_checks(monkeypatch):
+    """check_inputs (Python) is the one definition of a valid call; _C.eager_inputs_ok, its C++ fast path for plain
+    tensors, must accept exactly the calls it accepts. Checked on a sampled product of input dtypes, ranks, sizes
+    and every kind of bad per-channel tensor, in both modes (a rejected call then gets the Python checks' error)."""
     ok = bnfused._extension._C.eager_inputs_ok
-    x = torch.randn(4, C, 3)
-    w, b, rm, rv = torch.ones(C), torch.zeros(C), torch.zeros(C), torch.ones(C)
-    assert ok(x, rm, rv, w, b, True) and ok(x, None, None, None, None, True) and ok(x, rm, rv, None, None, False)
-    assert ok(x.to(torch.bfloat16), rm, rv, w, b, True) and ok(x.double(), rm.double(), rv.double(), None, None, True)
-    bad = [(x.long(), rm, rv, w, b, True), (x[0, 0], None, None, None, None, True), (x, rm[:2], rv, w, b, True),
-           (x, rm, rv, w.double(), b, True), (x, rm, None, w, b, True), (x, None, None, w, b, False),
-           (x[:1, :, :1], None, None, None, None, True), (x, rm, rv, w.view(1, C), b, True),
-           (x.to(torch.bfloat16), rm, rv, w.half(), b, True), (x, rm.to("meta"), rv, w, b, True)]
-    for args in bad:
-        assert not ok(*args), args
+    inputs = [torch.randn(4, C, 3), torch.randn(4, C), torch.randn(1, C, 1), torch.randn(1, C), torch.randn(C),
+              torch.randn(2, C, 3, 3).to(memory_format=torch.channels_last), torch.randn(4, C, 3).double(),
+              torch.randn(4, C, 3).to(torch.bfloat16), torch.randn(4, C, 3).half(), torch.ones(4, C, 3).long(),
+              torch.randn(4, C + 1, 3), torch.empty(0, C, 3)]
+    per_channel = [None, torch.ones(C), torch.ones(C).double(), torch.ones(C).half(), torch.ones(C).to(torch.bfloat16),
+                   torch.ones(C + 1), torch.ones(1, C), torch.ones(C).long(), torch.ones(C, device="meta"),
+                   torch.ones(C)[::1].expand(C)]
+    rng = np.random.default_rng(0)
+    accepted = rejected = 0
+    for _ in range(1500):
+        x = inputs[rng.integers(len(inputs))]
+        # mostly valid per-channel tensors (None or float32 of C), so that accepted calls are sampled too
+        rm, rv, w, b = (per_channel[rng.integers(2) if rng.random() < 0.75 else rng.integers(len(per_channel))]
+                        for _ in range(4))
+        if rng.random() < 0.5:  # paired running statistics are the common case: sample them often
+            rv = None if rm is None else rm
+        training = bool(rng.integers(2))
+        python_ok = _python_check_accepts(monkeypatch, x, rm, rv, w, b, training)
+        assert ok(x, rm, rv, w, b, training) == python_ok, (x.shape, x.dtype, [None if t is None else (
+            tuple(t.shape), t.dtype, t.device.type) for t in (rm, rv, w, b)], training)
+        accepted += python_ok
+        rejected += not python_ok
+    assert accepted > 100 and rejected > 100  # both sides of the boundary sampled
     # the fast path is taken (the Python checks not run) for a valid call
+    x, w, b, rm, rv = torch.randn(4, C, 3), torch.ones(C), torch.zeros(C), torch.zeros(C), torch.ones(C)
     calls = []
     monkeypatch.setattr(bnfused.functional, "check_number", lambda *a: calls.append(a))
     bnfused.functional.check_inputs(x, rm, rv, w, b, True, 0.1, 1e-5, 0.5)
@@ -344,3 +371,38 @@ def test_eager_cpp_node_autograd_semantics():
         yc.sum().backward()
         torch.testing.assert_close(yc, y.detach(), rtol=0, atol=0)
         torch.testing.assert_close(xc.grad, g1, rtol=0, atol=0)
+
+
+def test_route_table():
+    """functional._route picks each row of the Route table under its condition (the table is in Route's docstring;
+    each route's results are checked against the reference by the tests of that path)."""
+    route, Route = bnfused.functional._route, bnfused.functional.Route
+    x = torch.randn(4, C, 3)
+    assert route(x[:0], 0.5) is Route.EMPTY
+    assert route(x, 0.0, x.double()) is Route.MIXED_DTYPE
+    assert route(x, 0.5) is Route.EAGER_CPP and route(x, 0.0, x) is Route.EAGER_CPP
+    assert route(x.as_subclass(_Subclass), 0.5) is Route.FUNCTION
+    assert route(x, 0.5, x.as_subclass(_Subclass)) is Route.FUNCTION  # the C++ call takes plain residuals only
+    assert route(torch.empty(4, C, device="meta"), 0.5) is Route.FUNCTION
+    with _PassThroughFunctionMode():
+        assert route(x, 0.5) is Route.FUNCTION
+    seen = []
+
+    def record(p):
+        seen.append(route(x, p))
+        return x
+
+    torch.compile(lambda t: record(0.0) + record(0.5), backend="eager", fullgraph=True)(x)
+    assert seen == [Route.UNFUSED, Route.CUSTOM_OP]
+    seen.clear()
+    torch.export.export(_RouteProbe(record), (x,))
+    assert seen == [Route.CUSTOM_OP, Route.CUSTOM_OP]  # export keeps the fused op even without dropout
+
+
+class _RouteProbe(torch.nn.Module):
+    def __init__(self, record):
+        super().__init__()
+        self.record = record
+
+    def forward(self, t):
+        return self.record(0.0) + self.record(0.5) + t
