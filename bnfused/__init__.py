@@ -5,7 +5,7 @@
     model = bnfused.convert(model)                         # swap BN -> ReLU (-> Dropout) sites in place
 """
 from . import ops  # noqa: F401  (loads the extension and registers the ops' fake impls)
-from ._extension import CPU_CAPABILITY, WITH_CUDA
+from ._extension import CPU_CAPABILITY, WITH_CUDA, empty_cache
 from ._version import __version__
 from .autograd import BNAddReLUDropoutFunction, BNReLUDropoutFunction
 from .convert import ConvertReport, FusedSite, UnfusedBatchNorm, convert, convert_sync
@@ -35,5 +35,6 @@ __all__ = [
     "bn_relu_dropout",
     "convert",
     "convert_sync",
+    "empty_cache",
     "fold_eval",
 ]

@@ -1,4 +1,5 @@
-"""Loads the compiled extension (bnfused._C), which registers the torch.ops.bnfused.* operators."""
+"""Loads the compiled extension (bnfused._C), which registers the torch.ops.bnfused.* operators, and exposes what it
+reports about the build and its CPU output cache."""
 
 try:
     from . import _C  # noqa: F401  (import registers TORCH_LIBRARY(bnfused))
@@ -12,3 +13,10 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
 
 WITH_CUDA: bool = bool(_C.with_cuda)
 CPU_CAPABILITY: str = str(_C.cpu_capability)
+
+
+def empty_cache() -> int:
+    """Free the CPU output blocks (8 MiB and larger) bnfused keeps for reuse, as ``torch.cuda.empty_cache()`` does
+    for CUDA's caching allocator; returns the bytes released. The cache holds at most ``BNFUSED_CPU_CACHE_MB``
+    (default 256; 0 disables it)."""
+    return int(_C.empty_cache())

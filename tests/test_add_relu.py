@@ -14,7 +14,7 @@ from torch import nn
 
 import bnfused
 from bnfused import ops
-from bnfused.reference import KeyedDropout, reference_bn_add_relu_dropout
+from bnfused.testing import KeyedDropout, reference_bn_add_relu_dropout
 
 C = 3
 CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}

@@ -10,7 +10,7 @@ from torch import nn
 
 import bnfused
 from bnfused import ops
-from bnfused.reference import KeyedDropout
+from bnfused.testing import KeyedDropout
 
 
 def _models(device, p):

@@ -6,7 +6,7 @@ from torch.autograd import gradcheck
 
 import bnfused
 from bnfused import ops
-from bnfused.reference import reference_bn_relu_dropout
+from bnfused.testing import reference_bn_relu_dropout
 
 C = 3
 CASES = {  # name -> (shape, memory format)

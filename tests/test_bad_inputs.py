@@ -11,7 +11,7 @@ from torch import nn
 
 import bnfused
 from bnfused import _extension
-from bnfused.reference import reference_bn_relu_dropout
+from bnfused.testing import reference_bn_relu_dropout
 
 C = 3
 FUSED = {1: bnfused.BatchNormReLUDropout1d, 2: bnfused.BatchNormReLUDropout2d, 3: bnfused.BatchNormReLUDropout3d}

@@ -1,4 +1,4 @@
-"""bnfused.bn_relu_dropout against bnfused.reference.reference_bn_relu_dropout (F.batch_norm -> relu -> the same
+"""bnfused.bn_relu_dropout against bnfused.testing.reference_bn_relu_dropout (F.batch_norm -> relu -> the same
 Philox mask) and against F.batch_norm -> F.relu -> F.dropout: arguments, running-stat updates, keys."""
 import numpy as np
 import pytest
@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import bnfused
 from bnfused import ops
-from bnfused.reference import reference_bn_relu_dropout
+from bnfused.testing import reference_bn_relu_dropout
 
 C = 4
 CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}

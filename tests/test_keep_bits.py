@@ -6,7 +6,7 @@ import torch
 
 import bnfused
 from bnfused import ops
-from bnfused.reference import reference_bn_relu_dropout
+from bnfused.testing import reference_bn_relu_dropout
 
 CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 

@@ -1,7 +1,7 @@
 """BatchNormReLUDropout1d/2d/3d against nn.BatchNormXd -> nn.ReLU -> dropout with the same mask.
 
 The fused module draws its Philox key from the default generator; re-seeding and drawing the key again
-(bnfused.ops.philox_key) gives the reference (bnfused.reference.reference_block) the very same mask.
+(bnfused.ops.philox_key) gives the reference (bnfused.testing.reference_block) the very same mask.
 Every dtype is compared with a float64 reference computed from the same (possibly low-precision) input.
 """
 import inspect
@@ -14,7 +14,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 import bnfused
 from bnfused import ops
-from bnfused.reference import reference_block
+from bnfused.testing import reference_block
 
 FUSED = {1: bnfused.BatchNormReLUDropout1d, 2: bnfused.BatchNormReLUDropout2d, 3: bnfused.BatchNormReLUDropout3d}
 NN_BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}

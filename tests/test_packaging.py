@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import bnfused
 from bnfused import _version
@@ -66,3 +67,16 @@ def test_user_text_links_resolve(path):
         if name.rstrip("/").endswith("/local"):
             continue  # the bench's untracked output folder, made by the first run
         assert (REPO / name).exists(), f"{path.name} names `{name}`, which is not in the repository"
+
+
+def test_public_surface_for_memory_and_testing():
+    """The CPU output cache is released through a public call; the unfused reference lives in bnfused.testing and
+    its old module path still imports, with a DeprecationWarning."""
+    x = torch.randn(64, 64, 32, 32)  # 16 MiB: its output comes from the cache's block size
+    bnfused.bn_relu_dropout(x, None, None, training=True, p=0.0)
+    assert isinstance(bnfused.empty_cache(), int) and bnfused.empty_cache() == 0  # the second call finds nothing
+    code = ("import warnings; warnings.simplefilter('error'); import bnfused.reference")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "DeprecationWarning: bnfused.reference is deprecated" in proc.stderr, proc.stderr
+    from bnfused.testing import reference_bn_relu_dropout
+    assert reference_bn_relu_dropout is bnfused.testing.reference_bn_relu_dropout
