@@ -1,5 +1,6 @@
-// Op layer: schemas (TORCH_LIBRARY), argument checks shared by every backend, layout normalisation, and the
-// pybind11 module with build information and test helpers. Kernels live in cpu/ and cuda/.
+// Op layer: schemas (TORCH_LIBRARY), argument checks and layout normalisation written once for every backend, the
+// CPU and CUDA implementations registered per dispatch key, and the pybind11 module (build information, the eager
+// path, test hooks). Kernels live in cpu/ and cuda/.
 #include <torch/extension.h>
 #include <torch/library.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
@@ -45,12 +46,6 @@ void check_input(const at::Tensor& x, const char* op) {
   const auto t = x.scalar_type();
   TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16, op,
               ": expected a floating-point input (float32, float64, float16 or bfloat16), got ", t);
-#ifndef BNFUSED_WITH_CUDA
-  TORCH_CHECK(!x.is_cuda(), op,
-              ": got a CUDA tensor, but this bnfused build has no CUDA kernels (built with a CPU-only torch or "
-              "without nvcc); rebuild with `pip install --no-build-isolation -e .` on a CUDA machine");
-#endif
-  TORCH_CHECK(x.is_cpu() || x.is_cuda(), op, ": unsupported device ", x.device());
 }
 
 // A per-channel tensor: 1-d with C elements, floating point, on x's device.
@@ -112,11 +107,12 @@ struct KernelArgs {
   OptTensor bias;
 };
 
+// key: the Philox key, or nullptr for the block tail's backward ops (their mask is the pass bits).
 KernelArgs prepare(const char* op, const at::Tensor& input, const at::Tensor& mean, const at::Tensor& rstd,
-                   const OptTensor& weight, const OptTensor& bias, const at::Tensor& key, double p) {
+                   const OptTensor& weight, const OptTensor& bias, const at::Tensor* key, double p) {
   check_input(input, op);
   check_p(p, op);
-  check_key(key, input, op);
+  if (key != nullptr) check_key(*key, input, op);
   KernelArgs a;
   a.x = in_kernel_layout(input);
   a.mean = channel_param(mean, a.x, op, "mean");
@@ -124,6 +120,27 @@ KernelArgs prepare(const char* op, const at::Tensor& input, const at::Tensor& me
   a.weight = opt_channel_param(weight, a.x, op, "weight");
   a.bias = opt_channel_param(bias, a.x, op, "bias");
   return a;
+}
+
+// The per-channel sums of an input-gradient op: both (batch statistics, summed over `count` elements: the global
+// count under SyncBN) as checked per-channel tensors, or neither (running statistics).
+struct GradSums {
+  OptTensor sum_g, sum_g_xhat;
+  int64_t count;
+};
+
+GradSums check_sums(const char* op, const OptTensor& sum_g, const OptTensor& sum_g_xhat, c10::SymInt count,
+                    const at::Tensor& x) {
+  const bool has_g = sum_g.has_value() && sum_g->defined();
+  const bool has_gx = sum_g_xhat.has_value() && sum_g_xhat->defined();
+  TORCH_CHECK(has_g == has_gx, op, ": sum_g and sum_g_xhat must be given together (batch statistics) or not at all");
+  GradSums s{std::nullopt, std::nullopt, count.expect_int()};
+  TORCH_CHECK(!has_g || s.count > 0, op, ": count must be positive with batch statistics, got ", s.count);
+  if (has_g) {
+    s.sum_g = channel_param(*sum_g, x, op, "sum_g");
+    s.sum_g_xhat = channel_param(*sum_g_xhat, x, op, "sum_g_xhat");
+  }
+  return s;
 }
 
 // Bytes of the packed keep bits of an input with `numel` elements (cpu/keep_bits.h).
@@ -144,22 +161,100 @@ const uint8_t* keep_bits_of(const OptTensor& keep_bits, const at::Tensor& x, con
   return k.const_data_ptr<uint8_t>();
 }
 
-// ---- op implementations (device-generic; the backend is picked from the input's device) ----
+// ---- the backends, behind one interface: each op body below is written once and registered per device ----
 
-std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& input) {
-  constexpr const char* op = "bnfused.batch_stats";
-  check_input(input, op);
-  const auto x = in_kernel_layout(input);
+struct CpuBackend {
+  static std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& x) { return batch_stats_cpu(x); }
+  static std::tuple<at::Tensor, at::Tensor> batch_stats_update(const at::Tensor& x, const OptTensor& running_mean,
+                                                               const OptTensor& running_var, double momentum,
+                                                               double eps) {
+    return batch_stats_update_cpu(x, running_mean, running_var, momentum, eps);
+  }
+  static void forward(const KernelArgs& a, const at::Tensor& key, double p, at::Tensor& out) {
+    forward_cpu(a.x, a.mean, a.rstd, a.weight, a.bias, host_key(key), p, out);
+  }
+  // keep_bits: forward_keep_bits' packed mask (nullptr: regenerate it from the key).
+  static std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& dy, const KernelArgs& a,
+                                                            const at::Tensor& key, double p,
+                                                            const uint8_t* keep_bits) {
+    return backward_reduce_cpu(dy, a.x, a.mean, a.rstd, a.weight, a.bias, host_key(key), p, keep_bits);
+  }
+  static void backward_input(const at::Tensor& dy, const KernelArgs& a, const at::Tensor& key, double p,
+                             const GradSums& s, at::Tensor& dx, const uint8_t* keep_bits) {
+    backward_input_cpu(dy, a.x, a.mean, a.rstd, a.weight, a.bias, host_key(key), p, s.sum_g, s.sum_g_xhat, s.count,
+                       dx, keep_bits);
+  }
+  static void dropout_mask(const at::Tensor& key, double p, at::Tensor& keep) { dropout_mask_cpu(host_key(key), p, keep); }
+  static void add_relu_forward(const KernelArgs& a, const at::Tensor& r, const at::Tensor& key, double p,
+                               at::Tensor& out, uint8_t* pass_bits) {
+    add_relu_forward_cpu(a.x, r, a.mean, a.rstd, a.weight, a.bias, host_key(key), p, out, pass_bits);
+  }
+  // The block tail's backward is the two backward kernels in add mode: the pass bits as the mask, no ReLU gate.
+  static std::tuple<at::Tensor, at::Tensor> add_relu_backward_reduce(const at::Tensor& dy, const KernelArgs& a,
+                                                                     const at::Tensor& pass_bits, double p) {
+    return backward_reduce_cpu(dy, a.x, a.mean, a.rstd, std::nullopt, std::nullopt, PhiloxKey{0, 0}, p,
+                               pass_bits.const_data_ptr<uint8_t>(), /*relu_gate=*/false);
+  }
+  static void add_relu_backward_input(const at::Tensor& dy, const KernelArgs& a, const at::Tensor& pass_bits,
+                                      double p, const GradSums& s, at::Tensor& dx, at::Tensor& grad_residual) {
+    backward_input_cpu(dy, a.x, a.mean, a.rstd, a.weight, std::nullopt, PhiloxKey{0, 0}, p, s.sum_g, s.sum_g_xhat,
+                       s.count, dx, pass_bits.const_data_ptr<uint8_t>(), &grad_residual);
+  }
+};
+
 #ifdef BNFUSED_WITH_CUDA
-  if (x.is_cuda()) return batch_stats_cuda(x);
+// The CUDA kernels read the key from device memory (CUDA graph replays draw a fresh one) and regenerate the keep
+// mask instead of reading packed bits (keep_bits_of refuses them off the CPU, so keep_bits is always null here).
+struct CudaBackend {
+  static std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& x) { return batch_stats_cuda(x); }
+  static std::tuple<at::Tensor, at::Tensor> batch_stats_update(const at::Tensor& x, const OptTensor& running_mean,
+                                                               const OptTensor& running_var, double momentum,
+                                                               double eps) {
+    return batch_stats_update_cuda(x, running_mean, running_var, momentum, eps);
+  }
+  static void forward(const KernelArgs& a, const at::Tensor& key, double p, at::Tensor& out) {
+    forward_cuda(a.x, a.mean, a.rstd, a.weight, a.bias, key, p, out);
+  }
+  static std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& dy, const KernelArgs& a,
+                                                            const at::Tensor& key, double p, const uint8_t*) {
+    return backward_reduce_cuda(dy, a.x, a.mean, a.rstd, a.weight, a.bias, key, p);
+  }
+  static void backward_input(const at::Tensor& dy, const KernelArgs& a, const at::Tensor& key, double p,
+                             const GradSums& s, at::Tensor& dx, const uint8_t*) {
+    backward_input_cuda(dy, a.x, a.mean, a.rstd, a.weight, a.bias, key, p, s.sum_g, s.sum_g_xhat, s.count, dx);
+  }
+  static void dropout_mask(const at::Tensor& key, double p, at::Tensor& keep) { dropout_mask_cuda(key, p, keep); }
+  static void add_relu_forward(const KernelArgs& a, const at::Tensor& r, const at::Tensor& key, double p,
+                               at::Tensor& out, uint8_t* pass_bits) {
+    add_relu_forward_cuda(a.x, r, a.mean, a.rstd, a.weight, a.bias, key, p, out, pass_bits);
+  }
+  static std::tuple<at::Tensor, at::Tensor> add_relu_backward_reduce(const at::Tensor& dy, const KernelArgs& a,
+                                                                     const at::Tensor& pass_bits, double p) {
+    return add_relu_backward_reduce_cuda(dy, a.x, a.mean, a.rstd, pass_bits, p);
+  }
+  static void add_relu_backward_input(const at::Tensor& dy, const KernelArgs& a, const at::Tensor& pass_bits,
+                                      double p, const GradSums& s, at::Tensor& dx, at::Tensor& grad_residual) {
+    add_relu_backward_input_cuda(dy, a.x, a.mean, a.rstd, a.weight, pass_bits, p, s.sum_g, s.sum_g_xhat, s.count,
+                                 dx, grad_residual);
+  }
+};
 #endif
-  return batch_stats_cpu(x);
+
+// ---- op implementations: argument checks and layout once, then the backend B of the dispatch key ----
+
+at::Tensor empty_like_kernel(const at::Tensor& x) { return cpu::empty_output(x, kernel_memory_format(x)); }
+
+template <class B>
+std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& input) {
+  check_input(input, "bnfused.batch_stats");
+  return B::batch_stats(in_kernel_layout(input));
 }
 
 // Batch statistics for the training forward in one call: (mean, rstd) and, when given, the running
 // statistics updated in place (running_var with the unbiased variance), all on the input's device without a
 // host sync. Saves the half-dozen small Python-level ops per call that dominate small inputs; on the CPU the
 // per-channel finish is one loop (cpu/stats.cpp).
+template <class B>
 std::tuple<at::Tensor, at::Tensor> batch_stats_update(const at::Tensor& input, const OptTensor& running_mean,
                                                       const OptTensor& running_var, double momentum, double eps) {
   constexpr const char* op = "bnfused.batch_stats_update";
@@ -171,87 +266,71 @@ std::tuple<at::Tensor, at::Tensor> batch_stats_update(const at::Tensor& input, c
     check_channel_param(*running_mean, input, op, "running_mean");  // updated in place, in their own dtype
     check_channel_param(*running_var, input, op, "running_var");
   }
-#ifdef BNFUSED_WITH_CUDA
-  if (input.is_cuda()) return batch_stats_update_cuda(in_kernel_layout(input), running_mean, running_var, momentum, eps);
-#endif
-  return batch_stats_update_cpu(in_kernel_layout(input), running_mean, running_var, momentum, eps);
+  return B::batch_stats_update(in_kernel_layout(input), running_mean, running_var, momentum, eps);
 }
 
 // batch_stats only tells autograd whether mean/rstd are this batch's statistics; the forward ignores it.
+template <class B>
 at::Tensor forward(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& rstd, const OptTensor& weight,
                    const OptTensor& bias, const at::Tensor& key, double p, bool /*batch_stats*/) {
-  const KernelArgs a = prepare("bnfused.forward", input, mean, rstd, weight, bias, key, p);
-  auto out = cpu::empty_output(a.x, kernel_memory_format(a.x));
-#ifdef BNFUSED_WITH_CUDA
-  if (a.x.is_cuda()) {
-    forward_cuda(a.x, a.mean, a.rstd, a.weight, a.bias, key, p, out);
-    return out;
-  }
-#endif
-  forward_cpu(a.x, a.mean, a.rstd, a.weight, a.bias, host_key(key), p, out);
+  const KernelArgs a = prepare("bnfused.forward", input, mean, rstd, weight, bias, &key, p);
+  auto out = empty_like_kernel(a.x);
+  B::forward(a, key, p, out);
   return out;
 }
 
-// The training forward of the CPU autograd path: out as forward() gives it, plus the keep pattern packed
-// 1 bit per element for the backward ops (all ones when p == 0).
+// The training forward of the CPU autograd path (CPU only: the CUDA kernels regenerate the mask from the key):
+// out as forward() gives it, plus the keep pattern packed 1 bit per element for the backward ops (all ones when
+// p == 0).
 std::tuple<at::Tensor, at::Tensor> forward_keep_bits(const at::Tensor& input, const at::Tensor& mean,
                                                      const at::Tensor& rstd, const OptTensor& weight,
                                                      const OptTensor& bias, const at::Tensor& key, double p,
                                                      bool /*batch_stats*/) {
-  constexpr const char* op = "bnfused.forward_keep_bits";
-  const KernelArgs a = prepare(op, input, mean, rstd, weight, bias, key, p);
-  TORCH_CHECK(a.x.is_cpu(), op, ": a CPU op (the CUDA kernels regenerate the mask from the key); got ", a.x.device());
-  auto out = cpu::empty_output(a.x, kernel_memory_format(a.x));
+  const KernelArgs a = prepare("bnfused.forward_keep_bits", input, mean, rstd, weight, bias, &key, p);
+  auto out = empty_like_kernel(a.x);
   auto bits = at::empty({keep_bits_bytes(a.x.numel())}, a.x.options().dtype(at::kByte));
   if (p == 0.0) bits.fill_(0xFF);
   forward_cpu(a.x, a.mean, a.rstd, a.weight, a.bias, host_key(key), p, out, bits.data_ptr<uint8_t>());
   return {out, bits};
 }
 
+template <class B>
 std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& grad_out, const at::Tensor& input,
                                                    const at::Tensor& mean, const at::Tensor& rstd,
                                                    const OptTensor& weight, const OptTensor& bias,
                                                    const at::Tensor& key, double p, const OptTensor& keep_bits) {
   constexpr const char* op = "bnfused.backward_reduce";
-  const KernelArgs a = prepare(op, input, mean, rstd, weight, bias, key, p);
+  const KernelArgs a = prepare(op, input, mean, rstd, weight, bias, &key, p);
   const uint8_t* bits = keep_bits_of(keep_bits, a.x, op);
-  const auto dy = like_input_layout(grad_out, a.x, op);
-#ifdef BNFUSED_WITH_CUDA
-  if (a.x.is_cuda()) return backward_reduce_cuda(dy, a.x, a.mean, a.rstd, a.weight, a.bias, key, p);
-#endif
-  return backward_reduce_cpu(dy, a.x, a.mean, a.rstd, a.weight, a.bias, host_key(key), p, bits);
+  return B::backward_reduce(like_input_layout(grad_out, a.x, op), a, key, p, bits);
 }
 
 // sum_g/sum_g_xhat (with the element count they were summed over: the global count under SyncBN) turn on the
 // batch-statistics terms. They are divided here, not by the caller, so a compiled backward runs no separate tiny
 // kernel between the two backward ops.
+template <class B>
 at::Tensor backward_input(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
                           const at::Tensor& rstd, const OptTensor& weight, const OptTensor& bias,
                           const at::Tensor& key, double p, const OptTensor& sum_g, const OptTensor& sum_g_xhat,
                           c10::SymInt count, const OptTensor& keep_bits) {
   constexpr const char* op = "bnfused.backward_input";
-  const bool has_g = sum_g.has_value() && sum_g->defined();
-  const bool has_gx = sum_g_xhat.has_value() && sum_g_xhat->defined();
-  TORCH_CHECK(has_g == has_gx, op, ": sum_g and sum_g_xhat must be given together (batch statistics) or not at all");
-  const int64_t n = count.expect_int();
-  TORCH_CHECK(!has_g || n > 0, op, ": count must be positive with batch statistics, got ", n);
-  const KernelArgs a = prepare(op, input, mean, rstd, weight, bias, key, p);
+  const KernelArgs a = prepare(op, input, mean, rstd, weight, bias, &key, p);
+  const GradSums sums = check_sums(op, sum_g, sum_g_xhat, count, a.x);
   const uint8_t* bits = keep_bits_of(keep_bits, a.x, op);
-  const auto dy = like_input_layout(grad_out, a.x, op);
-  OptTensor sg, sgx;
-  if (has_g) {
-    sg = channel_param(*sum_g, a.x, op, "sum_g");
-    sgx = channel_param(*sum_g_xhat, a.x, op, "sum_g_xhat");
-  }
-  auto dx = cpu::empty_output(a.x, kernel_memory_format(a.x));
-#ifdef BNFUSED_WITH_CUDA
-  if (a.x.is_cuda()) {
-    backward_input_cuda(dy, a.x, a.mean, a.rstd, a.weight, a.bias, key, p, sg, sgx, n, dx);
-    return dx;
-  }
-#endif
-  backward_input_cpu(dy, a.x, a.mean, a.rstd, a.weight, a.bias, host_key(key), p, sg, sgx, n, dx, bits);
+  auto dx = empty_like_kernel(a.x);
+  B::backward_input(like_input_layout(grad_out, a.x, op), a, key, p, sums, dx, bits);
   return dx;
+}
+
+template <class B>
+at::Tensor dropout_mask(const at::Tensor& key, c10::SymIntArrayRef shape, double p) {
+  constexpr const char* op = "bnfused.dropout_mask";
+  check_p(p, op);
+  TORCH_CHECK(key.scalar_type() == at::kLong && key.numel() == 2, op,
+              ": philox key must be an int64 tensor of 2 elements (seed, offset)");
+  auto keep = at::empty_symint(shape, key.options().dtype(at::kBool));
+  B::dropout_mask(key, p, keep);
+  return keep;
 }
 
 // ---- BN + residual add + ReLU (+ dropout) ----
@@ -268,128 +347,89 @@ at::Tensor residual_like_input(const at::Tensor& residual, const at::Tensor& x, 
 }
 
 // The pass bits of add_relu_forward_bits for x (required by the add-mode backward ops).
-const uint8_t* pass_bits_of(const at::Tensor& bits, const at::Tensor& x, const char* op) {
+void check_pass_bits(const at::Tensor& bits, const at::Tensor& x, const char* op) {
   TORCH_CHECK(bits.device() == x.device(), op, ": pass_bits is on ", bits.device(), " but input is on ", x.device());
   TORCH_CHECK(bits.scalar_type() == at::kByte && bits.dim() == 1 && bits.numel() == keep_bits_bytes(x.numel()) &&
                   bits.is_contiguous(),
               op, ": pass_bits must be a contiguous uint8 tensor of ceil(numel / 8) = ", keep_bits_bytes(x.numel()),
               " bytes, got ", bits.scalar_type(), " of shape ", bits.sizes());
-  return bits.const_data_ptr<uint8_t>();
 }
 
+template <class B>
 at::Tensor add_relu_forward(const at::Tensor& input, const at::Tensor& residual, const at::Tensor& mean,
                             const at::Tensor& rstd, const OptTensor& weight, const OptTensor& bias,
                             const at::Tensor& key, double p, bool /*batch_stats*/) {
   constexpr const char* op = "bnfused.add_relu_forward";
-  const KernelArgs a = prepare(op, input, mean, rstd, weight, bias, key, p);
-  const auto r = residual_like_input(residual, a.x, op);
-  auto out = cpu::empty_output(a.x, kernel_memory_format(a.x));
-#ifdef BNFUSED_WITH_CUDA
-  if (a.x.is_cuda()) {
-    add_relu_forward_cuda(a.x, r, a.mean, a.rstd, a.weight, a.bias, key, p, out, nullptr);
-    return out;
-  }
-#endif
-  add_relu_forward_cpu(a.x, r, a.mean, a.rstd, a.weight, a.bias, host_key(key), p, out);
+  const KernelArgs a = prepare(op, input, mean, rstd, weight, bias, &key, p);
+  auto out = empty_like_kernel(a.x);
+  B::add_relu_forward(a, residual_like_input(residual, a.x, op), key, p, out, nullptr);
   return out;
 }
 
 // The training forward: out, plus the pass bits (keep AND bn(x) + residual > 0, 1 bit per element in memory
 // order) that stand in for the residual, the key and the ReLU's input in the backward.
+template <class B>
 std::tuple<at::Tensor, at::Tensor> add_relu_forward_bits(const at::Tensor& input, const at::Tensor& residual,
                                                          const at::Tensor& mean, const at::Tensor& rstd,
                                                          const OptTensor& weight, const OptTensor& bias,
                                                          const at::Tensor& key, double p, bool /*batch_stats*/) {
   constexpr const char* op = "bnfused.add_relu_forward_bits";
-  const KernelArgs a = prepare(op, input, mean, rstd, weight, bias, key, p);
-  const auto r = residual_like_input(residual, a.x, op);
-  auto out = cpu::empty_output(a.x, kernel_memory_format(a.x));
+  const KernelArgs a = prepare(op, input, mean, rstd, weight, bias, &key, p);
+  auto out = empty_like_kernel(a.x);
   auto bits = at::empty({keep_bits_bytes(a.x.numel())}, a.x.options().dtype(at::kByte));
-#ifdef BNFUSED_WITH_CUDA
-  if (a.x.is_cuda()) {
-    add_relu_forward_cuda(a.x, r, a.mean, a.rstd, a.weight, a.bias, key, p, out, bits.data_ptr<uint8_t>());
-    return {out, bits};
-  }
-#endif
-  add_relu_forward_cpu(a.x, r, a.mean, a.rstd, a.weight, a.bias, host_key(key), p, out, bits.data_ptr<uint8_t>());
+  B::add_relu_forward(a, residual_like_input(residual, a.x, op), key, p, out, bits.data_ptr<uint8_t>());
   return {out, bits};
 }
 
-// Arguments of the add-mode backward ops (no key: the pass bits are the mask).
-KernelArgs prepare_add_backward(const char* op, const at::Tensor& input, const at::Tensor& mean,
-                                const at::Tensor& rstd, const OptTensor& weight, double p) {
-  check_input(input, op);
-  check_p(p, op);
-  KernelArgs a;
-  a.x = in_kernel_layout(input);
-  a.mean = channel_param(mean, a.x, op, "mean");
-  a.rstd = channel_param(rstd, a.x, op, "rstd");
-  a.weight = opt_channel_param(weight, a.x, op, "weight");
-  return a;
-}
-
+template <class B>
 std::tuple<at::Tensor, at::Tensor> add_relu_backward_reduce(const at::Tensor& grad_out, const at::Tensor& input,
                                                             const at::Tensor& mean, const at::Tensor& rstd,
                                                             const at::Tensor& pass_bits, double p) {
   constexpr const char* op = "bnfused.add_relu_backward_reduce";
-  const KernelArgs a = prepare_add_backward(op, input, mean, rstd, std::nullopt, p);
-  const uint8_t* bits = pass_bits_of(pass_bits, a.x, op);
-  const auto dy = like_input_layout(grad_out, a.x, op);
-#ifdef BNFUSED_WITH_CUDA
-  if (a.x.is_cuda()) return add_relu_backward_reduce_cuda(dy, a.x, a.mean, a.rstd, pass_bits, p);
-#endif
-  return backward_reduce_cpu(dy, a.x, a.mean, a.rstd, std::nullopt, std::nullopt, PhiloxKey{0, 0}, p, bits,
-                             /*relu_gate=*/false);
+  const KernelArgs a = prepare(op, input, mean, rstd, std::nullopt, std::nullopt, nullptr, p);
+  check_pass_bits(pass_bits, a.x, op);
+  return B::add_relu_backward_reduce(like_input_layout(grad_out, a.x, op), a, pass_bits, p);
 }
 
+template <class B>
 std::tuple<at::Tensor, at::Tensor> add_relu_backward_input(const at::Tensor& grad_out, const at::Tensor& input,
                                                            const at::Tensor& mean, const at::Tensor& rstd,
                                                            const OptTensor& weight, const at::Tensor& pass_bits,
                                                            double p, const OptTensor& sum_g,
                                                            const OptTensor& sum_g_xhat, c10::SymInt count) {
   constexpr const char* op = "bnfused.add_relu_backward_input";
-  const bool has_g = sum_g.has_value() && sum_g->defined();
-  const bool has_gx = sum_g_xhat.has_value() && sum_g_xhat->defined();
-  TORCH_CHECK(has_g == has_gx, op, ": sum_g and sum_g_xhat must be given together (batch statistics) or not at all");
-  const int64_t n = count.expect_int();
-  TORCH_CHECK(!has_g || n > 0, op, ": count must be positive with batch statistics, got ", n);
-  const KernelArgs a = prepare_add_backward(op, input, mean, rstd, weight, p);
-  const uint8_t* bits = pass_bits_of(pass_bits, a.x, op);
-  const auto dy = like_input_layout(grad_out, a.x, op);
-  OptTensor sg, sgx;
-  if (has_g) {
-    sg = channel_param(*sum_g, a.x, op, "sum_g");
-    sgx = channel_param(*sum_g_xhat, a.x, op, "sum_g_xhat");
-  }
-  auto dx = cpu::empty_output(a.x, kernel_memory_format(a.x));
-  auto grad_residual = cpu::empty_output(a.x, kernel_memory_format(a.x));
-#ifdef BNFUSED_WITH_CUDA
-  if (a.x.is_cuda()) {
-    add_relu_backward_input_cuda(dy, a.x, a.mean, a.rstd, a.weight, pass_bits, p, sg, sgx, n, dx, grad_residual);
-    return {dx, grad_residual};
-  }
-#endif
-  backward_input_cpu(dy, a.x, a.mean, a.rstd, a.weight, std::nullopt, PhiloxKey{0, 0}, p, sg, sgx, n, dx, bits,
-                     &grad_residual);
+  const KernelArgs a = prepare(op, input, mean, rstd, weight, std::nullopt, nullptr, p);
+  const GradSums sums = check_sums(op, sum_g, sum_g_xhat, count, a.x);
+  check_pass_bits(pass_bits, a.x, op);
+  auto dx = empty_like_kernel(a.x);
+  auto grad_residual = empty_like_kernel(a.x);
+  B::add_relu_backward_input(like_input_layout(grad_out, a.x, op), a, pass_bits, p, sums, dx, grad_residual);
   return {dx, grad_residual};
 }
 
-at::Tensor dropout_mask(const at::Tensor& key, c10::SymIntArrayRef shape, double p) {
-  constexpr const char* op = "bnfused.dropout_mask";
-  check_p(p, op);
-  TORCH_CHECK(key.scalar_type() == at::kLong && key.numel() == 2, op,
-              ": philox key must be an int64 tensor of 2 elements (seed, offset)");
-  auto keep = at::empty_symint(shape, key.options().dtype(at::kBool));
-#ifdef BNFUSED_WITH_CUDA
-  if (key.is_cuda()) {
-    dropout_mask_cuda(key, p, keep);
-    return keep;
-  }
-#endif
-  TORCH_CHECK(key.is_cpu(), op, ": key on unsupported device ", key.device());
-  dropout_mask_cpu(host_key(key), p, keep);
-  return keep;
+// Every op with a kernel per device, registered for backend B.
+template <class B>
+void register_backend(torch::Library& m) {
+  m.impl("batch_stats", &batch_stats<B>);
+  m.impl("batch_stats_update", &batch_stats_update<B>);
+  m.impl("forward", &forward<B>);
+  m.impl("backward_reduce", &backward_reduce<B>);
+  m.impl("backward_input", &backward_input<B>);
+  m.impl("dropout_mask", &dropout_mask<B>);
+  m.impl("add_relu_forward", &add_relu_forward<B>);
+  m.impl("add_relu_forward_bits", &add_relu_forward_bits<B>);
+  m.impl("add_relu_backward_reduce", &add_relu_backward_reduce<B>);
+  m.impl("add_relu_backward_input", &add_relu_backward_input<B>);
 }
+
+#ifndef BNFUSED_WITH_CUDA
+// A build without CUDA kernels: a CUDA tensor gets this error instead of the dispatcher's "could not run".
+void no_cuda_kernels(const c10::OperatorHandle& op, torch::jit::Stack*) {
+  TORCH_CHECK(false, op.schema().name(),
+              ": got a CUDA tensor, but this bnfused build has no CUDA kernels (built with a CPU-only torch or "
+              "without nvcc); rebuild with `pip install --no-build-isolation -e .` on a CUDA machine");
+}
+#endif
 
 }  // namespace
 
@@ -447,25 +487,20 @@ TORCH_LIBRARY(bnfused, m) {
       "(Tensor grad_input, Tensor grad_residual)");
 }
 
-// The same device-generic entry points serve both backends; they branch on the input's device.
-#define BNFUSED_REGISTER_BACKEND(m)                                         \
-  m.impl("add_relu_forward", &bnfused::add_relu_forward);                   \
-  m.impl("add_relu_forward_bits", &bnfused::add_relu_forward_bits);         \
-  m.impl("add_relu_backward_reduce", &bnfused::add_relu_backward_reduce);   \
-  m.impl("add_relu_backward_input", &bnfused::add_relu_backward_input);     \
-  m.impl("batch_stats", &bnfused::batch_stats);                             \
-  m.impl("batch_stats_update", &bnfused::batch_stats_update);               \
-  m.impl("forward", &bnfused::forward);                                     \
-  m.impl("backward_reduce", &bnfused::backward_reduce);                     \
-  m.impl("backward_input", &bnfused::backward_input);                       \
-  m.impl("dropout_mask", &bnfused::dropout_mask);
-
 TORCH_LIBRARY_IMPL(bnfused, CPU, m) {
-  BNFUSED_REGISTER_BACKEND(m)
+  bnfused::register_backend<bnfused::CpuBackend>(m);
   m.impl("forward_keep_bits", &bnfused::forward_keep_bits);
 }
+
 #ifdef BNFUSED_WITH_CUDA
-TORCH_LIBRARY_IMPL(bnfused, CUDA, m) { BNFUSED_REGISTER_BACKEND(m) }
+TORCH_LIBRARY_IMPL(bnfused, CUDA, m) { bnfused::register_backend<bnfused::CudaBackend>(m); }
+#else
+TORCH_LIBRARY_IMPL(bnfused, CUDA, m) {
+  for (const char* name : {"batch_stats", "batch_stats_update", "forward", "forward_keep_bits", "backward_reduce",
+                           "backward_input", "dropout_mask", "add_relu_forward", "add_relu_forward_bits",
+                           "add_relu_backward_reduce", "add_relu_backward_input"})
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&bnfused::no_cuda_kernels>());
+}
 #endif
 
 // The backward ops have no derivatives. Without an Autograd kernel, PyTorch's default fallback lets a double
@@ -524,23 +559,26 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "functional.check_inputs' tensor conditions without raising (false: run the Python checks for the error)",
         pybind11::arg("input"), pybind11::arg("running_mean"), pybind11::arg("running_var"), pybind11::arg("weight"),
         pybind11::arg("bias"), pybind11::arg("training"));
-  m.def("philox4x32_10", &philox_raw, "Raw Philox4x32-10 of one counter (4 words) and key (2 words)",
-        pybind11::arg("counter"), pybind11::arg("key"));
-  m.def("philox_block", &philox_block, "Philox output used for mask block `block` (elements 8*block ... 8*block+7)",
-        pybind11::arg("seed"), pybind11::arg("offset"), pybind11::arg("block"));
-  m.def("keep_run", [](uint64_t seed, uint64_t offset, double p, uint64_t start, int64_t n) {
-          return bnfused::keep_run_cpu(bnfused::PhiloxKey{seed, offset}, p, start, n);
-        }, "Test hook: CPU keep pattern of logical elements start .. start + n - 1 (raises if the keep-flag "
-           "generator of the channels_last transposed tiles disagrees with it)");
-  m.def("keep_run_bytes", [](uint64_t seed, uint64_t offset, double p, uint64_t start, int64_t n) {
-          return bnfused::keep_run_bytes_cpu(bnfused::PhiloxKey{seed, offset}, p, start, n);
-        }, "Test hook: CPU keep bytes the same run writes, of the blocks whose first element lies in it");
-  m.def("keep_block_rows", [](uint64_t seed, uint64_t offset, double p, uint64_t first, uint64_t stride,
-                              int64_t count) {
-          return bnfused::keep_block_rows_cpu(bnfused::PhiloxKey{seed, offset}, p, first, stride, count);
-        }, "Test hook: CPU keep pattern of 8 rows x `count` channels whose blocks are first + j * stride (row-major)");
   m.def("empty_cache", &bnfused::cpu::release_cached_outputs,
         "Free the CPU output blocks (>= 8 MiB) bnfused keeps for reuse; returns the bytes released");
-  m.def("threshold16", &bnfused::threshold16, "Drop threshold (out of 65536) the kernels use for probability p",
-        pybind11::arg("p"));
+  // Test hooks, in their own submodule (bnfused._C.testing): raw Philox, the CPU generators' keep runs at counter
+  // values no test tensor reaches, and the drop threshold.
+  auto testing = m.def_submodule("testing", "Test hooks of the CPU kernels' random number generation");
+  testing.def("philox4x32_10", &philox_raw, "Raw Philox4x32-10 of one counter (4 words) and key (2 words)",
+            pybind11::arg("counter"), pybind11::arg("key"));
+  testing.def("philox_block", &philox_block, "Philox output used for mask block `block` (elements 8*block ... 8*block+7)",
+            pybind11::arg("seed"), pybind11::arg("offset"), pybind11::arg("block"));
+  testing.def("keep_run", [](uint64_t seed, uint64_t offset, double p, uint64_t start, int64_t n) {
+              return bnfused::keep_run_cpu(bnfused::PhiloxKey{seed, offset}, p, start, n);
+            }, "Test hook: CPU keep pattern of logical elements start .. start + n - 1 (raises if the keep-flag "
+               "generator of the channels_last transposed tiles disagrees with it)");
+  testing.def("keep_run_bytes", [](uint64_t seed, uint64_t offset, double p, uint64_t start, int64_t n) {
+              return bnfused::keep_run_bytes_cpu(bnfused::PhiloxKey{seed, offset}, p, start, n);
+            }, "Test hook: CPU keep bytes the same run writes, of the blocks whose first element lies in it");
+  testing.def("keep_block_rows", [](uint64_t seed, uint64_t offset, double p, uint64_t first, uint64_t stride,
+                                  int64_t count) {
+              return bnfused::keep_block_rows_cpu(bnfused::PhiloxKey{seed, offset}, p, first, stride, count);
+            }, "Test hook: CPU keep pattern of 8 rows x `count` channels whose blocks are first + j * stride (row-major)");
+  testing.def("threshold16", &bnfused::threshold16, "Drop threshold (out of 65536) the kernels use for probability p",
+            pybind11::arg("p"));
 }

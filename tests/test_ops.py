@@ -63,7 +63,7 @@ def key_tensor(seed, offset, device="cpu"):
      [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]),
 ])
 def test_philox_known_answers(ctr, key, expected):
-    assert list(_C.philox4x32_10(ctr, key)) == expected
+    assert list(_C.testing.philox4x32_10(ctr, key)) == expected
     assert py_philox4x32_10(ctr, key) == expected
 
 
@@ -72,19 +72,19 @@ def test_philox_known_answers(ctr, key, expected):
 def test_philox_block_counter_layout(seed, offset, block):
     # counter = (lo(block), hi(block), lo(offset), hi(offset)), key = (lo(seed), hi(seed))
     expected = py_philox4x32_10([block & _U32, block >> 32, offset & _U32, offset >> 32], [seed & _U32, seed >> 32])
-    assert list(_C.philox_block(seed, offset, block)) == expected
+    assert list(_C.testing.philox_block(seed, offset, block)) == expected
 
 
 @pytest.mark.parametrize("p", [0.0, -0.0, 2**-17, 2**-16, 1e-6, 0.01, 0.1, 1 / 3, 0.5, 0.9, 1 - 2**-16, 1.0])
 def test_threshold16(p):
-    assert _C.threshold16(p) == py_threshold16(p)
+    assert _C.testing.threshold16(p) == py_threshold16(p)
 
 
 def test_threshold16_rounds_to_nearest():
-    assert _C.threshold16(0.5) == 32768
-    assert _C.threshold16(0.1) == round(0.1 * 65536)
-    assert _C.threshold16(1.0) == 65536
-    assert _C.threshold16(0.0) == 0
+    assert _C.testing.threshold16(0.5) == 32768
+    assert _C.testing.threshold16(0.1) == round(0.1 * 65536)
+    assert _C.testing.threshold16(1.0) == 65536
+    assert _C.testing.threshold16(0.0) == 0
 
 
 # ---- dropout_mask op == the scalar definition ----
@@ -105,7 +105,7 @@ def test_dropout_mask_matches_scalar_definition(device, seed, offset, p):
 @pytest.mark.parametrize("n", [1, 61, 128, 300])
 def test_cpu_keep_run_at_high_counters(start, n):
     seed, offset, p = 2**64 - 3, 2**35 + 1, 0.5
-    assert _C.keep_run(seed, offset, p, start, n) == [bool(k) for k in py_keep_range(seed, offset, start, n, p)]
+    assert _C.testing.keep_run(seed, offset, p, start, n) == [bool(k) for k in py_keep_range(seed, offset, start, n, p)]
 
 
 @pytest.mark.parametrize("start", [0, 8 * (2**32 - 20) + 3, 8 * (2**32 - 8), 8 * 2**32 + 5, 8 * (3 * 2**32 - 9) + 1])
@@ -116,7 +116,7 @@ def test_cpu_keep_run_bytes_at_high_counters(start, n):
     seed, offset, p = 2**64 - 3, 2**35 + 1, 0.5
     first, end = (start + 7) // 8, (start + n + 7) // 8
     expected = [sum(int(py_keep(seed, offset, 8 * b + k, p)) << k for k in range(8)) for b in range(first, end)]
-    assert _C.keep_run_bytes(seed, offset, p, start, n) == expected
+    assert _C.testing.keep_run_bytes(seed, offset, p, start, n) == expected
 
 
 @pytest.mark.parametrize("first", [0, 2**32 - 5, 2**32 - 100, 2**32 + 7, 2**34 - 1])
@@ -125,7 +125,7 @@ def test_cpu_keep_run_bytes_at_high_counters(start, n):
 def test_cpu_keep_block_rows_at_high_counters(first, stride, count):
     seed, offset, p = 12345, 678, 0.3
     expected = [py_keep(seed, offset, 8 * (first + j * stride) + r, p) for r in range(8) for j in range(count)]
-    assert _C.keep_block_rows(seed, offset, p, first, stride, count) == expected
+    assert _C.testing.keep_block_rows(seed, offset, p, first, stride, count) == expected
 
 
 @pytest.mark.parametrize("shape", [(1,), (7,), (9,), (3, 5, 7), (2, 3, 2, 3, 3)])

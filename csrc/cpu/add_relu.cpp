@@ -1,6 +1,6 @@
 // CPU forward of BN + residual add + ReLU (+ dropout): y = relu(fma(x, a, b) + residual) * mult, and for the
 // backward the "pass" bits [y > 0] = keep AND bn(x) + residual > 0, packed 1 bit per element in memory order
-// (keep_bits.h's format), so the backward kernels (apply.cpp, backward_reduce.cpp in add mode) need neither the
+// (keep_bits.h's format), so the backward kernels (backward_input.cpp, backward_reduce.cpp in add mode) need neither the
 // residual nor the key. One read of x and residual, one write of y.
 #include "cpu/row_tiles.h"
 
