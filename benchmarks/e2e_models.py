@@ -77,7 +77,7 @@ def measure_model(name: str, device: torch.device, rounds: int, steps: int) -> M
     unfused = builder().to(device).train()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a model with nothing to fuse (MobileNetV2's ReLU6) warns
-        converted, report = bnfused.convert(copy.deepcopy(unfused), report=True)
+        converted, report = bnfused.convert_with_report(copy.deepcopy(unfused))
     images = torch.randn(batch, 3, size, size, device=device)
     labels = torch.randint(0, CLASSES, (batch,), device=device)
     peers = [_train_step(unfused, images, labels), _train_step(converted, images, labels)]

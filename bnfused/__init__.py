@@ -8,7 +8,7 @@ from . import ops  # noqa: F401  (loads the extension and registers the ops' fak
 from ._extension import CPU_CAPABILITY, WITH_CUDA, empty_cache
 from ._version import __version__
 from .autograd import BNAddReLUDropoutFunction, BNReLUDropoutFunction
-from .convert import ConvertReport, FusedSite, UnfusedBatchNorm, convert, convert_sync
+from .convert import ConvertReport, FusedSite, UnfusedBatchNorm, convert, convert_sync, convert_with_report
 from .fold import fold_eval
 from .functional import bn_add_relu_dropout, bn_relu_dropout
 from .modules import (BatchNormAddReLU1d, BatchNormAddReLU2d, BatchNormAddReLU3d, BatchNormReLUDropout1d,
@@ -35,6 +35,7 @@ __all__ = [
     "bn_relu_dropout",
     "convert",
     "convert_sync",
+    "convert_with_report",
     "empty_cache",
     "fold_eval",
 ]

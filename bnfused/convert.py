@@ -1,6 +1,6 @@
 """convert(): swap BatchNormXd -> ReLU (-> Dropout) sites for the fused module (SyncBatchNormReLUDropout /
 SyncBatchNormAddReLU with sync=True / convert_sync), wherever the data flows that way: in nn.Sequential chains
-and in forward() code (found by torch.fx, see graph_sites.py). The fused module shares the BN's Parameter and
+and in forward() code (found by torch.fx, see _graph_sites.py). The fused module shares the BN's Parameter and
 buffer objects; a report says what was fused and why the other BatchNorm layers were not."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Optional
 
 from torch import nn
 
-from . import graph_sites
+from . import _graph_sites, _rewritten_forward
 from .modules import (BatchNormAddReLU1d, BatchNormAddReLU2d, BatchNormAddReLU3d, BatchNormReLUDropout1d,
                       BatchNormReLUDropout2d, BatchNormReLUDropout3d)
 from .sync import SyncBatchNormAddReLU, SyncBatchNormReLUDropout
@@ -233,17 +233,17 @@ class _Converter:
     # ------------------------------------------------------------ forward() code (torch.fx)
     def has_candidates(self, module: nn.Module) -> bool:
         """Whether module's own forward could hold a site: it calls a BN child, or a Sequential ending in one."""
-        if graph_sites.is_plain_sequential(module) or type(module).forward is nn.Module.forward:
+        if _graph_sites.is_plain_sequential(module) or type(module).forward is nn.Module.forward:
             return False
-        return any(graph_sites.ending_batchnorm(c, self.bn_types) is not None
-                   for c in graph_sites.callable_children(module))
+        return any(_graph_sites.ending_batchnorm(c, self.bn_types) is not None
+                   for c in _graph_sites.callable_children(module))
 
     def traced(self, module: nn.Module, prefix: str) -> Optional[dict[tuple[bool, frozenset], "fx.Graph"]]:
         """module's forward traced in its mode and in the other one (forward code may read self.training), and
         so again with each set of its None-default arguments None (`if skip is not None:`); keyed by
         (training, the arguments traced as None)."""
         mode = module.training
-        none_args = graph_sites.none_defaults(module)
+        none_args = _graph_sites.none_defaults(module)
         graphs = {}
         try:
             if len(none_args) > _MAX_NONE_ARGS:
@@ -253,7 +253,7 @@ class _Converter:
                 for nones in itertools.combinations(none_args, r):
                     for training in (mode, not mode):
                         module.training = training  # this module only: its children are leaves of the trace
-                        graphs[training, frozenset(nones)] = graph_sites.trace(module, nones)
+                        graphs[training, frozenset(nones)] = _graph_sites.trace(module, nones)
         except Exception as exc:  # noqa: BLE001 -- any tracing failure: keep the module as it is, say why
             reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
             self.report.untraced.append((prefix, reason))
@@ -270,7 +270,7 @@ class _Converter:
         if graphs is None:
             return
         mode, main = module.training, (module.training, frozenset())
-        found = {key: graph_sites.find_sites(g, module, self.bn_types, key[0], self.add_types)
+        found = {key: _graph_sites.find_sites(g, module, self.bn_types, key[0], self.add_types)
                  for key, g in graphs.items()}
         sites, reasons = found[main]
         for path, why in reasons.items():
@@ -278,7 +278,7 @@ class _Converter:
         others = {key: {s.bn_path: s for s in found[key][0]} for key in graphs if key != main}
         calls: dict[str, int] = {}
         for g in graphs.values():  # the most calls in any trace
-            for path, n in graph_sites.calls_of(g).items():
+            for path, n in _graph_sites.calls_of(g).items():
                 calls[path] = max(n, calls.get(path, 0))
         in_place, rewrite = [], []
         for site in sites:
@@ -303,18 +303,19 @@ class _Converter:
             (in_place if in_place_ok else rewrite).append((site, twins))
         if rewrite:
             for key, g in graphs.items():
-                graph_sites.remove_calls(g, [s if key == main else twins[key] for s, twins in rewrite])
+                _graph_sites.remove_calls(g, [s if key == main else twins[key] for s, twins in rewrite])
             # one forward for both modes: where the traces differ only by self.training's value, it reads it
-            same = all(graph_sites.read_training(graphs[mode, nones], graphs[not mode, nones], mode)
+            same = all(_graph_sites.read_training(graphs[mode, nones], graphs[not mode, nones], mode)
                        for training, nones in graphs if training == mode)
-            sources = {key: graph_sites.source_of(g) for key, g in graphs.items() if key[0] == mode}
+            sources = {key: _graph_sites.source_of(g) for key, g in graphs.items() if key[0] == mode}
             why = None
             if not same:
                 why = f"{type(module).__name__}.forward depends on self.training elsewhere; it is not rewritten"
             else:
                 try:
-                    src, globals_ = graph_sites.dispatch_source({nones: v for (_, nones), v in sources.items()},
-                                                                graph_sites.none_defaults(module), graphs[main])
+                    src, globals_ = _graph_sites.dispatch_source({nones: v for (_, nones), v in sources.items()},
+                                                                _graph_sites.none_defaults(module), graphs[main])
+                    imports = _rewritten_forward.import_block(globals_)
                 except ValueError as exc:
                     why = f"{type(module).__name__}.forward is not rewritten: {exc}"
             if why:
@@ -322,7 +323,7 @@ class _Converter:
                     self.reasons[_join(prefix, site.bn_path)] = why
                 rewrite = []
             else:
-                graph_sites.install_forward(module, src, globals_)
+                _rewritten_forward.install_forward(module, src, imports)
         for site, rewritten in [(s, False) for s, _ in in_place] + [(s, True) for s, _ in rewrite]:
             _set_submodule(module, site.bn_path, _fused_for(site.bn, site.p, self.sync, self.process_group,
                                                             add=site.add_node is not None))
@@ -370,7 +371,7 @@ class _Converter:
     def run(self) -> ConvertReport:
         named = list(self.model.named_modules())
         for name, child in named:
-            if graph_sites.is_plain_sequential(child):
+            if _graph_sites.is_plain_sequential(child):
                 self.sequential(child, name)
         for name, child in named:
             if self.has_candidates(child):
@@ -383,7 +384,7 @@ class _Converter:
         return self.report
 
 
-def convert(module: nn.Module, sync: bool = False, process_group=None, *, report: bool = False):
+def convert(module: nn.Module, sync: bool = False, process_group=None, *, report: bool = False) -> nn.Module:
     """Swap every nn.BatchNormXd -> ReLU (-> element-wise Dropout) site of ``module`` for the fused module, in
     place, and return ``module`` (``(module, ConvertReport)`` with ``report=True``).
 
@@ -428,6 +429,29 @@ def convert(module: nn.Module, sync: bool = False, process_group=None, *, report
     too. Not after: the fused modules are BatchNorm modules, and convert_sync_batchnorm would turn each back into
     a plain nn.SyncBatchNorm, dropping its ReLU and dropout.
     """
+    if report:
+        warnings.warn("convert(..., report=True) is deprecated: use bnfused.convert_with_report(model, ...), which "
+                      "returns (model, report)", FutureWarning, stacklevel=2)
+        return _convert(module, sync, process_group)
+    return _convert(module, sync, process_group)[0]
+
+
+def convert_with_report(module: nn.Module, sync: bool = False,
+                        process_group=None) -> tuple[nn.Module, ConvertReport]:
+    """:func:`convert`, returning ``(module, ConvertReport)``: the fused sites, every matched BatchNorm layer left
+    unfused with its reason, and the modules torch.fx could not trace. ``print(report)`` shows its summary.
+
+    Examples::
+
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.1))
+        >>> model, report = bnfused.convert_with_report(model)
+        >>> report.num_fused, type(model[1]).__name__
+        (1, 'BatchNormReLUDropout2d')
+    """
+    return _convert(module, sync, process_group)
+
+
+def _convert(module: nn.Module, sync: bool, process_group) -> tuple[nn.Module, ConvertReport]:
     if process_group is not None and not sync:
         raise ValueError("convert(): process_group is only used with sync=True")
     result = _Converter(module, sync, process_group).run()
@@ -436,19 +460,24 @@ def convert(module: nn.Module, sync: bool = False, process_group=None, *, report
         why = (f"{len(result.unfused)} BatchNorm layer(s) left unfused, e.g. {result.unfused[0].name}: "
                f"{result.unfused[0].reason}" if result.unfused else "the model has no matching BatchNorm layer")
         warnings.warn(f"bnfused.convert fused no BatchNorm -> ReLU site: {why} "
-                      "(convert(model, report=True) lists them all)", stacklevel=2)
+                      "(bnfused.convert_with_report lists them all)", stacklevel=3)
     if sync:
         plain = [u.name for u in result.unfused if type(module.get_submodule(u.name)) in _FUSED_FOR]
         if plain:
             warnings.warn(f"bnfused.convert_sync left {len(plain)} nn.BatchNorm layer(s) unfused and not "
                           f"synchronised, e.g. {plain[0]}: run nn.SyncBatchNorm.convert_sync_batchnorm(model) before "
                           "convert_sync to synchronise them (after it, convert_sync_batchnorm would turn the fused "
-                          "modules back into plain SyncBatchNorm layers without their ReLU)", stacklevel=2)
-    return (module, result) if report else module
+                          "modules back into plain SyncBatchNorm layers without their ReLU)", stacklevel=3)
+    return module, result
 
 
-def convert_sync(module: nn.Module, process_group=None, *, report: bool = False):
+def convert_sync(module: nn.Module, process_group=None, *, report: bool = False) -> nn.Module:
     """convert(module, sync=True, process_group=process_group): sites of nn.BatchNormXd or nn.SyncBatchNorm ->
     ReLU (-> Dropout) become SyncBatchNormReLUDropout, BN + residual -> ReLU sites SyncBatchNormAddReLU. Run
-    ``nn.SyncBatchNorm.convert_sync_batchnorm`` before it (never after) to synchronise the BN layers it leaves."""
-    return convert(module, sync=True, process_group=process_group, report=report)
+    ``nn.SyncBatchNorm.convert_sync_batchnorm`` before it (never after) to synchronise the BN layers it leaves.
+    ``convert_with_report(module, sync=True, process_group=...)`` also returns the report."""
+    if report:
+        warnings.warn("convert_sync(..., report=True) is deprecated: use bnfused.convert_with_report(model, "
+                      "sync=True, ...), which returns (model, report)", FutureWarning, stacklevel=2)
+        return _convert(module, True, process_group)
+    return _convert(module, True, process_group)[0]

@@ -16,30 +16,20 @@ import bnfused
 from bnfused import ops
 from bnfused.testing import KeyedDropout, reference_bn_add_relu_dropout
 
+import helpers
+from helpers import CHANNELS_LAST, GRAD_TOL, TOL, kernel_format, make_input
+
 C = 3
-CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 FUSED = {1: bnfused.BatchNormAddReLU1d, 2: bnfused.BatchNormAddReLU2d, 3: bnfused.BatchNormAddReLU3d}
 NN_BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
-TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-5),
-       torch.float16: dict(rtol=2e-3, atol=2e-3), torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}
-GRAD_TOL = {torch.float64: dict(rtol=1e-9, atol=1e-9), torch.float32: dict(rtol=1e-4, atol=1e-4),
-            torch.float16: dict(rtol=1e-2, atol=1e-2), torch.bfloat16: dict(rtol=6e-2, atol=6e-2)}
 
 
 def make_tensor(shape, layout, dtype, device, offset=0.0):
-    """Random tensor of `shape`: contiguous, channels_last(_3d) or a strided slice."""
-    if layout == "noncontig":
-        return (torch.randn(*shape[:-1], 2 * shape[-1], device=device) + offset).to(dtype)[..., ::2]
-    t = (torch.randn(shape, device=device) + offset).to(dtype)
-    return t.contiguous(memory_format=CHANNELS_LAST[t.dim()]) if layout == "channels_last" else t
-
-
-def kernel_format(x):
-    return ops.kernel_memory_format(x)
+    return make_input(shape, layout, dtype, device, offset)
 
 
 def leaf(t, dtype=None):
-    return None if t is None else t.detach().to(dtype or t.dtype).requires_grad_()
+    return helpers.leaf(t, dtype, requires_grad=True)
 
 
 def key_of(seed, device):

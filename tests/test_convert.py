@@ -137,7 +137,7 @@ def test_bn_outside_sequential_is_fused_in_place():
     bn = net.bn
     x = torch.randn(2, 3, 4, 4)
     expected = net(x)
-    model, report = bnfused.convert(net, report=True)
+    model, report = bnfused.convert_with_report(net)
     assert model is net and type(net) is Net
     assert type(net.bn) is bnfused.BatchNormReLUDropout2d and net.bn.weight is bn.weight
     assert type(net.relu) is nn.Identity
@@ -191,3 +191,21 @@ def test_optimizer_built_before_convert_keeps_training():
     for (name, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
     assert not torch.equal(bn.weight, build()[1].weight)  # it trained
+
+
+def test_convert_returns_the_model_and_the_report_comes_from_convert_with_report():
+    """convert() returns one type whatever its arguments; convert_with_report() returns (model, report); the old
+    report=True spelling still works, with a FutureWarning."""
+    def net():
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+
+    assert isinstance(bnfused.convert(net()), nn.Sequential)
+    model, report = bnfused.convert_with_report(net())
+    assert isinstance(report, bnfused.ConvertReport) and report.num_fused == 1
+    assert type(model[1]) is bnfused.BatchNormReLUDropout2d
+    with pytest.warns(FutureWarning, match="convert_with_report"):
+        model, report = bnfused.convert(net(), report=True)
+    assert report.num_fused == 1
+    with pytest.warns(FutureWarning, match="convert_with_report"):
+        model, report = bnfused.convert_sync(net(), report=True)
+    assert type(model[1]) is bnfused.SyncBatchNormReLUDropout

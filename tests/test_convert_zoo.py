@@ -33,7 +33,7 @@ def build(name, seed=0):
 def converted(model):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = bnfused.convert(copy.deepcopy(model), report=True)
+        result = bnfused.convert_with_report(copy.deepcopy(model))
     assert not [w for w in caught if "could not trace" in str(w.message)]
     return result
 
@@ -136,7 +136,7 @@ def test_residual_that_broadcasts_or_promotes(how, sync):
     model = BroadcastResidual(how).double()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # convert_sync: the BN is not a SyncBatchNorm
-        fused_model, report = bnfused.convert(copy.deepcopy(model), sync=sync, report=True)
+        fused_model, report = bnfused.convert_with_report(copy.deepcopy(model), sync=sync)
     assert [s.name for s in report.fused if s.residual] == ["bn"]
     assert type(fused_model.bn) is (bnfused.SyncBatchNormAddReLU if sync else bnfused.BatchNormAddReLU2d)
     check_same(model, fused_model, torch.randn(2, 3, 4, 4, dtype=torch.float64))
@@ -174,7 +174,7 @@ def test_dropout_following_the_module_not_the_bn_stays():
     torch.manual_seed(0)
     model = DropoutAfterEvalBN().double().train()
     model.bn.eval()
-    fused_model, report = bnfused.convert(copy.deepcopy(model), report=True)
+    fused_model, report = bnfused.convert_with_report(copy.deepcopy(model))
     assert [(s.name, s.dropout) for s in report.fused] == [("bn", None)]
     x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
     torch.manual_seed(1)
@@ -199,7 +199,7 @@ def test_bn_input_written_before_the_add_is_not_fused():
     torch.manual_seed(0)
     model = WrittenBeforeAdd().double()
     with pytest.warns(UserWarning, match="fused no"):
-        fused_model, report = bnfused.convert(copy.deepcopy(model), report=True)
+        fused_model, report = bnfused.convert_with_report(copy.deepcopy(model))
     x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
     for training in (True, False):  # no backward: the original's in-place write breaks it
         model.train(training), fused_model.train(training)
@@ -220,7 +220,7 @@ def test_bn_ending_a_sequential_and_called_directly_is_not_fused():
     torch.manual_seed(0)
     model = InnerBNCalledToo().double()
     with pytest.warns(UserWarning, match="fused no"):
-        fused_model, report = bnfused.convert(copy.deepcopy(model), report=True)
+        fused_model, report = bnfused.convert_with_report(copy.deepcopy(model))
     assert "more than one place" in report.unfused[0].reason
     check_same(model, fused_model, torch.randn(2, 3, 4, 4, dtype=torch.float64))
 
@@ -244,7 +244,7 @@ def test_forward_with_none_default_arguments_is_rewritten_for_each():
     None (it took the given branch whatever the call before: torch.cat([x, None]) raised)."""
     torch.manual_seed(0)
     model = OptionalArgs().double()
-    fused_model, report = bnfused.convert(copy.deepcopy(model), report=True)
+    fused_model, report = bnfused.convert_with_report(copy.deepcopy(model))
     assert sorted(s.name for s in report.fused) == ["bn1", "bn2"]
     x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
     for args in [(), (x,), (None, x[:, :1]), (x, x[:, :1])]:
@@ -276,13 +276,13 @@ class CifarBlock(nn.Module):
 def test_bn_ending_a_sequential_takes_the_add(projected):
     torch.manual_seed(0)
     model = nn.Sequential(CifarBlock(3, 4 if projected else 3, 2 if projected else 1)).double()
-    fused_model, report = bnfused.convert(copy.deepcopy(model), report=True)
+    fused_model, report = bnfused.convert_with_report(copy.deepcopy(model))
     assert len(report.fused) == 2 and [s.name for s in report.fused if s.residual] == ["0.residual_function.4"]
     check_same(model, fused_model, torch.randn(2, 3, 6, 6, dtype=torch.float64))
     # the Sequential is no longer called, its layers are: a hook on it leaves the add unfused
     hooked = copy.deepcopy(model)
     hooked[0].residual_function.register_forward_pre_hook(lambda *args: None)
-    _, report = bnfused.convert(hooked, report=True)
+    _, report = bnfused.convert_with_report(hooked)
     assert [s.name for s in report.fused] == ["0.residual_function.1"]
 
 
@@ -301,7 +301,7 @@ def test_forward_reading_self_training_for_dropout_is_rewritten():
     reads self.training there (the module was left unrewritten before)."""
     torch.manual_seed(0)
     model = DropoutElsewhere().double()
-    fused_model, report = bnfused.convert(copy.deepcopy(model), report=True)
+    fused_model, report = bnfused.convert_with_report(copy.deepcopy(model))
     assert [(s.name, s.dropout) for s in report.fused] == [("bn", None)]
     x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
     for training in (True, False):

@@ -7,13 +7,9 @@ import torch
 
 import bnfused
 from bnfused import ops
+from helpers import rng_state
 
 C = 4
-
-
-def rng_state(device):
-    """State of the default generator the fused op draws its key from on `device`."""
-    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
 
 
 def all_positive_block(p, device, dim=2):

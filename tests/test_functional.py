@@ -8,37 +8,14 @@ import torch.nn.functional as F
 import bnfused
 from bnfused import ops
 from bnfused.testing import reference_bn_relu_dropout
+from helpers import GRAD_TOL, TOL, leaf, make_input, rng_state
+from helpers import make_params as _make_params
 
 C = 4
-CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
-TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-5),
-       torch.float16: dict(rtol=2e-3, atol=2e-3), torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}
-GRAD_TOL = {torch.float64: dict(rtol=1e-9, atol=1e-9), torch.float32: dict(rtol=1e-4, atol=1e-4),
-            torch.float16: dict(rtol=1e-2, atol=1e-2), torch.bfloat16: dict(rtol=6e-2, atol=6e-2)}
-
-
-def rng_state(device):
-    """State of the default generator the fused op draws its key from on `device`."""
-    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
-
-
-def make_input(shape, layout, dtype, device):
-    if layout == "noncontig":
-        return (torch.randn(*shape[:-1], 2 * shape[-1], device=device) + 0.2).to(dtype)[..., ::2]
-    x = (torch.randn(shape, device=device) + 0.2).to(dtype)
-    return x.contiguous(memory_format=CHANNELS_LAST[x.dim()]) if layout == "channels_last" else x
 
 
 def make_params(device, acc, affine=True):
-    w = (torch.rand(C, device=device, dtype=acc) + 0.5).requires_grad_() if affine else None
-    b = (torch.randn(C, device=device, dtype=acc) * 0.3).requires_grad_() if affine else None
-    rm = torch.randn(C, device=device, dtype=acc) * 0.2
-    rv = torch.rand(C, device=device, dtype=acc) + 0.5
-    return w, b, rm, rv
-
-
-def leaf(t, dtype=None):
-    return None if t is None else t.detach().to(dtype or t.dtype).requires_grad_(t.requires_grad)
+    return _make_params(C, device, acc, affine)
 
 
 CASES = [((6, C), "contiguous"), ((3, C, 5), "noncontig"), ((2, C, 3, 5), "contiguous"),

@@ -16,38 +16,22 @@ import bnfused
 from bnfused import ops
 from bnfused.testing import reference_block
 
+import helpers
+from helpers import CHANNELS_LAST, DTYPES, rng_state
+
 FUSED = {1: bnfused.BatchNormReLUDropout1d, 2: bnfused.BatchNormReLUDropout2d, 3: bnfused.BatchNormReLUDropout3d}
 NN_BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 C = 3
 # name -> (module dim, input shape)
 SHAPES = {"1d_2": (1, (8, C)), "1d_3": (1, (4, C, 5)), "2d": (2, (2, C, 4, 5)), "3d": (3, (2, C, 3, 2, 4))}
-CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 LAYOUT_CASES = [(s, l) for s in SHAPES for l in ("contiguous", "channels_last", "noncontig")
                 if l != "channels_last" or SHAPES[s][0] > 1]
-DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # (forward, gradients) tolerances against the float64 reference of the same input
-TOL = {
-    torch.float64: (dict(rtol=1e-10, atol=1e-10), dict(rtol=1e-9, atol=1e-9)),
-    torch.float32: (dict(rtol=1e-5, atol=1e-5), dict(rtol=1e-4, atol=1e-4)),
-    torch.float16: (dict(rtol=2e-3, atol=2e-3), dict(rtol=1e-2, atol=1e-2)),
-    torch.bfloat16: (dict(rtol=1.6e-2, atol=1.6e-2), dict(rtol=6e-2, atol=6e-2)),
-}
-
-
-def rng_state(device):
-    """State of the default generator the fused op draws its key from on `device`."""
-    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+TOL = {dtype: (helpers.TOL[dtype], helpers.GRAD_TOL[dtype]) for dtype in helpers.TOL}
 
 
 def make_input(shape, layout, dtype, device, offset=0.3):
-    """Random input of `shape` in the given layout: contiguous, channels_last(_3d) or a strided slice."""
-    if layout == "noncontig":
-        big = torch.randn(*shape[:-1], 2 * shape[-1], device=device) * 1.5 + offset
-        return big.to(dtype)[..., ::2]
-    x = (torch.randn(shape, device=device) * 1.5 + offset).to(dtype)
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=CHANNELS_LAST[len(shape)])
-    return x
+    return helpers.make_input(shape, layout, dtype, device, offset, scale=1.5)
 
 
 def expected_format(x):

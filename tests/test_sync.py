@@ -603,7 +603,7 @@ def test_convert_sync_fuses_residual_sites():
     torch.manual_seed(0)
     model, report = bnfused.convert_sync(nn.SyncBatchNorm.convert_sync_batchnorm(tv.SMALL["resnet18"]()),
                                          process_group="group", report=True)
-    _, single = bnfused.convert(tv.SMALL["resnet18"](), report=True)
+    _, single = bnfused.convert_with_report(tv.SMALL["resnet18"]())
     assert [(f.name, f.residual) for f in report.fused] == [(f.name, f.residual) for f in single.fused]
     tails = [m for n, m in model.named_modules() if n.endswith("bn2")]
     assert len(tails) == 8 and all(type(m) is bnfused.SyncBatchNormAddReLU and m.process_group == "group"

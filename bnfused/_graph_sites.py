@@ -1,0 +1,436 @@
+"""convert()'s internals: BN -> ReLU (-> Dropout) sites in one module's own forward code, found in its torch.fx trace
+(its child modules are leaves), and that trace rewritten without the ReLU/Dropout calls that the fused module now
+performs (_rewritten_forward.py installs it as the module's forward).
+
+convert() uses this for the sites an nn.Sequential walk cannot see: attributes called in forward() code
+(DenseNet's norm1/relu1), F.relu / torch.relu / Tensor.relu(_) / F.dropout calls, a ReLU module called more than
+once (ResNet's self.relu), and a BN ending a child nn.Sequential whose caller applies the ReLU.
+"""
+from __future__ import annotations
+
+import inspect
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ._rewritten_forward import bn_add_relu_site
+
+_RELU_FUNCTIONS = (F.relu, F.relu_, torch.relu, torch.relu_)
+_RELU_METHODS = ("relu", "relu_")
+_DROPOUT_SIGNATURE = inspect.signature(F.dropout)
+_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+_OPERATOR_NAMES = {operator.add: "+", operator.iadd: "+=", operator.mul: "*", operator.getitem: "[]"}
+
+
+# The check torch.fx inserts for a concrete None argument (a private torch.fx function: where a torch release
+# renames it, the check stays in the trace and the None-argument traces fail to combine, so those modules are reported
+# untraced rather than rewritten wrongly; tests/test_convert_graph.py checks it is found).
+_FX_ASSERT_IS_NONE = getattr(getattr(fx, "_symbolic_trace", None), "_assert_is_none", None)
+
+
+class _OwnCodeTracer(fx.Tracer):
+    """Traces only the root's forward (and the methods it calls): every submodule call is one call_module node."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return True
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        try:
+            self.path_of_module(m)
+        except NameError:  # a module made in forward (`nn.ReLU(inplace=True)(out + shortcut)`): part of its code
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+
+def is_plain_sequential(module: nn.Module) -> bool:
+    """An nn.Sequential (or a subclass, as torchvision's Conv2dNormActivation) that runs nn.Sequential.forward."""
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+
+
+def ending_batchnorm(module: nn.Module, bn_types: tuple) -> Optional[tuple[str, list[nn.Module]]]:
+    """(path of the BN below module, the nn.Sequential containers on the way) when module's output is a BN's
+    output: module is one of bn_types, or a plain nn.Sequential whose last layer is (recursively)."""
+    if type(module) in bn_types:
+        return "", []
+    if is_plain_sequential(module) and len(module):
+        name, last = list(module._modules.items())[-1]
+        inner = ending_batchnorm(last, bn_types)
+        if inner is not None:
+            return (f"{name}.{inner[0]}" if inner[0] else name), [module] + inner[1]
+    return None
+
+
+@dataclass(eq=False)
+class Site:
+    """One BN -> ReLU (-> Dropout) chain in a traced forward."""
+    bn_node: fx.Node
+    bn_path: str                 # relative to the traced module
+    bn: nn.Module
+    containers: list[nn.Module]  # nn.Sequentials whose output is the BN's output (they now output the ReLU's)
+    relu_node: fx.Node
+    dropout_node: Optional[fx.Node] = None
+    p: float = 0.0
+    # the modules (relative path -> module) whose calls are removed or replaced: the ReLU / Dropout modules
+    removed_modules: dict[str, nn.Module] = field(default_factory=dict)
+    # BN + residual -> ReLU: the add node and the residual operand (the fused module takes it as a second input)
+    add_node: Optional[fx.Node] = None
+    residual: Optional[fx.Node] = None
+
+    def chain(self) -> list[str]:
+        """The paths from the called module down to the BN: [node target, inner containers..., BN path]."""
+        paths = [str(self.bn_node.target)]
+        for container in self.containers:
+            paths.append(f"{paths[-1]}.{list(container._modules)[-1]}")
+        return paths
+
+    def drop_dropout(self) -> None:
+        """Fuse BN -> ReLU only, leaving the dropout call as it is."""
+        if self.dropout_node is not None and self.dropout_node.op == "call_module":
+            del self.removed_modules[str(self.dropout_node.target)]
+        self.dropout_node, self.p = None, 0.0
+
+    def relu_name(self) -> str:
+        return _describe(self.relu_node)
+
+    def residual_name(self) -> Optional[str]:
+        return None if self.residual is None else _describe(self.residual)
+
+    def dropout_name(self) -> Optional[str]:
+        return None if self.dropout_node is None else _describe(self.dropout_node)
+
+
+def _describe(node: fx.Node) -> str:
+    if node.op == "output":
+        return "the forward's output"
+    if node.op == "call_function" and node.target in _OPERATOR_NAMES:
+        return _OPERATOR_NAMES[node.target]
+    if node.op in ("call_module", "placeholder", "get_attr"):
+        return str(node.target)
+    if node.op == "call_method":
+        return f"Tensor.{node.target}"
+    target = node.target
+    return f"{getattr(target, '__module__', '') or 'torch'}.{getattr(target, '__name__', str(target))}".replace(
+        "torch.nn.functional.", "F.").replace("torch._C._VariableFunctions.", "torch.")
+
+
+def trace(module: nn.Module, none_args: tuple[str, ...] = ()) -> fx.Graph:
+    """module's own forward traced; the arguments in none_args are traced as None (torch.fx's concrete_args),
+    without the check fx would add that they are (the rewritten forward picks the trace by checking it)."""
+    graph = _OwnCodeTracer().trace(module, concrete_args={name: None for name in none_args} or None)
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is _FX_ASSERT_IS_NONE:
+            graph.erase_node(node)
+    return graph
+
+
+def none_defaults(module: nn.Module) -> list[str]:
+    """The forward's arguments that default to None. torch.fx traces each as a tensor, so `if skip is not None:`
+    takes the same branch in every trace: convert() also traces module with them None."""
+    return [name for name, param in inspect.signature(module.forward).parameters.items()
+            if param.default is None and param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)]
+
+
+def callable_children(module: nn.Module):
+    """module's children, looking into the containers that have no forward of their own (nn.ModuleList,
+    nn.ModuleDict: an MLP's `for linear, norm in zip(self.linears, self.norms)`): what module's forward calls."""
+    for child in module.children():
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)) and type(child).forward is nn.Module.forward:
+            yield from callable_children(child)
+        else:
+            yield child
+
+
+def _sole_user(node: fx.Node) -> Optional[fx.Node]:
+    """The one node that uses node, if it uses it once, as its first argument, and is its only user."""
+    if len(node.users) != 1:
+        return None
+    user = next(iter(node.users))
+    if not user.args or user.args[0] is not node or _flat_nodes(user).count(node) != 1:
+        return None
+    return user
+
+
+def _flat_nodes(node: fx.Node) -> list[fx.Node]:
+    found: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), found.append)
+    return found
+
+
+def _is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return type(modules.get(node.target)) is nn.ReLU
+    if node.op == "call_function":
+        return node.target in _RELU_FUNCTIONS and len(node.args) + len(node.kwargs) <= 2
+    return node.op == "call_method" and node.target in _RELU_METHODS and len(node.args) == 1
+
+
+def _dropout_p(node: fx.Node, modules: dict[str, nn.Module], bn: nn.Module, training: bool) -> Optional[float]:
+    """p when node is an element-wise dropout whose training flag is the BN's mode (the fused module drops exactly
+    when it is training); None when it is not such a dropout."""
+    if node.op == "call_module":
+        drop = modules.get(node.target)
+        return drop.p if type(drop) is nn.Dropout and drop.training == bn.training else None
+    if node.op == "call_function" and node.target is F.dropout:
+        try:
+            bound = _DROPOUT_SIGNATURE.bind(*node.args, **node.kwargs)
+        except TypeError:
+            return None
+        bound.apply_defaults()
+        p, drop_training = bound.arguments["p"], bound.arguments["training"]
+        # The forward was traced with the module in `training` mode: a dropout following the mode reads it back.
+        if isinstance(p, (int, float)) and not isinstance(p, bool) and drop_training is training:
+            return float(p)
+    return None
+
+
+def _residual_add(bn_node: fx.Node) -> Optional[tuple[fx.Node, fx.Node]]:
+    """(add node, residual node) when bn_node's only user adds it to another tensor, on either side, out of place
+    or in place on the BN's output (`out += identity`, `out.add_(identity)`), without alpha or broadcasting
+    arguments; None otherwise."""
+    if len(bn_node.users) != 1:
+        return None
+    add = next(iter(bn_node.users))
+    if add.kwargs or len(add.args) != 2 or _flat_nodes(add).count(bn_node) != 1:
+        return None
+    if add.op == "call_function" and add.target in _ADD_FUNCTIONS:
+        residual = add.args[1] if add.args[0] is bn_node else add.args[0]
+    elif add.op == "call_method" and add.target in ("add", "add_") and add.args[0] is bn_node:
+        residual = add.args[1]  # not residual.add_(bn): that would also write the residual
+    else:
+        return None
+    return (add, residual) if isinstance(residual, fx.Node) else None
+
+
+_IN_PLACE_FUNCTIONS = (operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem)
+
+
+def _may_write(node: fx.Node, value: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether node may write to value in place: an in-place method or function on it, an `inplace=True` call, a
+    module with an inplace layer, or a module with its own forward (it may do anything with its input)."""
+    if value not in _flat_nodes(node):
+        return False
+    if node.op == "call_method":
+        return node.target.endswith("_") and node.args[0] is value
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return (node.target in _IN_PLACE_FUNCTIONS or node.kwargs.get("inplace") is True
+                or (name.endswith("_") and not name.endswith("__")))
+    if node.op == "call_module":
+        module = modules[node.target]
+        return any(getattr(m, "inplace", False) is True or not type(m).__module__.startswith("torch.nn")
+                   and not is_plain_sequential(m) for m in module.modules())
+    return False
+
+
+# ops whose result may share the input's memory (then writing it writes the input)
+_VIEW_NAMES = frozenset(("view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "transpose", "permute",
+                         "t", "squeeze", "unsqueeze", "expand", "expand_as", "narrow", "select", "chunk", "split",
+                         "unbind", "contiguous", "detach", "as_strided", "movedim", "getitem", "diagonal"))
+
+
+def _may_alias(node: fx.Node) -> bool:
+    name = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return node.op in ("call_method", "call_function") and name in _VIEW_NAMES
+
+
+def _input_written_before(bn_node: fx.Node, add: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether a node between the BN call and the add may write to the BN's input (or a view of it) in place: the
+    fused call runs at the add (the residual may be computed after the BN), so that would change what it
+    normalises."""
+    if not isinstance(bn_node.args[0], fx.Node):
+        return False
+    aliases, node = {bn_node.args[0]}, bn_node.next
+    while node is not add:
+        if any(_may_write(node, a, modules) for a in aliases):
+            return True
+        if _may_alias(node) and any(a in _flat_nodes(node) for a in aliases):
+            aliases.add(node)
+        node = node.next
+    return False
+
+
+def find_sites(graph: fx.Graph, root: nn.Module, bn_types: tuple, training: bool,
+               add_types: tuple = ()) -> tuple[list[Site], dict]:
+    """The BN -> ReLU (-> Dropout) sites of a traced forward (and BN + residual -> ReLU ones for BNs of add_types
+    that this forward calls directly), and, per BN path, why a BN is not a site (for the report)."""
+    modules = dict(root.named_modules())
+    sites, reasons = [], {}
+    for node in graph.nodes:
+        if node.op != "call_module":
+            continue
+        ending = ending_batchnorm(modules[node.target], bn_types)
+        if ending is None:
+            continue
+        bn_path = f"{node.target}.{ending[0]}" if ending[0] else str(node.target)
+        relu = _sole_user(node)
+        # A BN ending nn.Sequentials (RegNet's f, a CIFAR ResNet's residual_function) takes the add too: the rewrite
+        # then calls the Sequentials' layers one by one, so that the fused module gets the residual.
+        add = (_residual_add(node) if type(modules[bn_path]) in add_types and len(node.args) == 1 and not node.kwargs
+               else None)
+        if add is not None and _input_written_before(node, add[0], modules):
+            add = None
+        if add is not None and any(s.add_node is add[0] for s in sites):
+            add = None  # both operands are BN outputs: the first BN took the add
+        if add is not None:
+            relu = _sole_user(add[0])
+        if relu is None or not _is_relu(relu, modules):
+            taker = next((s for s in sites if s.add_node is not None and s.add_node in node.users), None)
+            users = ", ".join(_describe(u) for u in node.users) or "nothing"
+            reasons[bn_path] = (f"it is the residual that the fused {taker.bn_path} adds" if taker else
+                                f"its output goes to {users}, not (only) to a ReLU")
+            continue
+        site = Site(node, bn_path, modules[bn_path], ending[1], relu)
+        if add is not None:
+            site.add_node, site.residual = add
+        drop = _sole_user(relu)
+        if drop is not None:
+            p = _dropout_p(drop, modules, site.bn, training)
+            if p is not None:
+                site.dropout_node, site.p = drop, p
+        for n in (site.relu_node, site.dropout_node):
+            if n is not None and n.op == "call_module":
+                site.removed_modules[str(n.target)] = modules[n.target]
+        sites.append(site)
+    for site in sites:  # a residual BN found before the BN that takes its add: say so
+        if site.residual is not None and site.residual.op == "call_module":
+            ending = ending_batchnorm(modules[site.residual.target], bn_types)
+            path = None if ending is None else ".".join(p for p in (str(site.residual.target), ending[0]) if p)
+            if path in reasons:
+                reasons[path] = f"it is the residual that the fused {site.bn_path} adds"
+    return sites, reasons
+
+
+def calls_of(graph: fx.Graph) -> dict[str, int]:
+    """How many times the traced forward calls each submodule (by path)."""
+    counts: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            counts[str(node.target)] = counts.get(str(node.target), 0) + 1
+    return counts
+
+
+def remove_calls(graph: fx.Graph, sites: list[Site]) -> None:
+    """Drops each site's ReLU and Dropout nodes: their users take the BN (now fused) node's output. A BN + add
+    site's BN call moves to the add, taking the residual as its second input, and the add goes too."""
+    # The residual may be an earlier site's output (h = relu(bn1(..)); relu(bn2(..) + h)): its node is gone
+    # once that site is rewritten, so residuals are looked up here, by the node that replaced them.
+    replaced: dict[fx.Node, fx.Node] = {}
+    for site in sites:
+        fused = site.bn_node
+        if site.add_node is not None:
+            residual = replaced.get(site.residual, site.residual)
+            x, chain = site.bn_node.args[0], site.chain()
+            with graph.inserting_before(site.add_node):
+                for path, container in zip(chain, site.containers):  # the Sequentials' layers up to the BN
+                    for name in list(container._modules)[:-1]:
+                        x = graph.call_module(f"{path}.{name}", (x,))
+                fused = graph.call_function(bn_add_relu_site, (graph.get_attr(chain[-1]), x, residual))
+            fused.meta = dict(site.bn_node.meta)
+        last = site.dropout_node or site.relu_node
+        last.replace_all_uses_with(fused)
+        replaced[last] = fused
+        for node in (site.dropout_node, site.relu_node, site.add_node):
+            if node is not None:
+                graph.erase_node(node)
+        if fused is not site.bn_node:
+            graph.erase_node(site.bn_node)
+    graph.lint()
+
+
+def source_of(graph: fx.Graph) -> tuple[str, dict[str, Any]]:
+    code = graph.python_code(root_module="self")
+    return code.src, code.globals
+
+
+def read_training(graph: fx.Graph, other: fx.Graph, training: bool) -> bool:
+    """Makes graph (traced with the module training == `training`) read self.training where the two traces differ
+    only by that flag (F.dropout(x, p, self.training) traces to a constant), so that one forward serves both
+    modes. False, graph unchanged, when they differ otherwise (`if self.training:` choosing other code)."""
+    nodes, other_nodes = list(graph.nodes), list(other.nodes)
+    if len(nodes) != len(other_nodes):
+        return False
+    index = {n: i for i, n in enumerate(nodes)}
+    other_index = {n: i for i, n in enumerate(other_nodes)}
+    flags: list[tuple[fx.Node, list]] = []  # (node, path to each flag in its (args, kwargs))
+
+    def compare(a, b, path, found) -> bool:
+        if isinstance(a, fx.Node) or isinstance(b, fx.Node):
+            return isinstance(a, fx.Node) and isinstance(b, fx.Node) and index[a] == other_index[b]
+        if isinstance(a, bool) and isinstance(b, bool) and a is training and b is (not training):
+            found.append(path)
+            return True
+        if type(a) is not type(b):
+            return False
+        if isinstance(a, (tuple, list)):
+            return len(a) == len(b) and all(compare(x, y, path + (i,), found) for i, (x, y) in enumerate(zip(a, b)))
+        if isinstance(a, dict):
+            return a.keys() == b.keys() and all(compare(a[k], b[k], path + (k,), found) for k in a)
+        return a == b
+
+    for node, twin in zip(nodes, other_nodes):
+        found: list = []
+        if (node.op, node.target) != (twin.op, twin.target) or not compare((node.args, node.kwargs),
+                                                                           (twin.args, twin.kwargs), (), found):
+            return False
+        if found:
+            flags.append((node, found))
+    if not flags:
+        return True
+    with graph.inserting_after(next(n for n in reversed(nodes) if n.op == "placeholder")):
+        flag = graph.get_attr("training")
+
+    def replaced(value, path):
+        if not path:
+            return flag
+        head, rest = path[0], path[1:]
+        if isinstance(value, dict):
+            return {k: replaced(v, rest) if k == head else v for k, v in value.items()}
+        return type(value)(replaced(v, rest) if i == head else v for i, v in enumerate(value))
+
+    for node, paths in flags:
+        args_kwargs = (node.args, node.kwargs)
+        for path in paths:
+            args_kwargs = replaced(args_kwargs, path)
+        node.args, node.kwargs = args_kwargs
+    graph.lint()
+    return True
+
+
+def dispatch_source(variants: dict[frozenset, tuple[str, dict[str, Any]]], none_args: list[str],
+                    graph: fx.Graph) -> tuple[str, dict[str, Any]]:
+    """One forward from the rewritten traces of each set of None arguments (variants[frozenset()]: none of
+    them None): that trace's source when all have the same body, else a forward that calls the trace matching
+    which arguments are None. ValueError when they cannot be combined (*args, clashing globals)."""
+    src, globals_ = variants[frozenset()]
+    body = _body(src)
+    distinct = {sub: v for sub, v in variants.items() if sub and _body(v[0]) != body}
+    if not distinct:
+        return src, globals_
+    params = [str(n.target) for n in graph.nodes if n.op == "placeholder"]
+    if any(p.startswith("*") for p in params):
+        raise ValueError("its forward takes *args or **kwargs")
+    merged = dict(globals_)
+    functions, lines = [_renamed(src, "_bnfused_forward_0")], [src.strip().splitlines()[0]]
+    for i, (sub, (other, other_globals)) in enumerate(distinct.items(), start=1):
+        for name, obj in other_globals.items():
+            if merged.setdefault(name, obj) is not obj:
+                raise ValueError(f"its traces name {name!r} differently")
+        functions.append(_renamed(other, f"_bnfused_forward_{i}"))
+        test = " and ".join(f"{a} is None" if a in sub else f"{a} is not None" for a in none_args)
+        lines.append(f"    if {test}:\n        return _bnfused_forward_{i}(self, {', '.join(params)})")
+    lines.append(f"    return _bnfused_forward_0(self, {', '.join(params)})")
+    return "\n".join(functions + ["\n".join(lines)]) + "\n", merged
+
+
+def _body(src: str) -> str:
+    return src.strip().split("\n", 1)[1] if "\n" in src.strip() else ""
+
+
+def _renamed(src: str, name: str) -> str:
+    return src.replace("def forward(", f"def {name}(", 1)
