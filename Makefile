@@ -20,10 +20,10 @@ test: build
 
 # Results go to benchmarks/results/local/ (not tracked); bench-publish replaces the committed benchmarks/results/.
 bench: build
-	PYTHONUNBUFFERED=1 $(PY) benchmarks/bench.py $(BENCH_ARGS)
+	PYTHONUNBUFFERED=1 $(PY) -m benchmarks $(BENCH_ARGS)
 
 bench-publish: build
-	PYTHONUNBUFFERED=1 $(PY) benchmarks/bench.py --publish $(BENCH_ARGS)
+	PYTHONUNBUFFERED=1 $(PY) -m benchmarks --publish $(BENCH_ARGS)
 
 build: $(ENV_STAMP)
 	$(PY) setup.py -q build_ext --inplace

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bnfused
-from measure import Timing, time_interleaved
+from .measure import Timing, time_interleaved
 
 ADD_RELU_SHAPES = ((64, 64, 56, 56), (32, 256, 28, 28))
 ADD_RELU_MODES = ("train fwd+bwd", "eval fwd")

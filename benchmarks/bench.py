@@ -1,19 +1,19 @@
-#!/usr/bin/env python
 """bnfused benchmark (`make bench`): fused BatchNorm -> ReLU -> Dropout against eager and torch.compile peers.
 
-Prints one progress line per case and mode as it runs, then a markdown comparison table, the speed goals (met or
-below goal) and end-to-end numbers; writes <device>.md (and a PNG plot when matplotlib imports) into
-benchmarks/results/local/, which git ignores, or with --publish into benchmarks/results/, replacing the published
-results. Suites: default (< 5 min on a 2-core CPU), --quick (~1 min smoke run, results file <device>-quick.md),
---full (every shape, dtype and memory format, <device>-full.md).
+Prints one progress line per case and mode as it runs, then every part's markdown table (the per-case comparison,
+the speed goals met or below goal, end to end, small layers, compiled models, the block tail, SyncBatchNorm);
+writes the same tables into <device>.md (and a PNG plot when matplotlib imports) in benchmarks/results/local/,
+which git ignores, or with --publish into benchmarks/results/, replacing the published results. Suites: default
+(< 5 min on a 2-core CPU), --quick (~1 min smoke run, results file <device>-quick.md), --full (every shape, dtype and
+memory format, <device>-full.md).
 
-    python benchmarks/bench.py [--quick | --full] [--publish | --out DIR] [--device cpu|cuda] [--threads N] [--p P]
+    python -m benchmarks [--quick | --full] [--publish | --out DIR] [--device cpu|cuda] [--threads N] [--p P]
+                         [--only PART ...]
 """
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,36 +22,31 @@ from pathlib import Path
 # compiled against an older bnfused build could be replayed against this one.
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="bnfused-bench-inductor-"))
 
+import torch
+
+import bnfused
+
+from . import bench_sync, compiled_models, end_to_end
+from .add_relu import add_relu_table, run_add_relu
+from .cases import MODES, Case, Suite, make_suite
+from .copy_floor import measure_floor
+from .environment import device_name, load_average, run_meta, slug
+from .kernels import time_kernels
+from .measure import NOISY_SPREAD, copy_bandwidth, first_call_seconds, peak_step_bytes, saved_bytes, time_fn
+from .parity import measure_parity, parity_pairs
+from .peers import COMPILE, EAGER, FUSED, Peer, make_peers, peer_names, step
+from .plot import plot_speedups
+from .report import fmt_ms, fmt_x, goals_table, parity_table, results_markdown, small_layers_table, summary_table
+from .results import CaseResult, RunResults
+from .small_layers import run_small_layers
+from .targets import check_goals
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 PUBLISHED_RESULTS = HERE / "results"        # committed: replaced only with --publish (make bench-publish)
 LOCAL_RESULTS = PUBLISHED_RESULTS / "local"  # every other run (.gitignore)
-sys.path[:0] = [str(HERE), str(REPO)]  # the sibling modules, and bnfused from this checkout
-
-import torch  # noqa: E402
-
-import bnfused  # noqa: E402
-import bench_sync  # noqa: E402
-import e2e_models  # noqa: E402
-import compiled_models  # noqa: E402
-from cases import MODES, Case, Suite, make_suite  # noqa: E402
-from add_relu import add_relu_table, run_add_relu  # noqa: E402
-from copy_floor import measure_floor  # noqa: E402
-from e2e import run_e2e  # noqa: E402
-from small_layers import run_small_layers  # noqa: E402
-from environment import device_name, load_average, run_meta, slug  # noqa: E402
-from kernels import time_kernels  # noqa: E402
-from measure import NOISY_SPREAD, copy_bandwidth, first_call_seconds, peak_step_bytes, saved_bytes, time_fn  # noqa: E402
-from parity import measure_parity, parity_pairs  # noqa: E402
-from peers import COMPILE, EAGER, FUSED, Peer, make_peers, peer_names, step  # noqa: E402
-from plot import plot_speedups  # noqa: E402
-from report import (e2e_table, fmt_ms, fmt_x, parity_table, results_markdown, small_layers_table,  # noqa: E402
-                    summary_table, goals_table)
-from results import CaseResult, RunResults  # noqa: E402
-from targets import check_goals  # noqa: E402
-
-
-E2E_MODELS_TITLE = "## End to end: torchvision-structured models (training step, unconverted vs converted)"
+# The parts after the per-case kernels ("cases"); --only picks some. Each returns its section's markdown.
+PARTS = ("cases", "end-to-end", "compiled-models", "block-tail", "sync")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -72,7 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--p", type=float, default=0.1, help="dropout probability (default: %(default)s)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile peers")
     parser.add_argument("--no-sync", action="store_true",
-                        help="skip the SyncBatchNorm rows (2 gloo processes; always skipped with --quick)")
+                        help="skip the SyncBatchNorm part (2 gloo processes; always skipped with --quick)")
+    parser.add_argument("--only", nargs="+", choices=PARTS, metavar="PART",
+                        help=f"run only these parts ({', '.join(PARTS)}; default: all)")
     args = parser.parse_args(argv)
     args.device = torch.device(args.device)
     if args.device.type not in ("cpu", "cuda"):
@@ -156,42 +153,65 @@ def run_case(run: RunResults, case: Case, args: argparse.Namespace, suite: Suite
     return cr
 
 
+def header_markdown(run: RunResults, elapsed_s: float) -> str:
+    """The results file's head when the per-case part did not run (--only without "cases")."""
+    meta = "\n".join(f"- **{k}**: {v}" for k, v in run.meta.items())
+    return f"# bnfused benchmark: {run.meta['device']}\n\n{meta}\n- **run time**: {elapsed_s:.0f} s\n"
+
+
+def run_parts(args: argparse.Namespace, suite: Suite, parts: set[str]) -> list[tuple[str, str]]:
+    """The (title, markdown) section of every part after the per-case kernels, in PARTS order."""
+    sections = []
+    quick = suite.name == "quick"
+    if "end-to-end" in parts:
+        say("end to end: training steps, unconverted vs bnfused.convert(model), rounds alternating ...")
+        sections.append(("End to end: training step, unconverted vs bnfused.convert(model)",
+                         end_to_end.markdown(end_to_end.run(args.device, args.threads, quick=quick))))
+    if "compiled-models" in parts:
+        say("compiled models: unconverted vs bnfused.convert(), eager and torch.compile, rounds interleaved ...")
+        sections.append(("Compiled models", compiled_models.markdown(
+            compiled_models.run(suite.name, args.device, args.threads, say=say))))
+    if "block-tail" in parts:
+        say("block tail: relu(bn(x) + residual), bnfused vs eager and compiled unfused, rounds interleaved ...")
+        results = run_add_relu(args.device, args.threads, min_time=suite.min_time, max_time=suite.max_time,
+                               min_samples=suite.min_samples,
+                               with_compile=not args.no_compile and not quick)  # compiling: ~1 min
+        sections.append(("Block tail: BN + residual add + ReLU (median ms, slowest/fastest round in parentheses)",
+                         add_relu_table(results)))
+    if "sync" in parts:
+        say("sync: SyncBatchNormReLUDropout vs nn.SyncBatchNorm chain, 2 gloo processes ...")
+        sections.append(("Multi-process: SyncBatchNorm", bench_sync.markdown(bench_sync.run(quick=suite.name == "default"))))
+    return sections
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
     torch.set_num_threads(args.threads)
     suite = make_suite(args.suite, args.device)
+    parts = set(args.only or PARTS)
+    if suite.name == "quick" or args.no_sync:
+        parts.discard("sync")
+    if args.no_compile:
+        parts.discard("compiled-models")
     meta = run_meta(args.device, args.threads, suite.name, args.p, REPO)
     load_first = load_average()
     names = peer_names(args.device, with_compile=not args.no_compile)
     say(f"bnfused benchmark: {meta['device']} | torch {meta['torch']} | {args.threads} threads | suite {suite.name}: "
-        f"{len(suite.cases)} cases x {len(MODES)} modes | peers: {', '.join(names)}")
+        f"{len(suite.cases)} cases x {len(MODES)} modes | peers: {', '.join(names)} | parts: "
+        + ", ".join(p for p in PARTS if p in parts))
     copy_first = copy_bandwidth(args.device, args.threads)
     say(f"copy bandwidth: {copy_first:.1f} GB/s (256 MiB float32 copy_, read + write; measured again at the end)")
     run = RunResults(meta=meta, peers=names, modes=MODES, copy_gbs=copy_first)
-    for i, case in enumerate(suite.cases):
-        run_case(run, case, args, suite, i, len(suite.cases), start)
-    if parity_pairs(suite.cases):
-        say("per-byte parity: channels_last / bfloat16 vs contiguous float32, rounds interleaved ...")
-        run.parity = measure_parity(suite, args.p, args.device, args.threads)
-    say("end to end: small CNN training steps, unfused vs bnfused.convert(model) ...")
-    run.e2e = run_e2e(args.device, suite.e2e_steps, args.p)
-    say("end to end: torchvision-structured models, unconverted vs bnfused.convert(model), rounds alternating ...")
-    models_md = e2e_models.markdown(e2e_models.run(args.device, quick=suite.name == "quick"))
-    say("small layers: fixed cost per call, bnfused vs the eager chain, rounds interleaved ...")
-    run.small = run_small_layers(suite, args.p, args.device, args.threads)
-    compiled_md = ""
-    if not args.no_compile:
-        say("compiled models: unconverted vs bnfused.convert(), eager and torch.compile, rounds interleaved ...")
-        compiled_md = compiled_models.markdown(compiled_models.run(suite.name, args.device, args.threads, say=say))
-    say("block tail: relu(bn(x) + residual), bnfused vs eager and compiled unfused, rounds interleaved ...")
-    add_relu_results = run_add_relu(args.device, args.threads, min_time=suite.min_time, max_time=suite.max_time,
-                                    min_samples=suite.min_samples,
-                                    with_compile=not args.no_compile and suite.name != "quick")  # compiling: ~1 min
-    sync_md = ""
-    if suite.name != "quick" and not args.no_sync:
-        say("sync: SyncBatchNormReLUDropout vs nn.SyncBatchNorm chain, 2 gloo processes ...")
-        sync_md = bench_sync.markdown(bench_sync.run(quick=suite.name == "default"))
+    if "cases" in parts:
+        for i, case in enumerate(suite.cases):
+            run_case(run, case, args, suite, i, len(suite.cases), start)
+        if parity_pairs(suite.cases):
+            say("per-byte parity: channels_last / bfloat16 vs contiguous float32, rounds interleaved ...")
+            run.parity = measure_parity(suite, args.p, args.device, args.threads)
+        say("small layers: fixed cost per call, bnfused vs the eager chain, rounds interleaved ...")
+        run.small = run_small_layers(suite, args.p, args.device, args.threads)
+    sections = run_parts(args, suite, parts)
     # The device's bandwidth is the better of two copies: one measured while a neighbour loads the machine
     # would otherwise inflate every "% copy".
     copy_last = copy_bandwidth(args.device, args.threads)
@@ -202,40 +222,32 @@ def main(argv=None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     stem = slug(device_name(args.device)) + ("" if suite.name == "default" else f"-{suite.name}")
-    run.plot_note = plot_speedups(run, args.out / f"{stem}.png")
-    goals_title, checks = check_goals(run, args.device)
     elapsed = time.perf_counter() - start
     results_path = args.out / f"{stem}.md"
-    sync_section = f"\n## Multi-process: SyncBatchNorm\n\n{sync_md}\n" if sync_md else ""
-    models_section = f"\n{E2E_MODELS_TITLE}\n\n{models_md}\n"
-    compiled_section = f"\n## Compiled models\n\n{compiled_md}\n" if compiled_md else ""
+    if "cases" in parts:
+        run.plot_note = plot_speedups(run, args.out / f"{stem}.png")
+        goals_title, checks = check_goals(run, args.device)
+        head = results_markdown(run, goals_title, checks, elapsed)
+    else:
+        head = header_markdown(run, elapsed)
     # The hand-kept before/after record of this device (what moved the numbers, commit by commit), if any.
     history_path = PUBLISHED_RESULTS / f"{slug(device_name(args.device))}-history.md"
     history = f"\n## Before / after\n\n{history_path.read_text()}" if history_path.exists() else ""
-    results_path.write_text(results_markdown(run, goals_title, checks, elapsed) + models_section + compiled_section
-                            + sync_section + history)
+    results_path.write_text(head + "".join(f"\n## {title}\n\n{md}\n" for title, md in sections) + history)
 
-    say("\n## Comparison (median ms, IQR in parentheses)\n")
-    say(summary_table(run))
-    if run.parity:
-        say("\n## Per-byte parity (rounds interleaved)\n")
-        say(parity_table(run))
-    say(f"\n## Goals: {goals_title}\n")
-    say(goals_table(checks))
-    say("\n## End to end\n")
-    say(e2e_table(run))
-    say(f"\n{E2E_MODELS_TITLE}\n")
-    say(models_md)
-    say("\n## Small layers (fixed cost per call)\n")
-    say(small_layers_table(run))
-    if compiled_md:
-        say("\n## Compiled models\n")
-        say(compiled_md)
-    say("\n## Block tail: BN + residual add + ReLU (median ms, slowest/fastest round in parentheses)\n")
-    say(add_relu_table(add_relu_results))
-    if sync_md:
-        say("\n## Multi-process: SyncBatchNorm\n")
-        say(sync_md)
+    if "cases" in parts:
+        say("\n## Comparison (median ms, IQR in parentheses)\n")
+        say(summary_table(run))
+        if run.parity:
+            say("\n## Per-byte parity (rounds interleaved)\n")
+            say(parity_table(run))
+        say(f"\n## Goals: {goals_title}\n")
+        say(goals_table(checks))
+        say("\n## Small layers (fixed cost per call)\n")
+        say(small_layers_table(run))
+    for title, md in sections:
+        say(f"\n## {title}\n")
+        say(md)
     say(f"\n% copy is relative to {run.copy_gbs:.1f} GB/s ({meta['copy bandwidth runs']})")
     say(f"load average: {meta['load average']}")
     noisy = [f"{cr.case.label} {mode} {peer}" for cr in run.cases for (mode, peer), t in cr.timings.items()
@@ -244,10 +256,7 @@ def main(argv=None) -> int:
         say(f"noisy (rounds disagree by more than {NOISY_SPREAD:g}x, marked 'noisy'; rerun on a quieter machine): "
             + "; ".join(noisy))
     say(f"results: {results_path}")
-    say(run.plot_note)
+    if run.plot_note:
+        say(run.plot_note)
     say(f"total: {elapsed:.0f} s")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Synced BatchNorm benchmark: per-step forward+backward time of bnfused.SyncBatchNormReLUDropout against
 nn.SyncBatchNorm -> ReLU -> Dropout, and of the block tail bnfused.SyncBatchNormAddReLU against
 nn.SyncBatchNorm -> + residual -> ReLU, two processes on the gloo backend (localhost), per-rank batch shapes below.
@@ -12,32 +11,27 @@ the one GPU through gloo; NCCL refuses two ranks on one device). Two more column
 (per-rank statistics: the fused module, and nn.BatchNorm2d -> ReLU -> Dropout on PyTorch's native kernels) show
 what the communication costs and bound any unfused synced CPU implementation from below.
 
-    python benchmarks/bench_sync.py [--quick]         # prints a markdown table
-    run(quick) -> list[dict]                          # the same rows, for other scripts
+Each rank times its own steps with time.perf_counter around a fixed number of iterations (the one timing method
+here that is not measure.time_interleaved: the ranks must run the same number of steps, or a collective would
+wait forever). `python -m benchmarks --only sync` runs this part alone.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
 import socket
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # bnfused from this checkout
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.modules._functions import SyncBatchNorm as SyncBatchNormFunction
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.nn.modules._functions import SyncBatchNorm as SyncBatchNormFunction  # noqa: E402
-
-import bnfused  # noqa: E402
+import bnfused
 
 WORLD_SIZE = 2
 P = 0.1
@@ -266,14 +260,3 @@ def markdown(rows: list[dict]) -> str:
         lines += ["", "cpu: nn.SyncBatchNorm rejects CPU input; its autograd Function runs with composite CPU kernels "
                   "for its five CUDA-only ATen ops (see benchmarks/bench_sync.py)."]
     return "\n".join(lines)
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="one shape, few repeats")
-    args = parser.parse_args(argv)
-    print(markdown(run(args.quick)), flush=True)
-
-
-if __name__ == "__main__":
-    main()

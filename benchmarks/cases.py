@@ -85,7 +85,6 @@ class Suite:
     min_time: float      # seconds of timed runs per measurement, at least
     max_time: float      # ... and at most (slow peers then get fewer samples)
     min_samples: int     # samples wanted when max_time allows
-    e2e_steps: int       # timed training steps per model in the end-to-end run
 
 
 def _dtypes(device: torch.device) -> tuple[torch.dtype, ...]:
@@ -122,9 +121,9 @@ def _quick_cases(device: torch.device) -> tuple[Case, ...]:
 
 def make_suite(name: str, device: torch.device) -> Suite:
     if name == "quick":
-        return Suite(name, _quick_cases(device), min_time=0.05, max_time=0.3, min_samples=3, e2e_steps=3)
+        return Suite(name, _quick_cases(device), min_time=0.05, max_time=0.3, min_samples=3)
     if name == "default":
-        return Suite(name, _default_cases(device), min_time=0.3, max_time=1.5, min_samples=7, e2e_steps=8)
+        return Suite(name, _default_cases(device), min_time=0.3, max_time=1.5, min_samples=7)
     if name == "full":
-        return Suite(name, _full_cases(device), min_time=0.5, max_time=3.0, min_samples=10, e2e_steps=20)
+        return Suite(name, _full_cases(device), min_time=0.5, max_time=3.0, min_samples=10)
     raise ValueError(f"unknown suite {name!r}")

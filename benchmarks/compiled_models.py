@@ -1,57 +1,39 @@
-#!/usr/bin/env python
 """torch.compile of whole models and of the block alone: the unconverted model against bnfused.convert() of a copy
 of it, each eager and compiled, in three modes (train with dropout p > 0, train with p = 0, eval), the four
 peers' rounds interleaved in one process. The goal: converted >= 1.0x unconverted, eager and compiled alike.
-
-    python benchmarks/compiled_models.py [--quick | --full] [--only NAME] [--publish]  # table + results file
-    run(suite, device, threads) -> list[Row]; markdown(rows) -> str  # for bench.py
-"""
+`python -m benchmarks --only compiled-models` runs this part alone."""
 from __future__ import annotations
 
-import argparse
 import copy
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent), str(HERE.parent / "tests")]  # torchvision_like: the test models
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import bnfused
 
-import bnfused  # noqa: E402
-import torchvision_like  # noqa: E402
-from environment import device_name, load_average, run_meta, slug  # noqa: E402
-from measure import Timing, time_interleaved  # noqa: E402
-from report import fmt_timing  # noqa: E402
+from .measure import Timing, time_interleaved
+from .models import small_cnn, tv
+from .report import fmt_timing
 
 P_TRAIN = 0.1
 MODES = ("train p>0", "train p=0", "eval")
 PEERS = ("eager", "bnfused", "compile", "bnfused+compile")  # unconverted / converted, eager / torch.compile
 
 
-def small_cnn(p: float) -> nn.Module:
-    """Conv -> BN -> ReLU -> Dropout, twice, then a linear head (3x32x32 images)."""
-    return nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(), nn.Dropout(p),
-        nn.Conv2d(32, 64, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.Dropout(p),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
-
-
 def vgg_bn(p: float) -> nn.Module:
     """torchvision's vgg11_bn structure at width 16: Conv -> BN -> ReLU stages (fused with p = 0), classifier
     Linear -> ReLU -> Dropout(p) (unfused in both)."""
-    model = torchvision_like.vgg11_bn(width=16, num_classes=10, hidden=256, pool=1)
+    model = tv.vgg11_bn(width=16, num_classes=10, hidden=256, pool=1)
     _set_p(model, p)
     return model
 
 
 def resnet(p: float) -> nn.Module:
     """torchvision's resnet18 structure at width 16 (no dropout: its BN -> ReLU sites fuse with p = 0)."""
-    return torchvision_like.resnet18(width=16, num_classes=10)
+    return tv.resnet18(width=16, num_classes=10)
 
 
 def block(channels: int) -> Callable[[float], nn.Module]:
@@ -69,7 +51,7 @@ class Workload:
 
 def workloads(suite: str) -> list[Workload]:
     if suite == "quick":
-        return [Workload("small CNN", small_cnn, (8, 3, 16, 16), 10)]
+        return [Workload("small CNN", lambda p: small_cnn(p, width=16), (8, 3, 16, 16), 10)]
     return [Workload("small CNN", small_cnn, (32, 3, 32, 32), 10),
             Workload("block 64x64x56x56", block(64), (64, 64, 56, 56)),
             Workload("block 32x256x28x28", block(256), (32, 256, 28, 28)),
@@ -180,39 +162,3 @@ def markdown(rows: list[Row]) -> str:
         lines.append(f"| {r.workload} | {r.mode} | " + " | ".join(fmt_timing(r.timings[p]) for p in PEERS)
                      + f" | {_verdict(r.ratio('bnfused', 'eager'))} | {_verdict(r.ratio('bnfused+compile', 'compile'))} |")
     return "\n".join(lines)
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="the small CNN at a small batch, short rounds")
-    size.add_argument("--full", action="store_true", help="the default workloads, longer and more rounds")
-    parser.add_argument("--only", help="run the workloads whose name contains this")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--publish", action="store_true",
-                        help="write benchmarks/results/<device>-compile.md (committed) instead of results/local/")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    suite = "quick" if args.quick else "full" if args.full else "default"
-    device = torch.device("cpu")
-    start = time.perf_counter()
-    load_first = load_average()
-    out = HERE / "results" / ("" if args.publish else "local")
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{slug(device_name(device))}-compile{'' if suite == 'default' else '-' + suite}.md"
-
-    def write(rows: list[Row]) -> None:  # after every workload: a long run that is stopped keeps what it measured
-        meta = run_meta(device, args.threads, suite, P_TRAIN, HERE.parent)
-        meta["load average"] = f"{load_first} at the start, {load_average()} now (1/5/15 min)"
-        meta["run time"] = f"{time.perf_counter() - start:.0f} s (compilation included)"
-        path.write_text(f"# torch.compile of converted models: {meta['device']}\n\n"
-                        + "\n".join(f"- **{k}**: {v}" for k, v in meta.items()) + f"\n\n{markdown(rows)}\n")
-
-    rows = run(suite, device, args.threads, args.only, done=write)
-    print(markdown(rows))
-    print(f"results: {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
-from cases import Suite
-from measure import COPY_BYTES, Timing, copy_gbs, copy_step, time_interleaved
-from peers import Peer, step
+from .cases import Suite
+from .measure import COPY_BYTES, Timing, copy_gbs, copy_step, time_interleaved
+from .peers import Peer, step
 
 FWD = "train fwd"
 

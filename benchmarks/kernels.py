@@ -11,8 +11,8 @@ import torch
 from bnfused import ops
 from bnfused.autograd import _saves_keep_bits
 
-from cases import Case
-from measure import Timing, time_fn
+from .cases import Case
+from .measure import Timing, time_fn
 
 # Full-tensor passes of each op (element reads + writes); they add up to the 8 passes of train fwd+bwd.
 KERNEL_PASSES = (

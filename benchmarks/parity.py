@@ -16,9 +16,9 @@ import torch
 
 from bnfused import ops
 
-from cases import MODES, Case, Suite
-from measure import Timing, time_interleaved
-from peers import FUSED, Peer, fused_block, step
+from .cases import MODES, Case, Suite
+from .measure import Timing, time_interleaved
+from .peers import FUSED, Peer, fused_block, step
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 import bnfused
 
-from cases import Case
+from .cases import Case
 
 _BATCHNORM = {2: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
 _FUSED = {2: bnfused.BatchNormReLUDropout1d, 4: bnfused.BatchNormReLUDropout2d, 5: bnfused.BatchNormReLUDropout3d}

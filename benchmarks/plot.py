@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from peers import EAGER
-from results import RunResults
+from .peers import EAGER
+from .results import RunResults
 
 
 def _bar_x(i: int, j: int, n: int, width: float) -> float:

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from cases import BYTE_MODEL
-from measure import NOISY_SPREAD, Timing
-from peers import COMPILE, EAGER, FUSED
-from results import RunResults
-from targets import Check
+from .cases import BYTE_MODEL
+from .measure import NOISY_SPREAD, Timing
+from .peers import COMPILE, EAGER, FUSED
+from .results import RunResults
+from .targets import Check
 
 
 def fmt_ms(seconds: float) -> str:
@@ -102,15 +102,6 @@ def warmup_table(run: RunResults) -> str:
     return table(["case"] + [f"{p} first calls s" for p in compiled], rows)
 
 
-def e2e_table(run: RunResults) -> str:
-    if not run.e2e:
-        return "(not run)"
-    base = run.e2e[0].images_per_s
-    rows = [[r.name, f"{r.batch}x3x{r.image_size}x{r.image_size}", f"{r.images_per_s:.0f}", fmt_timing(r.step),
-             f"{r.images_per_s / base:.2f}x"] for r in run.e2e]
-    return table(["model", "batch", "images/s", "step ms (IQR)", "speedup"], rows)
-
-
 def small_layers_table(run: RunResults) -> str:
     if not run.small:
         return "(not run)"
@@ -179,11 +170,7 @@ Byte model: {BYTE_MODEL}
 
 {goals_table(checks)}
 
-{parity_section(run)}## End to end: small CNN training step (Conv -> BN -> ReLU -> Dropout x4, SGD)
-
-{e2e_table(run)}
-
-## Small layers (fixed cost per call)
+{parity_section(run)}## Small layers (fixed cost per call)
 
 Small float32 inputs, where Python, op dispatch and the autograd node outweigh the memory passes: bnfused's module
 against the eager nn chain, rounds interleaved (benchmarks/small_layers.py).

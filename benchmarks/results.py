@@ -4,13 +4,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from cases import Case
-from copy_floor import FloorResult
-from e2e import E2EResult
-from kernels import KernelTiming
-from measure import Timing
-from parity import ParityResult
-from small_layers import SmallLayerResult
+from .cases import Case
+from .copy_floor import FloorResult
+from .kernels import KernelTiming
+from .measure import Timing
+from .parity import ParityResult
+from .small_layers import SmallLayerResult
 
 
 @dataclass
@@ -31,7 +30,6 @@ class RunResults:
     modes: tuple[str, ...]
     copy_gbs: float
     cases: list[CaseResult] = field(default_factory=list)
-    e2e: list[E2EResult] = field(default_factory=list)
     parity: list[ParityResult] = field(default_factory=list)  # per-byte pairs, rounds interleaved
     small: list[SmallLayerResult] = field(default_factory=list)  # per-call overhead, vs the eager chain
     plot_note: str = ""

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
-from cases import Case, Suite
-from measure import Timing, time_interleaved
-from peers import EAGER, FUSED, Peer, fused_block, step, unfused_block
+from .cases import Case, Suite
+from .measure import Timing, time_interleaved
+from .peers import EAGER, FUSED, Peer, fused_block, step, unfused_block
 
 SMALL_SHAPES = ((4, 8), (32, 128), (64, 256), (16, 32, 8, 8))
 SMALL_MODES = ("train fwd", "train fwd+bwd")

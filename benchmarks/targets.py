@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from cases import CNN_SHAPES, MLP_SHAPES
-from peers import COMPILE, EAGER, FUSED
-from results import RunResults
+from .cases import CNN_SHAPES, MLP_SHAPES
+from .peers import COMPILE, EAGER, FUSED
+from .results import RunResults
 
 FWD_BWD, FWD = "train fwd+bwd", "train fwd"
 

@@ -17,7 +17,6 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._rewritten_forward import bn_add_relu_site
 

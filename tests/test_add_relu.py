@@ -17,7 +17,7 @@ from bnfused import ops
 from bnfused.testing import KeyedDropout, reference_bn_add_relu_dropout
 
 import helpers
-from helpers import CHANNELS_LAST, GRAD_TOL, TOL, kernel_format, make_input
+from helpers import GRAD_TOL, TOL, kernel_format, make_input
 
 C = 3
 FUSED = {1: bnfused.BatchNormAddReLU1d, 2: bnfused.BatchNormAddReLU2d, 3: bnfused.BatchNormAddReLU3d}

@@ -1,4 +1,4 @@
-"""benchmarks/bench.py: a --quick run (subprocess, default results location) prints progress lines and the
+"""The benchmark suite (python -m benchmarks): a --quick run (subprocess, default results location) prints progress lines and the
 markdown tables, writes the results file (and the plot when matplotlib imports) into the untracked
 benchmarks/results/local/ and leaves the published results untouched; its wording speaks of goals; the goal
 checks, the noisy flag and the plot on synthetic numbers. Timings are never asserted."""
@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # `make test-fast` leaves these out (marker: pyproject.toml)
+
 REPO = Path(__file__).resolve().parent.parent
-BENCH = REPO / "benchmarks" / "bench.py"
 PEERS = ("eager", "compile", "bnfused", "bnfused+compile")
 MODES = ("train fwd", "train fwd+bwd", "eval fwd")
 
@@ -47,7 +48,7 @@ def quick_run():
     for stale in LOCAL.glob("*-quick.*") if LOCAL.exists() else ():
         stale.unlink()
     published = _published_files()
-    proc = subprocess.run([sys.executable, str(BENCH), "--quick", "--device", device],
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--device", device],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout, LOCAL, device, published
@@ -69,13 +70,13 @@ def test_quick_prints_progress_and_table(quick_run):
             assert re.fullmatch(TIMING_CELL, cell), row
         assert re.fullmatch(r"[\d.]+x", row[2 + len(peers)]), row  # bnfused vs eager
     assert "## Goals: " in stdout and "## End to end" in stdout
-    e2e = _table_rows(stdout, "| model |")
-    assert len(e2e) == 3 and "bnfused.convert" in e2e[2][0]
-    models = _table_rows(stdout, "| network |")  # torchvision-structured models, quick: two of them
-    assert [row[0] for row in models[1:]] == ["resnet18", "densenet121"]
+    models = _table_rows(stdout, "| network |")  # end to end, quick: the small CNN and resnet18
+    assert [row[0] for row in models[1:]] == ["small CNN", "resnet18"]
     for row in models[1:]:
         assert re.match(r"\d+ / \d+ \(", row[2]) and re.fullmatch(r"[\d.]+x \([\d.]+-[\d.]+\)", row[5]), row
-    assert models[2][2].startswith("121 / 121")
+    assert models[1][2].startswith("4 / 4") and models[2][2].startswith("17 / 17")
+    tail = _table_rows(stdout, "| shape | mode | eager ms | compile ms | bnfused ms |")
+    assert len(tail) > 1 and all(re.fullmatch(r"[\d.]+x", row[5]) for row in tail[1:]), tail
     small = _table_rows(stdout, "| case | mode | eager ms | bnfused ms |")
     assert len(small) == 1 + 2 * 4  # 4 small shapes x (train fwd, train fwd+bwd)
     for row in small[1:]:
@@ -96,8 +97,8 @@ def test_quick_writes_results_file_and_plot(quick_run):
     text = results[0].read_text()
     for needle in ("**device**", "**torch**", "**date**", "**git commit**", "**threads**", "**copy bandwidth**",
                    "Byte model:", "## Comparison", "## Goals: ", "## End to end", "saved B/elem bnfused",
-                   "backward_input", "## Every peer", "## Small layers", "torchvision-structured models",
-                   "## Compiled models"):
+                   "backward_input", "## Every peer", "## Small layers", "| network |",
+                   "## Compiled models", "## Block tail"):
         assert needle in text, needle
     memory = _table_rows(text, "| case | saved B/elem")
     fused_col = memory[0].index("saved B/elem bnfused")
@@ -131,11 +132,8 @@ def test_quick_output_speaks_of_goals(quick_run):
     assert all(row[3] in ("yes", "below goal") for row in goals[1:]), goals
 
 
-def test_out_and_publish_arguments(monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("bench_cli", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+def test_out_and_publish_arguments():
+    from benchmarks import bench
     assert bench.parse_args([]).out == LOCAL
     assert bench.parse_args(["--publish"]).out == PUBLISHED
     assert bench.parse_args(["--out", "/tmp/x"]).out == Path("/tmp/x")
@@ -144,14 +142,8 @@ def test_out_and_publish_arguments(monkeypatch):
 
 
 @pytest.fixture
-def bench_modules(monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
-    import cases
-    import measure
-    import plot
-    import results
-    import parity
-    import targets
+def bench_modules():
+    from benchmarks import cases, measure, parity, plot, results, targets
     return cases, measure, plot, results, targets, parity
 
 
@@ -183,7 +175,7 @@ def test_cpu_targets_met_and_missed(bench_modules):
 
 def test_goals_table_says_below_goal(bench_modules):
     targets = bench_modules[4]
-    from report import goals_table
+    from benchmarks.report import goals_table
     text = goals_table(targets.cpu_checks(_synthetic_run(bench_modules, fused_ms=60.0)))
     assert "below goal" in text and "MISSED" not in text
     assert text.splitlines()[0] == "| check | measured | goal | met |"
@@ -192,7 +184,7 @@ def test_goals_table_says_below_goal(bench_modules):
 def test_noisy_measurement_is_flagged(bench_modules):
     """A measurement whose rounds' medians disagree by more than NOISY_SPREAD is marked noisy in the tables."""
     measure = bench_modules[1]
-    from report import fmt_timing
+    from benchmarks.report import fmt_timing
     steady = measure.Timing(0.010, 0.001, 5, (0.010, 0.011, 0.012))
     noisy = measure.Timing(0.010, 0.001, 5, (0.010, 0.035, 0.5))
     assert not steady.noisy and noisy.noisy and noisy.spread == pytest.approx(50.0)
@@ -250,7 +242,7 @@ def test_parity_pairs_interleaved_timings(bench_modules):
                    cases.Case((16, 8), torch.bfloat16))  # no float32 (16, 8): unpaired
     pairs = parity.parity_pairs(suite_cases)
     assert pairs == [(suite_cases[1], suite_cases[0]), (suite_cases[2], suite_cases[0])]
-    suite = cases.Suite("test", suite_cases, min_time=0.01, max_time=0.02, min_samples=2, e2e_steps=1)
+    suite = cases.Suite("test", suite_cases, min_time=0.01, max_time=0.02, min_samples=2)
     res = parity.measure_parity(suite, 0.1, torch.device("cpu"), 1)
     assert [(r.case, r.ref, r.mode) for r in res] == [(c, ref, m) for c, ref in pairs for m in MODES]
     assert all(r.timing.median > 0 and r.ref_timing.median > 0 for r in res)
@@ -264,7 +256,7 @@ def test_parity_budget_scales_the_reference_by_bytes(bench_modules):
     """ms at ratio 1.0: the reference's time scaled by the two cases' bytes (half for bfloat16, same for
     channels_last); the parity table prints it, and the mask column only where it was timed."""
     cases, measure, _, results, _, parity = bench_modules
-    from report import parity_table
+    from benchmarks.report import parity_table
     run = _synthetic_run(bench_modules, fused_ms=10.0)
     ref = run.cases[0].case
     cl, bf16 = cases.Case(ref.shape, torch.float32, True), cases.Case(ref.shape, torch.bfloat16)
@@ -296,7 +288,7 @@ def test_per_byte_checks_use_interleaved_pairs(bench_modules):
 def test_copy_floor_check_uses_the_interleaved_copy(bench_modules):
     """With an interleaved floor measurement the check compares against its copy, not the run's."""
     measure, targets = bench_modules[1], bench_modules[4]
-    from copy_floor import FloorResult
+    from benchmarks.copy_floor import FloorResult
     run = _synthetic_run(bench_modules, fused_ms=10.0)  # 41 % of the run's 38 GB/s
     run.cases[0].floor = FloorResult(measure.Timing(0.010, 0.0, 5), copy_gbs=20.0)  # 15.4 of 20 GB/s
     floor = [c for c in targets.cpu_checks(run) if "copy floor" in c.what]
@@ -305,11 +297,11 @@ def test_copy_floor_check_uses_the_interleaved_copy(bench_modules):
 
 def test_measure_floor_times_module_and_copy(bench_modules):
     cases = bench_modules[0]
-    from copy_floor import measure_floor
-    from peers import FUSED, Peer, fused_block
+    from benchmarks.copy_floor import measure_floor
+    from benchmarks.peers import FUSED, Peer, fused_block
     case = cases.Case((2, 4, 8, 8), torch.float32)
     module = fused_block(case, 0.1, torch.device("cpu"))
     x = case.make_input(torch.device("cpu")).requires_grad_()
-    suite = cases.Suite("test", (case,), min_time=0.01, max_time=0.02, min_samples=2, e2e_steps=1)
+    suite = cases.Suite("test", (case,), min_time=0.01, max_time=0.02, min_samples=2)
     res = measure_floor(Peer(FUSED, module, module), x, torch.randn_like(x), suite, 1, nbytes=2**20)
     assert res.timing.median > 0 and res.copy_gbs > 0

@@ -21,6 +21,8 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import bnfused
 
+pytestmark = pytest.mark.slow  # `make test-fast` leaves these out (marker: pyproject.toml)
+
 
 class SmallNet(nn.Module):
     """Conv2d -> fused 2d block (p = 0) -> Linear -> fused 1d block (p > 0) -> Linear."""

@@ -13,6 +13,8 @@ from torch._dynamo.testing import EagerAndRecordGraphs
 
 import bnfused
 
+pytestmark = pytest.mark.slow  # `make test-fast` leaves these out (marker: pyproject.toml)
+
 FUSED_OPS = (torch.ops.bnfused.forward.default, torch.ops.bnfused.forward_keep_bits.default,
              torch.ops.bnfused.batch_stats_update.default)
 

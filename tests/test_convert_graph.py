@@ -17,6 +17,8 @@ from torch import nn
 import bnfused
 import torchvision_like as tv
 
+pytestmark = pytest.mark.slow  # `make test-fast` leaves these out (marker: pyproject.toml)
+
 MODELS = list(tv.SMALL)
 
 

@@ -13,6 +13,8 @@ from torch import nn
 import bnfused
 import torchvision_like as tv
 
+pytestmark = pytest.mark.slow  # `make test-fast` leaves these out (marker: pyproject.toml)
+
 TOL = dict(rtol=1e-9, atol=1e-9)
 
 

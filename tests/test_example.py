@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # `make test-fast` leaves these out (marker: pyproject.toml)
+
 pytest.importorskip("sklearn")
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "train_digits.py"

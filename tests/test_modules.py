@@ -17,7 +17,7 @@ from bnfused import ops
 from bnfused.testing import reference_block
 
 import helpers
-from helpers import CHANNELS_LAST, DTYPES, rng_state
+from helpers import CHANNELS_LAST, rng_state
 
 FUSED = {1: bnfused.BatchNormReLUDropout1d, 2: bnfused.BatchNormReLUDropout2d, 3: bnfused.BatchNormReLUDropout3d}
 NN_BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}

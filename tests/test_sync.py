@@ -22,7 +22,8 @@ import bnfused
 import torchvision_like as tv
 from bnfused import ops
 
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+pytestmark = [pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available"),
+              pytest.mark.slow]  # `make test-fast` leaves these out (marker: pyproject.toml)
 
 REF_BN = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
 FUSED = {2: bnfused.BatchNormReLUDropout1d, 3: bnfused.BatchNormReLUDropout1d, 4: bnfused.BatchNormReLUDropout2d,

@@ -1,37 +1,34 @@
-"""End to end on torchvision-structured models (tests/torchvision_like.py, full depth, small widths): one training
-step (forward, cross-entropy backward, SGD) of each model unconverted against bnfused.convert() of a copy, rounds
-alternating in one process, and the sites convert() fused out of the sites the model holds."""
+"""End to end: one training step (forward, cross-entropy backward, SGD) of a small CNN and of torchvision-structured
+models (models.py), each unconverted against bnfused.convert() of a copy, timed with measure.time_interleaved (rounds
+alternating between the two), and the sites convert() fused out of the sites the model holds."""
 from __future__ import annotations
 
 import copy
 import statistics
-import sys
 import warnings
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import torch
 from torch import nn
 
 import bnfused
 
-from measure import Timing, first_call_seconds
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-import torchvision_like as tv  # noqa: E402
+from .measure import Timing, time_interleaved
+from .models import count_sites, small_cnn, tv
 
 CLASSES = 10
-# name -> (builder, batch, image size): full depth (every site of the real model), widths cut so that one step
-# takes tens of milliseconds on a 2-core CPU.
+# name -> (builder, batch, image size): the torchvision structures at full depth (every site of the real model),
+# widths cut so that one step takes tens of milliseconds on a 2-core CPU.
 MODELS = {
+    "small CNN": (partial(small_cnn, p=0.1, classes=CLASSES), 32, 32),
     "resnet18": (partial(tv.resnet18, width=16, num_classes=CLASSES), 8, 64),
     "resnet50": (partial(tv.resnet50, width=8, num_classes=CLASSES), 8, 64),
     "densenet121": (partial(tv.densenet121, growth_rate=8, num_init_features=16, num_classes=CLASSES), 8, 64),
     "vgg11_bn": (partial(tv.vgg11_bn, width=16, num_classes=CLASSES, hidden=64, pool=1), 8, 64),
     "mobilenet_v2": (partial(tv.mobilenet_v2, width_mult=0.5, num_classes=CLASSES), 8, 64),
 }
-QUICK_MODELS = ("resnet18", "densenet121")
+QUICK_MODELS = ("small CNN", "resnet18")
 
 
 @dataclass(frozen=True)
@@ -40,10 +37,14 @@ class ModelResult:
     batch: int
     image_size: int
     fused_sites: int
-    sites: dict            # kind -> count in the model (tests/torchvision_like.count_sites)
-    unfused: Timing        # one training step, over every timed step of every round
+    sites: dict            # kind -> count in the model (models.count_sites)
+    unfused: Timing        # one training step, the quietest round
     converted: Timing
-    round_ratios: tuple    # per round: unfused median / converted median
+
+    @property
+    def round_ratios(self) -> tuple[float, ...]:
+        """Per round: unfused median / converted median (the rounds alternate, so a slow phase hits both)."""
+        return tuple(u / c for u, c in zip(self.unfused.round_medians, self.converted.round_medians))
 
     @property
     def speedup(self) -> float:
@@ -53,11 +54,6 @@ class ModelResult:
     def speedup_iqr(self) -> tuple[float, float]:
         q = statistics.quantiles(self.round_ratios, n=4) if len(self.round_ratios) > 1 else [self.speedup] * 3
         return q[0], q[2]
-
-
-def _timing(times: list[float]) -> Timing:
-    q = statistics.quantiles(times, n=4) if len(times) > 1 else times * 3
-    return Timing(statistics.median(times), q[2] - q[0], len(times))
 
 
 def _train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor):
@@ -71,7 +67,8 @@ def _train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor):
     return step
 
 
-def measure_model(name: str, device: torch.device, rounds: int, steps: int) -> ModelResult:
+def measure_model(name: str, device: torch.device, threads: int, *, min_time: float, max_time: float,
+                  min_samples: int, rounds: int) -> ModelResult:
     builder, batch, size = MODELS[name]
     torch.manual_seed(0)
     unfused = builder().to(device).train()
@@ -80,27 +77,19 @@ def measure_model(name: str, device: torch.device, rounds: int, steps: int) -> M
         converted, report = bnfused.convert_with_report(copy.deepcopy(unfused))
     images = torch.randn(batch, 3, size, size, device=device)
     labels = torch.randint(0, CLASSES, (batch,), device=device)
-    peers = [_train_step(unfused, images, labels), _train_step(converted, images, labels)]
-    for step in peers:  # warm-up: allocator, oneDNN/cuDNN kernel selection, momentum buffers
-        step(), step()
-    times: list[list[float]] = [[], []]
-    ratios = []
-    for r in range(rounds):
-        order = (0, 1) if r % 2 == 0 else (1, 0)  # A/B then B/A: a slow phase of the machine hits both alike
-        medians = [0.0, 0.0]
-        for i in order:
-            taken = [first_call_seconds(peers[i], device) for _ in range(steps)]
-            times[i] += taken
-            medians[i] = statistics.median(taken)
-        ratios.append(medians[0] / medians[1])
-    return ModelResult(name, batch, size, report.num_fused, tv.count_sites(unfused), _timing(times[0]),
-                       _timing(times[1]), tuple(ratios))
+    steps = [_train_step(unfused, images, labels), _train_step(converted, images, labels)]
+    for step in steps:  # warm-up: allocator, oneDNN/cuDNN kernel selection, momentum buffers
+        step()
+    unfused_t, converted_t = time_interleaved(steps, device, threads, min_time=min_time, max_time=max_time,
+                                              min_samples=min_samples, rounds=rounds)
+    return ModelResult(name, batch, size, report.num_fused, count_sites(unfused), unfused_t, converted_t)
 
 
-def run(device: torch.device, quick: bool = False) -> list[ModelResult]:
+def run(device: torch.device, threads: int, quick: bool = False) -> list[ModelResult]:
     names = QUICK_MODELS if quick else tuple(MODELS)
-    rounds, steps = (3, 2) if quick else (7, 3)
-    return [measure_model(name, device, rounds, steps) for name in names]
+    min_time, max_time, min_samples, rounds = (0.05, 0.3, 3, 3) if quick else (0.6, 2.0, 10, 7)
+    return [measure_model(name, device, threads, min_time=min_time, max_time=max_time, min_samples=min_samples,
+                          rounds=rounds) for name in names]
 
 
 def _ms(t: Timing) -> str:
