@@ -1,6 +1,6 @@
 """Typed wrappers over torch.ops.bnfused.* and their fake (meta) implementations for torch.compile/export.
 
-The C++ schemas live in csrc/ops.cpp; DESIGN.md ("Ops") describes them.
+The C++ schemas live in csrc/ops.cpp; docs/design.md ("Ops") describes them.
 """
 from __future__ import annotations
 
