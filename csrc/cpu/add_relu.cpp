@@ -112,12 +112,7 @@ void add_relu_forward_kernel(const at::Tensor& x, const at::Tensor& residual,
   const scalar_t* xd = x.const_data_ptr<scalar_t>();
   const scalar_t* rd = residual.const_data_ptr<scalar_t>();
   scalar_t* yd = out.data_ptr<scalar_t>();
-  std::vector<acc> a(g.C), b(g.C);
-  for (int64_t c = 0; c < g.C; ++c) {
-    const auto ab = prm.affine(c);
-    a[c] = ab.a;
-    b[c] = ab.b;
-  }
+  const auto [a, b] = cpu::affine_arrays(prm, g.C);
   const int64_t numel = g.N * g.C * g.S;
   if (g.layout == Layout::ChannelsFirst) {
     // Threads take chunks of kChunk elements of memory (not whole planes as forward_cpu does): every chunk then

@@ -127,19 +127,9 @@ void backward_input_kernel(const at::Tensor& dy_t, const at::Tensor& x, const Gr
   scalar_t* dxd = dx_t.data_ptr<scalar_t>();
   scalar_t* grd = kAdd ? gr_t->data_ptr<scalar_t>() : nullptr;
   if (g.layout == Layout::ChannelsFirst) {
-    at::parallel_for(0, g.N * g.C, cpu::planes_grain(g), [&](int64_t begin, int64_t end) {
-      std::vector<acc> mult(kChunk);
-      cpu::for_each_run(g, begin, end, [&](int64_t off, int64_t len) {
-        if (dp.active) {
-          auto prefetch = cpu::next_run_prefetch(g, end, off, len, dyd, xd, dxd, sizeof(scalar_t));
-          cpu::fill_run_mult(dp, off, len, mult.data(), &prefetch);
-        }
-        cpu::for_each_segment(g, off, len, [&](int64_t rel, int64_t n, int64_t plane, int64_t c) {
-          grad_input_run<scalar_t, acc, kBatchStats, kAdd>(dyd + off + rel, xd + off + rel,
-                                                           dp.active ? mult.data() + rel : nullptr, k, c,
-                                                           dxd + off + rel, grd + off + rel, n);
-        });
-      });
+    cpu::for_each_plane_segment(g, dp, dyd, xd, dxd, sizeof(scalar_t),
+                                [&](int64_t off, int64_t n, int64_t c, const acc* mult) {
+      grad_input_run<scalar_t, acc, kBatchStats, kAdd>(dyd + off, xd + off, mult, k, c, dxd + off, grd + off, n);
     });
     return;
   }

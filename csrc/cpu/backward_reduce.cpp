@@ -109,13 +109,8 @@ void reduce_kernel(const at::Tensor& dy_t, const at::Tensor& x, const ChannelPar
   const Geometry g = geometry_of(x);
   const scalar_t* xd = x.const_data_ptr<scalar_t>();
   const scalar_t* dyd = dy_t.const_data_ptr<scalar_t>();
-  std::vector<acc> a(g.C), b(g.C), mean(g.C);
-  for (int64_t c = 0; c < g.C; ++c) {
-    const auto ab = prm.affine(c);
-    a[c] = ab.a;
-    b[c] = ab.b;
-    mean[c] = prm.mean[c];
-  }
+  const auto [a, b] = cpu::affine_arrays(prm, g.C);
+  const std::vector<acc> mean(prm.mean, prm.mean + g.C);
   if (g.layout == Layout::ChannelsFirst) {
     std::vector<double> plane_g(g.N * g.C, 0.0), plane_gx(g.N * g.C, 0.0);
     at::parallel_for(0, g.N * g.C, cpu::planes_grain(g), [&](int64_t begin, int64_t end) {

@@ -11,6 +11,7 @@
 
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #include "bnfused.h"
 #include "bn_math.h"
@@ -287,6 +288,23 @@ Welford<double> chunk_welford(const scalar_t* x, int64_t n) {
   const acc_type mean = lane_sum(vec_sum<scalar_t, acc_type>(x, n)) / static_cast<acc_type>(n);
   const acc_type m2 = lane_sum(vec_sq_dev<scalar_t, acc_type>(x, n, mean));
   return Welford<double>{static_cast<double>(n), static_cast<double>(mean), static_cast<double>(m2)};
+}
+
+// The per-channel forward coefficients z = x * a[c] + b[c] (channel_affine) as two arrays, for the vector loops.
+template <typename acc_t>
+struct AffineArrays {
+  std::vector<acc_t> a, b;
+};
+
+template <typename acc_t>
+AffineArrays<acc_t> affine_arrays(const ChannelParams<acc_t>& prm, int64_t C) {
+  AffineArrays<acc_t> ab{std::vector<acc_t>(C), std::vector<acc_t>(C)};
+  for (int64_t c = 0; c < C; ++c) {
+    const auto cab = prm.affine(c);
+    ab.a[c] = cab.a;
+    ab.b[c] = cab.b;
+  }
+  return ab;
 }
 
 // ChannelsFirst work: threads take ranges of whole planes [begin, end); a range is walked in runs of at most

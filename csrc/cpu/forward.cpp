@@ -95,25 +95,11 @@ void forward_kernel(const at::Tensor& x, const ChannelParams<cpu::acc_t<scalar_t
   const Geometry g = geometry_of(x);
   const scalar_t* xd = x.const_data_ptr<scalar_t>();
   scalar_t* yd = out.data_ptr<scalar_t>();
-  std::vector<acc> a(g.C), b(g.C);
-  for (int64_t c = 0; c < g.C; ++c) {
-    const auto ab = prm.affine(c);
-    a[c] = ab.a;
-    b[c] = ab.b;
-  }
+  auto [a, b] = cpu::affine_arrays(prm, g.C);
   if (g.layout == Layout::ChannelsFirst) {
-    at::parallel_for(0, g.N * g.C, cpu::planes_grain(g), [&](int64_t begin, int64_t end) {
-      std::vector<acc> mult(kChunk);
-      cpu::for_each_run(g, begin, end, [&](int64_t off, int64_t len) {
-        if (dp.active) {
-          auto prefetch = cpu::next_run_prefetch(g, end, off, len, xd, nullptr, yd, sizeof(scalar_t));
-          cpu::fill_run_mult(dp, off, len, mult.data(), &prefetch);
-        }
-        cpu::for_each_segment(g, off, len, [&](int64_t rel, int64_t n, int64_t plane, int64_t c) {
-          forward_run<scalar_t, acc>(xd + off + rel, a[c], b[c], dp.active ? mult.data() + rel : nullptr,
-                                     yd + off + rel, n);
-        });
-      });
+    cpu::for_each_plane_segment(g, dp, xd, nullptr, yd, sizeof(scalar_t),
+                                [&](int64_t off, int64_t n, int64_t c, const acc* mult) {
+      forward_run<scalar_t, acc>(xd + off, a[c], b[c], mult, yd + off, n);
     });
     return;
   }

@@ -54,4 +54,24 @@ void fill_run_mult(const DropoutParams<acc_t>& dp, uint64_t start, int64_t n, ac
                     dp.bits_out ? dp.bits_out + (start >> 3) : nullptr);
 }
 
+// The channels-first elementwise walk of the forward and the input gradient: threads take whole planes, each run
+// (for_each_run) gets its dropout multipliers when dp.active (prefetching the next run of in0, in1 and out), then
+// fn(offset, n, channel, mult) for each segment of one channel (mult: the segment's multipliers, or nullptr).
+template <typename acc_t, typename F>
+void for_each_plane_segment(const Geometry& g, const DropoutParams<acc_t>& dp, const void* in0, const void* in1,
+                            void* out, int64_t elem_size, F fn) {
+  at::parallel_for(0, g.N * g.C, planes_grain(g), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> mult(kChunk);
+    for_each_run(g, begin, end, [&](int64_t off, int64_t len) {
+      if (dp.active) {
+        auto prefetch = next_run_prefetch(g, end, off, len, in0, in1, out, elem_size);
+        fill_run_mult(dp, off, len, mult.data(), &prefetch);
+      }
+      for_each_segment(g, off, len, [&](int64_t rel, int64_t n, int64_t, int64_t c) {
+        fn(off + rel, n, c, dp.active ? mult.data() + rel : nullptr);
+      });
+    });
+  });
+}
+
 }  // namespace bnfused::cpu
