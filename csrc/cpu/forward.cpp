@@ -108,23 +108,18 @@ void forward_kernel(const at::Tensor& x, const ChannelParams<cpu::acc_t<scalar_t
     b = cpu::bf16x16_order(b);
   }
   const cpu::RowTiles tiles(g, dp.active && !dp.bits_in);
-  at::parallel_for(0, tiles.count(), 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc> mult(dp.active ? tiles.mult_elems() : 0);
-    std::vector<uint8_t> scratch(dp.active ? tiles.scratch_bytes() : 0);
-    for (int64_t ti = begin; ti < end; ++ti) {
-      const auto t = tiles.tile(ti);
-      auto prefetch = tiles.next_tile_prefetch(ti, end, xd, nullptr, yd, sizeof(scalar_t));
-      auto rows_fn = [&](int64_t r, int64_t rows, const acc* row_mult, int64_t ld) {
-        const int64_t off = (t.row0 + r) * g.C;
-        cpu::dispatch_rows(rows, [&](auto n) {
-          forward_rows<scalar_t, acc, decltype(n)::value>(xd + off, a.data(), b.data(), row_mult, ld, yd + off, g.C);
-        });
-      };
-      if (dp.active)  // pairs with dropout, single rows without (see for_each_row)
-        tiles.for_each_row<2>(t, dp, mult.data(), scratch.data(), &prefetch, rows_fn);
-      else
-        tiles.for_each_row<1>(t, dp, mult.data(), scratch.data(), &prefetch, rows_fn);
-    }
+  cpu::for_each_tile(tiles, dp, xd, nullptr, yd, sizeof(scalar_t),
+                     [&](const cpu::RowTiles::Tile& t, acc* mult, uint8_t* scratch, cpu::NextRunPrefetch* prefetch) {
+    auto rows_fn = [&](int64_t r, int64_t rows, const acc* row_mult, int64_t ld) {
+      const int64_t off = (t.row0 + r) * g.C;
+      cpu::dispatch_rows(rows, [&](auto n) {
+        forward_rows<scalar_t, acc, decltype(n)::value>(xd + off, a.data(), b.data(), row_mult, ld, yd + off, g.C);
+      });
+    };
+    if (dp.active)  // pairs with dropout, single rows without (see for_each_row)
+      tiles.for_each_row<2>(t, dp, mult, scratch, prefetch, rows_fn);
+    else
+      tiles.for_each_row<1>(t, dp, mult, scratch, prefetch, rows_fn);
   });
 }
 

@@ -301,4 +301,19 @@ struct RowTiles {
 #endif
 };
 
+// The channels_last elementwise walk: threads take whole tiles; fn(tile, mult, scratch, prefetch) runs each with this
+// thread's multiplier and scratch buffers (sized for dp) and the prefetch of the next tile's in0, in1 and out.
+template <typename acc_t, typename F>
+void for_each_tile(const RowTiles& tiles, const DropoutParams<acc_t>& dp, const void* in0, const void* in1,
+                   void* out, int64_t elem_size, F fn) {
+  at::parallel_for(0, tiles.count(), 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> mult(dp.active ? tiles.mult_elems() : 0);
+    std::vector<uint8_t> scratch(dp.active ? tiles.scratch_bytes() : 0);
+    for (int64_t ti = begin; ti < end; ++ti) {
+      auto prefetch = tiles.next_tile_prefetch(ti, end, in0, in1, out, elem_size);
+      fn(tiles.tile(ti), mult.data(), scratch.data(), &prefetch);
+    }
+  });
+}
+
 }  // namespace bnfused::cpu
