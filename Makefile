@@ -13,10 +13,14 @@ endif
 export MAX_JOBS ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: test bench bench-publish build clean cuda-check
+.PHONY: test test-fast bench bench-publish build clean cuda-check
 
 test: build
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+# The developer's lane: the suite without the tests marked slow (torch.compile, subprocesses, the model zoo).
+test-fast: build
+	$(PY) -m pytest -q -m "not slow" tests $(PYTEST_ARGS)
 
 # Results go to benchmarks/results/local/ (not tracked); bench-publish replaces the committed benchmarks/results/.
 bench: build
