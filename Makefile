@@ -31,7 +31,7 @@ build: $(ENV_STAMP)
 .venv/.installed:
 	$(SYSTEM_PY) -m venv --system-site-packages .venv
 	.venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install -q torch==2.13.0
-	.venv/bin/pip install -q numpy pytest pybind11 ninja setuptools expecttest scikit-learn matplotlib
+	.venv/bin/pip install -q numpy pytest pybind11 ninja setuptools wheel expecttest scikit-learn matplotlib onnx onnxscript onnxruntime
 	touch $@
 
 cuda-check:
