@@ -2,9 +2,9 @@
 # CI: bnfused installs the way the README tells a user to, in a new virtual environment that has only torch.
 # From a clean clone of the committed tree, the README's install lines (the `pip install` lines of the first code
 # block under "## Install", read from the README itself, so the check follows the text) run in order:
-#   0. before them, a build in the new environment (which lacks setuptools >= 64 or wheel: Python 3.11's venv has
-#      setuptools 65 and no wheel, 3.12+ no setuptools) must stop with build_backend.py's one-line message, and so
-#      must one in a Python 3.12+ venv when a python3.12 or newer is on PATH;
+#   0. before them (and before torch, whose own requirements may bring setuptools), a build in the new environment
+#      (Python 3.11's venv has setuptools 65 and no wheel, 3.12+ no setuptools) must stop with build_backend.py's
+#      one-line message, and so must one in a Python 3.12+ venv when a python3.12 or newer runs here;
 #   1. the build tools line;
 #   2. `pip install --no-build-isolation .`: bnfused is then imported from another directory and runs a forward
 #      and backward against nn;
@@ -34,8 +34,8 @@ mapfile -t LINES < <(awk '/^## Install/ {inside = 1; next} inside && /^## / {exi
 git clone -q --no-local "$REPO" "$WORK/src"  # committed files only: no build/ objects, no .venv
 python3 -m venv "$WORK/venv"
 export PATH="$WORK/venv/bin:$PATH"  # as after `source venv/bin/activate`: the README's `pip` is the venv's
-python -m pip install -q torch==2.13.0
-step "a new venv: $(python --version), $(python -m pip list 2>/dev/null | awk 'NR > 2 {printf "%s %s, ", $1, $2}')"
+packages() { python -m pip list 2>/dev/null | awk 'NR > 2 {printf "%s%s %s", sep, $1, $2; sep = ", "}'; }
+step "a new venv: $(python --version), $(packages)"
 
 # Used from a directory that is not the source tree, so `import bnfused` can only find the installed package.
 cat > "$WORK/use_bnfused.py" <<'EOF'
@@ -64,14 +64,23 @@ expect_tools_message() {
   grep -q "^ *bnfused: building needs setuptools >= 64 and wheel" "$log" && grep -q "\[1 lines of output\]" "$log" ||
     { cat "$log"; echo "install check: expected the one-line build tools message"; exit 1; }
 }
-if ! python -c "import setuptools, wheel" 2>/dev/null; then
-  step "${LINES[1]} before the build tools (must stop with one line)"
+# The backend's own test of the tools (a Python 3.11 venv: setuptools 65 without wheel), before torch, which may
+# bring a setuptools of its own (torch 2.13 requires setuptools >= 77, which makes wheels without wheel).
+if ! (cd "$WORK/src" && python -c "import build_backend; build_backend._require_wheel_tools()") 2>/dev/null; then
+  step "${LINES[1]} without the build tools: must stop with one line"
   if (cd "$WORK/src" && eval "${LINES[1]}") >"$WORK/no_tools.log" 2>&1; then
     echo "install check: the build succeeded without the build tools"; exit 1
   fi
   expect_tools_message "$WORK/no_tools.log"
 fi
-NEWER="$(command -v python3.13 || command -v python3.12 || true)"
+NEWER=""
+for candidate in python3.14 python3.13 python3.12; do  # one that runs (a pyenv shim of another version does not)
+  if "$candidate" -c "" 2>/dev/null; then NEWER="$candidate"; break; fi
+done
+if [ -z "$NEWER" ] && command -v pyenv >/dev/null; then  # or one that pyenv has installed
+  version="$(pyenv versions --bare | grep -E '^3\.(1[2-9]|[2-9][0-9])\.[0-9]+$' | tail -1 || true)"
+  [ -z "$version" ] || NEWER="$(pyenv root)/versions/$version/bin/python3"
+fi
 if [ -n "$NEWER" ]; then
   "$NEWER" -m venv "$WORK/venv-new"
   step "$("$WORK/venv-new/bin/python" --version) venv, no setuptools: ${LINES[1]} must stop with one line"
@@ -81,6 +90,8 @@ if [ -n "$NEWER" ]; then
   expect_tools_message "$WORK/new.log"
 fi
 
+python -m pip install -q torch==2.13.0
+step "torch installed: $(packages)"
 step "${LINES[0]}"
 (cd "$WORK/src" && eval "${LINES[0]}")
 step "${LINES[1]}"

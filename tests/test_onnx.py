@@ -46,19 +46,6 @@ def run_onnx(proto, args):
     return [torch.from_numpy(o) for o in outs]
 
 
-def randomized(model):
-    """Statistics and affine parameters away from (0, 1), so that eval really uses them."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                if m.affine:
-                    m.weight.uniform_(0.5, 1.5)
-                    m.bias.normal_(0, 0.3)
-                m.running_mean.normal_(0, 0.3)
-                m.running_var.uniform_(0.5, 1.5)
-    return model
-
-
 class Tail(nn.Module):
     """A user's module calling a block tail: forward(x, residual)."""
 
@@ -94,7 +81,7 @@ BLOCKS = {
 def test_eval_block_exports_as_batch_normalization_and_relu(name, dynamo):
     build, shape, memory_format = BLOCKS[name]
     torch.manual_seed(0)
-    model = randomized(build()).eval()
+    model = tv.randomize_batchnorm(build()).eval()
     args = [torch.randn(shape)]
     if isinstance(model, Tail):
         args.append(torch.randn(shape))
@@ -133,7 +120,7 @@ MODELS = {
 def test_converted_eval_model_exports_as_the_unconverted_one(name, dynamo):
     builder, shape = MODELS[name]
     torch.manual_seed(0)
-    model = randomized(builder()).eval()
+    model = tv.randomize_batchnorm(builder()).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fused_model, report = bnfused.convert(copy.deepcopy(model), report=True)

@@ -17,15 +17,7 @@ MODELS = {**{name: (builder, (2, 3, 32, 32)) for name, builder in tv.SMALL.items
 def build(name):
     torch.manual_seed(0)
     builder, shape = MODELS[name]
-    model = builder().double()
-    with torch.no_grad():  # non-trivial statistics and affine parameters
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.3)
-                m.running_mean.normal_(0, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-    return model, torch.randn(*shape, dtype=torch.float64)
+    return tv.randomize_batchnorm(builder().double()), torch.randn(*shape, dtype=torch.float64)
 
 
 def convert(model, **kwargs):
