@@ -123,7 +123,7 @@ def test_converted_eval_model_exports_as_the_unconverted_one(name, dynamo):
     model = tv.randomize_batchnorm(builder()).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fused_model, report = bnfused.convert(copy.deepcopy(model), report=True)
+        fused_model, report = bnfused.convert_with_report(copy.deepcopy(model))
     assert report.num_fused > 0
     x = torch.randn(shape)
     proto, proto_ref = export(fused_model, (x,), dynamo), export(model, (x,), dynamo)
