@@ -16,6 +16,7 @@ import torchvision_like as tv
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
+pytestmark = pytest.mark.slow  # exports trace whole models; `make test-fast` leaves these out (pyproject.toml)
 
 EXPORTERS = [pytest.param(True, id="dynamo"), pytest.param(False, id="torchscript")]
 # Nodes an exporter adds around the computation (initializer copies, shape constants): not part of the comparison.

@@ -55,6 +55,7 @@ def assert_same_run(a, b):
         torch.testing.assert_close(g, g_ref, rtol=0, atol=0)
 
 
+@pytest.mark.slow  # the model zoo
 @pytest.mark.parametrize("name", list(MODELS))
 def test_zoo_round_trip(name):
     model, x = build(name)
@@ -79,6 +80,7 @@ def test_zoo_round_trip(name):
     assert structure(again) == fused_structure
 
 
+@pytest.mark.slow  # the model zoo
 def test_round_trip_through_deepcopy_and_pickle(tmp_path):
     """What unconvert() reads back travels with the model (copy.deepcopy, torch.save of the whole model)."""
     model, x = build("resnet18")
@@ -90,6 +92,7 @@ def test_round_trip_through_deepcopy_and_pickle(tmp_path):
         assert_same_run(run(back, x, False), run(model, x, False))
 
 
+@pytest.mark.slow  # the model zoo
 def test_convert_sync_round_trip():
     """convert_sync's modules become nn.SyncBatchNorm (the model keeps synchronising; without a process group it
     computes nn.BatchNorm2d's results), over the same process group, with the same tensors."""
@@ -109,6 +112,7 @@ def test_convert_sync_round_trip():
     assert direct[0].process_group == "group" and direct[2].p == 0.2
 
 
+@pytest.mark.slow  # the model zoo
 def test_unconverted_model_goes_where_fused_modules_cannot():
     """TorchScript and nn.SyncBatchNorm.convert_sync_batchnorm, the reasons to turn back."""
     model, x = build("resnet18")
