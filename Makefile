@@ -1,4 +1,5 @@
-# The README's two commands: `make test` and `make bench` (plus build, bench-publish, cuda-check, emu-check).
+# The README's two commands: `make test` and `make bench` (plus build, bench-publish, cuda-check, emu-check,
+# test-torch).
 # Python: the current python3 when it already imports torch (the GPU machine, itself a venv, no network);
 # otherwise a local .venv with torch==2.13.0 (the CPU wheel on this machine's disk) and the test tools.
 SYSTEM_PY := python3
@@ -13,7 +14,7 @@ endif
 export MAX_JOBS ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: test test-fast bench bench-publish build clean cuda-check
+.PHONY: test test-fast bench bench-publish build clean cuda-check test-torch
 
 test: build
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
@@ -35,8 +36,14 @@ build: $(ENV_STAMP)
 .venv/.installed:
 	$(SYSTEM_PY) -m venv --system-site-packages .venv
 	.venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install -q torch==2.13.0
-	.venv/bin/pip install -q numpy pytest pybind11 ninja setuptools expecttest scikit-learn matplotlib
+	.venv/bin/pip install -q numpy pytest pybind11 ninja setuptools wheel expecttest scikit-learn matplotlib onnx onnxscript onnxruntime
 	touch $@
+
+# The suite against another torch release (the oldest one pyproject.toml admits before a release): a venv with
+# that torch (downloaded once into TORCH_CACHE, ~3 GB), a build of a copy of the checkout in build/torch-<version>/.
+test-torch:
+	@test -n "$(TORCH)" || { echo "usage: make test-torch TORCH=2.7.1"; exit 2; }
+	.ci/test_torch.sh $(TORCH) $(PYTEST_ARGS)
 
 cuda-check:
 	.ci/cuda_compile_check.sh

@@ -3,6 +3,7 @@
     block = bnfused.BatchNormReLUDropout2d(64, p=0.1)     # == Dropout(ReLU(BatchNorm2d(x)))
     y = bnfused.bn_relu_dropout(x, running_mean, running_var, weight, bias, training=True, p=0.1)
     model = bnfused.convert(model)                         # swap BN -> ReLU (-> Dropout) sites in place
+    model = bnfused.unconvert(model)                       # and back to the torch.nn modules
 """
 from . import ops  # noqa: F401  (loads the extension and registers the ops' fake impls)
 from ._extension import CPU_CAPABILITY, WITH_CUDA, empty_cache
@@ -14,6 +15,7 @@ from .functional import bn_add_relu_dropout, bn_relu_dropout
 from .modules import (BatchNormAddReLU1d, BatchNormAddReLU2d, BatchNormAddReLU3d, BatchNormReLUDropout1d,
                       BatchNormReLUDropout2d, BatchNormReLUDropout3d)
 from .sync import SyncBatchNormAddReLU, SyncBatchNormReLUDropout
+from .unconvert import unconvert
 
 __all__ = [
     "BNAddReLUDropoutFunction",
@@ -38,4 +40,5 @@ __all__ = [
     "convert_with_report",
     "empty_cache",
     "fold_eval",
+    "unconvert",
 ]

@@ -32,6 +32,10 @@ _OUTPUT_HOOKS = ("_forward_hooks", "_backward_hooks", "_backward_pre_hooks")
 # handles still remove them.
 _CARRIED_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_state_dict_hooks",
                   "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+# What unconvert() reads back: set on the fused modules convert() makes (their ReLU / Dropout stay in the model, as
+# calls in a rewritten forward or held by nn.Identity stand-ins), and on those stand-ins (the module they replace).
+CONVERTED = "_bnfused_converted"
+REPLACED = "_bnfused_replaced"
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,7 @@ def _fused_for(bn: nn.modules.batchnorm._BatchNorm, p: float, sync: bool, proces
         fused = _FUSED_FOR[type(bn)].from_batchnorm(bn, p)
     for attr in _CARRIED_HOOKS:
         setattr(fused, attr, getattr(bn, attr))
+    setattr(fused, CONVERTED, True)
     return fused
 
 
@@ -172,7 +177,9 @@ class _Modes:
 
 
 def _identity_for(module: nn.Module) -> nn.Module:
-    return nn.Identity().train(module.training)
+    identity = nn.Identity().train(module.training)
+    identity.__dict__[REPLACED] = module  # not a submodule (no state, not traversed): unconvert() puts it back
+    return identity
 
 
 def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:

@@ -131,6 +131,15 @@ def _eager_cpp_path(input: Tensor) -> bool:
             and torch._C._len_torch_dispatch_stack() == 0)
 
 
+def _exporting() -> bool:
+    """Under torch.onnx.export, either exporter (torch.export underneath, or the TorchScript tracer). ONNX has no
+    fused op: a block exports as the unfused layers do, relu(F.batch_norm(...) (+ residual)) (BatchNormalization,
+    Add, Relu), then F.dropout when it drops (a training-mode export). The cheap checks first: an eager call pays
+    for two flag reads."""
+    return ((torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None)
+            and torch.onnx.is_in_onnx_export())
+
+
 def _batch_norm_param_dtype(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                             weight: Optional[Tensor], bias: Optional[Tensor]) -> Optional[torch.dtype]:
     """The one dtype F.batch_norm takes the parameters and running statistics in (weight/bias widened to it, never
@@ -181,6 +190,8 @@ class Route(enum.Enum):
     MIXED_DTYPE   block tail, residual of another dtype (autocast)       F.batch_norm + promoted add + relu + mask
     UNFUSED       torch.compile (not export) and no dropout              relu(F.batch_norm(...) (+ residual)), which
                                                                          inductor fuses with its neighbours
+                  torch.onnx.export (_exporting)                         the same, then F.dropout if p > 0: what
+                                                                         the unfused layers export to
     EAGER_CPP     eager, plain CPU tensors, no function/dispatch mode    one C++ call: statistics, op, C++ autograd
                   or functorch transform                                 node (csrc/eager_function.cpp)
     CUSTOM_OP     torch.compile / torch.export                           the registered op: one graph node, its
@@ -206,6 +217,8 @@ def _route(input: Tensor, p: float, residual: Optional[Tensor] = None) -> Route:
         return Route.EMPTY
     if residual is not None and residual.dtype != input.dtype:
         return Route.MIXED_DTYPE
+    if _exporting():
+        return Route.UNFUSED
     if torch.compiler.is_compiling():
         return Route.UNFUSED if p == 0.0 and not torch.compiler.is_exporting() else Route.CUSTOM_OP
     if _eager_cpp_path(input) and (residual is None or type(residual) is Tensor):
@@ -234,7 +247,7 @@ def bn_relu_dropout_unchecked(input: Tensor, running_mean: Optional[Tensor], run
     if route is Route.UNFUSED:
         out = _unfused_batch_norm_relu(input, running_mean, running_var, weight, bias, training, momentum, eps)
         if out is not None:
-            return out
+            return out if p == 0.0 else torch.nn.functional.dropout(out, p)  # p > 0: ONNX export only
         route = Route.CUSTOM_OP
     key = ops.philox_key(input.device, generator, seed) if p > 0.0 else None
     if route is Route.EAGER_CPP:
@@ -366,7 +379,7 @@ def bn_add_relu_dropout_unchecked(input: Tensor, residual: Tensor, running_mean:
         out = _unfused_batch_norm_relu(input, running_mean, running_var, weight, bias, training, momentum, eps,
                                        residual)
         if out is not None:
-            return out
+            return out if p == 0.0 else torch.nn.functional.dropout(out, p)  # p > 0: ONNX export only
         route = Route.CUSTOM_OP
     key = ops.philox_key(input.device, generator, seed) if p > 0.0 else None
     if route is Route.EAGER_CPP:

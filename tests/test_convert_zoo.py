@@ -21,15 +21,7 @@ TOL = dict(rtol=1e-9, atol=1e-9)
 def build(name, seed=0):
     torch.manual_seed(seed)
     builder, shape = tv.ZOO[name]
-    model = builder().double()
-    with torch.no_grad():  # non-trivial statistics and affine parameters
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.3)
-                m.running_mean.normal_(0, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-    return model, shape
+    return tv.randomize_batchnorm(builder().double()), shape
 
 
 def converted(model):

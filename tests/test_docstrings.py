@@ -12,7 +12,8 @@ import bnfused
 DOCUMENTED = [bnfused.BatchNormReLUDropout1d, bnfused.BatchNormReLUDropout2d, bnfused.BatchNormReLUDropout3d,
               bnfused.SyncBatchNormReLUDropout, bnfused.bn_relu_dropout, bnfused.fold_eval,
               bnfused.BNReLUDropoutFunction, bnfused.BatchNormAddReLU1d, bnfused.BatchNormAddReLU2d,
-              bnfused.BatchNormAddReLU3d, bnfused.bn_add_relu_dropout, bnfused.SyncBatchNormAddReLU]
+              bnfused.BatchNormAddReLU3d, bnfused.bn_add_relu_dropout, bnfused.SyncBatchNormAddReLU,
+              bnfused.unconvert]
 MODULES = DOCUMENTED[:4]
 
 

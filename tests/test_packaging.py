@@ -1,7 +1,7 @@
-"""Packaging and user-facing text: the version has one source, setup.py explains a missing torch in one line, and
-README.md / docs/ name only things a user of the repository can follow (links that resolve, no issue numbers, no
-paths outside the repository). The pip install itself is checked in CI by .ci/install_check.sh (it needs the
-package index and compiles the extension twice)."""
+"""Packaging and user-facing text: the version has one source, setup.py explains a missing torch and
+build_backend.py missing build tools in one line, and README.md / docs/ name only things a user of the repository
+can follow (links that resolve, no issue numbers, no paths outside the repository). The pip install itself is
+checked in CI by .ci/install_check.sh (it needs the package index and compiles the extension twice)."""
 import re
 import subprocess
 import sys
@@ -44,6 +44,32 @@ def test_setup_without_torch_says_what_to_do():
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "pip install --no-build-isolation" in lines[0] and "torch" in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize("missing", ["setuptools", "wheel"])
+def test_build_without_the_build_tools_says_what_to_install(missing):
+    """pip without build isolation installs no build tools: a Python 3.12+ venv has no setuptools, a 3.11 one
+    setuptools 65 without wheel (before, a traceback, or "invalid command 'bdist_wheel'" after the metadata)."""
+    hide = ("sys.modules['setuptools'] = None" if missing == "setuptools" else
+            "import setuptools; setuptools.__version__ = '65.5.0'; sys.modules['wheel'] = None")
+    code = f"import sys; {hide}; import build_backend; build_backend.prepare_metadata_for_build_wheel('.')"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"{missing} is not installed" in lines[0], proc.stderr
+    assert 'pip install "setuptools>=64" wheel' in lines[0] and "pip install --no-build-isolation ." in lines[0]
+
+
+def test_build_backend_is_setuptools_behind_the_check():
+    tomllib = pytest.importorskip("tomllib")
+    build_system = tomllib.loads((REPO / "pyproject.toml").read_text())["build-system"]
+    assert (build_system["build-backend"], build_system["backend-path"]) == ("build_backend", ["."])
+    code = ("import build_backend, setuptools.build_meta as sb; "
+            "print(sorted(h for h in sb.__all__ if not h.startswith('_') and h[0].islower() "
+            "and not hasattr(build_backend, h)))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+    assert "include build_backend.py" in (REPO / "MANIFEST.in").read_text()
 
 
 @pytest.mark.parametrize("path", USER_TEXT, ids=lambda p: p.name)

@@ -1443,6 +1443,20 @@ UNFUSABLE = {"frozen_bn": 3}
 
 
 
+def randomize_batchnorm(model: nn.Module) -> nn.Module:
+    """Non-trivial running statistics and affine parameters in every BatchNorm layer (so that eval really uses
+    them); returns the model."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                if m.affine:
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.normal_(0, 0.3)
+                m.running_mean.normal_(0, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
 def assert_same_grads_and_state(fused_model: nn.Module, model: nn.Module, **tol) -> None:
     """A converted model's parameter gradients and state_dict (running statistics moved the same way) against the
     original's, by name."""
