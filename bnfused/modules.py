@@ -72,7 +72,8 @@ class _BatchNormReLUDropout(_BatchNorm):
         raise RuntimeError(
             f"torch.jit.script does not support bnfused.{type(self).__name__}: its forward runs the fused kernels "
             "through torch.autograd.Function and Python-registered custom ops, which TorchScript cannot compile. "
-            "Use torch.compile or torch.export on the converted model, or script the model before bnfused.convert().")
+            "Use torch.compile or torch.export on the converted model, or script the model before bnfused.convert() "
+            "(bnfused.unconvert(model) gives back its torch.nn modules).")
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() not in self._expected_dims:
