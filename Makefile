@@ -1,5 +1,5 @@
 # The README's two commands: `make test` and `make bench` (plus build, bench-publish, cuda-check, emu-check,
-# test-torch).
+# ptx-check, test-torch).
 # Python: the current python3 when it already imports torch (the GPU machine, itself a venv, no network);
 # otherwise a local .venv with torch==2.13.0 (the CPU wheel on this machine's disk) and the test tools.
 SYSTEM_PY := python3
@@ -14,7 +14,7 @@ endif
 export MAX_JOBS ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: test test-fast bench bench-publish build clean cuda-check test-torch
+.PHONY: test test-fast bench bench-publish build clean cuda-check emu-check ptx-check test-torch
 
 test: build
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
@@ -52,5 +52,10 @@ cuda-check:
 emu-check:
 	tests/cuda_emulation/emu_check.sh
 
+# The CUDA kernels as nvcc compiles them, run as PTX on a GPU simulator (BNFUSED_SIM_DIR, default
+# ../shared/gpgpu-sim; no GPU, no torch library). PTX_CHECK_ARGS=--if-present: skip with one line without it.
+ptx-check:
+	tests/ptx_sim/ptx_check.sh $(PTX_CHECK_ARGS)
+
 clean:
-	rm -rf build bnfused/_C*.so .cuda_check .emu_check
+	rm -rf build bnfused/_C*.so .cuda_check .emu_check .ptx_check

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Compile-only check of the CUDA sources (csrc/cuda/*.cu), for machines without a GPU: `nvcc -c` of every file with
-# torch's headers and the flags setup.py gives nvcc (-I csrc, C++20, --expt-relaxed-constexpr, BNFUSED_WITH_CUDA,
-# sm_80 + sm_90). Objects and logs go to .cuda_check/ (gitignored). Exits non-zero if any file fails.
+# torch's headers and the flags the build gives nvcc (.ci/nvcc_flags.py: setup.py's list and torch's
+# -D__CUDA_NO_HALF_OPERATORS__ family; -I csrc; sm_80 + sm_90). Objects and logs go to .cuda_check/ (gitignored).
+# Exits non-zero if any file fails.
 #
 # A CPU-only torch wheel ships the c10/cuda and ATen/cuda headers but not the generated
 # c10/cuda/impl/cuda_cmake_macros.h; an empty stand-in is created under .cuda_check/shim when it is missing.
@@ -19,16 +20,8 @@ if ! command -v "$NVCC" >/dev/null 2>&1; then
   exit 1
 fi
 
-if [ -z "${PYTHON:-}" ]; then
-  if python3 -c "import torch" >/dev/null 2>&1; then
-    PYTHON=python3
-  elif [ -x .venv/bin/python ] && .venv/bin/python -c "import torch" >/dev/null 2>&1; then
-    PYTHON=.venv/bin/python
-  else
-    echo "cuda_compile_check: no Python with torch (tried python3 and .venv/bin/python)" >&2
-    exit 1
-  fi
-fi
+# shellcheck source=.ci/torch_python.sh
+source .ci/torch_python.sh || exit 1
 
 OUT=.cuda_check
 SHIM=$OUT/shim
@@ -52,8 +45,12 @@ INCS=("${CSRC_FLAGS[@]}")
 for d in "${TORCH_INC[@]}"; do INCS+=(-isystem "$d"); done
 INCS+=(-isystem "$PY_INC")
 
-FLAGS=(-std=c++20 --expt-relaxed-constexpr -O3 -DBNFUSED_WITH_CUDA
-       -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90)
+mapfile -t FLAGS < <("$PYTHON" .ci/nvcc_flags.py)  # setup.py's and torch's: what the build compiles with
+if [ ${#FLAGS[@]} -eq 0 ]; then
+  echo "cuda_compile_check: could not get the build's nvcc flags (.ci/nvcc_flags.py)" >&2
+  exit 1
+fi
+FLAGS+=(-gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90)
 read -r -a EXTRA <<<"${NVCC_EXTRA_FLAGS:-}"
 FLAGS+=("${EXTRA[@]}")
 

@@ -151,10 +151,12 @@ BNFUSED_HD BackwardCoef<acc_t> backward_coef(acc_t mean, acc_t rstd, acc_t weigh
   return c;
 }
 
-// Training (batch statistics): the mean and variance depend on x, hence the two correction terms.
+// Training (batch statistics): the mean and variance depend on x, hence the two correction terms. The inner
+// C - (x - mean) * K is rounded op by op (mul_rn / sub_rn) as the CPU's vector code computes it: nvcc would
+// otherwise let the GPU contract it into an FMA and dx would differ from the CPU's in the last bit.
 template <typename acc_t>
 BNFUSED_HD acc_t grad_input_element(acc_t g, acc_t x, BackwardCoef<acc_t> c) {
-  return BNFUSED_FMA(g, c.A, c.C - (x - c.mean) * c.K);
+  return BNFUSED_FMA(g, c.A, sub_rn(c.C, mul_rn(sub_rn(x, c.mean), c.K)));
 }
 
 // Eval (running statistics): the statistics are constants.

@@ -1,7 +1,7 @@
 // Building blocks shared by the CUDA kernels: the launch helper, the shared-array macro, vector loads/stores,
 // the Philox multipliers of a run of up to 8 elements. Torch-free, so the same kernels also build against the
-// CPU emulation (tests/cuda_emulation/cuda_emu.h, selected by BNFUSED_CUDA_EMULATION); the ATen side of the
-// host wrappers is in host.cuh.
+// CPU emulation (tests/cuda_emulation/cuda_emu.h, selected by BNFUSED_CUDA_EMULATION) and into a CUDA program
+// without torch (BNFUSED_CUDA_STANDALONE, tests/ptx_sim); the ATen side of the host wrappers is in host.cuh.
 //
 // Work units (both layouts):
 //   ChannelsFirst: memory offset == logical index, so a unit is one aligned Philox block of 8 logical
@@ -19,11 +19,23 @@
 // The emulation counts the elements moved by vector and by scalar accesses (driver --counts).
 #define BNFUSED_COUNT_ACCESS(is_vector, elems) ::cuda_emu::count_access((is_vector), (elems))
 #else
-#include <c10/cuda/CUDAException.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#if defined(BNFUSED_CUDA_STANDALONE)
+// A CUDA program without torch (tests/ptx_sim): a failed call throws.
+#include <stdexcept>
+#include <string>
+namespace bnfused::cuda {
+inline void check_standalone(cudaError_t e, const char* expr) {
+  if (e != cudaSuccess) throw std::runtime_error(std::string(expr) + ": " + cudaGetErrorString(e));
+}
+}  // namespace bnfused::cuda
+#define BNFUSED_CUDA_CHECK(expr) ::bnfused::cuda::check_standalone((expr), #expr)
+#else
+#include <c10/cuda/CUDAException.h>
 #define BNFUSED_CUDA_CHECK(expr) C10_CUDA_CHECK(expr)
+#endif
 #define BNFUSED_SHARED(T, name, count) __shared__ T name[count]
 #define BNFUSED_COUNT_ACCESS(is_vector, elems) ((void)0)
 #endif
