@@ -97,7 +97,8 @@ __global__ void __launch_bounds__(kThreads)
         if constexpr (kPerElementMask) {
           if (in) {
             const uint64_t L = walk.logical();
-            m = lane_u16(mask_block(key, L >> 3), static_cast<int>(L & 7)) >= drop.threshold ? drop.scale : acc_t(0);
+            m = lane_u16_sel(mask_block(key, L >> 3), static_cast<int>(L & 7)) >= drop.threshold ? drop.scale
+                                                                                                 : acc_t(0);
           }
         } else if constexpr (kDropout) {
           m = ((keep >> j) & 1u) ? drop.scale : acc_t(0);

@@ -385,6 +385,12 @@ __device__ __forceinline__ uint32_t pick_word(const Philox4& r0, const Philox4& 
   return v;
 }
 
+// lane_u16 for a lane known only at run time: the word by selects, so r stays in registers (r.x[lane >> 1]
+// with a run-time index would put r in local memory).
+__device__ __forceinline__ uint32_t lane_u16_sel(const Philox4& r, int lane) {
+  return (pick_word(r, r, lane >> 1) >> ((lane & 1) * 16)) & 0xFFFFu;
+}
+
 // Keep bits of logical runs of <= 8 elements that follow each other (a channel's consecutive units along s, or
 // the units of adjacent channels when S < 8), carrying the keep bits of the Philox block the last run ended in:
 // the next run starts in it, so with S % 8 != 0 a run costs one call instead of two. Each call goes to the first
