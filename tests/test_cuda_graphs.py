@@ -1,6 +1,10 @@
 """CUDA graphs: a whole training step (forward, backward, optimizer step) using the fused module is captured once
 and replayed; every replay draws a fresh Philox key on the device (torch.randint inside the graph), so the
-dropout masks differ across replays, and the running statistics update on every replay. GPU-only."""
+dropout masks differ across replays, and the running statistics update on every replay. The shapes split each
+channel's reduction over several blocks, so the arrival counters of the last-block merge are in play: captured
+ones in the graph, per-stream ones on two streams and from two host threads. GPU-only."""
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -33,11 +37,12 @@ def _step(model, optimizer, x, target):
 def test_cuda_graph_replays_redraw_masks_and_update_running_stats():
     torch.manual_seed(0)
     device = torch.device("cuda")
+    # 256 x 8 x 16 x 16: each channel's 65536 elements are split over several blocks (the captured counters).
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), bnfused.BatchNormReLUDropout2d(8, p=P), nn.Flatten(),
-                          nn.Linear(8 * 6 * 6, 4)).to(device)
+                          nn.Linear(8 * 16 * 16, 4)).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    static_x = torch.randn(16, 3, 6, 6, device=device)
-    static_target = torch.randint(0, 4, (16,), device=device)
+    static_x = torch.randn(256, 3, 16, 16, device=device)
+    static_target = torch.randint(0, 4, (256,), device=device)
 
     # Warm up on a side stream, as torch.cuda.graphs' whole-network capture recipe does.
     side = torch.cuda.Stream()
@@ -78,3 +83,69 @@ def test_cuda_graph_replays_redraw_masks_and_update_running_stats():
         assert not torch.equal(weights[i], weights[i - 1]), f"optimizer step did not run on replay {i}"
     # Capture records without running; warm-up steps and replays each count one batch.
     assert int(block.num_batches_tracked) == WARMUP_STEPS + REPLAYS
+
+
+def _split_inputs(channels, seed):
+    """A (256, C, 16, 16) input and gradient whose reductions split every channel over several blocks."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(256, channels, 16, 16, device="cuda", generator=g) + 1.0
+    return x, torch.randn(x.shape, device="cuda", generator=g)
+
+
+def _check_stats(x, mean, var):
+    ref_var, ref_mean = torch.var_mean(x.double(), dim=(0, 2, 3), unbiased=False)
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(var.double(), ref_var, rtol=1e-5, atol=1e-5)
+
+
+def test_split_reductions_on_two_streams_at_once():
+    """Two streams run split statistics and gradient sums concurrently: each stream has its own counters."""
+    inputs = [_split_inputs(16, seed) for seed in (1, 2)]
+    key = torch.tensor([5, 0], dtype=torch.int64, device="cuda")
+    want = []
+    for x, dy in inputs:
+        mean, var = bnfused.ops.batch_stats(x)
+        rstd = (var + 1e-5).rsqrt()
+        want.append((mean, var, bnfused.ops.backward_reduce(dy, x, mean, rstd, None, None, key, 0.3)))
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    got = [[], []]
+    for s in streams:
+        s.wait_stream(torch.cuda.current_stream())
+    for _ in range(20):
+        for i, (s, (x, dy)) in enumerate(zip(streams, inputs)):
+            with torch.cuda.stream(s):
+                mean, var = bnfused.ops.batch_stats(x)
+                rstd = (var + 1e-5).rsqrt()
+                got[i].append((mean, var, bnfused.ops.backward_reduce(dy, x, mean, rstd, None, None, key, 0.3)))
+    torch.cuda.synchronize()
+    for i, (x, _) in enumerate(inputs):
+        _check_stats(x, want[i][0], want[i][1])
+        for mean, var, sums in got[i]:  # deterministic: the same bits every time
+            assert torch.equal(mean, want[i][0]) and torch.equal(var, want[i][1])
+            assert all(torch.equal(a, b) for a, b in zip(sums, want[i][2]))
+
+
+def test_split_reductions_from_two_threads_on_one_stream():
+    """Two host threads share the current stream's counters; one keeps growing them (more channels each call) while
+    the other launches: a launch must keep the buffer it was given alive until it is enqueued."""
+    errors = []
+    start = threading.Barrier(2)
+
+    def work(channel_counts, seed):
+        try:
+            start.wait()
+            for _ in range(5):
+                for c in channel_counts:
+                    x, _ = _split_inputs(c, seed + c)
+                    mean, var = bnfused.ops.batch_stats(x)
+                    _check_stats(x, mean, var)
+        except Exception as e:  # reported by the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=([4, 8, 16, 32, 64, 128], 0)),
+               threading.Thread(target=work, args=([4] * 6, 100))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]

@@ -41,8 +41,11 @@ inline acc_t* workspace_ptr(at::Tensor& ws) {
 // `n` zeroed arrival counters for a split reduction on the current stream (nullptr when n == 0). The kernels
 // leave them zero, so one buffer per (device, stream), zeroed once, serves every call on that stream in stream
 // order, with no memset per call; calls on other streams, which may run at the same time, get their own. A call
-// being captured into a CUDA graph gets counters of its own (`holder`, zeroed by a memset node of the graph), so
-// replays never share them with eager calls on the capturing stream, which the stream pool hands out again.
+// being captured into a CUDA graph gets counters of its own (zeroed by a memset node of the graph), so replays
+// never share them with eager calls on the capturing stream, which the stream pool hands out again.
+// `holder` keeps the buffer alive until the caller has launched: another host thread on the same stream may
+// replace the shared one with a larger buffer as soon as the lock is released, and the old block must not go back
+// to the caching allocator (which could hand it to another tensor) before this call's kernel is enqueued.
 inline unsigned* reduction_counters(const at::Tensor& x, int64_t n, at::Tensor& holder) {
   if (n == 0) return nullptr;
   const cudaStream_t stream = current_stream();
@@ -59,7 +62,8 @@ inline unsigned* reduction_counters(const at::Tensor& x, int64_t n, at::Tensor& 
   at::Tensor& t = (*buffers)[{static_cast<int>(x.get_device()), reinterpret_cast<uintptr_t>(stream)}];
   // A larger one replaces it; the old block goes back to the caching allocator in this stream's order.
   if (!t.defined() || t.numel() < n) t = zeros();
-  return reinterpret_cast<unsigned*>(t.mutable_data_ptr<int32_t>());
+  holder = t;  // a second reference, taken under the lock
+  return reinterpret_cast<unsigned*>(holder.mutable_data_ptr<int32_t>());
 }
 
 // Plans and runs Op over x (and dy when Op::kGrad) on the current stream: one launch, with its workspace and
