@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# The GPU validation (the GPU issue) as one prepared call on a lent device machine: build for sm_90, every op once
-# against the CPU (.ci/gpu_ops_smoke.py: masks, forward and pass bits bit for bit), that workload under
-# compute-sanitizer (memcheck, racecheck, initcheck, synccheck), the CUDA cases of the op/module/autograd/graph
-# tests, then the benchmark. Every stage runs under its own timeout inside one budget, so a slow stage cannot eat
-# the ones after it; the last lines printed are a summary table (the device tool returns the output's tail).
+# The GPU validation as one prepared call on a lent device machine (15 minutes of device time: this call, its
+# machine's start-up, and room for one rerun): build for sm_90, every op once against the CPU
+# (.ci/gpu_ops_smoke.py: masks, forward and pass bits bit for bit), the CUDA cases of the op/module/autograd/graph
+# tests, the smoke workload under compute-sanitizer's memcheck with PyTorch's caching allocator off
+# (PYTORCH_NO_CUDA_MEMORY_CACHING=1: an overrun inside a pooled block is otherwise unseen), then the quick
+# benchmark. The most informative stages first; each runs under its own timeout inside one budget (the stage limits
+# add up to it: 140 + 40 + 110 + 60 + 50 = 400 s), so a slow stage cannot eat the ones after it; the last lines
+# printed are a summary table (the device tool returns the output's tail).
 #
-#   device run: command=".ci/gpu_check.sh", timeout_s=600          # all stages, ~9.5 minutes at most
-#   GPU_CHECK_STAGES="bench" .ci/gpu_check.sh                      # a second call on the still-warm machine
+#   device run: command=".ci/gpu_check.sh", timeout_s=430          # all stages, 400 s at most
+#   GPU_CHECK_STAGES="sanitize-more tests-compile" .ci/gpu_check.sh   # a second call, when time is left
 #
 # Logs go to $OUT (the device tool brings back at most 8 files: build, smoke, sanitize, tests, bench logs, the
 # summary and the benchmark's .md + .png), or .gpu_check/ where OUT is unset.
-# Env: GPU_CHECK_STAGES (default "build smoke sanitize tests bench"), GPU_CHECK_BUDGET_S (default 570),
+# Env: GPU_CHECK_STAGES (default "build smoke tests memcheck bench"; also "sanitize-more": racecheck, initcheck,
+#      synccheck; "tests-compile"), GPU_CHECK_BUDGET_S (default 400),
 #      PYTHON (default python3: on the device machine the venv that holds torch), MAX_JOBS (default 16),
 #      BNFUSED_CUDA_ARCHS (default 90), BENCH_ARGS (default --quick).
 set -uo pipefail
@@ -18,8 +22,8 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-.gpu_check}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-STAGES=${GPU_CHECK_STAGES:-build smoke sanitize tests bench}
-BUDGET=${GPU_CHECK_BUDGET_S:-570}
+STAGES=${GPU_CHECK_STAGES:-build smoke tests memcheck bench}
+BUDGET=${GPU_CHECK_BUDGET_S:-400}
 export MAX_JOBS=${MAX_JOBS:-16} BNFUSED_CUDA_ARCHS=${BNFUSED_CUDA_ARCHS:-90} PYTHONUNBUFFERED=1
 SUMMARY=$OUT/summary.txt
 : >"$SUMMARY"
@@ -58,43 +62,48 @@ torch.cuda.is_available())" 2>&1
 } | tee -a "$SUMMARY"
 
 if has build; then
-  stage build 300 "$OUT/build.log" "$PY" setup.py -q build_ext --inplace
+  stage build 140 "$OUT/build.log" "$PY" setup.py -q build_ext --inplace
   "$PY" -c "import bnfused; print('bnfused', bnfused.__version__, 'WITH_CUDA', bnfused.WITH_CUDA)" 2>&1 | tee -a "$SUMMARY"
 fi
 if has smoke; then
-  stage smoke 90 "$OUT/smoke.log" "$PY" .ci/gpu_ops_smoke.py
+  stage smoke 40 "$OUT/smoke.log" "$PY" .ci/gpu_ops_smoke.py
 fi
-if has sanitize; then
-  # --error-exitcode: a report fails the stage; the workload is the quick smoke run (3 shapes, float32, p = 0.3).
-  # On a gVisor device machine compute-sanitizer refuses the device ("Device not supported", KINDS.md): after the
-  # first tool says so, the other three would only fail the same way, so they are skipped.
-  for tool in memcheck racecheck initcheck synccheck; do
-    if grep -q "Device not supported" "$OUT/sanitize.log" 2>/dev/null; then
-      printf '%-22s skipped (compute-sanitizer: device not supported on this runtime)\n' "sanitize $tool" \
-        | tee -a "$SUMMARY"
-      continue
-    fi
-    stage "sanitize $tool" 75 "$OUT/sanitize.log" compute-sanitizer --tool "$tool" --error-exitcode 9 \
-      --print-limit 20 "$PY" .ci/gpu_ops_smoke.py --quick
-  done
-fi
+# compute-sanitizer on the quick smoke run (3 shapes, float32, p = 0.3); --error-exitcode: a report fails the stage.
+# On a gVisor device machine compute-sanitizer refuses the device ("Device not supported"): after the first tool
+# says so, the others would only fail the same way, so they are skipped.
+sanitize() {
+  local tool=$1 limit=$2
+  if grep -q "Device not supported" "$OUT/sanitize.log" 2>/dev/null; then
+    printf '%-22s skipped (compute-sanitizer: device not supported on this runtime)\n' "sanitize $tool" \
+      | tee -a "$SUMMARY"
+    return 0
+  fi
+  stage "sanitize $tool" "$limit" "$OUT/sanitize.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer \
+    --tool "$tool" --error-exitcode 9 --print-limit 20 "$PY" .ci/gpu_ops_smoke.py --quick
+}
 if has tests; then
   # The CUDA parametrisations of the op, functional, module, autograd, mask and CUDA-graph tests (compile tests are
   # the slowest on a GPU: run them with GPU_CHECK_STAGES="tests-compile" when there is time).
   xdist=()
   "$PY" -c "import xdist" >/dev/null 2>&1 && xdist=(-n 8)
-  stage tests 200 "$OUT/tests.log" "$PY" -m pytest -q -p no:cacheprovider "${xdist[@]}" --maxfail=30 -k cuda \
+  stage tests 110 "$OUT/tests.log" "$PY" -m pytest -q -p no:cacheprovider "${xdist[@]}" --maxfail=30 -k cuda \
     tests/test_ops.py tests/test_functional.py tests/test_modules.py tests/test_add_relu.py tests/test_autograd.py \
     tests/test_dropout_mask.py tests/test_keep_bits.py tests/test_bad_inputs.py tests/test_saved_memory.py \
     tests/test_cuda_graphs.py tests/test_sync.py
+fi
+if has memcheck; then
+  sanitize memcheck 60
 fi
 if has tests-compile; then
   stage tests-compile 300 "$OUT/tests.log" "$PY" -m pytest -q -p no:cacheprovider --maxfail=10 -k cuda \
     tests/test_compile.py tests/test_compile_pointwise.py tests/test_export.py tests/test_opcheck.py
 fi
+if has sanitize-more; then
+  for tool in racecheck initcheck synccheck; do sanitize "$tool" 75; done
+fi
 if has bench; then
   # shellcheck disable=SC2086
-  stage bench 400 "$OUT/bench.log" "$PY" benchmarks/bench.py --device cuda --out "$OUT" ${BENCH_ARGS:---quick}
+  stage bench 50 "$OUT/bench.log" "$PY" benchmarks/bench.py --device cuda --out "$OUT" ${BENCH_ARGS:---quick}
 fi
 echo "---- summary ($SECONDS s) ----"
 cat "$SUMMARY"
