@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Compile-only check of the CUDA sources (csrc/cuda/*.cu), for machines without a GPU: `nvcc -c` of every file with
 # torch's headers and the flags the build gives nvcc (.ci/nvcc_flags.py: setup.py's list and torch's
-# -D__CUDA_NO_HALF_OPERATORS__ family; -I csrc; sm_80 + sm_90). Objects and logs go to .cuda_check/ (gitignored).
-# Exits non-zero if any file fails.
+# -D__CUDA_NO_HALF_OPERATORS__ family; -I csrc; sm_80 + sm_90), then the per-kernel resource table from ptxas
+# (.ci/ptxas_table.py: registers, blocks of 256 threads per SM, stack, spills, static shared memory), which fails
+# on a kernel that spills more than CUDA_CHECK_MAX_SPILL_BYTES (default 64; the most today: 52 bytes of spill
+# loads, reduce_cl_kernel<double, StatsOp, V = 2> on sm_80). Objects, logs and the table (resources.txt) go to
+# .cuda_check/ (gitignored). Exits non-zero if any file fails.
 #
 # A CPU-only torch wheel ships the c10/cuda and ATen/cuda headers but not the generated
 # c10/cuda/impl/cuda_cmake_macros.h; an empty stand-in is created under .cuda_check/shim when it is missing.
@@ -50,7 +53,7 @@ if [ ${#FLAGS[@]} -eq 0 ]; then
   echo "cuda_compile_check: could not get the build's nvcc flags (.ci/nvcc_flags.py)" >&2
   exit 1
 fi
-FLAGS+=(-gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90)
+FLAGS+=(-gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 -Xptxas -v)
 read -r -a EXTRA <<<"${NVCC_EXTRA_FLAGS:-}"
 FLAGS+=("${EXTRA[@]}")
 
@@ -91,7 +94,8 @@ compile() {
   else
     echo "FAIL  $src ($((SECONDS - t0)) s, nvcc exit $rc)"
   fi
-  [ -s "$log" ] && sed 's/^/      /' "$log"
+  # ptxas's resource lines go to the table below; anything else (warnings, errors) is shown.
+  grep -v -E "^ptxas info|bytes stack frame|^ *$" "$log" | sed 's/^/      /'
   echo $rc >"$OUT/$name.status"
 }
 
@@ -107,6 +111,18 @@ for src in "${SOURCES[@]}"; do
   rc=$(cat "$OUT/$name.status" 2>/dev/null || echo missing)
   [ "$rc" = 0 ] || status=1
 done
+if [ $status -eq 0 ]; then
+  logs=()
+  for src in "${SOURCES[@]}"; do logs+=("$OUT/$(basename "${src%.cu}").log"); done
+  if "$PYTHON" .ci/ptxas_table.py --max-spill "${CUDA_CHECK_MAX_SPILL_BYTES:-64}" "${logs[@]}" \
+       >"$OUT/resources.txt" 2>"$OUT/resources.err"; then
+    echo "kernels by registers (ptxas; the full table in $OUT/resources.txt):"
+    head -9 "$OUT/resources.txt" | sed 's/^/      /'
+  else
+    status=1
+    sed 's/^/      /' "$OUT/resources.err"
+  fi
+fi
 if [ $status -ne 0 ]; then
   echo "cuda_compile_check: FAILED" >&2
 else
