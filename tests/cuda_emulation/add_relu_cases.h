@@ -150,11 +150,11 @@ void run_add_case(const Case& cs, const Buffer<scalar_t>& x, const Buffer<scalar
   // ---- add_relu_backward_input: dx and grad_residual bit for bit (batch statistics, running statistics) ----
   if (selected("add_relu_backward_input")) {
     const ChannelParams<acc_t> prm_w{prm.mean, prm.rstd, prm.weight, nullptr};  // the op takes no bias
+    const auto sums = acc_sums<acc_t>(sg_ref, sgx_ref, N * S);
+    const auto &sg = sums.sum_g, &sgx = sums.sum_gx;
+    const auto &mg = sums.mean_g, &mgx = sums.mean_gx;
     for (const bool batch_stats : {true, false}) {
       ++g_cases;
-      const auto sums = acc_sums<acc_t>(sg_ref, sgx_ref, N * S);
-      const auto &sg = sums.sum_g, &sgx = sums.sum_gx;
-      const auto &mg = sums.mean_g, &mgx = sums.mean_gx;
       const Counts k = measure([&] {
         run_add_relu_backward_input<scalar_t, acc_t>(prm_w, batch_stats ? sg.ptr : nullptr,
                                                      batch_stats ? sgx.ptr : nullptr, N * S, dy.ptr, x.ptr,

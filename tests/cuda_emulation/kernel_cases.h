@@ -180,20 +180,18 @@ struct Buffer {
   std::vector<T> values() const { return std::vector<T>(host, host + n); }
   void fill(T v) { std::fill(host, host + n, v); }
   // Host -> device of elements [0, count) (all by default), and back.
-  void upload(int64_t count = -1) {
+  void upload(int64_t count = -1) { copy(count, true); }
+  void download(int64_t count = -1) { copy(count, false); }
+
+ private:
+  void copy(int64_t count, bool to_device) {
 #if !defined(BNFUSED_CUDA_EMULATION)
     if (count < 0) count = n;
-    if (count > 0) BNFUSED_CUDA_CHECK(cudaMemcpy(ptr, host, count * sizeof(T), cudaMemcpyHostToDevice));
+    if (count > 0)
+      BNFUSED_CUDA_CHECK(to_device ? cudaMemcpy(ptr, host, count * sizeof(T), cudaMemcpyHostToDevice)
+                                   : cudaMemcpy(host, ptr, count * sizeof(T), cudaMemcpyDeviceToHost));
 #else
-    (void)count;
-#endif
-  }
-  void download(int64_t count = -1) {
-#if !defined(BNFUSED_CUDA_EMULATION)
-    if (count < 0) count = n;
-    if (count > 0) BNFUSED_CUDA_CHECK(cudaMemcpy(host, ptr, count * sizeof(T), cudaMemcpyDeviceToHost));
-#else
-    (void)count;
+    (void)count, (void)to_device;
 #endif
   }
 };
@@ -593,11 +591,11 @@ void run_case(const Case& cs) {
 
   // ---- backward_input: bit for bit (batch statistics, and running statistics) ----
   if (selected("backward_input") && numel > 0) {
+    const auto sums = acc_sums<acc_t>(sg_ref, sgx_ref, N * S);
+    const auto &sg = sums.sum_g, &sgx = sums.sum_gx;
+    const auto &mg = sums.mean_g, &mgx = sums.mean_gx;
     for (const bool batch_stats : {true, false}) {
       ++g_cases;
-      const auto sums = acc_sums<acc_t>(sg_ref, sgx_ref, N * S);
-      const auto &sg = sums.sum_g, &sgx = sums.sum_gx;
-      const auto &mg = sums.mean_g, &mgx = sums.mean_gx;
       const Counts k = measure([&] {
         run_backward_input<scalar_t, acc_t>(prm, batch_stats ? sg.ptr : nullptr, batch_stats ? sgx.ptr : nullptr,
                                             N * S, dy.ptr, x.ptr, out.ptr, g, dropout ? &drop : nullptr, stream);
