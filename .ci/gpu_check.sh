@@ -103,7 +103,7 @@ if has sanitize-more; then
 fi
 if has bench; then
   # shellcheck disable=SC2086
-  stage bench 50 "$OUT/bench.log" "$PY" benchmarks/bench.py --device cuda --out "$OUT" ${BENCH_ARGS:---quick}
+  stage bench 50 "$OUT/bench.log" "$PY" -m benchmarks --device cuda --out "$OUT" ${BENCH_ARGS:---quick}
 fi
 echo "---- summary ($SECONDS s) ----"
 cat "$SUMMARY"
