@@ -602,8 +602,8 @@ def test_convert_sync_fuses_residual_sites():
     """ResNet's BN + residual -> ReLU tails become SyncBatchNormAddReLU: every BN that convert() fuses is fused
     by convert_sync too; what is left unsynchronised (the downsample BNs) is named in a warning."""
     torch.manual_seed(0)
-    model, report = bnfused.convert_sync(nn.SyncBatchNorm.convert_sync_batchnorm(tv.SMALL["resnet18"]()),
-                                         process_group="group", report=True)
+    model, report = bnfused.convert_with_report(nn.SyncBatchNorm.convert_sync_batchnorm(tv.SMALL["resnet18"]()),
+                                                sync=True, process_group="group")
     _, single = bnfused.convert_with_report(tv.SMALL["resnet18"]())
     assert [(f.name, f.residual) for f in report.fused] == [(f.name, f.residual) for f in single.fused]
     tails = [m for n, m in model.named_modules() if n.endswith("bn2")]
