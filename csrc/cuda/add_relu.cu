@@ -40,8 +40,8 @@ std::tuple<at::Tensor, at::Tensor> add_relu_backward_reduce_cuda(const at::Tenso
       at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(), "bnfused_add_relu_backward_reduce_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         using Op = cuda::AddGradSumsOp<acc_t>;
-        const Op op{mean.const_data_ptr<acc_t>(), rstd.const_data_ptr<acc_t>(), sum_g.mutable_data_ptr<acc_t>(),
-                    sum_g_xhat.mutable_data_ptr<acc_t>()};
+        const Op op{{mean.const_data_ptr<acc_t>(), rstd.const_data_ptr<acc_t>(), nullptr, nullptr},
+                    sum_g.mutable_data_ptr<acc_t>(), sum_g_xhat.mutable_data_ptr<acc_t>()};
         const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
         const scalar_t* dy_ptr = dy.const_data_ptr<scalar_t>();
         const auto plan = cuda::plan_reduction<scalar_t, Op>(g, x_ptr, dy_ptr);

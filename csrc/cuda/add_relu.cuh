@@ -212,57 +212,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Sums of g and g * (x - mean), g = dy * mult with the pass bits as the mask (reduce.cuh's dy input and a
-// Dropout with bits; no [z > 0] gate); times rstd at the end.
-template <typename acc_t>
-struct AddGradSumsOp {
-  static constexpr bool kGrad = true;
-  static constexpr int kComponents = 2;
-  template <typename T>
-  using Acc = SumPair<T>;
-  struct Chan {
-    acc_t mean;
-  };
-
-  const acc_t* mean;
-  const acc_t* rstd;
-  acc_t* sum_g;
-  acc_t* sum_g_xhat;
-
-  __device__ __forceinline__ Chan channel(int64_t c) const { return Chan{mean[c]}; }
-
-  template <typename T>
-  __device__ __forceinline__ static Acc<T> identity() {
-    return Acc<T>{T(0), T(0)};
-  }
-
-  __device__ __forceinline__ void add(Acc<acc_t>& acc, const Chan& ch, const acc_t (&x)[kUnit],
-                                      const acc_t (&dy)[kUnit], const acc_t (&mult)[kUnit], int lo, int hi) const {
-    acc_t sg = 0, sgx = 0;
-#pragma unroll
-    for (int j = 0; j < kUnit; ++j)
-      if (j >= lo && j < hi) {
-        const acc_t g = dy[j] * mult[j];
-        sg += g;
-        sgx += g * (x[j] - ch.mean);
-      }
-    acc.g += sg;
-    acc.gx += sgx;
-  }
-
-  __device__ __forceinline__ void add_element(Acc<acc_t>& acc, const Chan& ch, acc_t x, acc_t dy, acc_t mult) const {
-    const acc_t g = dy * mult;
-    acc.g += g;
-    acc.gx += g * (x - ch.mean);
-  }
-
-  template <typename T>
-  __device__ __forceinline__ void finish(int64_t c, const Acc<T>& a) const {
-    sum_g[c] = static_cast<acc_t>(a.g);
-    sum_g_xhat[c] = static_cast<acc_t>(a.gx * static_cast<T>(rstd[c]));
-  }
-};
-
 // dx from g: the BN backward of BackwardInputOp without its ReLU gate; the sums are divided here, per channel, as
 // the CPU kernels do.
 template <typename acc_t, bool kBatchStats>

@@ -201,9 +201,29 @@ struct StatsOp {
   }
 };
 
-// Sums of g and g * xhat with g = grad_out * mult * [z > 0]; z recomputed exactly as in the forward.
-// g*(x - mean) is accumulated and multiplied by rstd once at the end.
-template <typename acc_t>
+// The gate of the backward sums: how an element's g comes from dy, its multiplier and its pre-activation z.
+// ReluGate: the multiplier is the dropout's, the ReLU's derivative [z > 0] is recomputed from x as in the forward.
+// PassBitsGate: the multiplier holds the whole gate already (the block tail's pass bits); z is never computed.
+struct ReluGate {
+  static constexpr bool kNeedsPreact = true;
+  template <typename acc_t>
+  __device__ __forceinline__ static acc_t grad(acc_t dy, acc_t z, acc_t mult) {
+    return grad_through_relu_dropout(dy, z, mult);
+  }
+};
+
+struct PassBitsGate {
+  static constexpr bool kNeedsPreact = false;
+  template <typename acc_t>
+  __device__ __forceinline__ static acc_t grad(acc_t dy, acc_t /*z*/, acc_t mult) {
+    return dy * mult;
+  }
+};
+
+// Sums of g and g * xhat with g = Gate::grad(grad_out, z, mult), z recomputed exactly as in the forward when the
+// gate reads it. g*(x - mean) is accumulated and multiplied by rstd once at the end. prm's weight and bias are
+// read only for z.
+template <typename acc_t, typename Gate = ReluGate>
 struct GradSumsOp {
   static constexpr bool kGrad = true;
   static constexpr int kComponents = 2;
@@ -218,7 +238,14 @@ struct GradSumsOp {
   acc_t* sum_g;
   acc_t* sum_g_xhat;
 
-  __device__ __forceinline__ Chan channel(int64_t c) const { return Chan{prm.affine(c), prm.mean[c]}; }
+  __device__ __forceinline__ Chan channel(int64_t c) const {
+    if constexpr (Gate::kNeedsPreact) return Chan{prm.affine(c), prm.mean[c]};
+    return Chan{ChannelAffine<acc_t>{acc_t(0), acc_t(0)}, prm.mean[c]};
+  }
+
+  __device__ __forceinline__ static acc_t grad(const Chan& ch, acc_t x, acc_t dy, acc_t mult) {
+    return Gate::grad(dy, Gate::kNeedsPreact ? bn_preact(x, ch.ab) : acc_t(0), mult);
+  }
 
   template <typename T>
   __device__ __forceinline__ static Acc<T> identity() {
@@ -231,7 +258,7 @@ struct GradSumsOp {
 #pragma unroll
     for (int j = 0; j < kUnit; ++j)
       if (j >= lo && j < hi) {
-        const acc_t g = grad_through_relu_dropout(dy[j], bn_preact(x[j], ch.ab), mult[j]);
+        const acc_t g = grad(ch, x[j], dy[j], mult[j]);
         sg += g;
         sgx += g * (x[j] - ch.mean);
       }
@@ -240,7 +267,7 @@ struct GradSumsOp {
   }
 
   __device__ __forceinline__ void add_element(Acc<acc_t>& acc, const Chan& ch, acc_t x, acc_t dy, acc_t mult) const {
-    const acc_t g = grad_through_relu_dropout(dy, bn_preact(x, ch.ab), mult);
+    const acc_t g = grad(ch, x, dy, mult);
     acc.g += g;
     acc.gx += g * (x - ch.mean);
   }
@@ -251,6 +278,10 @@ struct GradSumsOp {
     sum_g_xhat[c] = static_cast<acc_t>(a.gx * static_cast<T>(prm.rstd[c]));
   }
 };
+
+// The block tail's backward sums: g = dy * mult, the mask being the pass bits.
+template <typename acc_t>
+using AddGradSumsOp = GradSumsOp<acc_t, PassBitsGate>;
 
 // ---- the last-block merge ----
 

@@ -124,7 +124,7 @@ void run_add_case(const Case& cs, const Buffer<scalar_t>& x, const Buffer<scalar
     ++g_cases;
     Buffer<acc_t> sum_g(C, 0), sum_gx(C, 0);
     using Op = AddGradSumsOp<acc_t>;
-    const Op op{prm.mean, prm.rstd, sum_g.ptr, sum_gx.ptr};
+    const Op op{{prm.mean, prm.rstd, nullptr, nullptr}, sum_g.ptr, sum_gx.ptr};
     const auto plan = plan_reduction<scalar_t, Op>(geo, x.ptr, dy.ptr);
     Buffer<acc_t> ws(plan.workspace_elems(), 0);
     const Counts k = measure([&] {

@@ -158,7 +158,7 @@ StepCounts step_counts(const Shape& sh, Layout layout, const Offsets& at) {
     run_add_relu_forward<float, float>(prm, x.ptr, res.ptr, out.ptr, bits.data(), g, &drop, nullptr);
   });
   r.add_backward_reduce = measure([&] {
-    const AddGradSumsOp<float> op{mean.data(), rstd.data(), sg.data(), sgx.data()};
+    const AddGradSumsOp<float> op{{mean.data(), rstd.data(), nullptr, nullptr}, sg.data(), sgx.data()};
     const auto plan = plan_reduction<float, AddGradSumsOp<float>>(g, x.ptr, dy.ptr);
     std::vector<float> ws(plan.workspace_elems());
     run_add_relu_backward_reduce<float, float>(op, plan, dy.ptr, x.ptr, bits.data(), drop.scale, g,
