@@ -5,7 +5,8 @@
 # (.ci/ptxas_table.py: registers, blocks of 256 threads per SM, stack, spills, static shared memory), which fails
 # on a kernel that spills more than CUDA_CHECK_MAX_SPILL_BYTES (default 64; the most today: 52 bytes of spill
 # loads, reduce_cl_kernel<double, StatsOp, V = 2> on sm_80). Objects, logs and the table (resources.txt) go to
-# .cuda_check/ (gitignored). Exits non-zero if any file fails.
+# .cuda_check/ (gitignored); then the op layer's CUDA branch (csrc/ops.cpp, csrc/eager_function.cpp with
+# BNFUSED_WITH_CUDA) through the C++ compiler, syntax only. Exits non-zero if any file fails.
 #
 # A CPU-only torch wheel ships the c10/cuda and ATen/cuda headers but not the generated
 # c10/cuda/impl/cuda_cmake_macros.h; an empty stand-in is created under .cuda_check/shim when it is missing.
@@ -123,6 +124,23 @@ if [ $status -eq 0 ]; then
     sed 's/^/      /' "$OUT/resources.err"
   fi
 fi
+# The host side of a CUDA build: the op layer's CUDA backend (ops.cpp's CudaBackend, eager_function.cpp) compiled by
+# the C++ compiler with BNFUSED_WITH_CUDA, as setup.py compiles it when torch has CUDA (syntax and types only).
+HOST_SOURCES=(csrc/ops.cpp csrc/eager_function.cpp)
+HOST_INCS=(-I csrc)
+[ -d "$SHIM" ] && HOST_INCS+=(-I "$SHIM")
+for d in "${TORCH_INC[@]}"; do HOST_INCS+=(-isystem "$d"); done
+HOST_INCS+=(-isystem "$PY_INC")
+for src in "${HOST_SOURCES[@]}"; do
+  t0=$SECONDS
+  if "${CXX:-g++}" -std=c++20 -fsyntax-only -DBNFUSED_WITH_CUDA -DTORCH_API_INCLUDE_EXTENSION_H \
+       -DTORCH_EXTENSION_NAME=_C "${HOST_INCS[@]}" "$src" >"$OUT/host_$(basename "$src").log" 2>&1; then
+    echo "ok    $src with BNFUSED_WITH_CUDA ($((SECONDS - t0)) s)"
+  else
+    echo "FAIL  $src with BNFUSED_WITH_CUDA:"; head -30 "$OUT/host_$(basename "$src").log" | sed 's/^/      /'
+    status=1
+  fi
+done
 if [ $status -ne 0 ]; then
   echo "cuda_compile_check: FAILED" >&2
 else
