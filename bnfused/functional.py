@@ -131,13 +131,11 @@ def _eager_cpp_path(input: Tensor) -> bool:
             and torch._C._len_torch_dispatch_stack() == 0)
 
 
-def _exporting() -> bool:
-    """Under torch.onnx.export, either exporter (torch.export underneath, or the TorchScript tracer). ONNX has no
-    fused op: a block exports as the unfused layers do, relu(F.batch_norm(...) (+ residual)) (BatchNormalization,
-    Add, Relu), then F.dropout when it drops (a training-mode export). The cheap checks first: an eager call pays
-    for two flag reads."""
-    return ((torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None)
-            and torch.onnx.is_in_onnx_export())
+def _onnx_exporting(compiling: bool) -> bool:
+    """Under torch.onnx.export, either exporter (torch.export underneath, so `compiling`, or the TorchScript tracer).
+    ONNX has no fused op: a block exports as the unfused layers do, relu(F.batch_norm(...) (+ residual))
+    (BatchNormalization, Add, Relu), then F.dropout when it drops (a training-mode export)."""
+    return (compiling or torch._C._get_tracing_state() is not None) and torch.onnx.is_in_onnx_export()
 
 
 def _batch_norm_param_dtype(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -190,7 +188,7 @@ class Route(enum.Enum):
     MIXED_DTYPE   block tail, residual of another dtype (autocast)       F.batch_norm + promoted add + relu + mask
     UNFUSED       torch.compile (not export) and no dropout              relu(F.batch_norm(...) (+ residual)), which
                                                                          inductor fuses with its neighbours
-                  torch.onnx.export (_exporting)                         the same, then F.dropout if p > 0: what
+                  torch.onnx.export (_onnx_exporting)                    the same, then F.dropout if p > 0: what
                                                                          the unfused layers export to
     EAGER_CPP     eager, plain CPU tensors, no function/dispatch mode    one C++ call: statistics, op, C++ autograd
                   or functorch transform                                 node (csrc/eager_function.cpp)
@@ -211,23 +209,27 @@ class Route(enum.Enum):
     FUNCTION = "autograd.Function"
 
 
+# The members as module globals: an Enum member access costs ~70 ns (EnumType.__getattr__), a global ~15 ns, and the
+# eager CPU call compares a route up to four times.
+_EMPTY, _MIXED_DTYPE, _UNFUSED = Route.EMPTY, Route.MIXED_DTYPE, Route.UNFUSED
+_EAGER_CPP, _CUSTOM_OP, _FUNCTION = Route.EAGER_CPP, Route.CUSTOM_OP, Route.FUNCTION
+
+
 def _route(input: Tensor, p: float, residual: Optional[Tensor] = None) -> Route:
-    """The route of one call (table in Route); p is the effective drop probability (0 outside dropout training)."""
+    """The route of one call (table in Route); p is the effective drop probability (0 outside dropout training).
+    Written for the eager CPU call, which small layers make thousands of times a step: each mode flag is read once."""
     if input.numel() == 0:
-        return Route.EMPTY
+        return _EMPTY
     if residual is not None and residual.dtype != input.dtype:
-        return Route.MIXED_DTYPE
-    if _exporting():
-        return Route.UNFUSED
-    if torch.compiler.is_compiling():
-        return Route.UNFUSED if p == 0.0 and not torch.compiler.is_exporting() else Route.CUSTOM_OP
+        return _MIXED_DTYPE
+    compiling = torch.compiler.is_compiling()
+    if _onnx_exporting(compiling):
+        return _UNFUSED
+    if compiling:
+        return _UNFUSED if p == 0.0 and not torch.compiler.is_exporting() else _CUSTOM_OP
     if _eager_cpp_path(input) and (residual is None or type(residual) is Tensor):
-        return Route.EAGER_CPP
-    return Route.FUNCTION
-
-
-def _effective_p(p: float, training: bool, dropout_training: Optional[bool]) -> float:
-    return float(p) if (training if dropout_training is None else dropout_training) else 0.0
+        return _EAGER_CPP
+    return _FUNCTION
 
 
 def _placeholder_key(input: Tensor) -> Tensor:
@@ -240,22 +242,22 @@ def bn_relu_dropout_unchecked(input: Tensor, running_mean: Optional[Tensor], run
                               eps: float, p: float, generator: Optional[torch.Generator] = None,
                               seed: Optional[int] = None, dropout_training: Optional[bool] = None) -> Tensor:
     """bn_relu_dropout() after check_inputs(): the module calls this once its own checks have run."""
-    p = _effective_p(p, training, dropout_training)
+    p = float(p) if (training if dropout_training is None else dropout_training) else 0.0  # dropout's own mode
     route = _route(input, p)
-    if route is Route.EMPTY:
+    if route is _EMPTY:
         return _empty_batch(input, weight, bias)
-    if route is Route.UNFUSED:
+    if route is _UNFUSED:
         out = _unfused_batch_norm_relu(input, running_mean, running_var, weight, bias, training, momentum, eps)
         if out is not None:
             return out if p == 0.0 else torch.nn.functional.dropout(out, p)  # p > 0: ONNX export only
-        route = Route.CUSTOM_OP
+        route = _CUSTOM_OP
     key = ops.philox_key(input.device, generator, seed) if p > 0.0 else None
-    if route is Route.EAGER_CPP:
+    if route is _EAGER_CPP:
         return _extension._C.bn_relu_dropout_eager(input, running_mean, running_var, weight, bias, bool(training),
                                                    float(momentum), float(eps), p, key)
     mean, rstd = _statistics(input, running_mean, running_var, training, momentum, eps)
     args = (input, mean, rstd, weight, bias, _placeholder_key(input) if key is None else key, p, bool(training))
-    if route is Route.CUSTOM_OP:
+    if route is _CUSTOM_OP:
         if _saves_keep_bits(input, p) and torch.is_grad_enabled():
             return ops.forward_keep_bits(*args)[0]  # its registered autograd saves the bits for backward
         return ops.forward(*args)
@@ -368,27 +370,27 @@ def bn_add_relu_dropout_unchecked(input: Tensor, residual: Tensor, running_mean:
                                   generator: Optional[torch.Generator] = None, seed: Optional[int] = None,
                                   dropout_training: Optional[bool] = None) -> Tensor:
     """bn_add_relu_dropout() after check_inputs() and check_residual() (the modules' path)."""
-    p = _effective_p(p, training, dropout_training)
+    p = float(p) if (training if dropout_training is None else dropout_training) else 0.0  # dropout's own mode
     route = _route(input, p, residual)
-    if route is Route.EMPTY:
+    if route is _EMPTY:
         return torch.relu(_empty_batch(input, weight, bias) + residual)
-    if route is Route.MIXED_DTYPE:
+    if route is _MIXED_DTYPE:
         return _mixed_dtype_add_relu_dropout(input, residual, running_mean, running_var, weight, bias, training,
                                              momentum, eps, p, generator, seed)
-    if route is Route.UNFUSED:
+    if route is _UNFUSED:
         out = _unfused_batch_norm_relu(input, running_mean, running_var, weight, bias, training, momentum, eps,
                                        residual)
         if out is not None:
             return out if p == 0.0 else torch.nn.functional.dropout(out, p)  # p > 0: ONNX export only
-        route = Route.CUSTOM_OP
+        route = _CUSTOM_OP
     key = ops.philox_key(input.device, generator, seed) if p > 0.0 else None
-    if route is Route.EAGER_CPP:
+    if route is _EAGER_CPP:
         return _extension._C.bn_add_relu_dropout_eager(input, residual, running_mean, running_var, weight, bias,
                                                        bool(training), float(momentum), float(eps), p, key)
     mean, rstd = _statistics(input, running_mean, running_var, training, momentum, eps)
     args = (input, residual, mean, rstd, weight, bias, _placeholder_key(input) if key is None else key, p,
             bool(training))
-    if route is Route.CUSTOM_OP:
+    if route is _CUSTOM_OP:
         if torch.is_grad_enabled():
             return ops.add_relu_forward_bits(*args)[0]  # its registered autograd saves the pass bits
         return ops.add_relu_forward(*args)
