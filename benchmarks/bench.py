@@ -36,7 +36,8 @@ from .measure import NOISY_SPREAD, copy_bandwidth, first_call_seconds, peak_step
 from .parity import measure_parity, parity_pairs
 from .peers import COMPILE, EAGER, FUSED, Peer, make_peers, peer_names, step
 from .plot import plot_speedups
-from .report import fmt_ms, fmt_x, goals_table, parity_table, results_markdown, small_layers_table, summary_table
+from .report import (fmt_ms, fmt_x, goals_table, header_markdown, parity_table, results_markdown, small_layers_table,
+                     summary_table)
 from .results import CaseResult, RunResults
 from .small_layers import run_small_layers
 from .targets import check_goals
@@ -153,12 +154,6 @@ def run_case(run: RunResults, case: Case, args: argparse.Namespace, suite: Suite
     return cr
 
 
-def header_markdown(run: RunResults, elapsed_s: float) -> str:
-    """The results file's head when the per-case part did not run (--only without "cases")."""
-    meta = "\n".join(f"- **{k}**: {v}" for k, v in run.meta.items())
-    return f"# bnfused benchmark: {run.meta['device']}\n\n{meta}\n- **run time**: {elapsed_s:.0f} s\n"
-
-
 def run_parts(args: argparse.Namespace, suite: Suite, parts: set[str]) -> list[tuple[str, str]]:
     """The (title, markdown) section of every part after the per-case kernels, in PARTS order."""
     sections = []
@@ -229,7 +224,7 @@ def main(argv=None) -> int:
         goals_title, checks = check_goals(run, args.device)
         head = results_markdown(run, goals_title, checks, elapsed)
     else:
-        head = header_markdown(run, elapsed)
+        head = header_markdown(run) + f"- **run time**: {elapsed:.0f} s\n"
     # The hand-kept before/after record of this device (what moved the numbers, commit by commit), if any.
     history_path = PUBLISHED_RESULTS / f"{slug(device_name(args.device))}-history.md"
     history = f"\n## Before / after\n\n{history_path.read_text()}" if history_path.exists() else ""

@@ -144,12 +144,14 @@ time of every pass but not the Philox work, which a training forward has to fit 
 """
 
 
-def results_markdown(run: RunResults, goals_title: str, checks: list[Check], elapsed_s: float) -> str:
+def header_markdown(run: RunResults) -> str:
+    """The results file's title and the run's facts (device, torch, date, commit, ...)."""
     meta = "\n".join(f"- **{k}**: {v}" for k, v in run.meta.items())
-    return f"""# bnfused benchmark: {run.meta['device']}
+    return f"# bnfused benchmark: {run.meta['device']}\n\n{meta}\n"
 
-{meta}
-- **copy bandwidth**: {run.copy_gbs:.1f} GB/s (256 MiB float32 `dst.copy_(src)`, read + write, same run)
+
+def results_markdown(run: RunResults, goals_title: str, checks: list[Check], elapsed_s: float) -> str:
+    return f"""{header_markdown(run)}- **copy bandwidth**: {run.copy_gbs:.1f} GB/s (256 MiB float32 `dst.copy_(src)`, read + write, same run)
 - **run time**: {elapsed_s:.0f} s
 
 Peers: {', '.join(run.peers)}. Times are medians over torch.utils.benchmark runs, IQR in parentheses; each

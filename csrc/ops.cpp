@@ -148,17 +148,22 @@ int64_t keep_bits_bytes(int64_t numel) { return (numel + 7) / 8; }
 
 // The optional packed keep bits of a backward op: a CPU-kernel input (the CUDA kernels regenerate the mask from
 // the key); nullptr when absent.
+// Packed bits of x (forward_keep_bits' keep bits, add_relu_forward_bits' pass bits): on x's device, a contiguous
+// uint8 tensor of ceil(numel / 8) bytes.
+void check_packed_bits(const at::Tensor& bits, const at::Tensor& x, const char* op, const char* name) {
+  TORCH_CHECK(bits.device() == x.device(), op, ": ", name, " is on ", bits.device(), " but input is on ", x.device());
+  TORCH_CHECK(bits.scalar_type() == at::kByte && bits.dim() == 1 && bits.numel() == keep_bits_bytes(x.numel()) &&
+                  bits.is_contiguous(),
+              op, ": ", name, " must be a contiguous uint8 tensor of ceil(numel / 8) = ", keep_bits_bytes(x.numel()),
+              " bytes, got ", bits.scalar_type(), " of shape ", bits.sizes());
+}
+
 const uint8_t* keep_bits_of(const OptTensor& keep_bits, const at::Tensor& x, const char* op) {
   if (!keep_bits.has_value() || !keep_bits->defined()) return nullptr;
-  const at::Tensor& k = *keep_bits;
   TORCH_CHECK(x.is_cpu(), op, ": keep_bits are read by the CPU kernels only; on ", x.device(),
               " pass the Philox key alone");
-  TORCH_CHECK(k.device() == x.device(), op, ": keep_bits is on ", k.device(), " but input is on ", x.device());
-  TORCH_CHECK(k.scalar_type() == at::kByte && k.dim() == 1 && k.numel() == keep_bits_bytes(x.numel()) &&
-                  k.is_contiguous(),
-              op, ": keep_bits must be a contiguous uint8 tensor of ceil(numel / 8) = ", keep_bits_bytes(x.numel()),
-              " bytes, got ", k.scalar_type(), " of shape ", k.sizes());
-  return k.const_data_ptr<uint8_t>();
+  check_packed_bits(*keep_bits, x, op, "keep_bits");
+  return keep_bits->const_data_ptr<uint8_t>();
 }
 
 // ---- the backends, behind one interface: each op body below is written once and registered per device ----
@@ -346,15 +351,6 @@ at::Tensor residual_like_input(const at::Tensor& residual, const at::Tensor& x, 
   return residual.contiguous(kernel_memory_format(x));
 }
 
-// The pass bits of add_relu_forward_bits for x (required by the add-mode backward ops).
-void check_pass_bits(const at::Tensor& bits, const at::Tensor& x, const char* op) {
-  TORCH_CHECK(bits.device() == x.device(), op, ": pass_bits is on ", bits.device(), " but input is on ", x.device());
-  TORCH_CHECK(bits.scalar_type() == at::kByte && bits.dim() == 1 && bits.numel() == keep_bits_bytes(x.numel()) &&
-                  bits.is_contiguous(),
-              op, ": pass_bits must be a contiguous uint8 tensor of ceil(numel / 8) = ", keep_bits_bytes(x.numel()),
-              " bytes, got ", bits.scalar_type(), " of shape ", bits.sizes());
-}
-
 template <class B>
 at::Tensor add_relu_forward(const at::Tensor& input, const at::Tensor& residual, const at::Tensor& mean,
                             const at::Tensor& rstd, const OptTensor& weight, const OptTensor& bias,
@@ -387,7 +383,7 @@ std::tuple<at::Tensor, at::Tensor> add_relu_backward_reduce(const at::Tensor& gr
                                                             const at::Tensor& pass_bits, double p) {
   constexpr const char* op = "bnfused.add_relu_backward_reduce";
   const KernelArgs a = prepare(op, input, mean, rstd, std::nullopt, std::nullopt, nullptr, p);
-  check_pass_bits(pass_bits, a.x, op);
+  check_packed_bits(pass_bits, a.x, op, "pass_bits");
   return B::add_relu_backward_reduce(like_input_layout(grad_out, a.x, op), a, pass_bits, p);
 }
 
@@ -400,7 +396,7 @@ std::tuple<at::Tensor, at::Tensor> add_relu_backward_input(const at::Tensor& gra
   constexpr const char* op = "bnfused.add_relu_backward_input";
   const KernelArgs a = prepare(op, input, mean, rstd, weight, std::nullopt, nullptr, p);
   const GradSums sums = check_sums(op, sum_g, sum_g_xhat, count, a.x);
-  check_pass_bits(pass_bits, a.x, op);
+  check_packed_bits(pass_bits, a.x, op, "pass_bits");
   auto dx = empty_like_kernel(a.x);
   auto grad_residual = empty_like_kernel(a.x);
   B::add_relu_backward_input(like_input_layout(grad_out, a.x, op), a, pass_bits, p, sums, dx, grad_residual);
