@@ -48,6 +48,7 @@ int g_failures = 0;
 long g_cases = 0;
 long g_scalar_checked = 0;  // op runs checked to take the scalar path (check_scalar_path)
 long g_split_reductions = 0;  // reductions whose channels were split over several blocks (the last-block merge)
+int64_t g_max_splits = 0;     // the most partials per channel of a reduction since it was last set to 0
 
 template <typename T>
 const char* type_name();
@@ -142,9 +143,9 @@ struct Rng {
 };
 
 // Device memory of n elements, `misaligned` elements past a 16-byte boundary: `ptr` for the kernels, `host` (also
-// buf[i]) for the driver. The emulation: one allocation of exactly n elements (ASan sees one past the end), host ==
-// ptr, upload() / download() do nothing. Real CUDA: cudaMalloc'd memory and a host copy; the driver uploads what it
-// filled before a launch and downloads what it checks after one.
+// buf[i]) for the driver. The emulation: one allocation of exactly n elements, 256-byte aligned as cudaMalloc's
+// (ASan sees one past the end), host == ptr, upload() / download() do nothing. Real CUDA: cudaMalloc'd memory and a
+// host copy; the driver uploads what it filled before a launch and downloads what it checks after one.
 template <typename T>
 struct Buffer {
   unsigned char* raw = nullptr;
@@ -155,7 +156,7 @@ struct Buffer {
     const size_t lead = static_cast<size_t>(misaligned) * sizeof(T);
     const size_t bytes = lead + n * sizeof(T) + (n == 0);
 #if defined(BNFUSED_CUDA_EMULATION)
-    raw = static_cast<unsigned char*>(::operator new(bytes, std::align_val_t(16)));
+    raw = static_cast<unsigned char*>(::operator new(bytes, std::align_val_t(256)));
     ptr = host = reinterpret_cast<T*>(raw + lead);
 #else
     BNFUSED_CUDA_CHECK(cudaMalloc(&raw, bytes));  // 256-byte aligned
@@ -167,7 +168,7 @@ struct Buffer {
                                 n(o.n) {}
   ~Buffer() {
 #if defined(BNFUSED_CUDA_EMULATION)
-    ::operator delete(raw, std::align_val_t(16));
+    ::operator delete(raw, std::align_val_t(256));
 #else
     if (raw) cudaFree(raw);
     ::operator delete(host);
@@ -259,6 +260,7 @@ Buffer<unsigned>& counters() {
 unsigned* counters_for(const ReducePlan& plan) {
   if (plan.counter_elems() > counters().n) die("too many reduction counters");
   if (plan.splits > 1) ++g_split_reductions;
+  g_max_splits = std::max(g_max_splits, plan.splits);
   return plan.counter_elems() ? counters().ptr : nullptr;
 }
 void check_counters_reset(const ReducePlan& plan) {
@@ -311,25 +313,33 @@ AccSums<acc_t> acc_sums(const std::vector<double>& sg_ref, const std::vector<dou
   return a;
 }
 
-// What a run of kernels did: launches, Philox calls, elements moved by vector and by scalar accesses (the
-// emulation's counters; all 0 under real CUDA).
+// What a run of kernels did: launches, Philox calls, elements moved by vector and by scalar accesses, and the
+// split reductions' merge: partials loaded, 32-byte sectors of those loads, the longest chain of dependent merge
+// steps of one thread (the emulation's counters; all 0 under real CUDA).
 struct Counts {
   uint64_t launches, philox, vec, scalar;
+  uint64_t merge_elems = 0, merge_sectors = 0, merge_chain = 0;
   static Counts now() {
 #if defined(BNFUSED_CUDA_EMULATION)
     return {cuda_emu::launches.load(), cuda_emu::philox_calls.load(), cuda_emu::vector_elems.load(),
-            cuda_emu::scalar_elems.load()};
+            cuda_emu::scalar_elems.load(), cuda_emu::merge_elems.load(), cuda_emu::merge_sectors.load(),
+            cuda_emu::merge_chain.load()};
 #else
     return {0, 0, 0, 0};
 #endif
   }
+  // merge_chain is a maximum (measure() resets it), the others differences.
   Counts operator-(const Counts& o) const {
-    return {launches - o.launches, philox - o.philox, vec - o.vec, scalar - o.scalar};
+    return {launches - o.launches, philox - o.philox, vec - o.vec, scalar - o.scalar,
+            merge_elems - o.merge_elems, merge_sectors - o.merge_sectors, merge_chain};
   }
 };
 
 template <typename F>
 Counts measure(F run) {
+#if defined(BNFUSED_CUDA_EMULATION)
+  cuda_emu::merge_chain = 0;
+#endif
   const Counts before = Counts::now();
   run();
   return Counts::now() - before;
