@@ -15,6 +15,7 @@ from torch import nn
 
 import bnfused
 
+from .end_to_end import train_step
 from .measure import Timing, saved_bytes, time_interleaved
 from .models import real_models
 
@@ -46,17 +47,6 @@ class RealModelResult:
         return statistics.median(u / c for u, c in zip(self.unconverted.round_medians, self.converted.round_medians))
 
 
-def _train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor):
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(images), labels).backward()
-        opt.step()
-
-    return step
-
-
 def measure(name: str, device: torch.device, threads: int, *, quick: bool) -> RealModelResult | None:
     model = real_models.build(name)
     if model is None:
@@ -68,7 +58,7 @@ def measure(name: str, device: torch.device, threads: int, *, quick: bool) -> Re
     images = torch.randn(BATCH, 3, SIZE, SIZE, device=device)
     labels = torch.randint(0, CLASSES, (BATCH,), device=device)
     saved = [saved_bytes(lambda m=m: m(images)) for m in (model, converted)]
-    steps = [_train_step(model, images, labels), _train_step(converted, images, labels)]
+    steps = [train_step(model, images, labels), train_step(converted, images, labels)]
     for step in steps:  # warm-up: allocator, momentum buffers
         step()
     min_time, max_time, min_samples, rounds = (0.05, 0.5, 2, 2) if quick else (0.5, 3.0, 3, 5)
