@@ -10,17 +10,16 @@ from torch.autograd.function import once_differentiable
 
 from . import ops
 
-
 GlobalSums = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
 def input_grads(grad_out: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor],
                 bias: Optional[Tensor], key: Tensor, p: float, batch_stats: bool,
                 needs_input_grad: tuple[bool, bool, bool], keep_bits: Optional[Tensor] = None,
-                global_sums: Optional[GlobalSums] = None,
-                count: Optional[int] = None) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """(grad_input, grad_weight, grad_bias) of y = dropout(relu(bn(x))); None where not needed. keep_bits (CPU,
-    from ops.forward_keep_bits) replaces the key as the mask's source.
+                global_sums: Optional[GlobalSums] = None, count: Optional[int] = None,
+                act: tuple[int, float, float] = (1, 0.0, 0.0)) -> tuple[Optional[Tensor], ...]:
+    """(grad_input, grad_weight, grad_bias) of y = dropout(act(bn(x))); None where not needed. keep_bits (CPU,
+    from ops.forward_keep_bits) replaces the key as the mask's source; act is Activation.op_args.
 
     The one backward of this op family: the custom op's registered autograd, BNReLUDropoutFunction and
     SyncBNReLUDropoutFunction all call it (csrc/eager_function.cpp computes the same steps in C++, pinned to
@@ -31,13 +30,13 @@ def input_grads(grad_out: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight:
     grad_x = None
     sums = None
     if (need_x and batch_stats) or need_w or need_b:
-        sums = ops.backward_reduce(grad_out, x, mean, rstd, weight, bias, key, p, keep_bits)
+        sums = ops.backward_reduce(grad_out, x, mean, rstd, weight, bias, key, p, keep_bits, *act)
     if need_x:
         sum_g, sum_g_xhat = sums if batch_stats else (None, None)
         if sum_g is not None and global_sums is not None:
             sum_g, sum_g_xhat = global_sums(sum_g, sum_g_xhat)
         grad_x = ops.backward_input(grad_out, x, mean, rstd, weight, bias, key, p, sum_g, sum_g_xhat,
-                                    x.numel() // x.shape[1] if count is None else count, keep_bits)
+                                    x.numel() // x.shape[1] if count is None else count, keep_bits, *act)
     grad_w, grad_b = _param_grads(sums, weight.dtype if need_w and weight is not None else None,
                                   bias.dtype if need_b and bias is not None else None)
     return grad_x, grad_w, grad_b
@@ -55,18 +54,25 @@ def _param_grads(sums: Optional[tuple[Tensor, Tensor]], weight_dtype: Optional[t
     return cast(sums[1], weight_dtype), cast(sums[0], bias_dtype)
 
 
+def _act_args(rest: tuple) -> tuple[int, float, float]:
+    """The (act, act_alpha, act_beta) arguments that follow an op's fixed ones (their defaults: ReLU)."""
+    return tuple(rest) + (1, 0.0, 0.0)[len(rest):]
+
+
 def _setup_context(ctx, inputs, output, keep_bits=None):
-    x, mean, rstd, weight, bias, key, p, batch_stats = inputs
+    x, mean, rstd, weight, bias, key, p, batch_stats, *act = inputs
     ctx.save_for_backward(x, mean, rstd, weight, bias, key, keep_bits)
     ctx.p = p
     ctx.batch_stats = batch_stats
+    ctx.act = _act_args(act)
 
 
 def _backward(ctx, grad_out):
     x, mean, rstd, weight, bias, key, keep_bits = ctx.saved_tensors
     needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4])
-    gx, gw, gb = input_grads(grad_out, x, mean, rstd, weight, bias, key, ctx.p, ctx.batch_stats, needs, keep_bits)
-    return gx, None, None, gw, gb, None, None, None
+    gx, gw, gb = input_grads(grad_out, x, mean, rstd, weight, bias, key, ctx.p, ctx.batch_stats, needs, keep_bits,
+                             act=ctx.act)
+    return gx, None, None, gw, gb, None, None, None, None, None, None
 
 
 torch.library.register_autograd("bnfused::forward", _backward, setup_context=_setup_context)
@@ -95,7 +101,7 @@ def _saves_keep_bits(x: Tensor, p: float) -> bool:
 
 
 class BNReLUDropoutFunction(torch.autograd.Function):
-    r"""The raw autograd node: ``y = dropout(relu((x - mean) * rstd * weight + bias))`` with given statistics.
+    r"""The raw autograd node: ``y = dropout(act((x - mean) * rstd * weight + bias))`` with given statistics.
 
     For callers that compute or own the statistics themselves; :func:`bnfused.bn_relu_dropout` and the modules
     compute them and use this node's backward formula. ``mean`` and ``rstd`` are per-channel constants (no
@@ -114,6 +120,7 @@ class BNReLUDropoutFunction(torch.autograd.Function):
         key: int64[2] Philox (seed, offset) key on x's device, see :func:`bnfused.ops.philox_key`
         p: drop probability in [0, 1] (0: no dropout, the key is not read)
         batch_stats: whether mean / rstd are this batch's statistics
+        act, act_alpha, act_beta: the activation, ``bnfused.resolve_activation(...).op_args``. Default: ReLU
 
     Examples::
 
@@ -129,8 +136,8 @@ class BNReLUDropoutFunction(torch.autograd.Function):
 
     # forward(ctx, ...) rather than a separate setup_context: apply() then skips an inspect.signature bind per call.
     @staticmethod
-    def forward(ctx, x, mean, rstd, weight, bias, key, p, batch_stats):
-        inputs = (x, mean, rstd, weight, bias, key, p, batch_stats)
+    def forward(ctx, x, mean, rstd, weight, bias, key, p, batch_stats, act=1, act_alpha=0.0, act_beta=0.0):
+        inputs = (x, mean, rstd, weight, bias, key, p, batch_stats, act, act_alpha, act_beta)
         # Straight to the kernel: the op's own autograd wrapper (register_autograd, Python) would add ~50 us a call.
         with torch._C._AutoDispatchBelowAutograd():
             if _saves_keep_bits(x, p) and any(ctx.needs_input_grad):
@@ -152,8 +159,10 @@ def add_relu_grads(grad_out: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weig
                    bias_dtype: Optional[torch.dtype], pass_bits: Tensor, p: float, batch_stats: bool,
                    needs_input_grad: tuple[bool, bool, bool, bool], global_sums: Optional[GlobalSums] = None,
                    count: Optional[int] = None) -> tuple[Optional[Tensor], ...]:
-    """(grad_input, grad_residual, grad_weight, grad_bias) of y = dropout(relu(bn(x) + residual)); None where not
-    needed. The residual's gradient g = grad_out * pass / (1 - p) comes out of the input-gradient pass, which
+    """(grad_input, grad_residual, grad_weight, grad_bias) of y = dropout(act(bn(x) + residual)); None where not
+    needed. The pass bits hold the keep mask and the activation's gate (identity, relu, hardtanh), so the backward
+    is the same for every activation. The residual's gradient g = grad_out * pass / (1 - p) comes out of the
+    input-gradient pass, which
     reads grad_out, x and the pass bits once and writes both gradients.
 
     The one backward of the block tail (the ops' registered autograd, BNAddReLUDropoutFunction,
@@ -177,7 +186,7 @@ def add_relu_grads(grad_out: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weig
 
 
 def _add_setup_context(ctx, inputs, pass_bits):
-    x, residual, mean, rstd, weight, bias, key, p, batch_stats = inputs
+    x, residual, mean, rstd, weight, bias, key, p, batch_stats, *_act = inputs
     ctx.save_for_backward(x, mean, rstd, weight, pass_bits)
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.p = p
@@ -189,7 +198,7 @@ def _add_backward(ctx, grad_out):
     n = ctx.needs_input_grad
     gx, gr, gw, gb = add_relu_grads(grad_out, x, mean, rstd, weight, ctx.bias_dtype, pass_bits, ctx.p,
                                     ctx.batch_stats, (n[0], n[1], n[4], n[5]))
-    return gx, gr, None, None, gw, gb, None, None, None
+    return gx, gr, None, None, gw, gb, None, None, None, None, None, None
 
 
 def _add_setup_context_bits(ctx, inputs, output):
@@ -208,21 +217,23 @@ torch.library.register_autograd("bnfused::add_relu_forward_bits", _add_backward_
 def _add_setup_context_plain(ctx, inputs, output):
     # The raw add_relu_forward op, differentiated directly, has no pass bits: it keeps the residual and the key to
     # recompute them in the backward (the functional and the modules use add_relu_forward_bits instead).
-    x, residual, mean, rstd, weight, bias, key, p, batch_stats = inputs
+    x, residual, mean, rstd, weight, bias, key, p, batch_stats, *act = inputs
     ctx.save_for_backward(x, residual, mean, rstd, weight, bias, key)
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.p = p
     ctx.batch_stats = batch_stats
+    ctx.act = _act_args(act)
 
 
 def _add_backward_plain(ctx, grad_out):
     x, residual, mean, rstd, weight, bias, key = ctx.saved_tensors
     with torch.no_grad():
-        pass_bits = ops.add_relu_forward_bits(x, residual, mean, rstd, weight, bias, key, ctx.p, ctx.batch_stats)[1]
+        pass_bits = ops.add_relu_forward_bits(x, residual, mean, rstd, weight, bias, key, ctx.p, ctx.batch_stats,
+                                              *ctx.act)[1]
     n = ctx.needs_input_grad
     gx, gr, gw, gb = add_relu_grads(grad_out, x, mean, rstd, weight, ctx.bias_dtype, pass_bits, ctx.p,
                                     ctx.batch_stats, (n[0], n[1], n[4], n[5]))
-    return gx, gr, None, None, gw, gb, None, None, None
+    return gx, gr, None, None, gw, gb, None, None, None, None, None, None
 
 
 torch.library.register_autograd("bnfused::add_relu_forward", _add_backward_plain,
@@ -230,17 +241,18 @@ torch.library.register_autograd("bnfused::add_relu_forward", _add_backward_plain
 
 
 class BNAddReLUDropoutFunction(torch.autograd.Function):
-    """The raw autograd node of y = dropout(relu((x - mean) * rstd * weight + bias + residual)).
+    """The raw autograd node of y = dropout(act((x - mean) * rstd * weight + bias + residual)).
 
-    apply(x, residual, mean, rstd, weight, bias, key, p, batch_stats), arguments as BNReLUDropoutFunction's plus
-    the residual (x's shape, dtype and device). When any gradient is needed the forward also packs the pass bits
-    (keep AND bn(x) + residual > 0, 1 bit per element) and saves x, the per-channel tensors and those bits: not
-    the residual, not the key.
+    apply(x, residual, mean, rstd, weight, bias, key, p, batch_stats, act=1, act_alpha=0, act_beta=0), arguments
+    as BNReLUDropoutFunction's plus the residual (x's shape, dtype and device); act one whose derivative is 0 or 1
+    (identity, relu, hardtanh). When any gradient is needed the forward also packs the pass bits (keep AND
+    act'(bn(x) + residual) = 1, 1 bit per element) and saves x, the per-channel tensors and those bits: not the
+    residual, not the key.
     """
 
     @staticmethod
-    def forward(ctx, x, residual, mean, rstd, weight, bias, key, p, batch_stats):
-        inputs = (x, residual, mean, rstd, weight, bias, key, p, batch_stats)
+    def forward(ctx, x, residual, mean, rstd, weight, bias, key, p, batch_stats, act=1, act_alpha=0.0, act_beta=0.0):
+        inputs = (x, residual, mean, rstd, weight, bias, key, p, batch_stats, act, act_alpha, act_beta)
         with torch._C._AutoDispatchBelowAutograd():
             if any(ctx.needs_input_grad):
                 out, pass_bits = ops.add_relu_forward_bits(*inputs)

@@ -453,7 +453,7 @@ def convert_with_report(module: nn.Module, sync: bool = False,
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.1))
         >>> model, report = bnfused.convert_with_report(model)
         >>> report.num_fused, type(model[1]).__name__
-        (1, 'BatchNormReLUDropout2d')
+        (1, 'BatchNormActDropout2d')
     """
     return _convert(module, sync, process_group)
 

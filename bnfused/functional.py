@@ -1,10 +1,12 @@
-"""bn_relu_dropout(): the functional form, mirroring F.batch_norm plus dropout's p and generator.
+"""bn_act_dropout() and bn_add_act_dropout(): the functional forms, mirroring F.batch_norm plus the activation and
+dropout's p and generator (bn_relu_dropout() and bn_add_relu_dropout(): the same with ReLU).
 
 All argument checks run before any running statistic changes; errors have PyTorch's types and wording.
 """
 from __future__ import annotations
 
 import enum
+import functools
 import math
 import numbers
 from typing import Optional
@@ -13,6 +15,7 @@ import torch
 from torch import Tensor
 
 from . import _extension, ops
+from .activation import RELU, Activation, ActivationLike, resolve_activation
 from .autograd import BNAddReLUDropoutFunction, BNReLUDropoutFunction, _saves_keep_bits  # (registers autograd)
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -151,11 +154,11 @@ def _batch_norm_param_dtype(input: Tensor, running_mean: Optional[Tensor], runni
     return dtype if params <= {dtype, input.dtype} else None
 
 
-def _unfused_batch_norm_relu(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                             weight: Optional[Tensor], bias: Optional[Tensor], training: bool, momentum: float,
-                             eps: float, residual: Optional[Tensor] = None) -> Optional[Tensor]:
-    """relu(F.batch_norm(...) (+ residual)): what a block compiles to without dropout (eval, p = 0). It is the
-    graph the unfused model traces to, so inductor fuses the normalization and the ReLU with the neighbouring
+def _unfused_batch_norm_act(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                            weight: Optional[Tensor], bias: Optional[Tensor], training: bool, momentum: float,
+                            eps: float, residual: Optional[Tensor] = None, act: Activation = RELU) -> Optional[Tensor]:
+    """act(F.batch_norm(...) (+ residual)): what a block compiles to without dropout (eval, p = 0). It is the
+    graph the unfused model traces to, so inductor fuses the normalization and the activation with the neighbouring
     ops (their reductions and pointwise passes) and generates the backward, where the opaque fused op would cost
     passes of its own; without dropout the fused kernels have no mask to save either. None where F.batch_norm
     cannot take the parameter dtypes (the caller keeps the fused op)."""
@@ -165,7 +168,7 @@ def _unfused_batch_norm_relu(input: Tensor, running_mean: Optional[Tensor], runn
     weight = weight if weight is None or weight.dtype == param_dtype else weight.to(param_dtype)
     bias = bias if bias is None or bias.dtype == param_dtype else bias.to(param_dtype)
     z = torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    return torch.relu(z if residual is None else z + residual)
+    return act(z if residual is None else z + residual)
 
 
 def _statistics(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool,
@@ -185,8 +188,10 @@ class Route(enum.Enum):
     route         when (checked in this order)                           what runs
     ============  =====================================================  ===========================================
     EMPTY         the input has no elements                              torch.batch_norm's empty result, no kernel
-    MIXED_DTYPE   block tail, residual of another dtype (autocast)       F.batch_norm + promoted add + relu + mask
-    UNFUSED       torch.compile (not export) and no dropout              relu(F.batch_norm(...) (+ residual)), which
+    COMPOSITE     block tail with a residual of another dtype            F.batch_norm + promoted add + act + the
+                  (autocast) or an activation whose derivative is        keyed mask (the fused tail's pass bits hold
+                  not 0 or 1 (SiLU, GELU, ...)                           a 0/1 gate only)
+    UNFUSED       torch.compile (not export) and no dropout              act(F.batch_norm(...) (+ residual)), which
                                                                          inductor fuses with its neighbours
                   torch.onnx.export (_onnx_exporting)                    the same, then F.dropout if p > 0: what
                                                                          the unfused layers export to
@@ -197,12 +202,12 @@ class Route(enum.Enum):
     FUNCTION      eager otherwise (CUDA, tensor subclasses, modes)       the ops under a torch.autograd.Function
     ============  =====================================================  ===========================================
 
-    Every route but EMPTY and MIXED_DTYPE computes the same result (UNFUSED up to inductor's rounding); UNFUSED falls
+    Every route but EMPTY and COMPOSITE computes the same result (UNFUSED up to inductor's rounding); UNFUSED falls
     back to CUSTOM_OP where F.batch_norm cannot take the parameter dtypes. The backward of every fused route is
     autograd.input_grads / autograd.add_relu_grads (or its C++ twin on EAGER_CPP).
     """
     EMPTY = "empty"
-    MIXED_DTYPE = "mixed dtype"
+    COMPOSITE = "composite"
     UNFUSED = "unfused"
     EAGER_CPP = "eager C++"
     CUSTOM_OP = "custom op"
@@ -211,17 +216,17 @@ class Route(enum.Enum):
 
 # The members as module globals: an Enum member access costs ~70 ns (EnumType.__getattr__), a global ~15 ns, and the
 # eager CPU call compares a route up to four times.
-_EMPTY, _MIXED_DTYPE, _UNFUSED = Route.EMPTY, Route.MIXED_DTYPE, Route.UNFUSED
+_EMPTY, _COMPOSITE, _UNFUSED = Route.EMPTY, Route.COMPOSITE, Route.UNFUSED
 _EAGER_CPP, _CUSTOM_OP, _FUNCTION = Route.EAGER_CPP, Route.CUSTOM_OP, Route.FUNCTION
 
 
-def _route(input: Tensor, p: float, residual: Optional[Tensor] = None) -> Route:
+def _route(input: Tensor, p: float, residual: Optional[Tensor] = None, act: Activation = RELU) -> Route:
     """The route of one call (table in Route); p is the effective drop probability (0 outside dropout training).
     Written for the eager CPU call, which small layers make thousands of times a step: each mode flag is read once."""
     if input.numel() == 0:
         return _EMPTY
-    if residual is not None and residual.dtype != input.dtype:
-        return _MIXED_DTYPE
+    if residual is not None and (residual.dtype != input.dtype or not act.has_gate_bits):
+        return _COMPOSITE
     compiling = torch.compiler.is_compiling()
     if _onnx_exporting(compiling):
         return _UNFUSED
@@ -237,26 +242,30 @@ def _placeholder_key(input: Tensor) -> Tensor:
     return torch.zeros(2, dtype=torch.int64, device=input.device)
 
 
-def bn_relu_dropout_unchecked(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                              weight: Optional[Tensor], bias: Optional[Tensor], training: bool, momentum: float,
-                              eps: float, p: float, generator: Optional[torch.Generator] = None,
-                              seed: Optional[int] = None, dropout_training: Optional[bool] = None) -> Tensor:
-    """bn_relu_dropout() after check_inputs(): the module calls this once its own checks have run."""
+def bn_act_dropout_unchecked(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                             weight: Optional[Tensor], bias: Optional[Tensor], training: bool, momentum: float,
+                             eps: float, p: float, generator: Optional[torch.Generator] = None,
+                             seed: Optional[int] = None, dropout_training: Optional[bool] = None,
+                             act: Activation = RELU) -> Tensor:
+    """bn_act_dropout() after check_inputs(), act resolved: the modules call this once their own checks have run."""
     p = float(p) if (training if dropout_training is None else dropout_training) else 0.0  # dropout's own mode
     route = _route(input, p)
     if route is _EMPTY:
-        return _empty_batch(input, weight, bias)
+        return act(_empty_batch(input, weight, bias))
     if route is _UNFUSED:
-        out = _unfused_batch_norm_relu(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        out = _unfused_batch_norm_act(input, running_mean, running_var, weight, bias, training, momentum, eps, None,
+                                      act)
         if out is not None:
             return out if p == 0.0 else torch.nn.functional.dropout(out, p)  # p > 0: ONNX export only
         route = _CUSTOM_OP
     key = ops.philox_key(input.device, generator, seed) if p > 0.0 else None
+    act_args = act.op_args
     if route is _EAGER_CPP:
         return _extension._C.bn_relu_dropout_eager(input, running_mean, running_var, weight, bias, bool(training),
-                                                   float(momentum), float(eps), p, key)
+                                                   float(momentum), float(eps), p, key, *act_args)
     mean, rstd = _statistics(input, running_mean, running_var, training, momentum, eps)
-    args = (input, mean, rstd, weight, bias, _placeholder_key(input) if key is None else key, p, bool(training))
+    args = (input, mean, rstd, weight, bias, _placeholder_key(input) if key is None else key, p, bool(training),
+            *act_args)
     if route is _CUSTOM_OP:
         if _saves_keep_bits(input, p) and torch.is_grad_enabled():
             return ops.forward_keep_bits(*args)[0]  # its registered autograd saves the bits for backward
@@ -264,20 +273,38 @@ def bn_relu_dropout_unchecked(input: Tensor, running_mean: Optional[Tensor], run
     return BNReLUDropoutFunction.apply(*args)
 
 
-def bn_relu_dropout(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                    weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False,
-                    momentum: float = 0.1, eps: float = 1e-5, p: float = 0.5,
-                    generator: Optional[torch.Generator] = None, *, seed: Optional[int] = None,
-                    dropout_training: Optional[bool] = None) -> Tensor:
-    r"""Fused ``F.dropout(F.relu(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
+bn_relu_dropout_unchecked = bn_act_dropout_unchecked  # act defaults to ReLU
+
+
+@functools.lru_cache(maxsize=64)
+def _resolve_name(name: str) -> Activation:
+    return resolve_activation(name)
+
+
+def _resolve(act: ActivationLike, act_kwargs: Optional[dict]) -> Activation:
+    """resolve_activation, with a name's Activation made once (a functional call per layer and step)."""
+    if isinstance(act, Activation) and not act_kwargs:
+        return act
+    if isinstance(act, str) and not act_kwargs:
+        return _resolve_name(act)
+    return resolve_activation(act, act_kwargs)
+
+
+def bn_act_dropout(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                   weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False,
+                   momentum: float = 0.1, eps: float = 1e-5, p: float = 0.5,
+                   generator: Optional[torch.Generator] = None, *, act: ActivationLike = "relu",
+                   act_kwargs: Optional[dict] = None, seed: Optional[int] = None,
+                   dropout_training: Optional[bool] = None) -> Tensor:
+    r"""Fused ``F.dropout(act(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
     eps)), p, training)``.
 
     ``training`` has :func:`torch.nn.functional.batch_norm`'s meaning: normalise with the batch's statistics and
     update ``running_mean`` / ``running_var`` in place when they are given (``running_var`` with the unbiased
     variance); with ``training=False`` the running statistics are used. Dropout is applied when
     ``dropout_training`` (default: ``training``) is true and ``p > 0``; kept elements are scaled by
-    :math:`1/(1-p)`. The ReLU passes NaN and ``-0.0`` through like ``torch.relu``; float16 / bfloat16 results are
-    the float32 computation rounded once.
+    :math:`1/(1-p)`. The activation is PyTorch's, gradient at its kinks and NaN included (ReLU passes NaN and
+    ``-0.0`` through like ``torch.relu``); float16 / bfloat16 results are the float32 computation rounded once.
 
     The dropout mask is Philox4x32-10 keyed by an int64 (seed, offset) pair and the element's logical index, so it
     does not depend on memory layout or device. The pair is drawn from ``generator`` (the input device's default
@@ -297,6 +324,12 @@ def bn_relu_dropout(input: Tensor, running_mean: Optional[Tensor], running_var: 
         eps: added to the variance; must be positive and finite. Default: 1e-5
         p: probability of an element to be zeroed, in [0, 1]. Default: 0.5
         generator: ``torch.Generator`` on the input's device to draw the dropout key from. Default: ``None``
+        act (keyword-only): the activation, as :func:`bnfused.resolve_activation` takes it: a name
+            (``"relu"``, ``"relu6"``, ``"hardtanh"``, ``"leaky_relu"``, ``"silu"``, ``"hardswish"``, ``"gelu"``,
+            ``"gelu_tanh"``, ``"elu"``, ``"mish"``, ``"identity"``), a torch.nn activation class or instance
+            (``nn.LeakyReLU(0.2)``), a functional (``F.silu``) or ``None`` (identity). Default: ``"relu"``
+        act_kwargs (keyword-only): constructor arguments for a name or class (``dict(negative_slope=0.2)``).
+            Default: ``None``
         seed (keyword-only): draw no key, use ``(seed, 0)``; an int of at most 64 bits. Default: ``None``
         dropout_training (keyword-only): whether dropout is active, independently of ``training``.
             Default: ``None`` (= ``training``)
@@ -313,27 +346,49 @@ def bn_relu_dropout(input: Tensor, running_mean: Optional[Tensor], running_var: 
 
         >>> x = torch.randn(16, 8, 5, 5)
         >>> running_mean, running_var = torch.zeros(8), torch.ones(8)
-        >>> y = bnfused.bn_relu_dropout(x, running_mean, running_var, training=True, momentum=0.1, p=0.25)
-        >>> bool((y >= 0).all()), bool(running_mean.any())
-        (True, True)
+        >>> y = bnfused.bn_act_dropout(x, running_mean, running_var, training=True, momentum=0.1, p=0.25, act="silu")
+        >>> bool(running_mean.any())
+        True
         >>> # without dropout it is the unfused chain
-        >>> ref = F.relu(F.batch_norm(x, None, None, training=True))
-        >>> torch.allclose(bnfused.bn_relu_dropout(x, None, None, training=True, p=0.0), ref, atol=1e-5)
+        >>> ref = F.silu(F.batch_norm(x, None, None, training=True))
+        >>> y = bnfused.bn_act_dropout(x, None, None, training=True, p=0.0, act=nn.SiLU)
+        >>> torch.allclose(y, ref, atol=1e-5)
         True
         >>> # a seed gives the same mask on every call (and on every device)
-        >>> a = bnfused.bn_relu_dropout(x, None, None, training=True, p=0.5, seed=1234)
-        >>> b = bnfused.bn_relu_dropout(x, None, None, training=True, p=0.5, seed=1234)
+        >>> a = bnfused.bn_act_dropout(x, None, None, training=True, p=0.5, seed=1234, act="relu6")
+        >>> b = bnfused.bn_act_dropout(x, None, None, training=True, p=0.5, seed=1234, act="relu6")
         >>> torch.equal(a, b)
         True
     """
+    activation = _resolve(act, act_kwargs)
+    check_inputs(input, running_mean, running_var, weight, bias, training, momentum, eps, p, "bn_act_dropout")
+    return bn_act_dropout_unchecked(input, running_mean, running_var, weight, bias, training, momentum, eps, p,
+                                    generator, seed, dropout_training, activation)
+
+
+def bn_relu_dropout(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                    weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False,
+                    momentum: float = 0.1, eps: float = 1e-5, p: float = 0.5,
+                    generator: Optional[torch.Generator] = None, *, seed: Optional[int] = None,
+                    dropout_training: Optional[bool] = None) -> Tensor:
+    r"""Fused ``F.dropout(F.relu(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
+    eps)), p, training)``: :func:`bn_act_dropout` with ``act="relu"`` (arguments, checks and dropout mask as there).
+
+    Examples::
+
+        >>> x = torch.randn(16, 8, 5, 5)
+        >>> y = bnfused.bn_relu_dropout(x, torch.zeros(8), torch.ones(8), training=True, p=0.25)
+        >>> bool((y >= 0).all())
+        True
+    """
     check_inputs(input, running_mean, running_var, weight, bias, training, momentum, eps, p)
-    return bn_relu_dropout_unchecked(input, running_mean, running_var, weight, bias, training, momentum, eps, p,
-                                     generator, seed, dropout_training)
+    return bn_act_dropout_unchecked(input, running_mean, running_var, weight, bias, training, momentum, eps, p,
+                                    generator, seed, dropout_training)
 
 
 def check_residual(input: Tensor, residual: Tensor) -> None:
-    """The residual of bn_add_relu_dropout: input's shape (no broadcasting) and device, as RuntimeError. Its dtype
-    may differ (torch's type promotion, see _mixed_dtype_add_relu_dropout)."""
+    """The residual of bn_add_act_dropout: input's shape (no broadcasting) and device, as RuntimeError. Its dtype
+    may differ (torch's type promotion, see _composite_add_act_dropout)."""
     if not isinstance(residual, Tensor):
         raise TypeError(f"bn_add_relu_dropout(): residual must be a Tensor, got {type(residual).__name__}")
     if residual.shape != input.shape:
@@ -344,18 +399,21 @@ def check_residual(input: Tensor, residual: Tensor) -> None:
                            f"input is on {input.device}")
 
 
-def _mixed_dtype_add_relu_dropout(input: Tensor, residual: Tensor, running_mean: Optional[Tensor],
-                                  running_var: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
-                                  training: bool, momentum: float, eps: float, p: float,
-                                  generator: Optional[torch.Generator], seed: Optional[int]) -> Tensor:
-    """A residual of another dtype than the input (under autocast, a float32 skip connection around a bfloat16
-    branch): the unfused layers' result, bn(input) rounded to the input's dtype and the sum in torch's promoted
-    dtype, with the fused modules' dropout mask. The fused kernels take one dtype, so this path runs F.batch_norm
-    and pointwise ops (running statistics updated by F.batch_norm, as the unfused layer updates them)."""
-    out = _unfused_batch_norm_relu(input, running_mean, running_var, weight, bias, training, momentum, eps, residual)
+def _composite_add_act_dropout(input: Tensor, residual: Tensor, running_mean: Optional[Tensor],
+                               running_var: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                               training: bool, momentum: float, eps: float, p: float,
+                               generator: Optional[torch.Generator], seed: Optional[int], act: Activation) -> Tensor:
+    """The block tail where the fused kernels do not apply: a residual of another dtype than the input (under
+    autocast, a float32 skip connection around a bfloat16 branch: bn(input) rounded to the input's dtype and the sum
+    in torch's promoted dtype), or an activation whose gradient is not a 0/1 gate (the tail's pass bits hold no
+    more). The unfused layers' result from F.batch_norm and pointwise ops (running statistics updated by
+    F.batch_norm, as the unfused layer updates them), with the fused modules' dropout mask."""
+    out = _unfused_batch_norm_act(input, running_mean, running_var, weight, bias, training, momentum, eps, residual,
+                                  act)
     if out is None:
-        raise RuntimeError(f"bn_add_relu_dropout(): residual is {residual.dtype} but input is {input.dtype}, and "
-                           "F.batch_norm cannot take these parameter dtypes; give the residual the input's dtype")
+        raise RuntimeError(f"bn_add_act_dropout(): F.batch_norm cannot take these parameter dtypes (residual "
+                           f"{residual.dtype}, input {input.dtype}, activation {act}); give the residual the input's "
+                           "dtype and use identity, relu or hardtanh")
     if p == 0.0:
         return out
     if p >= 1.0:
@@ -364,37 +422,85 @@ def _mixed_dtype_add_relu_dropout(input: Tensor, residual: Tensor, running_mean:
     return out * (keep.to(out.dtype) * (1.0 / (1.0 - p)))
 
 
-def bn_add_relu_dropout_unchecked(input: Tensor, residual: Tensor, running_mean: Optional[Tensor],
-                                  running_var: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
-                                  training: bool, momentum: float, eps: float, p: float,
-                                  generator: Optional[torch.Generator] = None, seed: Optional[int] = None,
-                                  dropout_training: Optional[bool] = None) -> Tensor:
-    """bn_add_relu_dropout() after check_inputs() and check_residual() (the modules' path)."""
+def bn_add_act_dropout_unchecked(input: Tensor, residual: Tensor, running_mean: Optional[Tensor],
+                                 running_var: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                                 training: bool, momentum: float, eps: float, p: float,
+                                 generator: Optional[torch.Generator] = None, seed: Optional[int] = None,
+                                 dropout_training: Optional[bool] = None, act: Activation = RELU) -> Tensor:
+    """bn_add_act_dropout() after check_inputs() and check_residual(), act resolved (the modules' path)."""
     p = float(p) if (training if dropout_training is None else dropout_training) else 0.0  # dropout's own mode
-    route = _route(input, p, residual)
+    route = _route(input, p, residual, act)
     if route is _EMPTY:
-        return torch.relu(_empty_batch(input, weight, bias) + residual)
-    if route is _MIXED_DTYPE:
-        return _mixed_dtype_add_relu_dropout(input, residual, running_mean, running_var, weight, bias, training,
-                                             momentum, eps, p, generator, seed)
+        return act(_empty_batch(input, weight, bias) + residual)
+    if route is _COMPOSITE:
+        return _composite_add_act_dropout(input, residual, running_mean, running_var, weight, bias, training,
+                                          momentum, eps, p, generator, seed, act)
     if route is _UNFUSED:
-        out = _unfused_batch_norm_relu(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                                       residual)
+        out = _unfused_batch_norm_act(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                                      residual, act)
         if out is not None:
             return out if p == 0.0 else torch.nn.functional.dropout(out, p)  # p > 0: ONNX export only
         route = _CUSTOM_OP
     key = ops.philox_key(input.device, generator, seed) if p > 0.0 else None
+    act_args = act.op_args
     if route is _EAGER_CPP:
         return _extension._C.bn_add_relu_dropout_eager(input, residual, running_mean, running_var, weight, bias,
-                                                       bool(training), float(momentum), float(eps), p, key)
+                                                       bool(training), float(momentum), float(eps), p, key, *act_args)
     mean, rstd = _statistics(input, running_mean, running_var, training, momentum, eps)
     args = (input, residual, mean, rstd, weight, bias, _placeholder_key(input) if key is None else key, p,
-            bool(training))
+            bool(training), *act_args)
     if route is _CUSTOM_OP:
         if torch.is_grad_enabled():
             return ops.add_relu_forward_bits(*args)[0]  # its registered autograd saves the pass bits
         return ops.add_relu_forward(*args)
     return BNAddReLUDropoutFunction.apply(*args)
+
+
+bn_add_relu_dropout_unchecked = bn_add_act_dropout_unchecked  # act defaults to ReLU
+
+
+def bn_add_act_dropout(input: Tensor, residual: Tensor, running_mean: Optional[Tensor],
+                       running_var: Optional[Tensor], weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                       training: bool = False, momentum: float = 0.1, eps: float = 1e-5, p: float = 0.0,
+                       generator: Optional[torch.Generator] = None, *, act: ActivationLike = "relu",
+                       act_kwargs: Optional[dict] = None, seed: Optional[int] = None,
+                       dropout_training: Optional[bool] = None) -> Tensor:
+    r"""Fused ``F.dropout(act(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
+    eps) + residual), p, training)``: the tail of a ResNet block (cuDNN's and Apex's bn_add_relu) plus dropout.
+
+    Arguments, checks, errors and the dropout mask are :func:`bn_act_dropout`'s (for the same ``seed`` the keep
+    mask is the same), with ``p`` defaulting to 0. For identity, ReLU and Hardtanh/ReLU6 (a derivative of 0 or
+    1) the tail is fused: the residual's gradient is ``grad * keep / (1 - p) * act'(bn(input) + residual)`` and
+    autograd saves the input, per-channel statistics and 1 bit per element, not the residual. Other activations
+    are computed by F.batch_norm and pointwise ops with the same dropout mask. float16 / bfloat16 results are the
+    float32 computation rounded once.
+
+    Args:
+        input: :math:`(N, C, *)` float32, float64, float16 or bfloat16 tensor
+        residual: tensor of the input's shape and device (``RuntimeError`` otherwise), any memory format. Of
+            another dtype (autocast: a float32 skip connection around a bfloat16 branch) the result is the unfused
+            layers': ``bn(input)`` in the input's dtype, the sum and output in torch's promoted dtype, computed by
+            F.batch_norm and pointwise ops instead of the fused kernels (same dropout mask)
+        running_mean, running_var, weight, bias, training, momentum, eps, generator, act, act_kwargs, seed,
+            dropout_training: as for :func:`bn_act_dropout`
+        p: probability of an element to be zeroed, in [0, 1]. Default: 0.0
+
+    Returns:
+        Tensor of the input's shape and dtype (promoted with the residual's), in the input's memory format.
+
+    Examples::
+
+        >>> x, identity = torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5)
+        >>> y = bnfused.bn_add_act_dropout(x, identity, None, None, training=True, act="relu6")
+        >>> ref = F.relu6(F.batch_norm(x, None, None, training=True) + identity)
+        >>> torch.allclose(y, ref, atol=1e-5)
+        True
+    """
+    activation = _resolve(act, act_kwargs)
+    check_inputs(input, running_mean, running_var, weight, bias, training, momentum, eps, p, "bn_add_act_dropout")
+    check_residual(input, residual)
+    return bn_add_act_dropout_unchecked(input, residual, running_mean, running_var, weight, bias, training,
+                                        momentum, eps, p, generator, seed, dropout_training, activation)
 
 
 def bn_add_relu_dropout(input: Tensor, residual: Tensor, running_mean: Optional[Tensor],
@@ -403,26 +509,7 @@ def bn_add_relu_dropout(input: Tensor, residual: Tensor, running_mean: Optional[
                         generator: Optional[torch.Generator] = None, *, seed: Optional[int] = None,
                         dropout_training: Optional[bool] = None) -> Tensor:
     r"""Fused ``F.dropout(F.relu(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
-    eps) + residual), p, training)``: the tail of a ResNet block (cuDNN's and Apex's bn_add_relu) plus dropout.
-
-    Arguments, checks, errors and the dropout mask are :func:`bn_relu_dropout`'s (for the same ``seed`` the keep
-    mask is the same), with ``p`` defaulting to 0. The residual's gradient is
-    ``grad * keep / (1 - p) * [bn(input) + residual > 0]``; autograd saves the input, per-channel statistics and
-    1 bit per element, not the residual. The ReLU passes NaN and ``-0.0`` through like ``torch.relu``; float16 /
-    bfloat16 results are the float32 computation rounded once.
-
-    Args:
-        input: :math:`(N, C, *)` float32, float64, float16 or bfloat16 tensor
-        residual: tensor of the input's shape and device (``RuntimeError`` otherwise), any memory format. Of
-            another dtype (autocast: a float32 skip connection around a bfloat16 branch) the result is the unfused
-            layers': ``bn(input)`` in the input's dtype, the sum and output in torch's promoted dtype, computed by
-            F.batch_norm and pointwise ops instead of the fused kernels (same dropout mask)
-        running_mean, running_var, weight, bias, training, momentum, eps, generator, seed, dropout_training: as for
-            :func:`bn_relu_dropout`
-        p: probability of an element to be zeroed, in [0, 1]. Default: 0.0
-
-    Returns:
-        Tensor of the input's shape and dtype (promoted with the residual's), in the input's memory format.
+    eps) + residual), p, training)``: :func:`bn_add_act_dropout` with ``act="relu"``.
 
     Examples::
 
@@ -434,5 +521,5 @@ def bn_add_relu_dropout(input: Tensor, residual: Tensor, running_mean: Optional[
     """
     check_inputs(input, running_mean, running_var, weight, bias, training, momentum, eps, p, "bn_add_relu_dropout")
     check_residual(input, residual)
-    return bn_add_relu_dropout_unchecked(input, residual, running_mean, running_var, weight, bias, training,
-                                         momentum, eps, p, generator, seed, dropout_training)
+    return bn_add_act_dropout_unchecked(input, residual, running_mean, running_var, weight, bias, training,
+                                        momentum, eps, p, generator, seed, dropout_training)

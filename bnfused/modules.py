@@ -1,4 +1,6 @@
-"""BatchNormReLUDropout1d/2d/3d: drop-in nn.BatchNormXd followed by ReLU and Dropout(p), fused.
+"""BatchNormActDropout1d/2d/3d: drop-in nn.BatchNormXd followed by an activation (ReLU by default) and Dropout(p),
+fused; BatchNormAddAct1d/2d/3d: the ResNet block tail, BN + residual -> activation (-> Dropout). The ReLU names
+(BatchNormReLUDropoutXd, BatchNormAddReLUXd) are the same classes.
 
 They subclass torch.nn.modules.batchnorm._BatchNorm, so parameters, buffers, state_dict keys,
 reset_parameters, momentum=None (cumulative average) and train()/eval() behave exactly like nn.BatchNormXd.
@@ -12,6 +14,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import functional
+from .activation import ActivationLike, resolve_activation
 
 _BUFFERS = frozenset(("running_mean", "running_var", "num_batches_tracked"))
 _MISSING = object()
@@ -23,11 +26,16 @@ class _BatchNormReLUDropout(_BatchNorm):
     _expected_dims: tuple[int, ...] = ()
     # The unfused layer each dimension-specific module replaces (None: any, as nn.SyncBatchNorm).
     _replaces: type[_BatchNorm] | None = None
-    _op = "bn_relu_dropout"  # the functional named in error messages
+    _ops = ("bn_relu_dropout", "bn_act_dropout")  # the functional named in error messages: ReLU's, or the general
+
+    @property
+    def _op(self) -> str:
+        return self._ops[0] if self.activation.kind == "relu" else self._ops[1]
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, *, p: float = 0.5,
-                 bias: bool = True) -> None:
+                 bias: bool = True, act: ActivationLike = "relu", act_kwargs: dict | None = None) -> None:
+        activation = resolve_activation(act, act_kwargs)
         functional.check_p(p)
         functional.check_eps(eps)
         if momentum is not None:  # None: cumulative moving average, as nn.BatchNormXd
@@ -40,10 +48,12 @@ class _BatchNormReLUDropout(_BatchNorm):
         extra = {} if bias else {"bias": False}
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **extra)
         self.p = float(p)
+        self.activation = activation  # a bnfused.Activation: not a submodule, not in the state_dict
 
     @classmethod
     def from_batchnorm(cls, bn: _BatchNorm, p: float = 0.0, **kwargs):
-        """The fused module for ``bn`` followed by ReLU (and Dropout(p)), sharing bn's state: the same Parameter
+        """The fused module for ``bn`` followed by the activation (``act=``, default ReLU, in kwargs) and
+        Dropout(p), sharing bn's state: the same Parameter
         and buffer objects (an optimizer, a parameter hook or DDP built on bn keeps working on the fused module),
         bn's eps, momentum, affine, track_running_stats and train/eval mode. Module hooks are not carried over
         (as nn.SyncBatchNorm.convert_sync_batchnorm). ``bn`` is any BatchNorm module (nn.BatchNormXd of the
@@ -81,14 +91,15 @@ class _BatchNormReLUDropout(_BatchNorm):
             raise ValueError(f"expected {dims} input (got {input.dim()}D input)")
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", p={self.p}"
+        return super().extra_repr() + f", act={self.activation}, p={self.p}"
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         weight, bias = self._tensor("weight"), self._tensor("bias")
         running_mean, running_var, bn_training, factor = self._batch_norm_step(input, weight, bias)
-        return functional.bn_relu_dropout_unchecked(input, running_mean, running_var, weight, bias, bn_training,
-                                                    factor, self.eps, self.p, dropout_training=self.training)
+        return functional.bn_act_dropout_unchecked(input, running_mean, running_var, weight, bias, bn_training,
+                                                   factor, self.eps, self.p, dropout_training=self.training,
+                                                   act=self.activation)
 
     def _tensor(self, name: str) -> Tensor | None:
         """self.<name> for a parameter or buffer, read from its dict: ``self.weight`` goes through
@@ -119,25 +130,27 @@ class _BatchNormReLUDropout(_BatchNorm):
         return running_mean, running_var, bn_training, exponential_average_factor
 
 
-_MODULE_DOC = r"""Applies Batch Normalization, ReLU and Dropout over a {dims} input with fused kernels.
+_MODULE_DOC = r"""Applies Batch Normalization, an activation (ReLU by default) and Dropout over a {dims} input with
+    fused kernels.
 
     Computes, per channel, in two passes over memory for the training forward (statistics, then the rest) and
     two for the backward,
 
     .. math::
 
-        y = \mathrm{{Dropout}}_p\left(\max\left(0,
+        y = \mathrm{{Dropout}}_p\left(\mathrm{{act}}\left(
             \frac{{x - \mathrm{{E}}[x]}}{{\sqrt{{\mathrm{{Var}}[x] + \epsilon}}}} * \gamma + \beta\right)\right)
 
-    with the semantics of ``nn.Sequential(nn.{bn}(...), nn.ReLU(), nn.Dropout(p))``: in training, batch mean and
+    with the semantics of ``nn.Sequential(nn.{bn}(...), act, nn.Dropout(p))``: in training, batch mean and
     biased variance normalise the input and update :attr:`running_mean` / :attr:`running_var` (the latter with
     the unbiased variance), :attr:`num_batches_tracked` counts the steps and kept elements are scaled by
     :math:`1/(1-p)`; in eval mode the running statistics are used and dropout is the identity. With
     ``track_running_stats=False`` batch statistics are used in both modes. Parameters, buffers, ``state_dict``
     keys, ``reset_parameters`` and ``momentum=None`` are those of ``nn.{bn}``, so ``load_state_dict`` works both
     ways between the two. Statistics accumulate in float32 (float64 for float64 input); float16 / bfloat16
-    results are the float32 computation rounded once. The ReLU passes NaN and ``-0.0`` through like
-    ``torch.relu``.
+    results are the float32 computation rounded once. The activation is PyTorch's, its gradient at the kinks and
+    for NaN included (ReLU passes NaN and ``-0.0`` through like ``torch.relu``); it is not part of the
+    ``state_dict``.
 
     Differences from the unfused layers:
 
@@ -170,6 +183,11 @@ _MODULE_DOC = r"""Applies Batch Normalization, ReLU and Dropout over a {dims} in
         p (keyword-only): probability of an element to be zeroed in training. Default: 0.5
         bias (keyword-only): with ``affine=True`` and ``bias=False`` the module has a weight but no bias.
             Default: ``True``
+        act (keyword-only): the activation, as timm's ``BatchNormAct2d`` takes it: a name (``"relu"``,
+            ``"relu6"``, ``"hardtanh"``, ``"leaky_relu"``, ``"silu"``, ``"hardswish"``, ``"gelu"``,
+            ``"gelu_tanh"``, ``"elu"``, ``"mish"``, ``"identity"``), a torch.nn activation class or instance
+            (``nn.LeakyReLU(0.1)``), a functional, or ``None`` (identity). Default: ``"relu"``
+        act_kwargs (keyword-only): constructor arguments for a name or class. Default: ``None``
 
     Shape:
         - Input: {shape}{layouts}
@@ -181,7 +199,7 @@ _MODULE_DOC = r"""Applies Batch Normalization, ReLU and Dropout over a {dims} in
     """
 
 
-class BatchNormReLUDropout1d(_BatchNormReLUDropout):
+class BatchNormActDropout1d(_BatchNormReLUDropout):
     __doc__ = _MODULE_DOC.format(
         dims="2D or 3D", bn="BatchNorm1d", shape=r":math:`(N, C)` or :math:`(N, C, L)`", layouts="",
         example="""\
@@ -200,11 +218,11 @@ class BatchNormReLUDropout1d(_BatchNormReLUDropout):
     _replaces = nn.BatchNorm1d
 
 
-class BatchNormReLUDropout2d(_BatchNormReLUDropout):
+class BatchNormActDropout2d(_BatchNormReLUDropout):
     __doc__ = _MODULE_DOC.format(
         dims="4D", bn="BatchNorm2d", shape=r":math:`(N, C, H, W)`", layouts=", contiguous or channels_last",
         example="""\
-        >>> block = bnfused.BatchNormReLUDropout2d(64, p=0.1)
+        >>> block = bnfused.BatchNormActDropout2d(64, p=0.1, act="silu")
         >>> x = torch.randn(8, 64, 14, 14).to(memory_format=torch.channels_last)
         >>> y = block(x)
         >>> y.shape, y.is_contiguous(memory_format=torch.channels_last)
@@ -217,7 +235,7 @@ class BatchNormReLUDropout2d(_BatchNormReLUDropout):
     _replaces = nn.BatchNorm2d
 
 
-class BatchNormReLUDropout3d(_BatchNormReLUDropout):
+class BatchNormActDropout3d(_BatchNormReLUDropout):
     __doc__ = _MODULE_DOC.format(
         dims="5D", bn="BatchNorm3d", shape=r":math:`(N, C, D, H, W)`", layouts=", contiguous or channels_last_3d",
         example="""\
@@ -230,23 +248,24 @@ class BatchNormReLUDropout3d(_BatchNormReLUDropout):
     _replaces = nn.BatchNorm3d
 
 
-_ADD_DOC = r"""Applies Batch Normalization, a residual add, ReLU and Dropout over a {dims} input with fused kernels:
-    the tail of a ResNet block (cuDNN's and Apex's bn_add_relu), plus dropout.
+_ADD_DOC = r"""Applies Batch Normalization, a residual add, an activation (ReLU by default) and Dropout over a {dims}
+    input with fused kernels: the tail of a ResNet block (cuDNN's and Apex's bn_add_relu), plus dropout.
 
     .. math::
 
-        y = \mathrm{{Dropout}}_p\left(\max\left(0, \mathrm{{BN}}(x) + r\right)\right)
+        y = \mathrm{{Dropout}}_p\left(\mathrm{{act}}\left(\mathrm{{BN}}(x) + r\right)\right)
 
-    ``forward(input, residual)`` has the semantics of ``torch.relu(nn.{bn}(...)(input) + residual)`` followed by
+    ``forward(input, residual)`` has the semantics of ``act(nn.{bn}(...)(input) + residual)`` followed by
     ``nn.Dropout(p)`` (default ``p=0``: no dropout); statistics, ``running_mean`` / ``running_var``,
     ``num_batches_tracked``, ``momentum=None``, ``state_dict`` keys and eval mode are those of ``nn.{bn}``, as for
-    :class:`BatchNormReLUDropout{d}d` (same base class, same dropout mask: Philox keyed by a (seed, offset) pair
+    :class:`BatchNormActDropout{d}d` (same base class, same dropout mask: Philox keyed by a (seed, offset) pair
     and the logical index, :attr:`p` rounded to a multiple of :math:`2^{{-16}}`). ``residual`` must have the
     input's shape and device (``RuntimeError`` otherwise, before any running statistic moves), in any memory
     format; a residual of another dtype (autocast: a float32 skip connection around a bfloat16 branch) gives the
-    unfused layers' promoted result, computed unfused. The residual's gradient is
-    ``grad * keep / (1 - p) * [BN(x) + residual > 0]``; autograd saves the input, per-channel statistics and 1 bit
-    per element, never the residual. Double backward is not supported.
+    unfused layers' promoted result, computed unfused. With identity, ReLU or Hardtanh/ReLU6 (whose derivative is
+    0 or 1) the residual's gradient is ``grad * keep / (1 - p) * act'(BN(x) + residual)`` and autograd saves the
+    input, per-channel statistics and 1 bit per element, never the residual; other activations are computed by
+    F.batch_norm and pointwise ops with the same dropout mask. Double backward is not supported.
 
     Args:
         num_features: :math:`C` from an expected input of size {shape}
@@ -254,6 +273,7 @@ _ADD_DOC = r"""Applies Batch Normalization, a residual add, ReLU and Dropout ove
         p (keyword-only): probability of an element to be zeroed in training. Default: 0.0
         bias (keyword-only): with ``affine=True`` and ``bias=False`` the module has a weight but no bias.
             Default: ``True``
+        act, act_kwargs (keyword-only): the activation, as for :class:`BatchNormActDropout{d}d`. Default: ReLU
 
     Shape:
         - Input, residual: {shape}
@@ -261,7 +281,7 @@ _ADD_DOC = r"""Applies Batch Normalization, a residual add, ReLU and Dropout ove
 
     Examples::
 
-        >>> block = bnfused.BatchNormAddReLU{d}d(4)
+        >>> block = bnfused.BatchNormAddAct{d}d(4)
         >>> x, identity = torch.randn({example_shape}), torch.randn({example_shape})
         >>> y = block(x, identity)
         >>> bn = nn.{bn}(4)
@@ -271,41 +291,48 @@ _ADD_DOC = r"""Applies Batch Normalization, a residual add, ReLU and Dropout ove
 
 
 class _BatchNormAddReLU(_BatchNormReLUDropout):
-    """The fused base with a residual: forward(input, residual) = dropout(relu(bn(input) + residual), p)."""
+    """The fused base with a residual: forward(input, residual) = dropout(act(bn(input) + residual), p)."""
 
-    _op = "bn_add_relu_dropout"
+    _ops = ("bn_add_relu_dropout", "bn_add_act_dropout")
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, *, p: float = 0.0,
-                 bias: bool = True) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, p=p, bias=bias)
+                 bias: bool = True, act: ActivationLike = "relu", act_kwargs: dict | None = None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, p=p, bias=bias,
+                         act=act, act_kwargs=act_kwargs)
 
     def forward(self, input: Tensor, residual: Tensor) -> Tensor:  # type: ignore[override]
         self._check_input_dim(input)
         functional.check_residual(input, residual)  # before num_batches_tracked moves, like every other check
         weight, bias = self._tensor("weight"), self._tensor("bias")
         running_mean, running_var, bn_training, factor = self._batch_norm_step(input, weight, bias)
-        return functional.bn_add_relu_dropout_unchecked(input, residual, running_mean, running_var, weight,
-                                                        bias, bn_training, factor, self.eps, self.p,
-                                                        dropout_training=self.training)
+        return functional.bn_add_act_dropout_unchecked(input, residual, running_mean, running_var, weight,
+                                                       bias, bn_training, factor, self.eps, self.p,
+                                                       dropout_training=self.training, act=self.activation)
 
 
-class BatchNormAddReLU1d(_BatchNormAddReLU):
+class BatchNormAddAct1d(_BatchNormAddReLU):
     __doc__ = _ADD_DOC.format(dims="2D or 3D", bn="BatchNorm1d", d=1, shape=r":math:`(N, C)` or :math:`(N, C, L)`",
                               example_shape="8, 4")
     _expected_dims = (2, 3)
     _replaces = nn.BatchNorm1d
 
 
-class BatchNormAddReLU2d(_BatchNormAddReLU):
+class BatchNormAddAct2d(_BatchNormAddReLU):
     __doc__ = _ADD_DOC.format(dims="4D", bn="BatchNorm2d", d=2, shape=r":math:`(N, C, H, W)`",
                               example_shape="2, 4, 3, 3")
     _expected_dims = (4,)
     _replaces = nn.BatchNorm2d
 
 
-class BatchNormAddReLU3d(_BatchNormAddReLU):
+class BatchNormAddAct3d(_BatchNormAddReLU):
     __doc__ = _ADD_DOC.format(dims="5D", bn="BatchNorm3d", d=3, shape=r":math:`(N, C, D, H, W)`",
                               example_shape="2, 4, 2, 3, 3")
     _expected_dims = (5,)
     _replaces = nn.BatchNorm3d
+
+
+# The ReLU names: the same classes (act defaults to ReLU), so code and checkpoints written for them keep working.
+BatchNormReLUDropout1d, BatchNormReLUDropout2d, BatchNormReLUDropout3d = (
+    BatchNormActDropout1d, BatchNormActDropout2d, BatchNormActDropout3d)
+BatchNormAddReLU1d, BatchNormAddReLU2d, BatchNormAddReLU3d = BatchNormAddAct1d, BatchNormAddAct2d, BatchNormAddAct3d

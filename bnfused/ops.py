@@ -60,37 +60,44 @@ def batch_stats_update(x: Tensor, running_mean: Optional[Tensor], running_var: O
     return _ops.batch_stats_update.default(x, running_mean, running_var, momentum, eps)
 
 
+# act, act_alpha, act_beta: the activation (bnfused.activation.Activation.op_args; 1 = ReLU), in every op that
+# applies one.
+
 def forward(x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], key: Tensor,
-            p: float, batch_stats: bool) -> Tensor:
-    return _ops.forward.default(x, mean, rstd, weight, bias, key, p, batch_stats)
+            p: float, batch_stats: bool, act: int = 1, act_alpha: float = 0.0, act_beta: float = 0.0) -> Tensor:
+    """dropout(act((x - mean) * rstd * weight + bias))."""
+    return _ops.forward.default(x, mean, rstd, weight, bias, key, p, batch_stats, act, act_alpha, act_beta)
 
 
 def forward_keep_bits(x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                      key: Tensor, p: float, batch_stats: bool) -> tuple[Tensor, Tensor]:
+                      key: Tensor, p: float, batch_stats: bool, act: int = 1, act_alpha: float = 0.0,
+                      act_beta: float = 0.0) -> tuple[Tensor, Tensor]:
     """CPU: forward's output plus the keep pattern packed 1 bit per element (uint8[ceil(numel / 8)], bit k of
     byte b = element 8b + k in the memory order of kernel_memory_format(x): logical NC... order for contiguous
     and 2-d input, (N, spatial..., C) for channels_last; bits past numel are unspecified), for the backward ops to
     read instead of regenerating the mask."""
-    return _ops.forward_keep_bits.default(x, mean, rstd, weight, bias, key, p, batch_stats)
+    return _ops.forward_keep_bits.default(x, mean, rstd, weight, bias, key, p, batch_stats, act, act_alpha, act_beta)
 
 
 def backward_reduce(grad_out: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor],
-                    bias: Optional[Tensor], key: Tensor, p: float,
-                    keep_bits: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    """Per-channel (sum g, sum g*xhat), g = grad_out * keep / (1 - p) * [z > 0]. keep_bits (CPU), when given, is
+                    bias: Optional[Tensor], key: Tensor, p: float, keep_bits: Optional[Tensor] = None, act: int = 1,
+                    act_alpha: float = 0.0, act_beta: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Per-channel (sum g, sum g*xhat), g = grad_out * keep / (1 - p) * act'(z). keep_bits (CPU), when given, is
     the mask instead of the key: forward_keep_bits' bits of this same x, in the same memory format (the bits
     follow memory order, so channels_last bits do not describe a contiguous copy of x)."""
-    return _ops.backward_reduce.default(grad_out, x, mean, rstd, weight, bias, key, p, keep_bits)
+    return _ops.backward_reduce.default(grad_out, x, mean, rstd, weight, bias, key, p, keep_bits, act, act_alpha,
+                                        act_beta)
 
 
 def backward_input(grad_out: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor],
                    bias: Optional[Tensor], key: Tensor, p: float, sum_g: Optional[Tensor],
-                   sum_g_xhat: Optional[Tensor], count: int = 1, keep_bits: Optional[Tensor] = None) -> Tensor:
+                   sum_g_xhat: Optional[Tensor], count: int = 1, keep_bits: Optional[Tensor] = None, act: int = 1,
+                   act_alpha: float = 0.0, act_beta: float = 0.0) -> Tensor:
     """grad_input; with the per-channel sums of g and g*xhat over `count` elements (batch statistics) their
     terms are included, without them (running statistics) it is w * rstd * g. keep_bits: as in
     backward_reduce."""
     return _ops.backward_input.default(grad_out, x, mean, rstd, weight, bias, key, p, sum_g, sum_g_xhat, count,
-                                       keep_bits)
+                                       keep_bits, act, act_alpha, act_beta)
 
 
 def dropout_mask(key: Tensor, shape: Sequence[int], p: float) -> Tensor:
@@ -99,17 +106,22 @@ def dropout_mask(key: Tensor, shape: Sequence[int], p: float) -> Tensor:
 
 
 def add_relu_forward(x: Tensor, residual: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor],
-                     bias: Optional[Tensor], key: Tensor, p: float, batch_stats: bool) -> Tensor:
-    """dropout(relu(bn(x) + residual)); residual of x's shape, dtype and device, in any memory format."""
-    return _ops.add_relu_forward.default(x, residual, mean, rstd, weight, bias, key, p, batch_stats)
+                     bias: Optional[Tensor], key: Tensor, p: float, batch_stats: bool, act: int = 1,
+                     act_alpha: float = 0.0, act_beta: float = 0.0) -> Tensor:
+    """dropout(act(bn(x) + residual)); residual of x's shape, dtype and device, in any memory format; act one
+    whose derivative is 0 or 1 (identity, relu, hardtanh)."""
+    return _ops.add_relu_forward.default(x, residual, mean, rstd, weight, bias, key, p, batch_stats, act, act_alpha,
+                                         act_beta)
 
 
 def add_relu_forward_bits(x: Tensor, residual: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor],
-                          bias: Optional[Tensor], key: Tensor, p: float, batch_stats: bool) -> tuple[Tensor, Tensor]:
-    """add_relu_forward's output plus its pass bits: keep AND bn(x) + residual > 0 (i.e. out > 0), packed like
+                          bias: Optional[Tensor], key: Tensor, p: float, batch_stats: bool, act: int = 1,
+                          act_alpha: float = 0.0, act_beta: float = 0.0) -> tuple[Tensor, Tensor]:
+    """add_relu_forward's output plus its pass bits: keep AND act'(bn(x) + residual) = 1, packed like
     forward_keep_bits' keep bits (uint8[ceil(numel / 8)], memory order of kernel_memory_format(x)). With x and the
     per-channel tensors they are all the backward ops need: neither the residual nor the key."""
-    return _ops.add_relu_forward_bits.default(x, residual, mean, rstd, weight, bias, key, p, batch_stats)
+    return _ops.add_relu_forward_bits.default(x, residual, mean, rstd, weight, bias, key, p, batch_stats, act,
+                                              act_alpha, act_beta)
 
 
 def add_relu_backward_reduce(grad_out: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, pass_bits: Tensor,
@@ -142,25 +154,27 @@ def _batch_stats_update_fake(x, running_mean, running_var, momentum, eps):
 
 
 @torch.library.register_fake("bnfused::forward")
-def _forward_fake(x, mean, rstd, weight, bias, key, p, batch_stats):
+def _forward_fake(x, mean, rstd, weight, bias, key, p, batch_stats, act=1, act_alpha=0.0, act_beta=0.0):
     return torch.empty_like(x, memory_format=kernel_memory_format(x))
 
 
 @torch.library.register_fake("bnfused::forward_keep_bits")
-def _forward_keep_bits_fake(x, mean, rstd, weight, bias, key, p, batch_stats):
+def _forward_keep_bits_fake(x, mean, rstd, weight, bias, key, p, batch_stats, act=1, act_alpha=0.0, act_beta=0.0):
     return _forward_fake(x, mean, rstd, weight, bias, key, p, batch_stats), x.new_empty(((x.numel() + 7) // 8,),
                                                                                          dtype=torch.uint8)
 
 
 @torch.library.register_fake("bnfused::backward_reduce")
-def _backward_reduce_fake(grad_out, x, mean, rstd, weight, bias, key, p, keep_bits=None):
+def _backward_reduce_fake(grad_out, x, mean, rstd, weight, bias, key, p, keep_bits=None, act=1, act_alpha=0.0,
+                          act_beta=0.0):
     c = x.shape[1]
     dt = acc_dtype(x.dtype)
     return x.new_empty((c,), dtype=dt), x.new_empty((c,), dtype=dt)
 
 
 @torch.library.register_fake("bnfused::backward_input")
-def _backward_input_fake(grad_out, x, mean, rstd, weight, bias, key, p, sum_g, sum_g_xhat, count, keep_bits=None):
+def _backward_input_fake(grad_out, x, mean, rstd, weight, bias, key, p, sum_g, sum_g_xhat, count, keep_bits=None,
+                         act=1, act_alpha=0.0, act_beta=0.0):
     return torch.empty_like(x, memory_format=kernel_memory_format(x))
 
 
@@ -170,13 +184,15 @@ def _dropout_mask_fake(key, shape, p):
 
 
 @torch.library.register_fake("bnfused::add_relu_forward")
-def _add_relu_forward_fake(x, residual, mean, rstd, weight, bias, key, p, batch_stats):
+def _add_relu_forward_fake(x, residual, mean, rstd, weight, bias, key, p, batch_stats, act=1, act_alpha=0.0,
+                           act_beta=0.0):
     torch._check(residual.shape == x.shape, lambda: f"residual shape {residual.shape} does not match input {x.shape}")
     return torch.empty_like(x, memory_format=kernel_memory_format(x))
 
 
 @torch.library.register_fake("bnfused::add_relu_forward_bits")
-def _add_relu_forward_bits_fake(x, residual, mean, rstd, weight, bias, key, p, batch_stats):
+def _add_relu_forward_bits_fake(x, residual, mean, rstd, weight, bias, key, p, batch_stats, act=1, act_alpha=0.0,
+                                act_beta=0.0):
     out = _add_relu_forward_fake(x, residual, mean, rstd, weight, bias, key, p, batch_stats)
     return out, x.new_empty(((x.numel() + 7) // 8,), dtype=torch.uint8)
 

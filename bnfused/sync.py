@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import functional, ops
+from .activation import ActivationLike
 from .autograd import _saves_keep_bits, add_relu_grads, input_grads
 from .modules import _BatchNormAddReLU, _BatchNormReLUDropout
 
@@ -103,15 +104,15 @@ class SyncBNReLUDropoutFunction(torch.autograd.Function):
     """y = dropout(relu(bn(x))) with statistics over a process group; the backward all-reduces Σg and Σg·x̂."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean, rstd, key, p, global_count, group):
-        ctx.p, ctx.global_count, ctx.group = p, global_count, group
+    def forward(ctx, x, weight, bias, mean, rstd, key, p, global_count, group, act):
+        ctx.p, ctx.global_count, ctx.group, ctx.act = p, global_count, group, act
         keep_bits = None
         if x.numel() == 0:
             out = torch.empty_like(x)
         elif _saves_keep_bits(x, p) and any(ctx.needs_input_grad):  # as BNReLUDropoutFunction: no Philox in backward
-            out, keep_bits = ops.forward_keep_bits(x, mean, rstd, weight, bias, key, p, True)
+            out, keep_bits = ops.forward_keep_bits(x, mean, rstd, weight, bias, key, p, True, *act)
         else:
-            out = ops.forward(x, mean, rstd, weight, bias, key, p, True)
+            out = ops.forward(x, mean, rstd, weight, bias, key, p, True, *act)
         ctx.save_for_backward(x, weight, bias, mean, rstd, key, keep_bits)
         return out
 
@@ -122,12 +123,12 @@ class SyncBNReLUDropoutFunction(torch.autograd.Function):
         if x.numel() == 0:
             bias_dtype = None if bias is None else bias.dtype
             return (*_empty_rank_backward(ctx, x, weight, bias_dtype, mean.dtype, need_x, need_w, need_b),
-                    None, None, None, None, None, None)
+                    None, None, None, None, None, None, None)
         grad_x, grad_w, grad_b = input_grads(
             grad_out, x, mean, rstd, weight, bias, key, ctx.p, True, (need_x, need_w, need_b), keep_bits,
             global_sums=lambda sum_g, sum_g_xhat: _all_reduce_sums(sum_g, sum_g_xhat, ctx.group),
-            count=ctx.global_count)
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+            count=ctx.global_count, act=ctx.act)
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
 
 
 class SyncBNAddReLUDropoutFunction(torch.autograd.Function):
@@ -136,16 +137,16 @@ class SyncBNAddReLUDropoutFunction(torch.autograd.Function):
     backward all-reduces Σg and Σg·x̂ for the input gradient."""
 
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, mean, rstd, key, p, global_count, group):
+    def forward(ctx, x, residual, weight, bias, mean, rstd, key, p, global_count, group, act):
         ctx.p, ctx.global_count, ctx.group = p, global_count, group
         ctx.bias_dtype = None if bias is None else bias.dtype
         pass_bits = None
         if x.numel() == 0:
             out = torch.empty_like(x)
         elif any(ctx.needs_input_grad):
-            out, pass_bits = ops.add_relu_forward_bits(x, residual, mean, rstd, weight, bias, key, p, True)
+            out, pass_bits = ops.add_relu_forward_bits(x, residual, mean, rstd, weight, bias, key, p, True, *act)
         else:
-            out = ops.add_relu_forward(x, residual, mean, rstd, weight, bias, key, p, True)
+            out = ops.add_relu_forward(x, residual, mean, rstd, weight, bias, key, p, True, *act)
         ctx.save_for_backward(x, weight, mean, rstd, pass_bits)
         return out
 
@@ -163,7 +164,7 @@ class SyncBNAddReLUDropoutFunction(torch.autograd.Function):
                 (need_x, need_r, need_w, need_b),
                 global_sums=lambda sum_g, sum_g_xhat: _all_reduce_sums(sum_g, sum_g_xhat, ctx.group),
                 count=ctx.global_count)
-        return grad_x, grad_r, grad_w, grad_b, None, None, None, None, None, None
+        return grad_x, grad_r, grad_w, grad_b, None, None, None, None, None, None, None
 
 
 class _GroupStatistics(NamedTuple):
@@ -179,8 +180,10 @@ class _SyncedBatchNorm(_BatchNormReLUDropout):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, process_group: Any = None, device=None, dtype=None, *,
-                 p: float = 0.5, bias: bool = True) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, p=p, bias=bias)
+                 p: float = 0.5, bias: bool = True, act: ActivationLike = "relu",
+                 act_kwargs: Optional[dict] = None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, p=p, bias=bias,
+                         act=act, act_kwargs=act_kwargs)
         self.process_group = process_group
 
     @classmethod
@@ -292,10 +295,10 @@ class SyncBatchNormReLUDropout(_SyncedBatchNorm):
             return super().forward(input)  # the single-process module, as nn.SyncBatchNorm falls back
         stats = self._group_statistics(input, *sync)
         if stats is None:  # every rank empty
-            return functional.bn_relu_dropout_unchecked(input, None, None, self.weight, self.bias, True, 0.0,
-                                                        self.eps, self.p)
+            return functional.bn_act_dropout_unchecked(input, None, None, self.weight, self.bias, True, 0.0,
+                                                       self.eps, self.p, act=self.activation)
         return SyncBNReLUDropoutFunction.apply(input, self.weight, self.bias, stats.mean, stats.rstd, stats.key,
-                                               self.p, stats.count, sync[0])
+                                               self.p, stats.count, sync[0], self.activation.op_args)
 
 
 class SyncBatchNormAddReLU(_SyncedBatchNorm, _BatchNormAddReLU):
@@ -334,9 +337,13 @@ class SyncBatchNormAddReLU(_SyncedBatchNorm, _BatchNormAddReLU):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, process_group: Any = None, device=None, dtype=None, *,
-                 p: float = 0.0, bias: bool = True) -> None:
+                 p: float = 0.0, bias: bool = True, act: ActivationLike = "relu",
+                 act_kwargs: Optional[dict] = None) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, process_group, device, dtype,
-                         p=p, bias=bias)
+                         p=p, bias=bias, act=act, act_kwargs=act_kwargs)
+        if not self.activation.has_gate_bits:
+            raise ValueError(f"{type(self).__name__}: the synchronised block tail fuses identity, relu and hardtanh "
+                             f"(relu6), got {self.activation}")
 
     def forward(self, input: Tensor, residual: Tensor) -> Tensor:  # type: ignore[override]
         self._check_input_dim(input)
@@ -350,7 +357,12 @@ class SyncBatchNormAddReLU(_SyncedBatchNorm, _BatchNormAddReLU):
                                "input's dtype)")
         stats = self._group_statistics(input, *sync)
         if stats is None:  # every rank empty
-            return functional.bn_add_relu_dropout_unchecked(input, residual, None, None, self.weight, self.bias,
-                                                            True, 0.0, self.eps, self.p)
+            return functional.bn_add_act_dropout_unchecked(input, residual, None, None, self.weight, self.bias,
+                                                           True, 0.0, self.eps, self.p, act=self.activation)
         return SyncBNAddReLUDropoutFunction.apply(input, residual, self.weight, self.bias, stats.mean, stats.rstd,
-                                                  stats.key, self.p, stats.count, sync[0])
+                                                  stats.key, self.p, stats.count, sync[0], self.activation.op_args)
+
+
+# The activation-neutral names: the same classes (act defaults to ReLU).
+SyncBatchNormActDropout = SyncBatchNormReLUDropout
+SyncBatchNormAddAct = SyncBatchNormAddReLU

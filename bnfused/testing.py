@@ -1,5 +1,5 @@
-"""bnfused.testing: the unfused PyTorch reference, F.batch_norm (+ residual) -> F.relu -> the Philox keep mask the
-kernels use, for checking the fused modules in your own tests.
+"""bnfused.testing: the unfused PyTorch reference, F.batch_norm (+ residual) -> the activation (torch.nn.functional)
+-> the Philox keep mask the kernels use, for checking the fused modules in your own tests.
 
 bnfused's tests and benchmarks compare the fused kernels with this; it is slow on purpose (several passes, full
 mask).
@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
+from .activation import ActivationLike, resolve_activation
 
 
 def _keyed_dropout(y: Tensor, p: float, key: Optional[Tensor], drop: bool, who: str) -> Tensor:
@@ -31,9 +32,11 @@ def _keyed_dropout(y: Tensor, p: float, key: Optional[Tensor], drop: bool, who: 
 def reference_bn_relu_dropout(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                               weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                               training: bool = False, momentum: float = 0.1, eps: float = 1e-5, p: float = 0.5,
-                              key: Optional[Tensor] = None, dropout_training: Optional[bool] = None) -> Tensor:
-    """Unfused equivalent of bnfused.bn_relu_dropout with an explicit Philox key (int64[2])."""
-    y = F.relu(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps))
+                              key: Optional[Tensor] = None, dropout_training: Optional[bool] = None,
+                              act: ActivationLike = "relu") -> Tensor:
+    """Unfused equivalent of bnfused.bn_act_dropout (bn_relu_dropout by default) with an explicit Philox key
+    (int64[2])."""
+    y = resolve_activation(act)(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps))
     return _keyed_dropout(y, p, key, training if dropout_training is None else dropout_training,
                           "reference_bn_relu_dropout")
 
@@ -42,9 +45,10 @@ def reference_bn_add_relu_dropout(input: Tensor, residual: Tensor, running_mean:
                                   running_var: Optional[Tensor], weight: Optional[Tensor] = None,
                                   bias: Optional[Tensor] = None, training: bool = False, momentum: float = 0.1,
                                   eps: float = 1e-5, p: float = 0.0, key: Optional[Tensor] = None,
-                                  dropout_training: Optional[bool] = None) -> Tensor:
-    """Unfused equivalent of bnfused.bn_add_relu_dropout: F.batch_norm -> + residual -> relu -> the same mask."""
-    y = F.relu(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps) + residual)
+                                  dropout_training: Optional[bool] = None, act: ActivationLike = "relu") -> Tensor:
+    """Unfused equivalent of bnfused.bn_add_act_dropout: F.batch_norm -> + residual -> act -> the same mask."""
+    z = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps) + residual
+    y = resolve_activation(act)(z)
     return _keyed_dropout(y, p, key, training if dropout_training is None else dropout_training,
                           "reference_bn_add_relu_dropout")
 
@@ -66,7 +70,9 @@ class KeyedDropout(nn.Module):
         return x * (keep.to(x.dtype) * (1.0 / (1.0 - self.p)))
 
 
-def reference_block(dim: int, num_features: int, p: float = 0.5, key: Optional[Tensor] = None, **bn_kwargs) -> nn.Sequential:
-    """nn.BatchNorm{dim}d -> nn.ReLU -> KeyedDropout: the unfused module a fused block must match."""
+def reference_block(dim: int, num_features: int, p: float = 0.5, key: Optional[Tensor] = None,
+                    act: ActivationLike = "relu", **bn_kwargs) -> nn.Sequential:
+    """nn.BatchNorm{dim}d -> the activation's nn module -> KeyedDropout: the unfused module a fused block must
+    match."""
     bn_cls = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dim]
-    return nn.Sequential(bn_cls(num_features, **bn_kwargs), nn.ReLU(), KeyedDropout(p, key))
+    return nn.Sequential(bn_cls(num_features, **bn_kwargs), resolve_activation(act).module(), KeyedDropout(p, key))

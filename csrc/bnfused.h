@@ -13,6 +13,7 @@
 #include <tuple>
 #include <vector>
 
+#include "activation.h"
 #include "bn_math.h"
 #include "geometry.h"
 #include "philox.h"
@@ -43,24 +44,28 @@ std::tuple<at::Tensor, at::Tensor> batch_stats_update_cpu(const at::Tensor& x, c
 // keep_bits_out (forward) receives the packed keep bits (cpu/keep_bits.h); keep_bits_in (backward), when not null,
 // replaces the Philox key as the source of the mask.
 void forward_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd, const OptTensor& weight,
-                 const OptTensor& bias, PhiloxKey key, double p, at::Tensor& out, uint8_t* keep_bits_out = nullptr);
+                 const OptTensor& bias, PhiloxKey key, double p, const ActSpec& act, at::Tensor& out,
+                 uint8_t* keep_bits_out = nullptr);
+// pass_bits: keep_bits_in are the block tail's pass bits, which hold the mask and the activation's gate (act is then
+// Identity).
 std::tuple<at::Tensor, at::Tensor> backward_reduce_cpu(const at::Tensor& dy, const at::Tensor& x,
                                                        const at::Tensor& mean, const at::Tensor& rstd,
                                                        const OptTensor& weight, const OptTensor& bias,
-                                                       PhiloxKey key, double p, const uint8_t* keep_bits_in = nullptr,
-                                                       bool relu_gate = true);
+                                                       PhiloxKey key, double p, const ActSpec& act,
+                                                       const uint8_t* keep_bits_in = nullptr, bool pass_bits = false);
 // sum_g/sum_g_xhat (batch statistics; divided by count in the coefficient loop) or none (running statistics).
 void backward_input_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
                         const OptTensor& weight, const OptTensor& bias, PhiloxKey key, double p,
-                        const OptTensor& sum_g, const OptTensor& sum_g_xhat, int64_t count, at::Tensor& dx,
-                        const uint8_t* keep_bits_in = nullptr, at::Tensor* grad_residual = nullptr);
-// BN + residual add + ReLU (+ dropout), cpu/add_relu.cpp: out = relu(bn(x) + residual) * mult (residual in x's
-// layout), and with pass_bits_out the pass bits [out > 0] packed in memory order (keep_bits.h's format). Their
-// backward is the two backward ops in add mode, with the pass bits as keep_bits_in: backward_reduce_cpu with
-// relu_gate = false, and backward_input_cpu with grad_residual (which receives g = dy * pass / (1 - p)).
+                        const OptTensor& sum_g, const OptTensor& sum_g_xhat, int64_t count, const ActSpec& act,
+                        at::Tensor& dx, const uint8_t* keep_bits_in = nullptr, at::Tensor* grad_residual = nullptr);
+// BN + residual add + activation (+ dropout), cpu/add_relu.cpp: out = act(bn(x) + residual) * mult (residual in x's
+// layout; act one with gate bits: identity, relu, hardtanh), and with pass_bits_out the pass bits (keep AND
+// act' = 1) packed in memory order (keep_bits.h's format). Their backward is the two backward ops in add mode, with
+// the pass bits as keep_bits_in and act Identity: backward_reduce_cpu with pass_bits = true, and backward_input_cpu
+// with grad_residual (which receives g = dy * pass / (1 - p)).
 void add_relu_forward_cpu(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& mean,
                           const at::Tensor& rstd, const OptTensor& weight, const OptTensor& bias, PhiloxKey key,
-                          double p, at::Tensor& out, uint8_t* pass_bits_out = nullptr);
+                          double p, const ActSpec& act, at::Tensor& out, uint8_t* pass_bits_out = nullptr);
 void dropout_mask_cpu(PhiloxKey key, double p, at::Tensor& keep);
 // Test hooks: the CPU kernels' keep pattern (vectorised generators) of logical elements [start, start + n), the
 // keep bytes that run writes (blocks whose first element lies in it), and the channels_last block rows (8 rows x
@@ -71,16 +76,18 @@ std::vector<uint8_t> keep_run_bytes_cpu(PhiloxKey key, double p, uint64_t start,
 std::vector<bool> keep_block_rows_cpu(PhiloxKey key, double p, uint64_t first, uint64_t stride, int64_t count);
 
 // ---- eager autograd path (eager_function.cpp) ----
-// functional.bn_relu_dropout_unchecked on plain CPU tensors: statistics (training: the batch's, running stats
-// updated; else the running ones), the fused forward and its C++ autograd node. key: None when p == 0.
+// functional.bn_act_dropout on plain CPU tensors: statistics (training: the batch's, running stats updated; else
+// the running ones), the fused forward and its C++ autograd node. key: None when p == 0; act: activation.h's Act.
 at::Tensor bn_relu_dropout_eager(const at::Tensor& input, const OptTensor& running_mean, const OptTensor& running_var,
                                  const OptTensor& weight, const OptTensor& bias, bool training, double momentum,
-                                 double eps, double p, const OptTensor& key);
-// functional.bn_add_relu_dropout_unchecked on plain CPU tensors, the same way (BN + residual add + ReLU + dropout).
+                                 double eps, double p, const OptTensor& key, int64_t act, double act_alpha,
+                                 double act_beta);
+// functional.bn_add_act_dropout on plain CPU tensors, the same way (BN + residual add + activation + dropout).
 at::Tensor bn_add_relu_dropout_eager(const at::Tensor& input, const at::Tensor& residual,
                                      const OptTensor& running_mean, const OptTensor& running_var,
                                      const OptTensor& weight, const OptTensor& bias, bool training, double momentum,
-                                     double eps, double p, const OptTensor& key);
+                                     double eps, double p, const OptTensor& key, int64_t act, double act_alpha,
+                                     double act_beta);
 
 // functional.check_inputs' tensor conditions, true when all hold (the caller raises through the Python checks).
 bool eager_inputs_ok(const at::Tensor& input, const OptTensor& running_mean, const OptTensor& running_var,

@@ -27,11 +27,14 @@ auto& batch_stats_update_op() {
   return op;
 }
 
+// The trailing (act, act_alpha, act_beta) of the ops that take an activation.
+#define BNFUSED_ACT_ARGS int64_t, double, double
+
 using ForwardSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
-                              const OptTensor&, const at::Tensor&, double, bool);
+                              const OptTensor&, const at::Tensor&, double, bool, BNFUSED_ACT_ARGS);
 using ForwardKeepBitsSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                               const OptTensor&, const OptTensor&, const at::Tensor&,
-                                                              double, bool);
+                                                              double, bool, BNFUSED_ACT_ARGS);
 
 auto& forward_op() {
   static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("bnfused::forward", "").typed<ForwardSig>();
@@ -49,7 +52,8 @@ auto& backward_reduce_op() {
                        .findSchemaOrThrow("bnfused::backward_reduce", "")
                        .typed<std::tuple<at::Tensor, at::Tensor>(
                            const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                           const OptTensor&, const OptTensor&, const at::Tensor&, double, const OptTensor&)>();
+                           const OptTensor&, const OptTensor&, const at::Tensor&, double, const OptTensor&,
+                           BNFUSED_ACT_ARGS)>();
   return op;
 }
 
@@ -58,19 +62,21 @@ auto& backward_input_op() {
                        .findSchemaOrThrow("bnfused::backward_input", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                          const OptTensor&, const OptTensor&, const at::Tensor&, double,
-                                         const OptTensor&, const OptTensor&, c10::SymInt, const OptTensor&)>();
+                                         const OptTensor&, const OptTensor&, c10::SymInt, const OptTensor&,
+                                         BNFUSED_ACT_ARGS)>();
   return op;
 }
 
 using AddForwardBitsSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                               const at::Tensor&, const OptTensor&, const OptTensor&,
-                                                              const at::Tensor&, double, bool);
+                                                              const at::Tensor&, double, bool, BNFUSED_ACT_ARGS);
 
 auto& add_relu_forward_op() {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("bnfused::add_relu_forward", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const OptTensor&, const OptTensor&, const at::Tensor&, double, bool)>();
+                                         const OptTensor&, const OptTensor&, const at::Tensor&, double, bool,
+                                         BNFUSED_ACT_ARGS)>();
   return op;
 }
 
@@ -144,22 +150,26 @@ const at::Tensor& placeholder_key(const at::Tensor& input) {
 
 }  // namespace
 
-// y = dropout(relu((x - mean) * rstd * weight + bias)), as BNReLUDropoutFunction in autograd.py. Outside the
+// y = dropout(act((x - mean) * rstd * weight + bias)), as BNReLUDropoutFunction in autograd.py. Outside the
 // anonymous namespace so its node's name() reads "bnfused::BNReLUDropoutFunction".
 struct BNReLUDropoutFunction : public torch::autograd::Function<BNReLUDropoutFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
                             const OptTensor& weight, const OptTensor& bias, const at::Tensor& key, double p,
-                            bool batch_stats, bool save_keep_bits) {
+                            bool batch_stats, bool save_keep_bits, int64_t act, double act_alpha, double act_beta) {
     // Straight to the kernels, as the Python Function's forward (the op's registered Python autograd is not run).
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     at::Tensor out, keep_bits;
     if (save_keep_bits)
-      std::tie(out, keep_bits) = forward_keep_bits_op().call(x, mean, rstd, weight, bias, key, p, batch_stats);
+      std::tie(out, keep_bits) =
+          forward_keep_bits_op().call(x, mean, rstd, weight, bias, key, p, batch_stats, act, act_alpha, act_beta);
     else
-      out = forward_op().call(x, mean, rstd, weight, bias, key, p, batch_stats);
+      out = forward_op().call(x, mean, rstd, weight, bias, key, p, batch_stats, act, act_alpha, act_beta);
     ctx->save_for_backward({x, mean, rstd, weight.value_or(at::Tensor()), bias.value_or(at::Tensor()), key, keep_bits});
     ctx->saved_data["p"] = p;
     ctx->saved_data["batch_stats"] = batch_stats;
+    ctx->saved_data["act"] = act;
+    ctx->saved_data["act_alpha"] = act_alpha;
+    ctx->saved_data["act_beta"] = act_beta;
     return out;
   }
 
@@ -172,6 +182,8 @@ struct BNReLUDropoutFunction : public torch::autograd::Function<BNReLUDropoutFun
                     keep_bits = defined_or_none(saved[6]);
     const double p = ctx->saved_data["p"].toDouble();
     const bool batch_stats = ctx->saved_data["batch_stats"].toBool();
+    const int64_t act = ctx->saved_data["act"].toInt();
+    const double act_alpha = ctx->saved_data["act_alpha"].toDouble(), act_beta = ctx->saved_data["act_beta"].toDouble();
     // needs_input_grad counts the defined tensor inputs only: x, mean, rstd, then weight and bias when given.
     const bool need_x = ctx->needs_input_grad(0);
     const bool need_w = weight.has_value() && ctx->needs_input_grad(3);
@@ -179,29 +191,33 @@ struct BNReLUDropoutFunction : public torch::autograd::Function<BNReLUDropoutFun
     const at::Tensor& grad_out = grads[0];
     at::Tensor sum_g, sum_g_xhat, grad_x, grad_w, grad_b;
     if ((need_x && batch_stats) || need_w || need_b)
-      std::tie(sum_g, sum_g_xhat) = backward_reduce_op().call(grad_out, x, mean, rstd, weight, bias, key, p, keep_bits);
+      std::tie(sum_g, sum_g_xhat) = backward_reduce_op().call(grad_out, x, mean, rstd, weight, bias, key, p, keep_bits,
+                                                              act, act_alpha, act_beta);
     if (need_x) {
       const OptTensor sg = batch_stats ? OptTensor(sum_g) : std::nullopt;
       const OptTensor sgx = batch_stats ? OptTensor(sum_g_xhat) : std::nullopt;
       grad_x = backward_input_op().call(grad_out, x, mean, rstd, weight, bias, key, p, sg, sgx,
-                                        c10::SymInt(x.numel() / x.size(1)), keep_bits);
+                                        c10::SymInt(x.numel() / x.size(1)), keep_bits, act, act_alpha, act_beta);
     }
     if (need_w) grad_w = sum_g_xhat.to(weight->scalar_type());
     if (need_b) grad_b = sum_g.to(bias->scalar_type());
     // One gradient per forward argument (none for the non-tensor ones).
-    return {grad_x, at::Tensor(), at::Tensor(), grad_w, grad_b, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {grad_x,       at::Tensor(), at::Tensor(), grad_w,       grad_b,      at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 at::Tensor bn_relu_dropout_eager(const at::Tensor& input, const OptTensor& running_mean, const OptTensor& running_var,
                                  const OptTensor& weight, const OptTensor& bias, bool training, double momentum,
-                                 double eps, double p, const OptTensor& key) {
+                                 double eps, double p, const OptTensor& key, int64_t act, double act_alpha,
+                                 double act_beta) {
   const auto [mean, rstd] = statistics(input, running_mean, running_var, training, momentum, eps);
   const at::Tensor& k = key.has_value() ? *key : placeholder_key(input);
   // As autograd._saves_keep_bits: the CPU forward packs the mask for the backward when one will run.
   const bool save_keep_bits = input.is_cpu() && p > 0.0 && p < 1.0 && at::GradMode::is_enabled() &&
                               (input.requires_grad() || requires_grad(weight) || requires_grad(bias));
-  return BNReLUDropoutFunction::apply(input, mean, rstd, weight, bias, k, p, training, save_keep_bits);
+  return BNReLUDropoutFunction::apply(input, mean, rstd, weight, bias, k, p, training, save_keep_bits, act, act_alpha,
+                                      act_beta);
 }
 
 // y = dropout(relu((x - mean) * rstd * weight + bias + residual)), as BNAddReLUDropoutFunction in autograd.py:
@@ -209,10 +225,14 @@ at::Tensor bn_relu_dropout_eager(const at::Tensor& input, const OptTensor& runni
 struct BNAddReLUDropoutFunction : public torch::autograd::Function<BNAddReLUDropoutFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& residual,
                             const at::Tensor& mean, const at::Tensor& rstd, const OptTensor& weight,
-                            const OptTensor& bias, const at::Tensor& key, double p, bool batch_stats, bool need_grad) {
+                            const OptTensor& bias, const at::Tensor& key, double p, bool batch_stats, bool need_grad,
+                            int64_t act, double act_alpha, double act_beta) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    if (!need_grad) return add_relu_forward_op().call(x, residual, mean, rstd, weight, bias, key, p, batch_stats);
-    auto [out, pass_bits] = add_relu_forward_bits_op().call(x, residual, mean, rstd, weight, bias, key, p, batch_stats);
+    if (!need_grad)
+      return add_relu_forward_op().call(x, residual, mean, rstd, weight, bias, key, p, batch_stats, act, act_alpha,
+                                        act_beta);
+    auto [out, pass_bits] = add_relu_forward_bits_op().call(x, residual, mean, rstd, weight, bias, key, p, batch_stats,
+                                                            act, act_alpha, act_beta);
     ctx->save_for_backward({x, mean, rstd, weight.value_or(at::Tensor()), pass_bits});
     ctx->saved_data["p"] = p;
     ctx->saved_data["batch_stats"] = batch_stats;
@@ -248,20 +268,22 @@ struct BNAddReLUDropoutFunction : public torch::autograd::Function<BNAddReLUDrop
     if (need_w) grad_w = sum_g_xhat.to(weight->scalar_type());
     if (need_b) grad_b = sum_g.to(ctx->saved_data["bias_dtype"].toScalarType());
     return {need_x ? grad_x : at::Tensor(), need_r ? grad_r : at::Tensor(), at::Tensor(), at::Tensor(), grad_w,
-            grad_b, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+            grad_b, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 at::Tensor bn_add_relu_dropout_eager(const at::Tensor& input, const at::Tensor& residual,
                                      const OptTensor& running_mean, const OptTensor& running_var,
                                      const OptTensor& weight, const OptTensor& bias, bool training, double momentum,
-                                     double eps, double p, const OptTensor& key) {
+                                     double eps, double p, const OptTensor& key, int64_t act, double act_alpha,
+                                     double act_beta) {
   const auto [mean, rstd] = statistics(input, running_mean, running_var, training, momentum, eps);
   const at::Tensor& k = key.has_value() ? *key : placeholder_key(input);
   // As BNAddReLUDropoutFunction.forward: the pass bits only when a backward will read them.
   const bool need_grad = at::GradMode::is_enabled() && (input.requires_grad() || residual.requires_grad() ||
                                                         requires_grad(weight) || requires_grad(bias));
-  return BNAddReLUDropoutFunction::apply(input, residual, mean, rstd, weight, bias, k, p, training, need_grad);
+  return BNAddReLUDropoutFunction::apply(input, residual, mean, rstd, weight, bias, k, p, training, need_grad, act,
+                                         act_alpha, act_beta);
 }
 
 // functional.check_inputs' conditions on the tensors, without raising: true when every one holds (the eager call

@@ -98,6 +98,20 @@ PhiloxKey host_key(const at::Tensor& key) {
   return PhiloxKey{static_cast<uint64_t>(d[0]), static_cast<uint64_t>(d[1])};
 }
 
+// The `act`, `act_alpha`, `act_beta` arguments (activation.h's Act values); gate_bits: the op stores the
+// activation's gate in one bit per element (the block tail), which only some kinds allow.
+ActSpec act_spec(int64_t act, double alpha, double beta, const char* op, bool gate_bits = false) {
+  TORCH_CHECK(act >= 0 && act < kActCount, op, ": act must be an activation code in [0, ", kActCount, "), got ", act);
+  ActSpec s{static_cast<Act>(act), alpha, beta};
+  if (gate_bits) {
+    bool ok = false;
+    dispatch_act(s.kind, [&](auto kind) { ok = act_has_gate_bits<decltype(kind)::value>(); });
+    TORCH_CHECK(ok, op, ": the block tail's pass bits hold the gradient gate of identity, relu and hardtanh only, got "
+                "activation code ", act);
+  }
+  return s;
+}
+
 // Arguments of the elementwise/backward ops, checked and normalised once for every backend.
 struct KernelArgs {
   at::Tensor x;     // in a kernel layout
@@ -175,35 +189,35 @@ struct CpuBackend {
                                                                double eps) {
     return batch_stats_update_cpu(x, running_mean, running_var, momentum, eps);
   }
-  static void forward(const KernelArgs& a, const at::Tensor& key, double p, at::Tensor& out) {
-    forward_cpu(a.x, a.mean, a.rstd, a.weight, a.bias, host_key(key), p, out);
+  static void forward(const KernelArgs& a, const at::Tensor& key, double p, const ActSpec& act, at::Tensor& out) {
+    forward_cpu(a.x, a.mean, a.rstd, a.weight, a.bias, host_key(key), p, act, out);
   }
   // keep_bits: forward_keep_bits' packed mask (nullptr: regenerate it from the key).
   static std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& dy, const KernelArgs& a,
-                                                            const at::Tensor& key, double p,
+                                                            const at::Tensor& key, double p, const ActSpec& act,
                                                             const uint8_t* keep_bits) {
-    return backward_reduce_cpu(dy, a.x, a.mean, a.rstd, a.weight, a.bias, host_key(key), p, keep_bits);
+    return backward_reduce_cpu(dy, a.x, a.mean, a.rstd, a.weight, a.bias, host_key(key), p, act, keep_bits);
   }
   static void backward_input(const at::Tensor& dy, const KernelArgs& a, const at::Tensor& key, double p,
-                             const GradSums& s, at::Tensor& dx, const uint8_t* keep_bits) {
+                             const ActSpec& act, const GradSums& s, at::Tensor& dx, const uint8_t* keep_bits) {
     backward_input_cpu(dy, a.x, a.mean, a.rstd, a.weight, a.bias, host_key(key), p, s.sum_g, s.sum_g_xhat, s.count,
-                       dx, keep_bits);
+                       act, dx, keep_bits);
   }
   static void dropout_mask(const at::Tensor& key, double p, at::Tensor& keep) { dropout_mask_cpu(host_key(key), p, keep); }
   static void add_relu_forward(const KernelArgs& a, const at::Tensor& r, const at::Tensor& key, double p,
-                               at::Tensor& out, uint8_t* pass_bits) {
-    add_relu_forward_cpu(a.x, r, a.mean, a.rstd, a.weight, a.bias, host_key(key), p, out, pass_bits);
+                               const ActSpec& act, at::Tensor& out, uint8_t* pass_bits) {
+    add_relu_forward_cpu(a.x, r, a.mean, a.rstd, a.weight, a.bias, host_key(key), p, act, out, pass_bits);
   }
-  // The block tail's backward is the two backward kernels in add mode: the pass bits as the mask, no ReLU gate.
+  // The block tail's backward is the two backward kernels in add mode: the pass bits as the mask and the gate.
   static std::tuple<at::Tensor, at::Tensor> add_relu_backward_reduce(const at::Tensor& dy, const KernelArgs& a,
                                                                      const at::Tensor& pass_bits, double p) {
     return backward_reduce_cpu(dy, a.x, a.mean, a.rstd, std::nullopt, std::nullopt, PhiloxKey{0, 0}, p,
-                               pass_bits.const_data_ptr<uint8_t>(), /*relu_gate=*/false);
+                               ActSpec{Act::Identity}, pass_bits.const_data_ptr<uint8_t>(), /*pass_bits=*/true);
   }
   static void add_relu_backward_input(const at::Tensor& dy, const KernelArgs& a, const at::Tensor& pass_bits,
                                       double p, const GradSums& s, at::Tensor& dx, at::Tensor& grad_residual) {
     backward_input_cpu(dy, a.x, a.mean, a.rstd, a.weight, std::nullopt, PhiloxKey{0, 0}, p, s.sum_g, s.sum_g_xhat,
-                       s.count, dx, pass_bits.const_data_ptr<uint8_t>(), &grad_residual);
+                       s.count, ActSpec{Act::Identity}, dx, pass_bits.const_data_ptr<uint8_t>(), &grad_residual);
   }
 };
 
@@ -217,20 +231,30 @@ struct CudaBackend {
                                                                double eps) {
     return batch_stats_update_cuda(x, running_mean, running_var, momentum, eps);
   }
-  static void forward(const KernelArgs& a, const at::Tensor& key, double p, at::Tensor& out) {
+  // The CUDA kernels compute ReLU only so far.
+  static void relu_only(const ActSpec& act) {
+    TORCH_CHECK_NOT_IMPLEMENTED(act.kind == Act::ReLU, "bnfused: the CUDA kernels fuse ReLU only; activation code ",
+                                static_cast<int64_t>(act.kind), " runs on the CPU");
+  }
+  static void forward(const KernelArgs& a, const at::Tensor& key, double p, const ActSpec& act, at::Tensor& out) {
+    relu_only(act);
     forward_cuda(a.x, a.mean, a.rstd, a.weight, a.bias, key, p, out);
   }
   static std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& dy, const KernelArgs& a,
-                                                            const at::Tensor& key, double p, const uint8_t*) {
+                                                            const at::Tensor& key, double p, const ActSpec& act,
+                                                            const uint8_t*) {
+    relu_only(act);
     return backward_reduce_cuda(dy, a.x, a.mean, a.rstd, a.weight, a.bias, key, p);
   }
   static void backward_input(const at::Tensor& dy, const KernelArgs& a, const at::Tensor& key, double p,
-                             const GradSums& s, at::Tensor& dx, const uint8_t*) {
+                             const ActSpec& act, const GradSums& s, at::Tensor& dx, const uint8_t*) {
+    relu_only(act);
     backward_input_cuda(dy, a.x, a.mean, a.rstd, a.weight, a.bias, key, p, s.sum_g, s.sum_g_xhat, s.count, dx);
   }
   static void dropout_mask(const at::Tensor& key, double p, at::Tensor& keep) { dropout_mask_cuda(key, p, keep); }
   static void add_relu_forward(const KernelArgs& a, const at::Tensor& r, const at::Tensor& key, double p,
-                               at::Tensor& out, uint8_t* pass_bits) {
+                               const ActSpec& act, at::Tensor& out, uint8_t* pass_bits) {
+    relu_only(act);
     add_relu_forward_cuda(a.x, r, a.mean, a.rstd, a.weight, a.bias, key, p, out, pass_bits);
   }
   static std::tuple<at::Tensor, at::Tensor> add_relu_backward_reduce(const at::Tensor& dy, const KernelArgs& a,
@@ -277,10 +301,12 @@ std::tuple<at::Tensor, at::Tensor> batch_stats_update(const at::Tensor& input, c
 // batch_stats only tells autograd whether mean/rstd are this batch's statistics; the forward ignores it.
 template <class B>
 at::Tensor forward(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& rstd, const OptTensor& weight,
-                   const OptTensor& bias, const at::Tensor& key, double p, bool /*batch_stats*/) {
-  const KernelArgs a = prepare("bnfused.forward", input, mean, rstd, weight, bias, &key, p);
+                   const OptTensor& bias, const at::Tensor& key, double p, bool /*batch_stats*/, int64_t act,
+                   double act_alpha, double act_beta) {
+  constexpr const char* op = "bnfused.forward";
+  const KernelArgs a = prepare(op, input, mean, rstd, weight, bias, &key, p);
   auto out = empty_like_kernel(a.x);
-  B::forward(a, key, p, out);
+  B::forward(a, key, p, act_spec(act, act_alpha, act_beta, op), out);
   return out;
 }
 
@@ -290,12 +316,15 @@ at::Tensor forward(const at::Tensor& input, const at::Tensor& mean, const at::Te
 std::tuple<at::Tensor, at::Tensor> forward_keep_bits(const at::Tensor& input, const at::Tensor& mean,
                                                      const at::Tensor& rstd, const OptTensor& weight,
                                                      const OptTensor& bias, const at::Tensor& key, double p,
-                                                     bool /*batch_stats*/) {
-  const KernelArgs a = prepare("bnfused.forward_keep_bits", input, mean, rstd, weight, bias, &key, p);
+                                                     bool /*batch_stats*/, int64_t act, double act_alpha,
+                                                     double act_beta) {
+  constexpr const char* op = "bnfused.forward_keep_bits";
+  const KernelArgs a = prepare(op, input, mean, rstd, weight, bias, &key, p);
+  const ActSpec spec = act_spec(act, act_alpha, act_beta, op);
   auto out = empty_like_kernel(a.x);
   auto bits = at::empty({keep_bits_bytes(a.x.numel())}, a.x.options().dtype(at::kByte));
   if (p == 0.0) bits.fill_(0xFF);
-  forward_cpu(a.x, a.mean, a.rstd, a.weight, a.bias, host_key(key), p, out, bits.data_ptr<uint8_t>());
+  forward_cpu(a.x, a.mean, a.rstd, a.weight, a.bias, host_key(key), p, spec, out, bits.data_ptr<uint8_t>());
   return {out, bits};
 }
 
@@ -303,11 +332,13 @@ template <class B>
 std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& grad_out, const at::Tensor& input,
                                                    const at::Tensor& mean, const at::Tensor& rstd,
                                                    const OptTensor& weight, const OptTensor& bias,
-                                                   const at::Tensor& key, double p, const OptTensor& keep_bits) {
+                                                   const at::Tensor& key, double p, const OptTensor& keep_bits,
+                                                   int64_t act, double act_alpha, double act_beta) {
   constexpr const char* op = "bnfused.backward_reduce";
   const KernelArgs a = prepare(op, input, mean, rstd, weight, bias, &key, p);
+  const ActSpec spec = act_spec(act, act_alpha, act_beta, op);
   const uint8_t* bits = keep_bits_of(keep_bits, a.x, op);
-  return B::backward_reduce(like_input_layout(grad_out, a.x, op), a, key, p, bits);
+  return B::backward_reduce(like_input_layout(grad_out, a.x, op), a, key, p, spec, bits);
 }
 
 // sum_g/sum_g_xhat (with the element count they were summed over: the global count under SyncBN) turn on the
@@ -317,13 +348,15 @@ template <class B>
 at::Tensor backward_input(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
                           const at::Tensor& rstd, const OptTensor& weight, const OptTensor& bias,
                           const at::Tensor& key, double p, const OptTensor& sum_g, const OptTensor& sum_g_xhat,
-                          c10::SymInt count, const OptTensor& keep_bits) {
+                          c10::SymInt count, const OptTensor& keep_bits, int64_t act, double act_alpha,
+                          double act_beta) {
   constexpr const char* op = "bnfused.backward_input";
   const KernelArgs a = prepare(op, input, mean, rstd, weight, bias, &key, p);
+  const ActSpec spec = act_spec(act, act_alpha, act_beta, op);
   const GradSums sums = check_sums(op, sum_g, sum_g_xhat, count, a.x);
   const uint8_t* bits = keep_bits_of(keep_bits, a.x, op);
   auto dx = empty_like_kernel(a.x);
-  B::backward_input(like_input_layout(grad_out, a.x, op), a, key, p, sums, dx, bits);
+  B::backward_input(like_input_layout(grad_out, a.x, op), a, key, p, spec, sums, dx, bits);
   return dx;
 }
 
@@ -354,11 +387,13 @@ at::Tensor residual_like_input(const at::Tensor& residual, const at::Tensor& x, 
 template <class B>
 at::Tensor add_relu_forward(const at::Tensor& input, const at::Tensor& residual, const at::Tensor& mean,
                             const at::Tensor& rstd, const OptTensor& weight, const OptTensor& bias,
-                            const at::Tensor& key, double p, bool /*batch_stats*/) {
+                            const at::Tensor& key, double p, bool /*batch_stats*/, int64_t act, double act_alpha,
+                            double act_beta) {
   constexpr const char* op = "bnfused.add_relu_forward";
   const KernelArgs a = prepare(op, input, mean, rstd, weight, bias, &key, p);
+  const ActSpec spec = act_spec(act, act_alpha, act_beta, op, /*gate_bits=*/true);
   auto out = empty_like_kernel(a.x);
-  B::add_relu_forward(a, residual_like_input(residual, a.x, op), key, p, out, nullptr);
+  B::add_relu_forward(a, residual_like_input(residual, a.x, op), key, p, spec, out, nullptr);
   return out;
 }
 
@@ -368,12 +403,14 @@ template <class B>
 std::tuple<at::Tensor, at::Tensor> add_relu_forward_bits(const at::Tensor& input, const at::Tensor& residual,
                                                          const at::Tensor& mean, const at::Tensor& rstd,
                                                          const OptTensor& weight, const OptTensor& bias,
-                                                         const at::Tensor& key, double p, bool /*batch_stats*/) {
+                                                         const at::Tensor& key, double p, bool /*batch_stats*/,
+                                                         int64_t act, double act_alpha, double act_beta) {
   constexpr const char* op = "bnfused.add_relu_forward_bits";
   const KernelArgs a = prepare(op, input, mean, rstd, weight, bias, &key, p);
+  const ActSpec spec = act_spec(act, act_alpha, act_beta, op, /*gate_bits=*/true);
   auto out = empty_like_kernel(a.x);
   auto bits = at::empty({keep_bits_bytes(a.x.numel())}, a.x.options().dtype(at::kByte));
-  B::add_relu_forward(a, residual_like_input(residual, a.x, op), key, p, out, bits.data_ptr<uint8_t>());
+  B::add_relu_forward(a, residual_like_input(residual, a.x, op), key, p, spec, out, bits.data_ptr<uint8_t>());
   return {out, bits};
 }
 
@@ -438,40 +475,44 @@ TORCH_LIBRARY(bnfused, m) {
   m.def(
       "batch_stats_update(Tensor input, Tensor(a!)? running_mean, Tensor(b!)? running_var, float momentum, "
       "float eps) -> (Tensor mean, Tensor rstd)");
-  // y = dropout(relu((x - mean) * rstd * weight + bias)); key = int64[2] (seed, offset); p = 0 skips the RNG.
-  // batch_stats: mean/rstd are this batch's statistics, so the backward differentiates through them.
+  // y = dropout(act((x - mean) * rstd * weight + bias)); key = int64[2] (seed, offset); p = 0 skips the RNG.
+  // batch_stats: mean/rstd are this batch's statistics, so the backward differentiates through them. act: the
+  // activation (csrc/activation.h's Act: 0 identity, 1 relu, 2 hardtanh(alpha, beta), 3 leaky_relu(alpha), 4 silu,
+  // 5 hardswish, 6 gelu, 7 gelu tanh, 8 elu(alpha), 9 mish), the same in every op below that takes it.
   m.def(
       "forward(Tensor input, Tensor mean, Tensor rstd, Tensor? weight, Tensor? bias, Tensor key, float p, "
-      "bool batch_stats) -> Tensor");
+      "bool batch_stats, int act=1, float act_alpha=0., float act_beta=0.) -> Tensor");
   // CPU only: forward plus the keep pattern packed 1 bit per element (uint8[ceil(numel / 8)], bit k of byte b =
   // element 8b + k in the kernel's memory order: logical for contiguous and 2-d input, (N, spatial..., C) for
   // channels_last), which the backward ops then read instead of regenerating it.
   m.def(
       "forward_keep_bits(Tensor input, Tensor mean, Tensor rstd, Tensor? weight, Tensor? bias, Tensor key, "
-      "float p, bool batch_stats) -> (Tensor out, Tensor keep_bits)");
-  // Per-channel sums of g and g * xhat, g = grad_out * keep / (1 - p) * [z > 0].
+      "float p, bool batch_stats, int act=1, float act_alpha=0., float act_beta=0.) -> (Tensor out, Tensor keep_bits)");
+  // Per-channel sums of g and g * xhat, g = grad_out * keep / (1 - p) * act'(z).
   m.def(
       "backward_reduce(Tensor grad_out, Tensor input, Tensor mean, Tensor rstd, Tensor? weight, Tensor? bias, "
-      "Tensor key, float p, Tensor? keep_bits=None) -> (Tensor sum_g, Tensor sum_g_xhat)");
+      "Tensor key, float p, Tensor? keep_bits=None, int act=1, float act_alpha=0., float act_beta=0.) -> (Tensor sum_g, Tensor sum_g_xhat)");
   // grad_input; with sum_g/sum_g_xhat (over `count` elements, global under SyncBN) the statistics were batch
   // statistics and their terms are included. In both backward ops keep_bits (CPU, from forward_keep_bits of the
   // same input in the same memory format: the bits follow memory order), when given, is the mask instead of the key.
   m.def(
       "backward_input(Tensor grad_out, Tensor input, Tensor mean, Tensor rstd, Tensor? weight, Tensor? bias, "
-      "Tensor key, float p, Tensor? sum_g, Tensor? sum_g_xhat, SymInt count, Tensor? keep_bits=None) -> Tensor");
+      "Tensor key, float p, Tensor? sum_g, Tensor? sum_g_xhat, SymInt count, Tensor? keep_bits=None, "
+      "int act=1, float act_alpha=0., float act_beta=0.) -> Tensor");
   // Keep pattern (bool) of the fused kernels for a tensor of `shape` in logical (NCHW) order, on key's device.
   m.def("dropout_mask(Tensor key, SymInt[] shape, float p) -> Tensor");
 
-  // BN + residual add + ReLU (+ dropout): y = dropout(relu((x - mean) * rstd * weight + bias + residual)); residual
-  // of input's shape, dtype and device, in any memory format; output in input's kernel memory format.
+  // BN + residual add + activation (+ dropout): y = dropout(act((x - mean) * rstd * weight + bias + residual));
+  // residual of input's shape, dtype and device, in any memory format; output in input's kernel memory format.
+  // act: identity, relu or hardtanh (the activations whose gradient gate fits the pass bits).
   m.def(
       "add_relu_forward(Tensor input, Tensor residual, Tensor mean, Tensor rstd, Tensor? weight, Tensor? bias, "
-      "Tensor key, float p, bool batch_stats) -> Tensor");
-  // The same, plus the pass bits (keep AND bn(x) + residual > 0) packed 1 bit per element in the kernel's memory
+      "Tensor key, float p, bool batch_stats, int act=1, float act_alpha=0., float act_beta=0.) -> Tensor");
+  // The same, plus the pass bits (keep AND act' = 1 at bn(x) + residual) packed 1 bit per element in the kernel's memory
   // order (as forward_keep_bits' keep bits): all the backward needs besides input and per-channel tensors.
   m.def(
       "add_relu_forward_bits(Tensor input, Tensor residual, Tensor mean, Tensor rstd, Tensor? weight, Tensor? bias, "
-      "Tensor key, float p, bool batch_stats) -> (Tensor out, Tensor pass_bits)");
+      "Tensor key, float p, bool batch_stats, int act=1, float act_alpha=0., float act_beta=0.) -> (Tensor out, Tensor pass_bits)");
   // Per-channel sums of g and g * xhat, g = grad_out * pass / (1 - p) (the residual's gradient).
   m.def(
       "add_relu_backward_reduce(Tensor grad_out, Tensor input, Tensor mean, Tensor rstd, Tensor pass_bits, "
@@ -543,13 +584,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Eager CPU path of functional.bn_relu_dropout_unchecked: statistics, fused forward and its C++ autograd node",
         pybind11::arg("input"), pybind11::arg("running_mean"), pybind11::arg("running_var"), pybind11::arg("weight"),
         pybind11::arg("bias"), pybind11::arg("training"), pybind11::arg("momentum"), pybind11::arg("eps"),
-        pybind11::arg("p"), pybind11::arg("key"), pybind11::call_guard<pybind11::gil_scoped_release>());
+        pybind11::arg("p"), pybind11::arg("key"), pybind11::arg("act") = 1,
+        pybind11::arg("act_alpha") = 0.0, pybind11::arg("act_beta") = 0.0, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("bn_add_relu_dropout_eager", &bnfused::bn_add_relu_dropout_eager,
         "Eager CPU path of functional.bn_add_relu_dropout_unchecked: statistics, fused forward and its C++ autograd "
         "node",
         pybind11::arg("input"), pybind11::arg("residual"), pybind11::arg("running_mean"),
         pybind11::arg("running_var"), pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("training"),
-        pybind11::arg("momentum"), pybind11::arg("eps"), pybind11::arg("p"), pybind11::arg("key"),
+        pybind11::arg("momentum"), pybind11::arg("eps"), pybind11::arg("p"), pybind11::arg("key"), pybind11::arg("act") = 1,
+        pybind11::arg("act_alpha") = 0.0, pybind11::arg("act_beta") = 0.0,
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("eager_inputs_ok", &bnfused::eager_inputs_ok,
         "functional.check_inputs' tensor conditions without raising (false: run the Python checks for the error)",

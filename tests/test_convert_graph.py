@@ -364,7 +364,7 @@ def test_forward_pre_hook_on_bn_is_carried_over():
     handle = model[1].register_forward_pre_hook(lambda mod, args: seen.append(type(mod).__name__))
     bnfused.convert(model)
     model(torch.randn(2, 3, 4, 4))
-    assert seen == ["BatchNormReLUDropout2d"]
+    assert seen == ["BatchNormActDropout2d"]
     handle.remove()  # the user's handle still removes it
     model(torch.randn(2, 3, 4, 4))
     assert len(seen) == 1
@@ -419,7 +419,7 @@ def test_torchscript_raises_a_clear_error():
     """TorchScript cannot compile the fused modules (autograd.Function, Python custom ops): scripting a converted
     model fails at once, naming the module, instead of on '_expected_dims'."""
     model, _ = converted(build("resnet18"))
-    with pytest.raises(RuntimeError, match=r"torch.jit.script does not support bnfused.BatchNormReLUDropout2d.*"
+    with pytest.raises(RuntimeError, match=r"torch.jit.script does not support bnfused.BatchNormActDropout2d.*"
                                            r"torch.compile or torch.export.*bnfused.unconvert"):
         torch.jit.script(model)
     torch.jit.script(bnfused.unconvert(model))  # the way back that the message names

@@ -1,5 +1,5 @@
-// CPU forward of BN + residual add + ReLU (+ dropout): y = relu(fma(x, a, b) + residual) * mult, and for the
-// backward the "pass" bits [y > 0] = keep AND bn(x) + residual > 0, packed 1 bit per element in memory order
+// CPU forward of BN + residual add + activation (+ dropout): y = act(fma(x, a, b) + residual) * mult, and for the
+// backward the "pass" bits = keep AND act'(bn(x) + residual) = 1, packed 1 bit per element in memory order
 // (keep_bits.h's format), so the backward kernels (backward_input.cpp, backward_reduce.cpp in add mode) need neither the
 // residual nor the key. One read of x and residual, one write of y.
 #include "cpu/row_tiles.h"
@@ -9,20 +9,20 @@ namespace {
 
 using cpu::kChunk;
 
-// Bit j of the result = lane j of v is > 0 (false for NaN), for the first `cnt` lanes.
+// Bit j of the result = lane j of the comparison mask `mask` is set, for the first `cnt` lanes.
 template <typename acc>
-inline uint32_t positive_lanes(const at::vec::Vectorized<acc>& v, int cnt) {
+inline uint32_t mask_lanes(const at::vec::Vectorized<acc>& mask, int cnt) {
   using Vec = at::vec::Vectorized<acc>;
   uint32_t bits = 0;
 #if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<acc, float>)
-    bits = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_GT_OQ)));
+    bits = static_cast<uint32_t>(_mm256_movemask_ps(mask));
   else
-    bits = static_cast<uint32_t>(_mm256_movemask_pd(_mm256_cmp_pd(v, _mm256_setzero_pd(), _CMP_GT_OQ)));
+    bits = static_cast<uint32_t>(_mm256_movemask_pd(mask));
 #else
   alignas(64) acc lanes[Vec::size()];
-  v.store(lanes);
-  for (int k = 0; k < Vec::size(); ++k) bits |= static_cast<uint32_t>(lanes[k] > acc(0)) << k;
+  mask.store(lanes);
+  for (int k = 0; k < Vec::size(); ++k) bits |= static_cast<uint32_t>(lanes[k] != acc(0)) << k;
 #endif
   return cnt == Vec::size() ? bits : bits & ((1u << cnt) - 1u);
 }
@@ -67,47 +67,55 @@ class PassBits {
   std::vector<uint8_t> buf_;
 };
 
-// One vector: y = relu(fma(x, a, b) + r) [* mult], the ReLU as clamp_min (passes NaN and -0, like torch.relu).
-template <typename scalar_t, typename acc>
-inline at::vec::Vectorized<acc> add_relu_vec(const scalar_t* x, const scalar_t* r, const at::vec::Vectorized<acc>& a,
-                                             const at::vec::Vectorized<acc>& b, const acc* mult, int cnt) {
+// One vector: y = act(fma(x, a, b) + r) [* mult] to y (cnt elements), and its pass bits (keep AND the gate).
+template <typename scalar_t, typename acc, Act kAct>
+inline uint32_t add_act_vec(const scalar_t* x, const scalar_t* r, const at::vec::Vectorized<acc>& a,
+                            const at::vec::Vectorized<acc>& b, const acc* mult, int cnt, const cpu::ActVec<acc>& act,
+                            scalar_t* y) {
   using Vec = at::vec::Vectorized<acc>;
   const Vec s = at::vec::fmadd(cpu::load_as<scalar_t, acc>(x, cnt), a, b) + cpu::load_as<scalar_t, acc>(r, cnt);
-  Vec y = at::vec::clamp_min(s, Vec(0));
-  if (mult) y = y * cpu::load(mult, cnt);
-  return y;
+  Vec out = cpu::act_forward_vec<kAct>(s, act);
+  Vec pass = cpu::act_pass_mask<kAct>(s, act);
+  if (mult) {
+    const Vec m = cpu::load(mult, cnt);
+    out = out * m;
+    pass = pass & (m != Vec(0));
+  }
+  cpu::store_as(out, y, cnt);
+  return mask_lanes(pass, cnt);
 }
 
 // n elements of one channel (a plane segment) at memory offset rel of the range `bits` gathers (bits may be null).
-template <typename scalar_t, typename acc>
-inline void add_relu_run(const scalar_t* x, const scalar_t* r, acc a, acc b, const acc* mult, scalar_t* y, int64_t n,
-                         PassBits* bits, int64_t rel) {
+template <typename scalar_t, typename acc, Act kAct>
+inline void add_act_run(const scalar_t* x, const scalar_t* r, acc a, acc b, const acc* mult, scalar_t* y, int64_t n,
+                        PassBits* bits, int64_t rel, const cpu::ActVec<acc>& act) {
   using Vec = at::vec::Vectorized<acc>;
   const Vec va(a), vb(b);
   cpu::elementwise_loop<acc>(n, [&](int64_t i, int cnt) {
-    const Vec out = add_relu_vec<scalar_t, acc>(x + i, r + i, va, vb, mult ? mult + i : nullptr, cnt);
-    cpu::store_as(out, y + i, cnt);
-    if (bits) bits->set(rel + i, positive_lanes(out, cnt));
+    const uint32_t pass = add_act_vec<scalar_t, acc, kAct>(x + i, r + i, va, vb, mult ? mult + i : nullptr, cnt, act,
+                                                           y + i);
+    if (bits) bits->set(rel + i, pass);
   });
 }
 
 // One channels_last row of C elements, per-lane coefficients a[c], b[c].
-template <typename scalar_t, typename acc>
-inline void add_relu_row(const scalar_t* x, const scalar_t* r, const acc* a, const acc* b, const acc* mult,
-                         scalar_t* y, int64_t C, PassBits* bits, int64_t rel) {
+template <typename scalar_t, typename acc, Act kAct>
+inline void add_act_row(const scalar_t* x, const scalar_t* r, const acc* a, const acc* b, const acc* mult,
+                        scalar_t* y, int64_t C, PassBits* bits, int64_t rel, const cpu::ActVec<acc>& act) {
   cpu::elementwise_loop<acc>(C, [&](int64_t i, int cnt) {
-    const auto out = add_relu_vec<scalar_t, acc>(x + i, r + i, cpu::load(a + i, cnt), cpu::load(b + i, cnt),
-                                                 mult ? mult + i : nullptr, cnt);
-    cpu::store_as(out, y + i, cnt);
-    if (bits) bits->set(rel + i, positive_lanes(out, cnt));
+    const uint32_t pass = add_act_vec<scalar_t, acc, kAct>(x + i, r + i, cpu::load(a + i, cnt), cpu::load(b + i, cnt),
+                                                           mult ? mult + i : nullptr, cnt, act, y + i);
+    if (bits) bits->set(rel + i, pass);
   });
 }
 
-template <typename scalar_t>
-void add_relu_forward_kernel(const at::Tensor& x, const at::Tensor& residual,
-                             const ChannelParams<cpu::acc_t<scalar_t>>& prm,
-                             const cpu::DropoutParams<cpu::acc_t<scalar_t>>& dp, at::Tensor& out, uint8_t* bits_out) {
+template <typename scalar_t, Act kAct>
+void add_act_forward_kernel(const at::Tensor& x, const at::Tensor& residual,
+                            const ChannelParams<cpu::acc_t<scalar_t>>& prm,
+                            const cpu::DropoutParams<cpu::acc_t<scalar_t>>& dp,
+                            const ActArgs<cpu::acc_t<scalar_t>>& act_args, at::Tensor& out, uint8_t* bits_out) {
   using acc = cpu::acc_t<scalar_t>;
+  const cpu::ActVec<acc> act(act_args);
   const Geometry g = geometry_of(x);
   const scalar_t* xd = x.const_data_ptr<scalar_t>();
   const scalar_t* rd = residual.const_data_ptr<scalar_t>();
@@ -128,9 +136,9 @@ void add_relu_forward_kernel(const at::Tensor& x, const at::Tensor& residual,
         if (dp.active) cpu::fill_run_mult(dp, off, len, mult.data(), &prefetch);
         if (bits_out) bits.begin(off, len);
         cpu::for_each_segment(g, off, len, [&](int64_t rel, int64_t n, int64_t, int64_t c) {
-          add_relu_run<scalar_t, acc>(xd + off + rel, rd + off + rel, a[c], b[c],
-                                      dp.active ? mult.data() + rel : nullptr, yd + off + rel, n,
-                                      bits_out ? &bits : nullptr, rel);
+          add_act_run<scalar_t, acc, kAct>(xd + off + rel, rd + off + rel, a[c], b[c],
+                                           dp.active ? mult.data() + rel : nullptr, yd + off + rel, n,
+                                           bits_out ? &bits : nullptr, rel, act);
         });
         if (bits_out) bits.flush();
       }
@@ -158,8 +166,8 @@ void add_relu_forward_kernel(const at::Tensor& x, const at::Tensor& residual,
       tiles.for_each_row<1>(t, dp, mult.data(), scratch.data(), &prefetch,
                             [&](int64_t r, int64_t, const acc* row_mult, int64_t) {
         const int64_t off = (t.row0 + r) * g.C;
-        add_relu_row<scalar_t, acc>(xd + off, rd + off, a.data(), b.data(), row_mult, yd + off, g.C,
-                                    bits_out ? &bits : nullptr, r * g.C);
+        add_act_row<scalar_t, acc, kAct>(xd + off, rd + off, a.data(), b.data(), row_mult, yd + off, g.C,
+                                         bits_out ? &bits : nullptr, r * g.C, act);
       });
       if (bits_out) bits.flush();
     }
@@ -170,12 +178,15 @@ void add_relu_forward_kernel(const at::Tensor& x, const at::Tensor& residual,
 
 void add_relu_forward_cpu(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& mean,
                           const at::Tensor& rstd, const OptTensor& weight, const OptTensor& bias, PhiloxKey key,
-                          double p, at::Tensor& out, uint8_t* pass_bits_out) {
+                          double p, const ActSpec& act, at::Tensor& out, uint8_t* pass_bits_out) {
   if (x.numel() == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnfused_add_relu_forward_cpu", [&] {
     using acc = cpu::acc_t<scalar_t>;
-    add_relu_forward_kernel<scalar_t>(x, residual, channel_params<acc>(mean, rstd, weight, bias),
-                                      cpu::dropout_params<acc>(key, p), out, pass_bits_out);
+    dispatch_gate_act(act.kind, [&](auto kind) {
+      add_act_forward_kernel<scalar_t, decltype(kind)::value>(x, residual, channel_params<acc>(mean, rstd, weight, bias),
+                                                              cpu::dropout_params<acc>(key, p), ActArgs<acc>::of(act),
+                                                              out, pass_bits_out);
+    });
   });
 }
 

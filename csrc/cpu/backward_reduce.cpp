@@ -1,7 +1,7 @@
 // Per-channel reductions of the backward pass on the CPU: sum_g = Σ g and sum_g_xhat = Σ g·x̂, where
-// g = dy · mult · [z > 0] with the dropout multipliers regenerated from Philox. One read of dy and x.
-// Add mode (BN + residual add + ReLU): g = dy · mult, the multipliers unpacked from the pass bits, which already
-// hold the ReLU's [bn(x) + residual > 0]; there is no [z > 0] gate.
+// g = act'(z) · dy · mult with the dropout multipliers regenerated from Philox (or unpacked from the keep bits).
+// One read of dy and x. Add mode (BN + residual add + activation): g = dy · mult, the multipliers unpacked from the
+// pass bits, which already hold the activation's gate (kAct is Identity).
 // Σ g·(x − mean) is accumulated (then × rstd) so a large common offset in x does not cancel; partial sums are
 // float per L1 chunk and double across chunks, merged in a fixed order (thread-count independent).
 #include <ATen/ops/empty.h>
@@ -14,24 +14,26 @@ namespace {
 
 using cpu::kChunk;
 
-// g = dy * mult masked by [z > 0] (kGate; else unmasked) for one vector of elements; partial loads give
-// x = dy = 0, hence g = 0.
-template <typename scalar_t, typename acc, bool kGate>
+// g = act'(z) * dy * mult for one vector of elements. Partial loads give x = dy = 0 past cnt; those lanes of g are
+// set to 0 explicitly, since act'(z) of the padding's z = b may be infinite (0 * inf).
+template <typename scalar_t, typename acc, Act kAct>
 inline at::vec::Vectorized<acc> grad_vec(const at::vec::Vectorized<acc>& xv, const scalar_t* dy, const acc* mult,
                                          const at::vec::Vectorized<acc>& a, const at::vec::Vectorized<acc>& b,
-                                         int64_t i, int cnt) {
+                                         int64_t i, int cnt, const cpu::ActVec<acc>& act) {
   using Vec = at::vec::Vectorized<acc>;
   Vec gm = cpu::load_as<scalar_t, acc>(dy + i, cnt);
   if (mult) gm = gm * cpu::load(mult + i, cnt);
-  if constexpr (!kGate) return gm;
-  const Vec z = at::vec::fmadd(xv, a, b);
-  return Vec::blendv(Vec(0), gm, z > Vec(0));
+  if constexpr (kAct == Act::Identity) return gm;
+  const Vec g = cpu::act_backward_vec<kAct>(gm, at::vec::fmadd(xv, a, b), act);
+  if constexpr (kAct == Act::ReLU || kAct == Act::Hardtanh || kAct == Act::LeakyReLU || kAct == Act::Hardswish)
+    return g;  // finite slopes: 0 * slope = 0
+  return cnt == Vec::size() ? g : Vec::set(Vec(0), g, cnt);
 }
 
 // One channel (a plane chunk): Σ g and Σ g·(x − mean) as vectors of partial sums (two pairs for ILP).
-template <typename scalar_t, typename acc, bool kGate>
+template <typename scalar_t, typename acc, Act kAct>
 inline void reduce_plane(const scalar_t* dy, const scalar_t* x, const acc* mult, acc a, acc b, acc mean, int64_t n,
-                         at::vec::Vectorized<acc>& sg, at::vec::Vectorized<acc>& sgx) {
+                         at::vec::Vectorized<acc>& sg, at::vec::Vectorized<acc>& sgx, const cpu::ActVec<acc>& act) {
   using Vec = at::vec::Vectorized<acc>;
   const Vec va(a), vb(b), vm(mean);
   Vec g0(0), g1(0), gx0(0), gx1(0);
@@ -39,8 +41,8 @@ inline void reduce_plane(const scalar_t* dy, const scalar_t* x, const acc* mult,
   for (; i + 2 * Vec::size() <= n; i += 2 * Vec::size()) {
     const Vec x0 = cpu::load_as<scalar_t, acc>(x + i, Vec::size());
     const Vec x1 = cpu::load_as<scalar_t, acc>(x + i + Vec::size(), Vec::size());
-    const Vec d0 = grad_vec<scalar_t, acc, kGate>(x0, dy, mult, va, vb, i, Vec::size());
-    const Vec d1 = grad_vec<scalar_t, acc, kGate>(x1, dy, mult, va, vb, i + Vec::size(), Vec::size());
+    const Vec d0 = grad_vec<scalar_t, acc, kAct>(x0, dy, mult, va, vb, i, Vec::size(), act);
+    const Vec d1 = grad_vec<scalar_t, acc, kAct>(x1, dy, mult, va, vb, i + Vec::size(), Vec::size(), act);
     g0 += d0;
     g1 += d1;
     gx0 = at::vec::fmadd(d0, x0 - vm, gx0);
@@ -49,7 +51,7 @@ inline void reduce_plane(const scalar_t* dy, const scalar_t* x, const acc* mult,
   for (; i < n; i += Vec::size()) {
     const int cnt = static_cast<int>(std::min<int64_t>(Vec::size(), n - i));
     const Vec x0 = cpu::load_as<scalar_t, acc>(x + i, cnt);
-    const Vec d0 = grad_vec<scalar_t, acc, kGate>(x0, dy, mult, va, vb, i, cnt);
+    const Vec d0 = grad_vec<scalar_t, acc, kAct>(x0, dy, mult, va, vb, i, cnt, act);
     g0 += d0;
     gx0 = at::vec::fmadd(d0, x0 - vm, gx0);
   }
@@ -89,22 +91,25 @@ struct PendingPlaneSums {
 };
 
 // One row of the ChannelsLast layout: per-channel Σ g and Σ g·(x − mean) added into sg[c], sgx[c].
-template <typename scalar_t, typename acc, bool kGate>
+template <typename scalar_t, typename acc, Act kAct>
 inline void reduce_row(const scalar_t* dy, const scalar_t* x, const acc* mult, const acc* a, const acc* b, const acc* mean,
-                       int64_t n, acc* sg, acc* sgx) {
+                       int64_t n, acc* sg, acc* sgx, const cpu::ActVec<acc>& act) {
   using Vec = at::vec::Vectorized<acc>;
   cpu::vec_loop<acc>(n, [&](int64_t i, int cnt) {
     const Vec xv = cpu::load_as<scalar_t, acc>(x + i, cnt);
-    const Vec grad = grad_vec<scalar_t, acc, kGate>(xv, dy, mult, cpu::load(a + i, cnt), cpu::load(b + i, cnt), i, cnt);
+    const Vec grad =
+        grad_vec<scalar_t, acc, kAct>(xv, dy, mult, cpu::load(a + i, cnt), cpu::load(b + i, cnt), i, cnt, act);
     cpu::store(cpu::load(sg + i, cnt) + grad, sg + i, cnt);
     cpu::store(at::vec::fmadd(grad, xv - cpu::load(mean + i, cnt), cpu::load(sgx + i, cnt)), sgx + i, cnt);
   });
 }
 
-template <typename scalar_t, bool kGate>
+template <typename scalar_t, Act kAct>
 void reduce_kernel(const at::Tensor& dy_t, const at::Tensor& x, const ChannelParams<cpu::acc_t<scalar_t>>& prm,
-                   const cpu::DropoutParams<cpu::acc_t<scalar_t>>& dp, double* sum_g, double* sum_gx) {
+                   const cpu::DropoutParams<cpu::acc_t<scalar_t>>& dp, const ActArgs<cpu::acc_t<scalar_t>>& act_args,
+                   double* sum_g, double* sum_gx) {
   using acc = cpu::acc_t<scalar_t>;
+  const cpu::ActVec<acc> act(act_args);
   using Vec = at::vec::Vectorized<acc>;
   const Geometry g = geometry_of(x);
   const scalar_t* xd = x.const_data_ptr<scalar_t>();
@@ -124,8 +129,8 @@ void reduce_kernel(const at::Tensor& dy_t, const at::Tensor& x, const ChannelPar
         }
         cpu::for_each_segment(g, off, len, [&](int64_t rel, int64_t n, int64_t plane, int64_t c) {
           Vec sg, sgx;
-          reduce_plane<scalar_t, acc, kGate>(dyd + off + rel, xd + off + rel, dp.active ? mult.data() + rel : nullptr, a[c],
-                                      b[c], mean[c], n, sg, sgx);
+          reduce_plane<scalar_t, acc, kAct>(dyd + off + rel, xd + off + rel, dp.active ? mult.data() + rel : nullptr,
+                                            a[c], b[c], mean[c], n, sg, sgx, act);
           pending.add(plane, sg, sgx);
         });
       });
@@ -164,8 +169,8 @@ void reduce_kernel(const at::Tensor& dy_t, const at::Tensor& x, const ChannelPar
         tiles.for_each_row<1>(t, dp, mult.data(), scratch.data(), &prefetch,
                               [&](int64_t r, int64_t, const acc* row_mult, int64_t) {
           const int64_t off = (t.row0 + r) * g.C;
-          reduce_row<scalar_t, acc, kGate>(dyd + off, xd + off, row_mult, a.data(), b.data(), mean.data(), g.C, sg.data(),
-                                    sgx.data());
+          reduce_row<scalar_t, acc, kAct>(dyd + off, xd + off, row_mult, a.data(), b.data(), mean.data(), g.C,
+                                          sg.data(), sgx.data(), act);
         });
         for (int64_t c = 0; c < g.C; ++c) {
           pg[c] += sg[c];
@@ -190,8 +195,8 @@ void reduce_kernel(const at::Tensor& dy_t, const at::Tensor& x, const ChannelPar
 std::tuple<at::Tensor, at::Tensor> backward_reduce_cpu(const at::Tensor& dy, const at::Tensor& x,
                                                        const at::Tensor& mean, const at::Tensor& rstd,
                                                        const OptTensor& weight, const OptTensor& bias,
-                                                       PhiloxKey key, double p, const uint8_t* keep_bits_in,
-                                                       bool relu_gate) {
+                                                       PhiloxKey key, double p, const ActSpec& act,
+                                                       const uint8_t* keep_bits_in, bool pass_bits) {
   const int64_t C = x.size(1);
   const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto sum_g = at::zeros({C}, x.options().dtype(at::kDouble));
@@ -201,12 +206,17 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_cpu(const at::Tensor& dy, con
       using acc = cpu::acc_t<scalar_t>;
       const auto prm = channel_params<acc>(mean, rstd, weight, bias);
       auto dp = cpu::dropout_params<acc>(key, p, keep_bits_in);
-      if (relu_gate) {
-        reduce_kernel<scalar_t, true>(dy, x, prm, dp, sum_g.data_ptr<double>(), sum_gx.data_ptr<double>());
-      } else {
-        dp.active = true;  // the pass bits are the mask, p = 0 included
-        reduce_kernel<scalar_t, false>(dy, x, prm, dp, sum_g.data_ptr<double>(), sum_gx.data_ptr<double>());
+      const auto act_args = ActArgs<acc>::of(act);
+      if (pass_bits) {
+        dp.active = true;  // the pass bits are the mask (and the activation's gate), p = 0 included
+        reduce_kernel<scalar_t, Act::Identity>(dy, x, prm, dp, act_args, sum_g.data_ptr<double>(),
+                                               sum_gx.data_ptr<double>());
+        return;
       }
+      dispatch_act(act.kind, [&](auto kind) {
+        reduce_kernel<scalar_t, decltype(kind)::value>(dy, x, prm, dp, act_args, sum_g.data_ptr<double>(),
+                                                       sum_gx.data_ptr<double>());
+      });
     });
   }
   // Σ g·x̂ = rstd · Σ g·(x − mean), in double, then rounded to acc (a loop: tensor ops cost more for few channels).

@@ -15,6 +15,7 @@
 
 #include "bnfused.h"
 #include "bn_math.h"
+#include "cpu/activation_vec.h"
 
 namespace bnfused::cpu {
 

@@ -1,4 +1,4 @@
-// The forward elementwise pass on the CPU (BN -> ReLU -> dropout, optionally packing the keep bits) and the dropout
+// The forward elementwise pass on the CPU (BN -> activation -> dropout, optionally packing the keep bits) and the dropout
 // keep mask, with the test hooks of its random number generation. It reads its input once; the dropout multipliers
 // of a chunk are generated into an L1 buffer from Philox and consumed right away, so no mask tensor is ever written.
 #include "cpu/row_tiles.h"
@@ -8,24 +8,24 @@ namespace {
 
 using cpu::kChunk;
 
-// relu(fma(x, a, b)): the ReLU is clamp_min(z, 0), one max_ps(0, z) that, like relu_nan (bn_math.h) and
-// torch.relu, passes NaN and -0 through (at::vec::maximum(z, 0) turned -0 into +0, and cost two more instructions
-// for its NaN check).
-template <typename acc>
-inline at::vec::Vectorized<acc> relu_affine(const at::vec::Vectorized<acc>& xv, const at::vec::Vectorized<acc>& a,
-                                            const at::vec::Vectorized<acc>& b) {
-  return at::vec::clamp_min(at::vec::fmadd(xv, a, b), at::vec::Vectorized<acc>(0));
+// act(fma(x, a, b)).
+template <Act kAct, typename acc>
+inline at::vec::Vectorized<acc> act_affine(const at::vec::Vectorized<acc>& xv, const at::vec::Vectorized<acc>& a,
+                                           const at::vec::Vectorized<acc>& b, const cpu::ActVec<acc>& act) {
+  return cpu::act_forward_vec<kAct>(at::vec::fmadd(xv, a, b), act);
 }
 
 #ifdef BNFUSED_BF16X16
 // The forward of 16 bfloat16 elements (cpu::BF16x16), a_lo / b_lo the coefficients of its low half, a_hi / b_hi
 // of its high half (mult nullptr: no dropout).
+template <Act kAct>
 inline void forward_bf16x16(const at::BFloat16* x, const at::vec::Vectorized<float>& a_lo,
                             const at::vec::Vectorized<float>& a_hi, const at::vec::Vectorized<float>& b_lo,
-                            const at::vec::Vectorized<float>& b_hi, const float* mult, at::BFloat16* y) {
+                            const at::vec::Vectorized<float>& b_hi, const float* mult, at::BFloat16* y,
+                            const cpu::ActVec<float>& act) {
   using Vec = at::vec::Vectorized<float>;
   const cpu::BF16x16 xv = cpu::load_bf16x16(x);
-  Vec lo = relu_affine(Vec(xv.lo), a_lo, b_lo), hi = relu_affine(Vec(xv.hi), a_hi, b_hi);
+  Vec lo = act_affine<kAct>(Vec(xv.lo), a_lo, b_lo, act), hi = act_affine<kAct>(Vec(xv.hi), a_hi, b_hi, act);
   if (mult) {
     const cpu::BF16x16 m = cpu::load_f32x16_as_bf16_order(mult);
     lo = lo * Vec(m.lo);
@@ -35,24 +35,25 @@ inline void forward_bf16x16(const at::BFloat16* x, const at::vec::Vectorized<flo
 }
 #endif
 
-// y = relu(fma(x, a, b)) [* mult] over n elements of one channel (x, y in scalar_t, math in acc); bfloat16 16 at
+// y = act(fma(x, a, b)) [* mult] over n elements of one channel (x, y in scalar_t, math in acc); bfloat16 16 at
 // a time (cpu::BF16x16).
-template <typename scalar_t, typename acc>
-inline void forward_run(const scalar_t* x, acc a, acc b, const acc* mult, scalar_t* y, int64_t n) {
+template <typename scalar_t, typename acc, Act kAct>
+inline void forward_run(const scalar_t* x, acc a, acc b, const acc* mult, scalar_t* y, int64_t n,
+                        const cpu::ActVec<acc>& act) {
   using Vec = at::vec::Vectorized<acc>;
   const Vec va(a), vb(b);
 #ifdef BNFUSED_BF16X16
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
     if (n >= 16) {  // the last step overlapping the one before: same bits
       cpu::overlapping_steps<16>(n, [&](int64_t i) {
-        forward_bf16x16(x + i, va, va, vb, vb, mult ? mult + i : nullptr, y + i);
+        forward_bf16x16<kAct>(x + i, va, va, vb, vb, mult ? mult + i : nullptr, y + i, act);
       });
       return;
     }
   }
 #endif
   cpu::elementwise_loop<acc>(n, [&](int64_t i, int cnt) {
-    Vec r = relu_affine(cpu::load_as<scalar_t, acc>(x + i, cnt), va, vb);
+    Vec r = act_affine<kAct>(cpu::load_as<scalar_t, acc>(x + i, cnt), va, vb, act);
     if (mult) r = r * cpu::load(mult + i, cnt);
     cpu::store_as(r, y + i, cnt);
   });
@@ -61,9 +62,9 @@ inline void forward_run(const scalar_t* x, acc a, acc b, const acc* mult, scalar
 // forward_run over kRows channels_last rows of C elements (row j at x + j * C, its multipliers at mult + j * ld):
 // each per-channel coefficient vector is loaded once for all the rows. With cpu::bf16x16_rows, a and b are in
 // BF16x16 lane order and the rows run 16 at a time.
-template <typename scalar_t, typename acc, int kRows>
+template <typename scalar_t, typename acc, Act kAct, int kRows>
 inline void forward_rows(const scalar_t* x, const acc* a, const acc* b, const acc* mult, int64_t ld, scalar_t* y,
-                         int64_t C) {
+                         int64_t C, const cpu::ActVec<acc>& act) {
   using Vec = at::vec::Vectorized<acc>;
 #ifdef BNFUSED_BF16X16
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
@@ -72,7 +73,8 @@ inline void forward_rows(const scalar_t* x, const acc* a, const acc* b, const ac
         const Vec a_lo = Vec::loadu(a + i), a_hi = Vec::loadu(a + i + 8);
         const Vec b_lo = Vec::loadu(b + i), b_hi = Vec::loadu(b + i + 8);
         for (int j = 0; j < kRows; ++j)
-          forward_bf16x16(x + j * C + i, a_lo, a_hi, b_lo, b_hi, mult ? mult + j * ld + i : nullptr, y + j * C + i);
+          forward_bf16x16<kAct>(x + j * C + i, a_lo, a_hi, b_lo, b_hi, mult ? mult + j * ld + i : nullptr,
+                                y + j * C + i, act);
       }
       return;
     }
@@ -81,17 +83,19 @@ inline void forward_rows(const scalar_t* x, const acc* a, const acc* b, const ac
   cpu::elementwise_loop<acc>(C, [&](int64_t i, int cnt) {
     const Vec va = cpu::load(a + i, cnt), vb = cpu::load(b + i, cnt);
     for (int j = 0; j < kRows; ++j) {
-      Vec r = relu_affine(cpu::load_as<scalar_t, acc>(x + j * C + i, cnt), va, vb);
+      Vec r = act_affine<kAct>(cpu::load_as<scalar_t, acc>(x + j * C + i, cnt), va, vb, act);
       if (mult) r = r * cpu::load(mult + j * ld + i, cnt);
       cpu::store_as(r, y + j * C + i, cnt);
     }
   });
 }
 
-template <typename scalar_t>
+template <typename scalar_t, Act kAct>
 void forward_kernel(const at::Tensor& x, const ChannelParams<cpu::acc_t<scalar_t>>& prm,
-                    const cpu::DropoutParams<cpu::acc_t<scalar_t>>& dp, at::Tensor& out) {
+                    const cpu::DropoutParams<cpu::acc_t<scalar_t>>& dp, const ActArgs<cpu::acc_t<scalar_t>>& act_args,
+                    at::Tensor& out) {
   using acc = cpu::acc_t<scalar_t>;
+  const cpu::ActVec<acc> act(act_args);
   const Geometry g = geometry_of(x);
   const scalar_t* xd = x.const_data_ptr<scalar_t>();
   scalar_t* yd = out.data_ptr<scalar_t>();
@@ -99,7 +103,7 @@ void forward_kernel(const at::Tensor& x, const ChannelParams<cpu::acc_t<scalar_t
   if (g.layout == Layout::ChannelsFirst) {
     cpu::for_each_plane_segment(g, dp, xd, nullptr, yd, sizeof(scalar_t),
                                 [&](int64_t off, int64_t n, int64_t c, const acc* mult) {
-      forward_run<scalar_t, acc>(xd + off, a[c], b[c], mult, yd + off, n);
+      forward_run<scalar_t, acc, kAct>(xd + off, a[c], b[c], mult, yd + off, n, act);
     });
     return;
   }
@@ -113,7 +117,8 @@ void forward_kernel(const at::Tensor& x, const ChannelParams<cpu::acc_t<scalar_t
     auto rows_fn = [&](int64_t r, int64_t rows, const acc* row_mult, int64_t ld) {
       const int64_t off = (t.row0 + r) * g.C;
       cpu::dispatch_rows(rows, [&](auto n) {
-        forward_rows<scalar_t, acc, decltype(n)::value>(xd + off, a.data(), b.data(), row_mult, ld, yd + off, g.C);
+        forward_rows<scalar_t, acc, kAct, decltype(n)::value>(xd + off, a.data(), b.data(), row_mult, ld, yd + off,
+                                                              g.C, act);
       });
     };
     if (dp.active)  // pairs with dropout, single rows without (see for_each_row)
@@ -126,12 +131,16 @@ void forward_kernel(const at::Tensor& x, const ChannelParams<cpu::acc_t<scalar_t
 }  // namespace
 
 void forward_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd, const OptTensor& weight,
-                 const OptTensor& bias, PhiloxKey key, double p, at::Tensor& out, uint8_t* keep_bits_out) {
+                 const OptTensor& bias, PhiloxKey key, double p, const ActSpec& act, at::Tensor& out,
+                 uint8_t* keep_bits_out) {
   if (x.numel() == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnfused_forward_cpu", [&] {
     using acc = cpu::acc_t<scalar_t>;
-    forward_kernel<scalar_t>(x, channel_params<acc>(mean, rstd, weight, bias),
-                             cpu::dropout_params<acc>(key, p, nullptr, keep_bits_out), out);
+    dispatch_act(act.kind, [&](auto kind) {
+      forward_kernel<scalar_t, decltype(kind)::value>(x, channel_params<acc>(mean, rstd, weight, bias),
+                                                      cpu::dropout_params<acc>(key, p, nullptr, keep_bits_out),
+                                                      ActArgs<acc>::of(act), out);
+    });
   });
 }
 
