@@ -21,6 +21,7 @@
 #pragma once
 #include <cmath>
 
+#include "../activation.h"
 #include "common.cuh"
 
 namespace bnfused::cuda {
@@ -217,28 +218,33 @@ struct StatsOp {
 };
 
 // The gate of the backward sums: how an element's g comes from dy, its multiplier and its pre-activation z.
-// ReluGate: the multiplier is the dropout's, the ReLU's derivative [z > 0] is recomputed from x as in the forward.
-// PassBitsGate: the multiplier holds the whole gate already (the block tail's pass bits); z is never computed.
-struct ReluGate {
-  static constexpr bool kNeedsPreact = true;
-  template <typename acc_t>
-  __device__ __forceinline__ static acc_t grad(acc_t dy, acc_t z, acc_t mult) {
-    return grad_through_relu_dropout(dy, z, mult);
+// ActGate: the multiplier is the dropout's, the activation's derivative at z (recomputed from x as in the forward)
+// applied to dy * mult, the CPU kernels' order (csrc/activation.h's act_backward). PassBitsGate: the multiplier holds
+// the whole gate already (the block tail's pass bits); z is never computed.
+template <typename acc_t, Act kAct>
+struct ActGate {
+  static constexpr bool kNeedsPreact = kAct != Act::Identity;
+  ActArgs<acc_t> args;
+  __device__ __forceinline__ acc_t grad(acc_t dy, acc_t z, acc_t mult) const {
+    if constexpr (kNeedsPreact)
+      return act_backward<kAct>(dy * mult, z, args);
+    else
+      return dy * mult;
   }
 };
 
 struct PassBitsGate {
   static constexpr bool kNeedsPreact = false;
   template <typename acc_t>
-  __device__ __forceinline__ static acc_t grad(acc_t dy, acc_t /*z*/, acc_t mult) {
+  __device__ __forceinline__ acc_t grad(acc_t dy, acc_t /*z*/, acc_t mult) const {
     return dy * mult;
   }
 };
 
-// Sums of g and g * xhat with g = Gate::grad(grad_out, z, mult), z recomputed exactly as in the forward when the
+// Sums of g and g * xhat with g = gate.grad(grad_out, z, mult), z recomputed exactly as in the forward when the
 // gate reads it. g*(x - mean) is accumulated and multiplied by rstd once at the end. prm's weight and bias are
 // read only for z.
-template <typename acc_t, typename Gate = ReluGate>
+template <typename acc_t, typename Gate = ActGate<acc_t, Act::ReLU>>
 struct GradSumsOp {
   static constexpr bool kGrad = true;
   static constexpr int kComponents = 2;
@@ -252,14 +258,15 @@ struct GradSumsOp {
   ChannelParams<acc_t> prm;
   acc_t* sum_g;
   acc_t* sum_g_xhat;
+  Gate gate = {};
 
   __device__ __forceinline__ Chan channel(int64_t c) const {
     if constexpr (Gate::kNeedsPreact) return Chan{prm.affine(c), prm.mean[c]};
     return Chan{ChannelAffine<acc_t>{acc_t(0), acc_t(0)}, prm.mean[c]};
   }
 
-  __device__ __forceinline__ static acc_t grad(const Chan& ch, acc_t x, acc_t dy, acc_t mult) {
-    return Gate::grad(dy, Gate::kNeedsPreact ? bn_preact(x, ch.ab) : acc_t(0), mult);
+  __device__ __forceinline__ acc_t grad(const Chan& ch, acc_t x, acc_t dy, acc_t mult) const {
+    return gate.grad(dy, Gate::kNeedsPreact ? bn_preact(x, ch.ab) : acc_t(0), mult);
   }
 
   template <typename T>

@@ -60,6 +60,31 @@ void run_many_splits() {
   BNFUSED_CUDA_CHECK(cudaSetDevice(0));
 }
 
+// The activations (csrc/activation.h) other than ReLU, whose cases the main matrix runs: every one through forward,
+// backward_reduce and backward_input at p = 0.3 (0 for one shape), NCHW with S % 8 != 0, channels_last (the tile
+// and column kernels with their carries) and 2-d input; --quick: channels_last alone (activation_specs).
+
+template <typename scalar_t, typename acc_t>
+void run_activations() {
+  struct Row {
+    Shape sh;
+    Layout layout;
+    double p;
+  };
+  const std::vector<Row> rows =
+      g_quick ? std::vector<Row>{{{3, 8, {7, 7}}, Layout::ChannelsLast, 0.3}}
+              : std::vector<Row>{{{3, 5, {11}}, Layout::ChannelsFirst, 0.3},
+                                 {{3, 8, {7, 7}}, Layout::ChannelsLast, 0.3},
+                                 {{2, 8, {4, 4}}, Layout::ChannelsLast, 0.0},
+                                 {{33, 12, {}}, Layout::ChannelsLast, 0.3}};
+  for (const ActSpec& spec : activation_specs())
+    for (const Row& r : rows) {
+      Case c{r.sh, r.layout, r.p, 0, true};
+      c.act = spec;
+      dispatch_act(spec.kind, [&](auto kind) { run_case<scalar_t, acc_t, decltype(kind)::value>(c); });
+    }
+}
+
 template <typename scalar_t, typename acc_t>
 void run_dtype() {
   const std::vector<double> ps = g_quick ? std::vector<double>{0.0, 0.3} : std::vector<double>{0.0, 0.3, 1.0};
@@ -105,6 +130,7 @@ void run_dtype() {
         }
   }
   if (!g_mixed_only) run_many_splits<scalar_t, acc_t>();
+  if (!g_mixed_only) run_activations<scalar_t, acc_t>();
 }
 
 // Launches the hardware rejects must fail at the launch check, not run.
