@@ -10,6 +10,7 @@ namespace bnfused::cuda {
 template <typename acc_t, bool kBatchStats, Act kAct = Act::ReLU>
 struct BackwardInputOp {
   static constexpr bool kNeedsDy = true;
+  static constexpr bool kTranscendental = act_transcendental<kAct>();
   struct Chan {
     ChannelAffine<acc_t> ab;
     BackwardCoef<acc_t> coef;

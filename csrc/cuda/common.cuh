@@ -53,6 +53,7 @@ inline void check_standalone(cudaError_t e, const char* expr) {
 
 // Relative includes: found next to this file whatever the include path (csrc/bn_math.h is named so
 // that <math.h> never resolves to it).
+#include "../activation.h"
 #include "../bn_math.h"
 #include "../geometry.h"
 #include "../philox.h"
@@ -123,6 +124,13 @@ inline int shared_misalignment(size_t bytes, const T* a, const T* b = nullptr, c
     k = e;
   }
   return k == -2 ? 0 : k;
+}
+
+// Activations whose value or derivative takes exp / erf / tanh (SiLU, GELU, ELU, Mish): many more live registers per
+// element than the piecewise-linear ones, so the kernels with a register budget (__launch_bounds__) give them more.
+template <Act kAct>
+constexpr bool act_transcendental() {
+  return kAct == Act::SiLU || kAct == Act::GELU || kAct == Act::GELUTanh || kAct == Act::ELU || kAct == Act::Mish;
 }
 
 // Blocks for a grid-stride elementwise kernel over `items` work items (one per thread per step).

@@ -9,6 +9,7 @@ namespace bnfused::cuda {
 template <typename acc_t, Act kAct = Act::ReLU>
 struct ForwardOp {
   static constexpr bool kNeedsDy = false;
+  static constexpr bool kTranscendental = act_transcendental<kAct>();
   struct Chan {
     ChannelAffine<acc_t> ab;
   };

@@ -152,6 +152,7 @@ struct RunningStats {
 template <typename acc_t>
 struct StatsOp {
   static constexpr bool kGrad = false;  // needs neither grad_out nor the dropout mask
+  static constexpr bool kTranscendental = false;
   static constexpr int kComponents = 3;
   template <typename T>
   using Acc = Welford<T>;
@@ -224,6 +225,7 @@ struct StatsOp {
 template <typename acc_t, Act kAct>
 struct ActGate {
   static constexpr bool kNeedsPreact = kAct != Act::Identity;
+  static constexpr bool kTranscendental = act_transcendental<kAct>();
   ActArgs<acc_t> args;
   __device__ __forceinline__ acc_t grad(acc_t dy, acc_t z, acc_t mult) const {
     if constexpr (kNeedsPreact)
@@ -235,6 +237,7 @@ struct ActGate {
 
 struct PassBitsGate {
   static constexpr bool kNeedsPreact = false;
+  static constexpr bool kTranscendental = false;
   template <typename acc_t>
   __device__ __forceinline__ acc_t grad(acc_t dy, acc_t /*z*/, acc_t mult) const {
     return dy * mult;
@@ -247,6 +250,7 @@ struct PassBitsGate {
 template <typename acc_t, typename Gate = ActGate<acc_t, Act::ReLU>>
 struct GradSumsOp {
   static constexpr bool kGrad = true;
+  static constexpr bool kTranscendental = Gate::kTranscendental;
   static constexpr int kComponents = 2;
   template <typename T>
   using Acc = SumPair<T>;
@@ -447,13 +451,14 @@ __global__ void __launch_bounds__(kThreads)
 
 // Blocks of kThreads per SM a reduce_cl_kernel variant is compiled for (__launch_bounds__; ptxas caps its registers
 // at 65536 / (256 * blocks)): the gradient variants with 8 channels a thread (2-d input) and those with dropout
-// through Philox carries (S % 8 != 0), 3 (double 2-d: 2), which they reach without spills (make cuda-check's table).
+// through Philox carries (S % 8 != 0), 3 (double 2-d: 2), which they reach without spills (make cuda-check's table);
+// with a transcendental activation 2 (double: no bound).
 template <typename acc_t, class Op, int V, bool kDropout, bool kAligned8>
 constexpr int reduce_cl_min_blocks() {
-  if constexpr (!Op::kGrad) return 1;
+  if constexpr (!Op::kGrad || !(V == kUnit || (kDropout && !kAligned8))) return 1;
+  else if constexpr (Op::kTranscendental) return sizeof(acc_t) == 8 ? 1 : 2;  // the activation's math
   else if constexpr (V == kUnit) return sizeof(acc_t) == 8 ? 2 : 3;
-  else if constexpr (kDropout && !kAligned8) return 3;
-  else return 1;
+  else return 3;
 }
 
 // Channel vectors as in apply.cuh's tile kernel: vector cv holds channels cv*V - shc .. +V-1 (those in [0, C)),

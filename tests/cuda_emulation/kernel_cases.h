@@ -381,8 +381,7 @@ int vector_bytes(const Geometry& g, bool elementwise) {
 // way).
 template <Act kAct>
 constexpr bool act_exact() {
-  return kAct == Act::Identity || kAct == Act::ReLU || kAct == Act::Hardtanh || kAct == Act::LeakyReLU ||
-         kAct == Act::Hardswish;
+  return !act_transcendental<kAct>();
 }
 template <typename scalar_t>
 double act_tolerance() {
