@@ -1,7 +1,8 @@
-"""convert(): swap BatchNormXd -> ReLU (-> Dropout) sites for the fused module (SyncBatchNormReLUDropout /
-SyncBatchNormAddReLU with sync=True / convert_sync), wherever the data flows that way: in nn.Sequential chains
-and in forward() code (found by torch.fx, see _graph_sites.py). The fused module shares the BN's Parameter and
-buffer objects; a report says what was fused and why the other BatchNorm layers were not."""
+"""convert(): swap BatchNormXd -> activation (-> Dropout) sites for the fused module (SyncBatchNormActDropout /
+SyncBatchNormAddAct with sync=True / convert_sync), wherever the data flows that way: in nn.Sequential chains
+(torchvision's Conv2dNormActivation), in forward() code (found by torch.fx, see _graph_sites.py) and in timm's
+BatchNormAct2d. The fused module shares the BN's Parameter and buffer objects; a report says what was fused and why
+the other BatchNorm layers were not."""
 from __future__ import annotations
 
 import itertools
@@ -12,10 +13,12 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _graph_sites, _rewritten_forward
+from .activation import RELU, Activation, activation_of_module
 from .modules import (BatchNormAddReLU1d, BatchNormAddReLU2d, BatchNormAddReLU3d, BatchNormReLUDropout1d,
-                      BatchNormReLUDropout2d, BatchNormReLUDropout3d)
+                      BatchNormReLUDropout2d, BatchNormReLUDropout3d, _BatchNormReLUDropout)
 from .sync import SyncBatchNormAddReLU, SyncBatchNormReLUDropout
 
 logger = logging.getLogger(__name__)
@@ -36,21 +39,41 @@ _CARRIED_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_stat
 # calls in a rewritten forward or held by nn.Identity stand-ins), and on those stand-ins (the module they replace).
 CONVERTED = "_bnfused_converted"
 REPLACED = "_bnfused_replaced"
+# On a fused module that took the place of a BatchNorm module with an activation of its own (timm's BatchNormAct2d):
+# that module, which unconvert() puts back (in __dict__, not a submodule).
+ORIGINAL = "_bnfused_original"
+
+# timm's BatchNorm + activation modules (timm.layers.norm_act): nn.BatchNorm2d / nn.SyncBatchNorm subclasses with the
+# same state_dict, whose forward is F.batch_norm -> self.drop -> self.act. Matched by module and class name, so that
+# timm need not be importable.
+_TIMM_NORM_ACT = {("timm.layers.norm_act", "BatchNormAct2d"): False, ("timm.models.layers.norm_act", "BatchNormAct2d"):
+                  False, ("timm.layers.norm_act", "SyncBatchNormAct"): True,
+                  ("timm.models.layers.norm_act", "SyncBatchNormAct"): True}
+
+
+def _timm_norm_act(module: nn.Module, sync: bool) -> bool:
+    """Whether module is exactly timm's BatchNormAct2d (or, with sync, timm's SyncBatchNormAct)."""
+    cls = type(module)
+    synced = _TIMM_NORM_ACT.get((cls.__module__, cls.__qualname__))
+    return synced is not None and (sync or not synced)
 
 
 @dataclass(frozen=True)
 class FusedSite:
     """One fused chain: ``name`` is the BatchNorm's qualified name (the fused module's now), ``relu`` and
-    ``dropout`` what applied them ("layer1.0.relu", "F.relu", "Tensor.relu_"; dropout None when not fused),
-    ``rewritten`` the qualified name of the module whose forward() was rewritten ("" for the model itself), or
-    None when the swap was in place (the ReLU/Dropout modules became nn.Identity); ``residual`` the operand a
-    BN + add -> ReLU site adds (None for BN -> ReLU sites)."""
+    ``dropout`` what applied the activation and the dropout ("layer1.0.relu", "F.silu", "Tensor.relu_",
+    "blocks.0.bn1.act" for timm's BatchNormAct2d; dropout None when not fused), ``rewritten`` the qualified name of
+    the module whose forward() was rewritten ("" for the model itself), or None when the swap was in place (the
+    activation/Dropout modules became nn.Identity); ``residual`` the operand a BN + add -> activation site adds
+    (None for BN -> activation sites); ``act`` the activation fused (``str(bnfused.Activation)``: "relu",
+    "silu", "leaky_relu(0.1)", ...)."""
     name: str
     relu: str
     dropout: Optional[str] = None
     p: float = 0.0
     rewritten: Optional[str] = None
-    residual: Optional[str] = None  # BN + residual -> ReLU sites: what the residual operand was
+    residual: Optional[str] = None  # BN + residual -> activation sites: what the residual operand was
+    act: str = "relu"
 
 
 @dataclass(frozen=True)
@@ -76,6 +99,7 @@ class ConvertReport:
         lines = [f"bnfused.convert: fused {len(self.fused)} site(s), {len(self.unfused)} BatchNorm layer(s) unfused"
                  + (f"; forward() rewritten in {len(rewritten)} module(s)" if rewritten else "")]
         lines += [f"  fused   {s.name}" + (f" + {s.residual}" if s.residual else "") + f" -> {s.relu}"
+                  + ("" if s.act == "relu" else f" ({s.act})")
                   + (f" -> {s.dropout} (p={s.p:g})" if s.dropout else "")
                   + ("" if s.rewritten is None else f"  [forward of {s.rewritten or '<model>'} rewritten]")
                   for s in self.fused]
@@ -95,21 +119,28 @@ _ADD_MODULES = {nn.BatchNorm1d: BatchNormAddReLU1d, nn.BatchNorm2d: BatchNormAdd
                 nn.BatchNorm3d: BatchNormAddReLU3d}
 
 
-def _fused_for(bn: nn.modules.batchnorm._BatchNorm, p: float, sync: bool, process_group,
-               add: bool = False) -> nn.Module:
+def _plain_type(bn: _BatchNorm) -> type:
+    """The nn.BatchNormXd that bn is (timm's BatchNormAct2d: nn.BatchNorm2d)."""
+    return next((t for t in _FUSED_FOR if isinstance(bn, t)), type(bn))
+
+
+def _fused_for(bn: _BatchNorm, p: float, sync: bool, process_group, add: bool = False,
+               act: Activation = RELU) -> nn.Module:
     """The fused module taking bn's place, sharing its Parameter and buffer objects and the hooks that keep
     their meaning."""
     if add and sync:
-        fused = SyncBatchNormAddReLU.from_batchnorm(bn, p, process_group)
+        fused = SyncBatchNormAddReLU.from_batchnorm(bn, p, process_group, act=act)
     elif add:
-        fused = _ADD_MODULES[type(bn)].from_batchnorm(bn, p)
+        fused = _ADD_MODULES[_plain_type(bn)].from_batchnorm(bn, p, act=act)
     elif sync:
-        fused = SyncBatchNormReLUDropout.from_batchnorm(bn, p, process_group)
+        fused = SyncBatchNormReLUDropout.from_batchnorm(bn, p, process_group, act=act)
     else:
-        fused = _FUSED_FOR[type(bn)].from_batchnorm(bn, p)
+        fused = _FUSED_FOR[_plain_type(bn)].from_batchnorm(bn, p, act=act)
     for attr in _CARRIED_HOOKS:
         setattr(fused, attr, getattr(bn, attr))
     setattr(fused, CONVERTED, True)
+    if type(bn) not in (*_FUSED_FOR, nn.SyncBatchNorm):
+        fused.__dict__[ORIGINAL] = bn  # timm's BatchNormAct2d: unconvert() puts it back (not a submodule)
     return fused
 
 
@@ -132,7 +163,7 @@ class _Modes:
     is then restored), and once more with every BN replaced by its fused module, which such an override may
     not recognise. Without an override every module takes the model's mode, so only the current modes count."""
 
-    def __init__(self, model: nn.Module, bn_types: tuple, stand_in) -> None:
+    def __init__(self, model: nn.Module, is_bn, stand_in) -> None:
         self.flags: Optional[dict[int, tuple[bool, ...]]] = None
         self.stand_in_flags: dict[int, tuple[bool, ...]] = {}
         if all(type(m).train is nn.Module.train for m in model.modules()):
@@ -140,7 +171,7 @@ class _Modes:
         modules = list(model.modules())
         saved = [(m, m.training) for m in modules]
         places = [(parent, name, child) for parent in modules for name, child in parent._modules.items()
-                  if type(child) in bn_types]
+                  if is_bn(child)]
         stand_ins = {id(bn): stand_in(bn) for _, _, bn in places}
         flags = {id(m): [m.training] for m in modules}
         try:
@@ -198,7 +229,34 @@ class _Converter:
         self.places = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
         # BN + residual -> ReLU sites: the fused add modules (SyncBatchNormAddReLU for every BN type with sync=True)
         self.add_types = self.bn_types if sync else tuple(_ADD_MODULES)
-        self.modes = _Modes(model, self.bn_types, lambda bn: _fused_for(bn, 0.0, sync, process_group))
+        self.modes = _Modes(model, lambda m: type(m) in self.bn_types or _timm_norm_act(m, sync),
+                            lambda bn: _fused_for(bn, 0.0, sync, process_group))
+
+    # ------------------------------------------------------------ timm's BatchNormAct2d (in place)
+    def norm_act(self, bn: nn.Module, name: str) -> None:
+        """timm's BatchNormAct2d (F.batch_norm -> self.drop -> self.act, the state_dict of nn.BatchNorm2d) becomes the
+        fused module with its activation, when its drop layer is the identity (it runs before the activation)."""
+        act_module, drop = getattr(bn, "act", None), getattr(bn, "drop", None)  # SyncBatchNormAct: maybe absent
+        act = None if act_module is None else activation_of_module(act_module)
+        if act is None:
+            self.reasons[name] = (f"timm {type(bn).__name__} without an activation (apply_act=False)"
+                                  if act_module is None or type(act_module) is nn.Identity else
+                                  f"timm {type(bn).__name__} with activation {type(act_module).__name__}, which "
+                                  "bnfused does not fuse")
+            return
+        reason = (None if drop is None or _graph_sites.is_pass_through(drop) else
+                  f"timm {type(bn).__name__}'s drop layer ({type(drop).__name__}) runs before its activation; "
+                  "fused only when it is the identity")
+        if self.places[id(bn)] != 1 or self.places[id(act_module)] != 1:
+            reason = reason or "it is at more than one place in the model"
+        reason = (reason or self.modes.unfollowed(bn) or _output_hook_reason(bn, f"the {type(bn).__name__}")
+                  or _output_hook_reason(act_module, "its activation", all_hooks=True)
+                  or (drop is not None and _output_hook_reason(drop, "its drop layer", all_hooks=True)) or None)
+        if reason or not name:
+            self.reasons[name] = reason or "it is the model itself"
+            return
+        _set_submodule(self.model, name, _fused_for(bn, 0.0, self.sync, self.process_group, act=act))
+        self.report.fused.append(FusedSite(name, _join(name, "act"), act=str(act)))
 
     # ------------------------------------------------------------ nn.Sequential chains (in place, no tracing)
     def sequential(self, seq: nn.Sequential, prefix: str) -> None:
@@ -211,9 +269,11 @@ class _Converter:
                 i += 1
                 continue
             bn_name = _join(prefix, names[i])
-            if type(nxt) is not nn.ReLU:
+            act = None if nxt is None else activation_of_module(nxt)
+            if act is None:
                 if nxt is not None:
-                    self.reasons[bn_name] = f"followed by {type(nxt).__name__} in the nn.Sequential, not ReLU"
+                    self.reasons[bn_name] = (f"followed by {type(nxt).__name__} in the nn.Sequential, not an "
+                                             "activation bnfused fuses")
                 i += 1
                 continue
             drop = seq._modules[names[i + 2]] if i + 2 < len(names) else None
@@ -221,7 +281,7 @@ class _Converter:
             has_dropout = type(drop) is nn.Dropout and self.modes.follows(drop, bn)
             reason = (self.modes.unfollowed(bn)
                       or _output_hook_reason(bn, "the BatchNorm")
-                      or _output_hook_reason(nxt, "the ReLU", all_hooks=True)
+                      or _output_hook_reason(nxt, f"the {type(nxt).__name__}", all_hooks=True)
                       or (_output_hook_reason(drop, "the Dropout", all_hooks=True) if has_dropout else None))
             if reason:
                 self.reasons[bn_name] = reason
@@ -229,12 +289,13 @@ class _Converter:
                 continue
             p = drop.p if has_dropout else 0.0
             # Keep indices (and so state_dict keys) stable: the fused block takes BN's slot, the rest become Identity.
-            seq._modules[names[i]] = _fused_for(bn, p, self.sync, self.process_group)
+            seq._modules[names[i]] = _fused_for(bn, p, self.sync, self.process_group, act=act)
             seq._modules[names[i + 1]] = _identity_for(nxt)
             if has_dropout:
                 seq._modules[names[i + 2]] = _identity_for(drop)
             self.report.fused.append(FusedSite(bn_name, _join(prefix, names[i + 1]),
-                                               _join(prefix, names[i + 2]) if has_dropout else None, p))
+                                               _join(prefix, names[i + 2]) if has_dropout else None, p,
+                                               act=str(act)))
             i += 3 if has_dropout else 2
 
     # ------------------------------------------------------------ forward() code (torch.fx)
@@ -333,23 +394,23 @@ class _Converter:
                 _rewritten_forward.install_forward(module, src, imports)
         for site, rewritten in [(s, False) for s, _ in in_place] + [(s, True) for s, _ in rewrite]:
             _set_submodule(module, site.bn_path, _fused_for(site.bn, site.p, self.sync, self.process_group,
-                                                            add=site.add_node is not None))
+                                                            add=site.add_node is not None, act=site.act))
             if not rewritten:
                 for path, removed in site.removed_modules.items():
                     _set_submodule(module, path, _identity_for(removed))
-            relu, dropout = site.relu_name(), site.dropout_name()
-            if site.relu_node.op == "call_module":
-                relu = _join(prefix, relu)
+            act, dropout = site.act_name(), site.dropout_name()
+            if site.act_node.op == "call_module":
+                act = _join(prefix, act)
             if site.dropout_node is not None and site.dropout_node.op == "call_module":
                 dropout = _join(prefix, dropout)
-            self.report.fused.append(FusedSite(_join(prefix, site.bn_path), relu, dropout, site.p,
-                                               prefix if rewritten else None, site.residual_name()))
+            self.report.fused.append(FusedSite(_join(prefix, site.bn_path), act, dropout, site.p,
+                                               prefix if rewritten else None, site.residual_name(), str(site.act)))
 
     def _site_reason(self, module: nn.Module, site, twins: dict, calls: dict[str, int]) -> Optional[str]:
         """Why a site found in module's forward cannot be fused (None: it can)."""
         differs = next((key for key, t in twins.items() if t is None or (
-            t.relu_name(), t.dropout_name(), t.p, t.residual_name()) != (
-            site.relu_name(), site.dropout_name(), site.p, site.residual_name())), None)
+            t.act_name(), t.act, t.dropout_name(), t.p, t.residual_name()) != (
+            site.act_name(), site.act, site.dropout_name(), site.p, site.residual_name())), None)
         if differs is not None:
             return (f"{type(module).__name__}.forward applies a different chain " + (
                 f"when {', '.join(sorted(differs[1]))} is None" if differs[1] else "in train and in eval"))
@@ -366,7 +427,9 @@ class _Converter:
                 or next((r for c in site.containers
                          if (r := _output_hook_reason(c, "the nn.Sequential it ends", add))), None)
                 or next((r for m in site.removed_modules.values()
-                         if (r := _output_hook_reason(m, f"the {type(m).__name__}", True))), None))
+                         if (r := _output_hook_reason(m, f"the {type(m).__name__}", True))), None)
+                or next((r for n in site.passed if (r := _output_hook_reason(
+                    m := module.get_submodule(str(n.target)), f"the {type(m).__name__} after it", True))), None))
 
     @staticmethod
     def _dropout_owner(site, module: nn.Module) -> nn.Module:
@@ -378,6 +441,9 @@ class _Converter:
     def run(self) -> ConvertReport:
         named = list(self.model.named_modules())
         for name, child in named:
+            if _timm_norm_act(child, self.sync):
+                self.norm_act(child, name)
+        for name, child in named:
             if _graph_sites.is_plain_sequential(child):
                 self.sequential(child, name)
         for name, child in named:
@@ -385,9 +451,17 @@ class _Converter:
                 self.forward_code(child, name)
         fused = {s.name for s in self.report.fused}
         for name, m in self.model.named_modules():
-            if type(m) in self.bn_types and name not in fused:
-                self.report.unfused.append(UnfusedBatchNorm(
-                    name, self.reasons.get(name, "no ReLU follows it (in an nn.Sequential or in a forward())")))
+            if not isinstance(m, _BatchNorm) or isinstance(m, _BatchNormReLUDropout) or name in fused:
+                continue
+            reason = self.reasons.get(name)
+            if reason is None and (type(m) in self.bn_types or _timm_norm_act(m, self.sync)):
+                reason = "no activation follows it (in an nn.Sequential or in a forward())"
+            elif reason is None and type(m) is nn.SyncBatchNorm:
+                reason = "nn.SyncBatchNorm is fused by convert_sync (sync=True)"
+            elif reason is None:
+                reason = (f"{type(m).__name__} is not nn.BatchNorm1d/2d/3d" + (", nn.SyncBatchNorm" if self.sync else "")
+                          + " (a subclass may compute something else)")
+            self.report.unfused.append(UnfusedBatchNorm(name, reason))
         return self.report
 
 
@@ -466,7 +540,7 @@ def _convert(module: nn.Module, sync: bool, process_group) -> tuple[nn.Module, C
     if not result.fused:
         why = (f"{len(result.unfused)} BatchNorm layer(s) left unfused, e.g. {result.unfused[0].name}: "
                f"{result.unfused[0].reason}" if result.unfused else "the model has no matching BatchNorm layer")
-        warnings.warn(f"bnfused.convert fused no BatchNorm -> ReLU site: {why} "
+        warnings.warn(f"bnfused.convert fused no BatchNorm -> activation site: {why} "
                       "(bnfused.convert_with_report lists them all)", stacklevel=3)
     if sync:
         plain = [u.name for u in result.unfused if type(module.get_submodule(u.name)) in _FUSED_FOR]

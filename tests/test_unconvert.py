@@ -176,7 +176,7 @@ def test_block_as_the_model_and_its_mode():
 def test_what_cannot_be_turned_back_raises_before_any_change():
     model = nn.Sequential(bnfused.BatchNormReLUDropout2d(3), nn.Sequential(bnfused.BatchNormAddReLU2d(3)))
     before = structure(model)
-    with pytest.raises(RuntimeError, match=r"BatchNormAddReLU2d 1\.0 was built directly"):
+    with pytest.raises(RuntimeError, match=r"BatchNormAddAct2d 1\.0 was built directly"):
         bnfused.unconvert(model)
     assert structure(model) == before
     hooked = nn.Sequential(bnfused.BatchNormReLUDropout2d(3), bnfused.BatchNormReLUDropout2d(3))
