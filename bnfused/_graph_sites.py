@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import operator
+import weakref
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -64,7 +65,8 @@ def _functional(kind: str, *params: str):
 _ACT_FUNCTIONS = {
     F.relu: _functional("relu"), torch.relu: _functional("relu"), torch.relu_: _functional("relu"),
     F.relu6: _functional("relu6"),
-    F.hardtanh: _functional("hardtanh", "min_val", "max_val"), F.hardtanh_: _functional("hardtanh", "min_val", "max_val"),
+    F.hardtanh: _functional("hardtanh", "min_val", "max_val"),
+    F.hardtanh_: _functional("hardtanh", "min_val", "max_val"),
     F.leaky_relu: _functional("leaky_relu", "negative_slope"),
     F.leaky_relu_: _functional("leaky_relu", "negative_slope"),
     F.silu: _functional("silu"), F.hardswish: _functional("hardswish"), F.mish: _functional("mish"),
@@ -102,16 +104,64 @@ def is_plain_sequential(module: nn.Module) -> bool:
     return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
 
 
-def ending_batchnorm(module: nn.Module, bn_types: tuple) -> Optional[tuple[str, list[nn.Module]]]:
-    """(path of the BN below module, the nn.Sequential containers on the way) when module's output is a BN's
-    output: module is one of bn_types, or a plain nn.Sequential whose last layer is (recursively)."""
-    if type(module) in bn_types:
+_chains: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, Optional[list[str]]]]" = weakref.WeakKeyDictionary()
+
+
+def layer_chain(module: nn.Module) -> Optional[list[str]]:
+    """The submodules (paths) that module's forward calls one after the other, each once, on the previous one's
+    output, when that is all it does: a plain nn.Sequential's layers, or a module whose forward traces (in train and
+    in eval, its children leaves) to such a chain, as timm's ConvNormAct (conv -> bn). None otherwise. A site whose BN
+    ends it fuses the activation into the BN (the module's output then includes it) or, at an add, calls the chain's
+    layers in the rewritten caller."""
+    if is_plain_sequential(module):
+        return [name for name, m in module._modules.items() if m is not None] or None
+    cls = type(module)
+    if cls.forward is nn.Module.forward or cls.__module__.startswith("torch.") or not module._modules:
+        return None
+    key = (cls, tuple((name, id(m)) for name, m in module._modules.items()))
+    cached = _chains.get(module)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    chains, mode = [], module.training
+    try:
+        for training in (mode, not mode):
+            module.training = training
+            chains.append(_chain_of(trace(module)))
+    except Exception:  # noqa: BLE001 -- a forward torch.fx cannot trace is no chain
+        chains = [None]
+    finally:
+        module.training = mode
+    chain = chains[0] if all(c == chains[0] for c in chains) else None
+    _chains[module] = (key, chain)
+    return chain
+
+
+def _chain_of(graph: fx.Graph) -> Optional[list[str]]:
+    nodes = list(graph.nodes)
+    if len(nodes) < 3 or nodes[0].op != "placeholder" or nodes[-1].op != "output":
+        return None
+    previous, chain = nodes[0], []
+    for node in nodes[1:-1]:
+        if node.op != "call_module" or node.args != (previous,) or node.kwargs:
+            return None
+        chain.append(str(node.target))
+        previous = node
+    return chain if nodes[-1].args == (previous,) and len(set(chain)) == len(chain) else None
+
+
+def ending_batchnorm(module: nn.Module, is_bn) -> Optional[tuple[str, list[nn.Module]]]:
+    """(path of the BN below module, the containers on the way) when module's output is a BN's output: is_bn(module),
+    or module's layer_chain ends in such a module (recursively): a plain nn.Sequential, timm's ConvNormAct."""
+    if is_bn(module):
         return "", []
-    if is_plain_sequential(module) and len(module):
-        name, last = list(module._modules.items())[-1]
-        inner = ending_batchnorm(last, bn_types)
+    if not any(is_bn(m) for m in module.modules()):
+        return None  # nothing to find: no trace
+    chain = layer_chain(module)
+    if chain:
+        last = chain[-1]
+        inner = ending_batchnorm(module.get_submodule(last), is_bn)
         if inner is not None:
-            return (f"{name}.{inner[0]}" if inner[0] else name), [module] + inner[1]
+            return (f"{last}.{inner[0]}" if inner[0] else last), [module] + inner[1]
     return None
 
 
@@ -121,7 +171,9 @@ class Site:
     bn_node: fx.Node
     bn_path: str                 # relative to the traced module
     bn: nn.Module
-    containers: list[nn.Module]  # nn.Sequentials whose output is the BN's output (they now output the activation's)
+    # modules whose output is the BN's output (nn.Sequentials, timm's ConvNormAct: layer_chain); they now output the
+    # activation's
+    containers: list[nn.Module]
     act_node: fx.Node
     act: Activation = RELU
     dropout_node: Optional[fx.Node] = None
@@ -140,7 +192,7 @@ class Site:
         """The paths from the called module down to the BN: [node target, inner containers..., BN path]."""
         paths = [str(self.bn_node.target)]
         for container in self.containers:
-            paths.append(f"{paths[-1]}.{list(container._modules)[-1]}")
+            paths.append(f"{paths[-1]}.{layer_chain(container)[-1]}")
         return paths
 
     def drop_dropout(self) -> None:
@@ -335,17 +387,17 @@ def _input_written_before(bn_node: fx.Node, add: fx.Node, modules: dict[str, nn.
     return False
 
 
-def find_sites(graph: fx.Graph, root: nn.Module, bn_types: tuple, training: bool,
-               add_types: tuple = ()) -> tuple[list[Site], dict]:
+def find_sites(graph: fx.Graph, root: nn.Module, is_bn, training: bool,
+               is_add_bn=lambda m: False) -> tuple[list[Site], dict]:
     """The BN -> activation (-> Dropout) sites of a traced forward (and BN + residual -> identity/ReLU/Hardtanh ones
-    for BNs of add_types that this forward calls directly), and, per BN path, why a BN is not a site (for the
+    for the BNs is_add_bn accepts), and, per BN path, why a BN is not a site (for the
     report)."""
     modules = dict(root.named_modules())
     sites, reasons = [], {}
     for node in graph.nodes:
         if node.op != "call_module":
             continue
-        ending = ending_batchnorm(modules[node.target], bn_types)
+        ending = ending_batchnorm(modules[node.target], is_bn)
         if ending is None:
             continue
         bn_path = f"{node.target}.{ending[0]}" if ending[0] else str(node.target)
@@ -358,8 +410,7 @@ def find_sites(graph: fx.Graph, root: nn.Module, bn_types: tuple, training: bool
         act_node = _sole_user(out)
         # A BN ending nn.Sequentials (RegNet's f, a CIFAR ResNet's residual_function) takes the add too: the rewrite
         # then calls the Sequentials' layers one by one, so that the fused module gets the residual.
-        add = (_residual_add(out) if type(modules[bn_path]) in add_types and len(node.args) == 1 and not node.kwargs
-               else None)
+        add = _residual_add(out) if is_add_bn(modules[bn_path]) and len(node.args) == 1 and not node.kwargs else None
         if add is not None and _input_written_before(node, add[0], modules):
             add = None
         if add is not None and any(s.add_node is add[0] for s in sites):
@@ -391,7 +442,7 @@ def find_sites(graph: fx.Graph, root: nn.Module, bn_types: tuple, training: bool
         sites.append(site)
     for site in sites:  # a residual BN found before the BN that takes its add: say so
         if site.residual is not None and site.residual.op == "call_module":
-            ending = ending_batchnorm(modules[site.residual.target], bn_types)
+            ending = ending_batchnorm(modules[site.residual.target], is_bn)
             path = None if ending is None else ".".join(p for p in (str(site.residual.target), ending[0]) if p)
             if path in reasons:
                 reasons[path] = f"it is the residual that the fused {site.bn_path} adds"
@@ -420,7 +471,7 @@ def remove_calls(graph: fx.Graph, sites: list[Site]) -> None:
             x, chain = site.bn_node.args[0], site.chain()
             with graph.inserting_before(site.add_node):
                 for path, container in zip(chain, site.containers):  # the Sequentials' layers up to the BN
-                    for name in list(container._modules)[:-1]:
+                    for name in layer_chain(container)[:-1]:
                         x = graph.call_module(f"{path}.{name}", (x,))
                 fused = graph.call_function(bn_add_relu_site, (graph.get_attr(chain[-1]), x, residual))
             fused.meta = dict(site.bn_node.meta)

@@ -98,7 +98,7 @@ def unconvert(module: nn.Module) -> nn.Module:
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.1))
         >>> fused = bnfused.convert(model)
         >>> [type(m).__name__ for m in fused]
-        ['Conv2d', 'BatchNormReLUDropout2d', 'Identity', 'Identity']
+        ['Conv2d', 'BatchNormActDropout2d', 'Identity', 'Identity']
         >>> [type(m).__name__ for m in bnfused.unconvert(fused)]
         ['Conv2d', 'BatchNorm2d', 'ReLU', 'Dropout']
         >>> # a block built directly becomes the layers it fuses, sharing its parameters

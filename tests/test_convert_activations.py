@@ -92,7 +92,8 @@ class Functional(nn.Module):
 
     def __init__(self, act, dims=2):
         super().__init__()
-        conv, bn = {1: (nn.Conv1d, nn.BatchNorm1d), 2: (nn.Conv2d, nn.BatchNorm2d), 3: (nn.Conv3d, nn.BatchNorm3d)}[dims]
+        conv, bn = {1: (nn.Conv1d, nn.BatchNorm1d), 2: (nn.Conv2d, nn.BatchNorm2d),
+                    3: (nn.Conv3d, nn.BatchNorm3d)}[dims]
         self.conv, self.bn, self.out = conv(3, 4, 3), bn(4), conv(4, 2, 1)
         self.act = act
 
@@ -347,7 +348,8 @@ def test_timm_batchnormact2d_left_with_reasons(timm):
         _, report = bnfused.convert_with_report(model)
     reasons = {u.name: u.reason for u in report.unfused}
     assert report.num_fused == 0 and set(reasons) == {"0", "1", "2"}
-    assert "without an activation" in reasons["0"] and "Sigmoid" in reasons["1"] and "forward hook" in reasons["2"]
+    assert "followed by BatchNormAct2d in the nn.Sequential, not an activation" in reasons["0"]  # a plain BN
+    assert "Sigmoid" in reasons["1"] and "forward hook" in reasons["2"]
 
 
 def test_timm_convert_sync_keeps_the_activation(timm):
@@ -362,3 +364,85 @@ def test_timm_convert_sync_keeps_the_activation(timm):
     fused_synced, _ = convert(synced, sync=True)
     assert type(fused_synced.bn) is bnfused.SyncBatchNormActDropout
     assert str(fused_synced.bn.activation) == "hardswish"
+
+
+# ---------------------------------------------------------------- a BN ending a module whose forward is a chain
+
+
+class ChainBlock(nn.Module):
+    """conv -> bn in a forward of its own (as timm's ConvNormAct), its caller applying the add and activation."""
+
+    def __init__(self, channels, branch_on_mode=False):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels)
+        self.branch_on_mode = branch_on_mode
+
+    def forward(self, x):
+        x = self.bn(self.conv(x))
+        return x * 2 if self.branch_on_mode and self.training else x
+
+
+class ChainCaller(nn.Module):
+    def __init__(self, act, residual, branch_on_mode=False):
+        super().__init__()
+        self.block, self.act, self.residual = ChainBlock(4, branch_on_mode), act, residual
+
+    def forward(self, x):
+        out = self.block(x)
+        return self.act(out + x if self.residual else out)
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["act", "add_act"])
+def test_bn_ending_a_chain_module_is_fused(residual):
+    torch.manual_seed(0)
+    model = randomized(ChainCaller(nn.ReLU6(), residual))
+    fused_model, report = convert(copy.deepcopy(model))
+    assert type(fused_model.block.bn) is (bnfused.BatchNormAddAct2d if residual else bnfused.BatchNormActDropout2d)
+    assert [(s.name, s.act, s.residual) for s in report.fused] == [("block.bn", "relu6", "x" if residual else None)]
+    check_same(model, fused_model, torch.randn(2, 4, 5, 5, dtype=torch.float64))
+    bnfused.unconvert(fused_model)
+    assert type(fused_model.block.bn) is nn.BatchNorm2d and type(fused_model.act) is nn.ReLU6
+    check_same(model, fused_model, torch.randn(2, 4, 5, 5, dtype=torch.float64))
+
+
+def test_a_forward_that_reads_the_mode_is_no_chain():
+    model = randomized(ChainCaller(nn.ReLU(), True, branch_on_mode=True))
+    with pytest.warns(UserWarning, match="fused no BatchNorm"):
+        fused_model, _ = bnfused.convert_with_report(copy.deepcopy(model))
+    assert type(fused_model.block.bn) is nn.BatchNorm2d
+
+
+def test_timm_conv_norm_act_in_a_block_tail(timm):
+    """timm's RegNet Bottleneck: conv3 (ConvNormAct, apply_act=False) + shortcut -> act3."""
+    class Tail(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv3 = timm.layers.ConvNormAct(4, 4, 1, apply_act=False)
+            self.drop_path = nn.Identity()
+            self.act3 = nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            return self.act3(self.drop_path(self.conv3(x)) + x)
+
+    torch.manual_seed(0)
+    model = randomized(Tail())
+    original = model.conv3.bn
+    fused_model, report = convert(model)
+    assert type(fused_model.conv3.bn) is bnfused.BatchNormAddAct2d and report.fused[0].name == "conv3.bn"
+    reference = randomized(Tail())
+    reference.load_state_dict(fused_model.state_dict())
+    check_same(reference, fused_model, torch.randn(2, 4, 5, 5, dtype=torch.float64))
+    bnfused.unconvert(fused_model)
+    assert fused_model.conv3.bn is original
+
+
+def test_activations_the_device_has_no_kernel_for_stay_unfused(device):
+    """The CUDA kernels fuse ReLU only so far: on CUDA a BN -> SiLU site is left, named, and the ReLU one fused."""
+    model = nn.Sequential(nn.BatchNorm2d(4), nn.SiLU(), nn.BatchNorm2d(4), nn.ReLU()).to(device)
+    _, report = bnfused.convert_with_report(model)
+    if device.type == "cuda":
+        assert [s.name for s in report.fused] == ["2"]
+        assert [(u.name, u.reason) for u in report.unfused] == [
+            ("0", "silu on CUDA: bnfused's CUDA kernels fuse ReLU only so far")]
+    else:
+        assert [(s.name, s.act) for s in report.fused] == [("0", "silu"), ("2", "relu")]
