@@ -4,6 +4,7 @@ bnfused). The nn modules share the fused modules' Parameter and buffer objects; 
 nn.Identity stand-ins, rewritten forwards) is put back as it was."""
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 from torch import nn
@@ -23,6 +24,10 @@ def _batchnorm_for(fused: _BatchNormReLUDropout) -> _BatchNorm:
     args = (fused.num_features, fused.eps, fused.momentum, fused.affine, fused.track_running_stats)
     if ORIGINAL in fused.__dict__:
         bn = fused.__dict__[ORIGINAL]
+        if isinstance(fused, _SyncedBatchNorm) and not isinstance(bn, nn.SyncBatchNorm):
+            # convert_sync replaced timm's BatchNormAct2d: the model keeps synchronising, as timm's SyncBatchNormAct
+            # (what timm.layers.convert_sync_batchnorm makes of it, with its act and drop layers)
+            bn = sys.modules[type(bn).__module__].convert_sync_batchnorm(bn, fused.process_group)
         bn.eps, bn.momentum = fused.eps, fused.momentum
     elif isinstance(fused, _SyncedBatchNorm):
         bn = nn.SyncBatchNorm(*args, process_group=fused.process_group, device="meta", **extra)

@@ -4,6 +4,7 @@ layers between the BN and its activation, timm's BatchNormAct2d and activation c
 Outputs and gradients against the unconverted model in float64 (CPU kernels), train and eval."""
 import copy
 import functools
+import io
 import warnings
 
 import pytest
@@ -307,6 +308,11 @@ def test_timm_batchnormact2d(timm, act_layer, act):
     reference = randomized(ConvNormAct(timm.layers.BatchNormAct2d(4, act_layer=act_layer)))
     reference.load_state_dict(fused_model.state_dict())
     check_same(reference, fused_model, torch.randn(2, 3, 6, 5, dtype=torch.float64))
+    buffer = io.BytesIO()  # pickled with the timm module it holds for unconvert()
+    torch.save(fused_model, buffer)
+    loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    check_same(reference, loaded, torch.randn(2, 3, 6, 5, dtype=torch.float64), modes=(False,))
+    assert type(bnfused.unconvert(loaded).bn) is type(original)
     bnfused.unconvert(fused_model)
     assert fused_model.bn is original
 
@@ -364,6 +370,13 @@ def test_timm_convert_sync_keeps_the_activation(timm):
     fused_synced, _ = convert(synced, sync=True)
     assert type(fused_synced.bn) is bnfused.SyncBatchNormActDropout
     assert str(fused_synced.bn.activation) == "hardswish"
+    # unconvert keeps synchronising: timm's SyncBatchNormAct with the activation, for both
+    for m in (fused_model, fused_synced):
+        weight = m.bn.weight
+        bnfused.unconvert(m)
+        assert type(m.bn).__name__ == "SyncBatchNormAct" and type(m.bn.act) is nn.Hardswish
+        assert m.bn.weight is weight
+    check_same(model, fused_model, torch.randn(2, 3, 6, 5, dtype=torch.float64), modes=(False,))
 
 
 # ---------------------------------------------------------------- a BN ending a module whose forward is a chain

@@ -136,3 +136,31 @@ def test_state_dict_optimizer_and_unconvert(key):
     assert [id(p) for p in model.parameters()] == [id(p) for p in params]
     with torch.no_grad():
         torch.testing.assert_close(model(x), y, **TOL)
+
+
+# drop_path_rate: the first block's rate is 0 (timm decays it linearly from 0), and where a block has a downsample
+# its BN takes the add instead: act2(drop_path(bn2(x)) + downsample(shortcut)) fuses as the downsample's tail
+@pytest.mark.parametrize("rates,fused", [({}, 8 + 8 + 1), ({"drop_path_rate": 0.1}, 8 + 1 + 1 + 3),
+                                         ({"drop_block_rate": 0.1}, 4 + 8 + 1)], ids=["none", "drop_path", "drop_block"])
+def test_timm_resnet_drop_layers(rates, fused):
+    """timm's ResNet blocks: bn1 -> drop_block -> act1 and bn2 -> drop_path -> += shortcut -> act2 are fused where
+    the drop layers are the identity (rate 0); DropPath / DropBlock with a rate (stochastic in training) leave their
+    sites, named. drop_block_rate applies to the last two stages only."""
+    timm = real_models.timm()
+    if timm is None:
+        pytest.skip("timm is not installed")
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10, **rates).double()
+    fused_model, report = converted(copy.deepcopy(model))
+    assert report.num_fused == fused, report.summary()
+    reasons = {u.name: u.reason for u in report.unfused}
+    if "drop_path_rate" in rates:
+        assert reasons["layer1.1.bn2"] == "its output goes to drop_path, not (only) to an activation bnfused fuses"
+    if "drop_block_rate" in rates:
+        assert reasons["layer4.0.bn1"] == "its output goes to drop_block, not (only) to an activation bnfused fuses"
+    x = torch.randn(*SHAPE, dtype=torch.float64)
+    for training in (True, False):
+        model.train(training), fused_model.train(training)
+        (y_ref, gx_ref, g_ref), (y, gx, g) = run(model, x), run(fused_model, x)
+        torch.testing.assert_close(y, y_ref, **TOL)
+        torch.testing.assert_close(gx, gx_ref, **TOL)
