@@ -26,7 +26,7 @@ import torch
 
 import bnfused
 
-from . import bench_sync, compiled_models, end_to_end
+from . import activations, bench_sync, compiled_models, end_to_end, real_models
 from .add_relu import add_relu_table, run_add_relu
 from .cases import MODES, Case, Suite, make_suite
 from .copy_floor import measure_floor
@@ -47,7 +47,7 @@ REPO = HERE.parent
 PUBLISHED_RESULTS = HERE / "results"        # committed: replaced only with --publish (make bench-publish)
 LOCAL_RESULTS = PUBLISHED_RESULTS / "local"  # every other run (.gitignore)
 # The parts after the per-case kernels ("cases"); --only picks some. Each returns its section's markdown.
-PARTS = ("cases", "end-to-end", "compiled-models", "block-tail", "sync")
+PARTS = ("cases", "end-to-end", "compiled-models", "block-tail", "activations", "real-models", "sync")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -173,6 +173,19 @@ def run_parts(args: argparse.Namespace, suite: Suite, parts: set[str]) -> list[t
                                with_compile=not args.no_compile and not quick)  # compiling: ~1 min
         sections.append(("Block tail: BN + residual add + ReLU (median ms, slowest/fastest round in parentheses)",
                          add_relu_table(results)))
+    if "activations" in parts:
+        say("activations: BatchNormActDropout2d per activation vs eager / compiled unfused chains and the ReLU "
+            "block, rounds interleaved ...")
+        shape, results = activations.run(args.device, args.threads, quick=quick, min_time=suite.min_time,
+                                         max_time=suite.max_time, min_samples=suite.min_samples,
+                                         with_compile=not args.no_compile and not quick)
+        sections.append(("Activations: BN -> activation -> Dropout, every activation (median ms)",
+                         activations.markdown(shape, results)))
+    if "real-models" in parts:
+        say("real models: torchvision / timm models, saved bytes and step time, unconverted vs converted ...")
+        results, absent = real_models.run(args.device, args.threads, quick=quick)
+        sections.append(("Real models: saved for backward and step time, unconverted vs bnfused.convert()",
+                         real_models.markdown(results, absent)))
     if "sync" in parts:
         say("sync: SyncBatchNormReLUDropout vs nn.SyncBatchNorm chain, 2 gloo processes ...")
         sections.append(("Multi-process: SyncBatchNorm", bench_sync.markdown(bench_sync.run(quick=suite.name == "default"))))

@@ -56,7 +56,7 @@ class ModelResult:
         return q[0], q[2]
 
 
-def _train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor):
+def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor):
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
     def step():
@@ -77,7 +77,7 @@ def measure_model(name: str, device: torch.device, threads: int, *, min_time: fl
         converted, report = bnfused.convert_with_report(copy.deepcopy(unfused))
     images = torch.randn(batch, 3, size, size, device=device)
     labels = torch.randint(0, CLASSES, (batch,), device=device)
-    steps = [_train_step(unfused, images, labels), _train_step(converted, images, labels)]
+    steps = [train_step(unfused, images, labels), train_step(converted, images, labels)]
     for step in steps:  # warm-up: allocator, oneDNN/cuDNN kernel selection, momentum buffers
         step()
     unfused_t, converted_t = time_interleaved(steps, device, threads, min_time=min_time, max_time=max_time,

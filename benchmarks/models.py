@@ -1,5 +1,6 @@
 """The models the end-to-end parts train: the test suite's torchvision-structured zoo (tests/torchvision_like.py,
-one zoo for tests and benchmarks) and a small CNN of Conv -> BN -> ReLU -> Dropout blocks."""
+one zoo for tests and benchmarks), its real torchvision / timm models (tests/real_models.py) and a small CNN of
+Conv -> BN -> ReLU -> Dropout blocks."""
 from __future__ import annotations
 
 import sys
@@ -9,6 +10,7 @@ from torch import nn
 
 # The zoo lives beside the tests that check convert() on it; this is the one place the benchmarks reach it.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import real_models  # noqa: E402, F401  (torchvision's and timm's own model code, when installed)
 import torchvision_like as tv  # noqa: E402, F401
 
 

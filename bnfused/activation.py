@@ -37,16 +37,16 @@ class Activation:
             raise ValueError(f"unknown activation kind {self.kind!r}; expected one of {', '.join(_CODES)}")
         if self.kind == "hardtanh" and not self.alpha < self.beta:
             raise ValueError(f"hardtanh: min_val ({self.alpha}) must be smaller than max_val ({self.beta})")
+        # Made once: every fused call passes them (a small layer's call feels a tuple built per call).
+        object.__setattr__(self, "op_args", (_CODES[self.kind], float(self.alpha), float(self.beta)))
+
+    # (act, act_alpha, act_beta): the trailing arguments of the ops.
+    op_args: tuple[int, float, float] = dataclasses.field(init=False, repr=False, compare=False)
 
     @property
     def code(self) -> int:
         """The kernels' code (the ops' ``act`` argument)."""
         return _CODES[self.kind]
-
-    @property
-    def op_args(self) -> tuple[int, float, float]:
-        """(act, act_alpha, act_beta): the trailing arguments of the ops."""
-        return _CODES[self.kind], float(self.alpha), float(self.beta)
 
     @property
     def has_gate_bits(self) -> bool:

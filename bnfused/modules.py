@@ -26,7 +26,11 @@ class _BatchNormReLUDropout(_BatchNorm):
     _expected_dims: tuple[int, ...] = ()
     # The unfused layer each dimension-specific module replaces (None: any, as nn.SyncBatchNorm).
     _replaces: type[_BatchNorm] | None = None
-    _op = "bn_relu_dropout"  # the functional named in error messages
+    _ops = ("bn_relu_dropout", "bn_act_dropout")  # the functional named in error messages: ReLU's, or the general
+
+    @property
+    def _op(self) -> str:
+        return self._ops[0] if self.activation.kind == "relu" else self._ops[1]
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, *, p: float = 0.5,
@@ -289,7 +293,7 @@ _ADD_DOC = r"""Applies Batch Normalization, a residual add, an activation (ReLU 
 class _BatchNormAddReLU(_BatchNormReLUDropout):
     """The fused base with a residual: forward(input, residual) = dropout(act(bn(input) + residual), p)."""
 
-    _op = "bn_add_act_dropout"
+    _ops = ("bn_add_relu_dropout", "bn_add_act_dropout")
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, *, p: float = 0.0,

@@ -101,19 +101,21 @@ std::tuple<at::Tensor, at::Tensor> batch_stats_cuda(const at::Tensor& x);
 // a channel's sum ends (its block, or the last block's merge of the partials when it is split over several).
 std::tuple<at::Tensor, at::Tensor> batch_stats_update_cuda(const at::Tensor& x, const OptTensor& running_mean,
                                                            const OptTensor& running_var, double momentum, double eps);
+// The three BN -> activation -> dropout ops take every activation (act, as the CPU ones; the kernels are templated
+// on its kind).
 void forward_cuda(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd, const OptTensor& weight,
-                  const OptTensor& bias, const at::Tensor& key, double p, at::Tensor& out);
+                  const OptTensor& bias, const at::Tensor& key, double p, const ActSpec& act, at::Tensor& out);
 std::tuple<at::Tensor, at::Tensor> backward_reduce_cuda(const at::Tensor& dy, const at::Tensor& x,
                                                         const at::Tensor& mean, const at::Tensor& rstd,
                                                         const OptTensor& weight, const OptTensor& bias,
-                                                        const at::Tensor& key, double p);
+                                                        const at::Tensor& key, double p, const ActSpec& act);
 void backward_input_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
                          const at::Tensor& rstd, const OptTensor& weight, const OptTensor& bias,
                          const at::Tensor& key, double p, const OptTensor& sum_g, const OptTensor& sum_g_xhat,
-                         int64_t count, at::Tensor& dx);
+                         int64_t count, const ActSpec& act, at::Tensor& dx);
 void dropout_mask_cuda(const at::Tensor& key, double p, at::Tensor& keep);
-// BN + residual add + ReLU (cuda/add_relu.cu): as add_relu_forward_cpu (pass_bits_out may be null), and the two
-// add-mode backward ops; backward_input writes dx and grad_residual = g.
+// BN + residual add + ReLU (cuda/add_relu.cu; ReLU only on CUDA so far): as add_relu_forward_cpu (pass_bits_out
+// may be null), and the two add-mode backward ops; backward_input writes dx and grad_residual = g.
 void add_relu_forward_cuda(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& mean,
                            const at::Tensor& rstd, const OptTensor& weight, const OptTensor& bias,
                            const at::Tensor& key, double p, at::Tensor& out, uint8_t* pass_bits_out);

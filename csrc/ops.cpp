@@ -231,25 +231,22 @@ struct CudaBackend {
                                                                double eps) {
     return batch_stats_update_cuda(x, running_mean, running_var, momentum, eps);
   }
-  // The CUDA kernels compute ReLU only so far.
+  // The block tail's CUDA kernels compute ReLU only so far (the three BN -> activation -> dropout ops take any).
   static void relu_only(const ActSpec& act) {
-    TORCH_CHECK_NOT_IMPLEMENTED(act.kind == Act::ReLU, "bnfused: the CUDA kernels fuse ReLU only; activation code ",
-                                static_cast<int64_t>(act.kind), " runs on the CPU");
+    TORCH_CHECK_NOT_IMPLEMENTED(act.kind == Act::ReLU, "bnfused: the CUDA block tail fuses ReLU only; activation "
+                                "code ", static_cast<int64_t>(act.kind), " runs on the CPU");
   }
   static void forward(const KernelArgs& a, const at::Tensor& key, double p, const ActSpec& act, at::Tensor& out) {
-    relu_only(act);
-    forward_cuda(a.x, a.mean, a.rstd, a.weight, a.bias, key, p, out);
+    forward_cuda(a.x, a.mean, a.rstd, a.weight, a.bias, key, p, act, out);
   }
   static std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& dy, const KernelArgs& a,
                                                             const at::Tensor& key, double p, const ActSpec& act,
                                                             const uint8_t*) {
-    relu_only(act);
-    return backward_reduce_cuda(dy, a.x, a.mean, a.rstd, a.weight, a.bias, key, p);
+    return backward_reduce_cuda(dy, a.x, a.mean, a.rstd, a.weight, a.bias, key, p, act);
   }
   static void backward_input(const at::Tensor& dy, const KernelArgs& a, const at::Tensor& key, double p,
                              const ActSpec& act, const GradSums& s, at::Tensor& dx, const uint8_t*) {
-    relu_only(act);
-    backward_input_cuda(dy, a.x, a.mean, a.rstd, a.weight, a.bias, key, p, s.sum_g, s.sum_g_xhat, s.count, dx);
+    backward_input_cuda(dy, a.x, a.mean, a.rstd, a.weight, a.bias, key, p, s.sum_g, s.sum_g_xhat, s.count, act, dx);
   }
   static void dropout_mask(const at::Tensor& key, double p, at::Tensor& keep) { dropout_mask_cuda(key, p, keep); }
   static void add_relu_forward(const KernelArgs& a, const at::Tensor& r, const at::Tensor& key, double p,

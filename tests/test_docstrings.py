@@ -9,12 +9,14 @@ from torch import nn
 
 import bnfused
 
-DOCUMENTED = [bnfused.BatchNormReLUDropout1d, bnfused.BatchNormReLUDropout2d, bnfused.BatchNormReLUDropout3d,
-              bnfused.SyncBatchNormReLUDropout, bnfused.bn_relu_dropout, bnfused.fold_eval,
-              bnfused.BNReLUDropoutFunction, bnfused.BatchNormAddReLU1d, bnfused.BatchNormAddReLU2d,
-              bnfused.BatchNormAddReLU3d, bnfused.bn_add_relu_dropout, bnfused.SyncBatchNormAddReLU,
+DOCUMENTED = [bnfused.BatchNormActDropout1d, bnfused.BatchNormActDropout2d, bnfused.BatchNormActDropout3d,
+              bnfused.SyncBatchNormActDropout, bnfused.bn_act_dropout, bnfused.fold_eval,
+              bnfused.BNReLUDropoutFunction, bnfused.BatchNormAddAct1d, bnfused.BatchNormAddAct2d,
+              bnfused.BatchNormAddAct3d, bnfused.bn_add_act_dropout, bnfused.SyncBatchNormAddAct,
               bnfused.unconvert]
 MODULES = DOCUMENTED[:4]
+# The ReLU functionals: short docstrings naming the general one, whose arguments they share.
+RELU_FUNCTIONALS = {bnfused.bn_relu_dropout: "bn_act_dropout", bnfused.bn_add_relu_dropout: "bn_add_act_dropout"}
 
 
 def _name(obj) -> str:
@@ -31,7 +33,7 @@ def test_docstring_has_pytorch_sections(obj):
         assert "\n    Shape:" in doc
 
 
-@pytest.mark.parametrize("obj", MODULES + [bnfused.bn_relu_dropout], ids=_name)
+@pytest.mark.parametrize("obj", MODULES + [bnfused.bn_act_dropout], ids=_name)
 def test_docstring_states_the_differences_from_nn(obj):
     """What a user of nn.BatchNormXd -> ReLU -> Dropout must know before switching."""
     doc = " ".join(obj.__doc__.split())
@@ -53,3 +55,9 @@ def test_examples_run(obj):
         runner.run(test)
     result = runner.summarize(verbose=False)
     assert result.failed == 0, f"{obj.__name__}: {result.failed} of {result.attempted} example lines failed"
+
+
+@pytest.mark.parametrize("obj", list(RELU_FUNCTIONALS), ids=_name)
+def test_relu_functionals_point_to_the_general_one(obj):
+    assert f":func:`{RELU_FUNCTIONALS[obj]}`" in obj.__doc__ and "Examples::" in obj.__doc__
+    test_examples_run(obj)

@@ -32,7 +32,7 @@ def example():
 def _train_pair(example, device, p, steps, seed=0):
     data = example.load_digits(seed, device=device)
     unfused, fused = example.make_pair(HIDDEN, p, seed, device)
-    assert any(type(m).__name__ == "BatchNormReLUDropout1d" for m in fused.modules())
+    assert any(type(m).__name__ == "BatchNormActDropout1d" for m in fused.modules())
     assert not any(type(m) is torch.nn.BatchNorm1d for m in fused.modules())
     return (example.train(unfused, data, epochs=1, seed=seed, max_steps=steps),
             example.train(fused, data, epochs=1, seed=seed, max_steps=steps), unfused, fused)

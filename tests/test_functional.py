@@ -356,7 +356,7 @@ def test_route_table():
     route, Route = bnfused.functional._route, bnfused.functional.Route
     x = torch.randn(4, C, 3)
     assert route(x[:0], 0.5) is Route.EMPTY
-    assert route(x, 0.0, x.double()) is Route.MIXED_DTYPE
+    assert route(x, 0.0, x.double()) is Route.COMPOSITE
     assert route(x, 0.5) is Route.EAGER_CPP and route(x, 0.0, x) is Route.EAGER_CPP
     assert route(x.as_subclass(_Subclass), 0.5) is Route.FUNCTION
     assert route(x, 0.5, x.as_subclass(_Subclass)) is Route.FUNCTION  # the C++ call takes plain residuals only

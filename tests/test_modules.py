@@ -429,6 +429,6 @@ def test_from_batchnorm_sync_and_errors():
 def test_bias_false_on_a_torch_without_it_names_the_reason(monkeypatch):
     """torch 2.11's nn.BatchNormXd has no bias=: a clear TypeError instead of its bare 'unexpected keyword'."""
     monkeypatch.setattr(bnfused.modules, "_BATCHNORM_TAKES_BIAS", False)
-    with pytest.raises(TypeError, match=r"BatchNormReLUDropout2d\(bias=False\) needs a torch whose nn.BatchNormXd"):
+    with pytest.raises(TypeError, match=r"BatchNormActDropout2d\(bias=False\) needs a torch whose nn.BatchNormXd"):
         bnfused.BatchNormReLUDropout2d(4, bias=False)
     assert bnfused.BatchNormReLUDropout2d(4).bias is not None  # bias=True never passes the argument on

@@ -159,3 +159,18 @@ def test_eager_calls_do_not_take_the_export_route(monkeypatch):
     block = bnfused.BatchNormReLUDropout2d(3).eval()
     y = block(torch.randn(2, 3, 4, 4, requires_grad=True))
     assert "BNReLUDropoutFunction" in y.grad_fn.name()  # not ReluBackward0
+
+
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+@pytest.mark.parametrize("act", ["silu", "hardswish", "relu6", "leaky_relu", "gelu"])
+def test_activation_blocks_export_as_the_unfused_layers(dynamo, act):
+    """A block with another activation exports as BatchNormalization -> that activation's ONNX ops, and
+    onnxruntime computes what the fused block does."""
+    block = bnfused.BatchNormActDropout2d(4, p=0.2, act=act).eval()
+    with torch.no_grad():
+        block.running_mean.uniform_(-0.5, 0.5)
+        block.running_var.uniform_(0.5, 1.5)
+    x = torch.randn(2, 4, 5, 5)
+    proto = export(block, (x,), dynamo)
+    assert "BatchNormalization" in node_types(proto)
+    torch.testing.assert_close(run_onnx(proto, (x,))[0], block(x), rtol=1e-4, atol=1e-5)

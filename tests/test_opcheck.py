@@ -95,3 +95,25 @@ def test_opcheck_detects_wrong_fake_strides(monkeypatch):
     result = torch.library.opcheck(torch.ops.bnfused.forward.default,
                                    (x, mean, rstd, weight, bias, key, 0.3, True), raise_exception=False)
     assert result["test_faketensor"] != "SUCCESS"
+
+
+@pytest.mark.parametrize("act", [(0, 0.0, 0.0), (2, -1.0, 2.0), (3, 0.1, 0.0), (4, 0.0, 0.0), (7, 0.0, 0.0),
+                                 (8, 0.7, 0.0)], ids=["identity", "hardtanh", "leaky_relu", "silu", "gelu_tanh", "elu"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_opcheck_ops_with_activations(device, act, layout):
+    """The ops' trailing act arguments through schema, fake, autograd registration and AOT dispatch."""
+    x, mean, rstd, weight, bias, key = _sample(layout, torch.float32, "affine", device)
+    grad_args = [t.detach().requires_grad_() for t in (x, weight, bias)]
+    args = (grad_args[0], mean, rstd, grad_args[1], grad_args[2], key, 0.3, True, *act)
+    torch.library.opcheck(torch.ops.bnfused.forward.default, args)
+    grad_out = torch.randn(x.shape, device=device)
+    torch.library.opcheck(torch.ops.bnfused.backward_reduce.default,
+                          (grad_out, x, mean, rstd, weight, bias, key, 0.3, None, *act))
+    sums = torch.ops.bnfused.backward_reduce(grad_out, x, mean, rstd, weight, bias, key, 0.3, None, *act)
+    torch.library.opcheck(torch.ops.bnfused.backward_input.default,
+                          (grad_out, x, mean, rstd, weight, bias, key, 0.3, *sums, x.numel() // x.shape[1], None,
+                           *act))
+    if act[0] in (0, 2):  # the block tail's activations
+        residual = torch.randn(x.shape, device=device).requires_grad_()
+        torch.library.opcheck(torch.ops.bnfused.add_relu_forward_bits.default,
+                              (grad_args[0], residual, mean, rstd, grad_args[1], grad_args[2], key, 0.3, True, *act))

@@ -67,9 +67,10 @@ __global__ void __launch_bounds__(kThreads)
 // elements past a V-element boundary (C % V == 0, so every row (n, s) is too) the whole vectors are aligned and
 // only the first and the last vector of a row are partial (scalar accesses).
 // At least 3 blocks per SM (<= 80 registers), 2 where that would spill: the input gradient with a mask whose
-// runs straddle Philox blocks (its carries and dy) spills 32-148 bytes at 80 (ptxas, sm_90).
+// runs straddle Philox blocks (its carries and dy) spills 32-148 bytes at 80 (ptxas, sm_90), and the transcendental
+// activations (exp / erf / tanh per element).
 template <typename scalar_t, typename acc_t, class Op, int V, bool kDropout, bool kAligned8>
-__global__ void __launch_bounds__(kThreads, (Op::kNeedsDy && kDropout && !kAligned8) ? 2 : 3)
+__global__ void __launch_bounds__(kThreads, (Op::kTranscendental || (Op::kNeedsDy && kDropout && !kAligned8)) ? 2 : 3)
     apply_tile_kernel(const Op op, const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy,
                       scalar_t* __restrict__ out, int64_t C, int64_t S, int64_t SG, int64_t CV, int shc,
                       int64_t strip, int64_t items, Dropout<acc_t> drop) {

@@ -1,5 +1,5 @@
-// backward_reduce on CUDA: per-channel sum_g and sum_g_xhat, g = grad_out * mult * [z > 0], with the dropout
-// mask regenerated from the key and z recomputed from x exactly as in the forward (GradSumsOp, reduce.cuh).
+// backward_reduce on CUDA: per-channel sum_g and sum_g_xhat, g = act'(z) * grad_out * mult, with the dropout mask
+// regenerated from the key and z recomputed from x exactly as in the forward (GradSumsOp with an ActGate, reduce.cuh).
 #include "host.cuh"
 #include "reduce.cuh"
 
@@ -8,7 +8,7 @@ namespace bnfused {
 std::tuple<at::Tensor, at::Tensor> backward_reduce_cuda(const at::Tensor& dy, const at::Tensor& x,
                                                         const at::Tensor& mean, const at::Tensor& rstd,
                                                         const OptTensor& weight, const OptTensor& bias,
-                                                        const at::Tensor& key, double p) {
+                                                        const at::Tensor& key, double p, const ActSpec& act) {
   const c10::cuda::CUDAGuard guard(x.device());
   const Geometry g = geometry_of(x);
   const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -25,12 +25,15 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_cuda(const at::Tensor& dy, co
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(), "bnfused_backward_reduce_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        using Op = cuda::GradSumsOp<acc_t>;
-        const Op op{channel_params<acc_t>(mean, rstd, weight, bias), sum_g.mutable_data_ptr<acc_t>(),
-                    sum_g_xhat.mutable_data_ptr<acc_t>()};
         const auto drop = cuda::make_dropout<acc_t>(key_c.const_data_ptr<int64_t>(), p);
-        cuda::reduce<scalar_t, acc_t>(x, op, g, x.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(),
-                                      p > 0.0 ? &drop : nullptr);
+        dispatch_act(act.kind, [&](auto kind) {
+          using Gate = cuda::ActGate<acc_t, decltype(kind)::value>;
+          const cuda::GradSumsOp<acc_t, Gate> op{channel_params<acc_t>(mean, rstd, weight, bias),
+                                                 sum_g.mutable_data_ptr<acc_t>(), sum_g_xhat.mutable_data_ptr<acc_t>(),
+                                                 Gate{ActArgs<acc_t>::of(act)}};
+          cuda::reduce<scalar_t, acc_t>(x, op, g, x.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(),
+                                        p > 0.0 ? &drop : nullptr);
+        });
       });
   return {sum_g, sum_g_xhat};
 }

@@ -16,8 +16,12 @@
 #define BNFUSED_SHARED(T, name, count) \
   static char name##_site;             \
   T* const name = ::cuda_emu::shared_array<T>(&name##_site, (count))
-// The emulation counts the elements moved by vector and by scalar accesses (driver --counts).
+// The emulation counts the elements moved by vector and by scalar accesses (driver --counts), and the split
+// reductions' merge: each partial it loads (`at`: which load of its warp, for the sectors a warp's load touches) and
+// each dependent step (driver --merge-cost).
 #define BNFUSED_COUNT_ACCESS(is_vector, elems) ::cuda_emu::count_access((is_vector), (elems))
+#define BNFUSED_COUNT_MERGE_LOAD(ptr, at) ::cuda_emu::merge_load((ptr), sizeof(*(ptr)), (at))
+#define BNFUSED_COUNT_MERGE_STEPS(n) ::cuda_emu::merge_steps(n)
 #else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -38,6 +42,8 @@ inline void check_standalone(cudaError_t e, const char* expr) {
 #endif
 #define BNFUSED_SHARED(T, name, count) __shared__ T name[count]
 #define BNFUSED_COUNT_ACCESS(is_vector, elems) ((void)0)
+#define BNFUSED_COUNT_MERGE_LOAD(ptr, at) ((void)0)
+#define BNFUSED_COUNT_MERGE_STEPS(n) ((void)0)
 #endif
 
 #include <algorithm>
@@ -47,6 +53,7 @@ inline void check_standalone(cudaError_t e, const char* expr) {
 
 // Relative includes: found next to this file whatever the include path (csrc/bn_math.h is named so
 // that <math.h> never resolves to it).
+#include "../activation.h"
 #include "../bn_math.h"
 #include "../geometry.h"
 #include "../philox.h"
@@ -117,6 +124,13 @@ inline int shared_misalignment(size_t bytes, const T* a, const T* b = nullptr, c
     k = e;
   }
   return k == -2 ? 0 : k;
+}
+
+// Activations whose value or derivative takes exp / erf / tanh (SiLU, GELU, ELU, Mish): many more live registers per
+// element than the piecewise-linear ones, so the kernels with a register budget (__launch_bounds__) give them more.
+template <Act kAct>
+constexpr bool act_transcendental() {
+  return kAct == Act::SiLU || kAct == Act::GELU || kAct == Act::GELUTanh || kAct == Act::ELU || kAct == Act::Mish;
 }
 
 // Blocks for a grid-stride elementwise kernel over `items` work items (one per thread per step).
@@ -405,9 +419,15 @@ struct KeepCarry {
     const int l0 = static_cast<int>(L & 7);
     if (b0 == blk && b1 == b0) return (bits >> l0) & 0xFFu;  // within the carried block
     const bool have_lo = b0 == blk;
-    const uint32_t fresh = block_bits(key, have_lo ? b1 : b0, threshold);
-    const uint32_t lo = have_lo ? bits : fresh;
-    const uint32_t hi = (have_lo || b1 == b0) ? fresh : block_bits(key, b1, threshold);
+    // One call site, taken once or twice (two inlined copies per channel would be more live Philox state).
+    uint32_t lo = bits, hi = 0;
+    uint64_t next = have_lo ? b1 : b0;
+    const int calls = (have_lo || b1 == b0) ? 1 : 2;
+#pragma unroll 1
+    for (int k = 0; k < calls; ++k, ++next) {
+      hi = block_bits(key, next, threshold);
+      if (next == b0) lo = hi;
+    }
     blk = b1;
     bits = hi;
     return ((lo >> l0) | (hi << (kUnit - l0))) & 0xFFu;

@@ -1,12 +1,12 @@
-// forward on CUDA: y = relu(fma(x, a, b)) * mult, one pass; and dropout_mask (the keep pattern alone).
-// The kernels are in forward.cuh.
+// forward on CUDA: y = act(fma(x, a, b)) * mult, one pass (every activation of csrc/activation.h); and dropout_mask
+// (the keep pattern alone). The kernels are in forward.cuh.
 #include "forward.cuh"
 #include "host.cuh"
 
 namespace bnfused {
 
 void forward_cuda(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd, const OptTensor& weight,
-                  const OptTensor& bias, const at::Tensor& key, double p, at::Tensor& out) {
+                  const OptTensor& bias, const at::Tensor& key, double p, const ActSpec& act, at::Tensor& out) {
   if (x.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
   const Geometry g = geometry_of(x);
@@ -15,9 +15,12 @@ void forward_cuda(const at::Tensor& x, const at::Tensor& mean, const at::Tensor&
       at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(), "bnfused_forward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         const auto drop = cuda::make_dropout<acc_t>(key_c.const_data_ptr<int64_t>(), p);
-        cuda::run_forward<scalar_t, acc_t>(channel_params<acc_t>(mean, rstd, weight, bias),
-                                           x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), g,
-                                           p > 0.0 ? &drop : nullptr, cuda::current_stream());
+        dispatch_act(act.kind, [&](auto kind) {
+          cuda::run_forward<scalar_t, acc_t, decltype(kind)::value>(
+              channel_params<acc_t>(mean, rstd, weight, bias), x.const_data_ptr<scalar_t>(),
+              out.mutable_data_ptr<scalar_t>(), g, p > 0.0 ? &drop : nullptr, cuda::current_stream(),
+              ActArgs<acc_t>::of(act));
+        });
       });
 }
 

@@ -1,28 +1,32 @@
-// The forward's kernels, torch-free: y = relu(fma(x, a, b)) * mult (an Op of apply.cuh) and dropout_mask (the
-// keep pattern alone). Host wrappers in forward.cu.
+// The forward's kernels, torch-free: y = act(fma(x, a, b)) * mult (an Op of apply.cuh, templated on the activation,
+// csrc/activation.h) and dropout_mask (the keep pattern alone). Host wrappers in forward.cu.
 #pragma once
+#include "../activation.h"
 #include "apply.cuh"
 
 namespace bnfused::cuda {
 
-template <typename acc_t>
+template <typename acc_t, Act kAct = Act::ReLU>
 struct ForwardOp {
   static constexpr bool kNeedsDy = false;
+  static constexpr bool kTranscendental = act_transcendental<kAct>();
   struct Chan {
     ChannelAffine<acc_t> ab;
   };
   ChannelParams<acc_t> prm;
+  ActArgs<acc_t> act;
 
   __device__ __forceinline__ Chan channel(int64_t c) const { return Chan{prm.affine(c)}; }
+  // The CPU kernels' order: the activation of z, then the dropout multiplier.
   __device__ __forceinline__ acc_t apply(const Chan& ch, acc_t x, acc_t /*dy*/, acc_t mult) const {
-    return forward_element(x, ch.ab, mult);
+    return act_forward<kAct>(bn_preact(x, ch.ab), act) * mult;
   }
 };
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, Act kAct = Act::ReLU>
 void run_forward(const ChannelParams<acc_t>& prm, const scalar_t* x, scalar_t* out, const Geometry& g,
-                 const Dropout<acc_t>* drop, cudaStream_t stream) {
-  run_apply<scalar_t, acc_t>(ForwardOp<acc_t>{prm}, x, nullptr, out, g, drop, stream);
+                 const Dropout<acc_t>* drop, cudaStream_t stream, const ActArgs<acc_t>& act = {}) {
+  run_apply<scalar_t, acc_t>(ForwardOp<acc_t, kAct>{prm, act}, x, nullptr, out, g, drop, stream);
 }
 
 namespace {  // a non-template kernel defined in a header: one copy per translation unit

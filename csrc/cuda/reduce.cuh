@@ -5,9 +5,10 @@
 //
 // One launch, no float atomics, deterministic: when a channel is split over gridDim.y blocks, each block writes
 // its partial accumulator into a workspace and counts its arrival on its column's counter (one integer
-// atomicAdd); the block that arrives last merges the column's partials in double precision in index order (so
-// the result does not depend on the arrival order) and runs the Op's finish, then resets the counter to 0 for
-// the next call. When one block row covers the whole batch, the block finishes its channels itself.
+// atomicAdd); the block that arrives last merges the column's partials in double precision in a fixed order (so
+// the result does not depend on the arrival order; merge_partials) and runs the Op's finish, then resets the
+// counter to 0 for the next call. When one block row covers the whole batch, the block finishes its channels
+// itself.
 //
 // ChannelsFirst (N, C, S): grid.x = channel, grid.y = split of the channel's N*S elements. A row (n, c) is
 //   cut at global multiples of 8 into units (one Philox block each, 128-bit loads when whole); a block of
@@ -15,8 +16,12 @@
 //   small spatial sizes still fill the block).
 // ChannelsLast (N, S, C): column reduction. Threads along x take V adjacent channels (vector loads along C),
 //   threads along y take units of 8 rows (s0 .. s0+7 of one sample); per-thread accumulators are merged
-//   over y in shared memory.
+//   over y in shared memory. Its splits are capped so the last block's merge stays about as long as its reduction
+//   (plan_reduction).
 #pragma once
+#include <cmath>
+
+#include "../activation.h"
 #include "common.cuh"
 
 namespace bnfused::cuda {
@@ -51,7 +56,11 @@ __device__ __forceinline__ SumPair<T> shfl_down(const SumPair<T>& a, int delta) 
   return SumPair<T>{__shfl_down_sync(0xffffffffu, a.g, delta), __shfl_down_sync(0xffffffffu, a.gx, delta)};
 }
 
-// Workspace: component k of entry i at ws[k * plane + i].
+// Workspace: component k of entry i at ws[k * plane + i]; entry c * stride + s holds split s of channel c, stride =
+// splits rounded up to 8 (a channel's partials contiguous and 32-byte aligned, so the merge reads them in whole
+// sectors), plane = stride * C.
+__host__ __device__ __forceinline__ int64_t partial_stride(int64_t splits) { return (splits + 7) / 8 * 8; }
+
 template <typename S, typename T>
 __device__ __forceinline__ void ws_store(S* ws, int64_t plane, int64_t i, const Welford<T>& a) {
   ws[i] = static_cast<S>(a.count);
@@ -63,12 +72,19 @@ __device__ __forceinline__ void ws_store(S* ws, int64_t plane, int64_t i, const 
   ws[i] = static_cast<S>(a.g);
   ws[plane + i] = static_cast<S>(a.gx);
 }
+// `at`: which load of the merge this is, the same in every lane of a warp that takes part (the emulation's count of
+// the sectors a warp's load touches).
 template <typename T, typename S>
-__device__ __forceinline__ void ws_load(const S* ws, int64_t plane, int64_t i, Welford<T>& a) {
+__device__ __forceinline__ void ws_load(const S* ws, int64_t plane, int64_t i, Welford<T>& a, int64_t at) {
+  BNFUSED_COUNT_MERGE_LOAD(ws + i, 3 * at);
+  BNFUSED_COUNT_MERGE_LOAD(ws + plane + i, 3 * at + 1);
+  BNFUSED_COUNT_MERGE_LOAD(ws + 2 * plane + i, 3 * at + 2);
   a = Welford<T>{static_cast<T>(ws[i]), static_cast<T>(ws[plane + i]), static_cast<T>(ws[2 * plane + i])};
 }
 template <typename T, typename S>
-__device__ __forceinline__ void ws_load(const S* ws, int64_t plane, int64_t i, SumPair<T>& a) {
+__device__ __forceinline__ void ws_load(const S* ws, int64_t plane, int64_t i, SumPair<T>& a, int64_t at) {
+  BNFUSED_COUNT_MERGE_LOAD(ws + i, 2 * at);
+  BNFUSED_COUNT_MERGE_LOAD(ws + plane + i, 2 * at + 1);
   a = SumPair<T>{static_cast<T>(ws[i]), static_cast<T>(ws[plane + i])};
 }
 
@@ -136,6 +152,7 @@ struct RunningStats {
 template <typename acc_t>
 struct StatsOp {
   static constexpr bool kGrad = false;  // needs neither grad_out nor the dropout mask
+  static constexpr bool kTranscendental = false;
   static constexpr int kComponents = 3;
   template <typename T>
   using Acc = Welford<T>;
@@ -202,30 +219,38 @@ struct StatsOp {
 };
 
 // The gate of the backward sums: how an element's g comes from dy, its multiplier and its pre-activation z.
-// ReluGate: the multiplier is the dropout's, the ReLU's derivative [z > 0] is recomputed from x as in the forward.
-// PassBitsGate: the multiplier holds the whole gate already (the block tail's pass bits); z is never computed.
-struct ReluGate {
-  static constexpr bool kNeedsPreact = true;
-  template <typename acc_t>
-  __device__ __forceinline__ static acc_t grad(acc_t dy, acc_t z, acc_t mult) {
-    return grad_through_relu_dropout(dy, z, mult);
+// ActGate: the multiplier is the dropout's, the activation's derivative at z (recomputed from x as in the forward)
+// applied to dy * mult, the CPU kernels' order (csrc/activation.h's act_backward). PassBitsGate: the multiplier holds
+// the whole gate already (the block tail's pass bits); z is never computed.
+template <typename acc_t, Act kAct>
+struct ActGate {
+  static constexpr bool kNeedsPreact = kAct != Act::Identity;
+  static constexpr bool kTranscendental = act_transcendental<kAct>();
+  ActArgs<acc_t> args;
+  __device__ __forceinline__ acc_t grad(acc_t dy, acc_t z, acc_t mult) const {
+    if constexpr (kNeedsPreact)
+      return act_backward<kAct>(dy * mult, z, args);
+    else
+      return dy * mult;
   }
 };
 
 struct PassBitsGate {
   static constexpr bool kNeedsPreact = false;
+  static constexpr bool kTranscendental = false;
   template <typename acc_t>
-  __device__ __forceinline__ static acc_t grad(acc_t dy, acc_t /*z*/, acc_t mult) {
+  __device__ __forceinline__ acc_t grad(acc_t dy, acc_t /*z*/, acc_t mult) const {
     return dy * mult;
   }
 };
 
-// Sums of g and g * xhat with g = Gate::grad(grad_out, z, mult), z recomputed exactly as in the forward when the
+// Sums of g and g * xhat with g = gate.grad(grad_out, z, mult), z recomputed exactly as in the forward when the
 // gate reads it. g*(x - mean) is accumulated and multiplied by rstd once at the end. prm's weight and bias are
 // read only for z.
-template <typename acc_t, typename Gate = ReluGate>
+template <typename acc_t, typename Gate = ActGate<acc_t, Act::ReLU>>
 struct GradSumsOp {
   static constexpr bool kGrad = true;
+  static constexpr bool kTranscendental = Gate::kTranscendental;
   static constexpr int kComponents = 2;
   template <typename T>
   using Acc = SumPair<T>;
@@ -237,14 +262,15 @@ struct GradSumsOp {
   ChannelParams<acc_t> prm;
   acc_t* sum_g;
   acc_t* sum_g_xhat;
+  Gate gate = {};
 
   __device__ __forceinline__ Chan channel(int64_t c) const {
     if constexpr (Gate::kNeedsPreact) return Chan{prm.affine(c), prm.mean[c]};
     return Chan{ChannelAffine<acc_t>{acc_t(0), acc_t(0)}, prm.mean[c]};
   }
 
-  __device__ __forceinline__ static acc_t grad(const Chan& ch, acc_t x, acc_t dy, acc_t mult) {
-    return Gate::grad(dy, Gate::kNeedsPreact ? bn_preact(x, ch.ab) : acc_t(0), mult);
+  __device__ __forceinline__ acc_t grad(const Chan& ch, acc_t x, acc_t dy, acc_t mult) const {
+    return gate.grad(dy, Gate::kNeedsPreact ? bn_preact(x, ch.ab) : acc_t(0), mult);
   }
 
   template <typename T>
@@ -305,25 +331,52 @@ __device__ __forceinline__ bool arrived_last(unsigned* counter) {
   return is_last;
 }
 
-// Merges the gridDim.y partials of channels [c_begin, c_end) in double and finishes them; one warp per channel,
-// lane l taking partials l, l + 32, ... then the warp tree: a fixed order, whichever block arrived last.
+// Merges the gridDim.y partials of channels [c_begin, c_end) in double and finishes them. A channel's partials are
+// contiguous (split-fastest) and read by a team of L threads, thread r of the team taking partials r, r + L, ...,
+// then the team's tree: a fixed order, whichever block arrived last. One channel (the channels-first reduction)
+// with more than 128 partials: the whole block is its team (block_reduce; its chain splits / 256 + 10 steps against
+// a warp's splits / 32 + 5). Else L is the largest power of two <= 32 (a warp) that gives every channel of the
+// block a team, but at least 8, so that a team's loads fill whole 32-byte sectors; rounds of threads / L channels.
 template <typename acc_t, class Op>
 __device__ __forceinline__ void merge_partials(const Op& op, const acc_t* ws, int64_t C, int64_t c_begin,
                                                int64_t c_end) {
   using Acc = typename Op::template Acc<double>;
   const int tid = threadIdx.y * blockDim.x + threadIdx.x;
-  const int lane = tid & 31, nwarps = (blockDim.x * blockDim.y) >> 5;
+  const int threads = blockDim.x * blockDim.y;
   const int splits = static_cast<int>(gridDim.y);
-  const int64_t plane = static_cast<int64_t>(splits) * C;
-  for (int64_t c = c_begin + (tid >> 5); c < c_end; c += nwarps) {  // warp-uniform
+  const int64_t stride = partial_stride(splits), plane = stride * C;
+  const int64_t nch = c_end - c_begin;
+  if (nch == 1 && splits > 128) {
     Acc a = Op::template identity<double>();
-    for (int s = lane; s < splits; s += 32) {
+    for (int s = tid; s < splits; s += threads) {
       Acc b;
-      ws_load(ws, plane, static_cast<int64_t>(s) * C + c, b);
+      ws_load(ws, plane, c_begin * stride + s, b, s / threads);
       a = combine(a, b);
+      BNFUSED_COUNT_MERGE_STEPS(1);
     }
-    a = warp_reduce(a);
-    if (lane == 0) op.finish(c, a);
+    a = block_reduce(a, Op::template identity<double>());
+    BNFUSED_COUNT_MERGE_STEPS(10);  // two warp trees
+    if (tid == 0) op.finish(c_begin, a);
+    return;
+  }
+  int L = 32;
+  while (L > 8 && nch * L > threads) L >>= 1;
+  const int teams = threads / L, r = tid & (L - 1);
+  for (int64_t base = c_begin; base < c_end; base += teams) {  // block-uniform: every lane takes part in the tree
+    const int64_t c = base + tid / L;
+    Acc a = Op::template identity<double>();
+    if (c < c_end)
+      for (int s = r; s < splits; s += L) {
+        Acc b;
+        ws_load(ws, plane, c * stride + s, b, (base - c_begin) / teams * stride + s / L);
+        a = combine(a, b);
+        BNFUSED_COUNT_MERGE_STEPS(1);
+      }
+    for (int d = L / 2; d > 0; d >>= 1) {  // lane r of a team takes r + d of the same team where it matters
+      a = combine(a, shfl_down(a, d));
+      BNFUSED_COUNT_MERGE_STEPS(1);
+    }
+    if (r == 0 && c < c_end) op.finish(c, a);
   }
 }
 
@@ -389,8 +442,23 @@ __global__ void __launch_bounds__(kThreads)
     if (lead) op.finish(c, acc);
     return;
   }
-  if (lead) ws_store(ws, static_cast<int64_t>(gridDim.y) * C, static_cast<int64_t>(blockIdx.y) * C + c, acc);
+  if (lead) {
+    const int64_t stride = partial_stride(gridDim.y);
+    ws_store(ws, stride * C, c * stride + blockIdx.y, acc);
+  }
   if (arrived_last(counters + blockIdx.x)) merge_partials(op, ws, C, c, c + 1);
+}
+
+// Blocks of kThreads per SM a reduce_cl_kernel variant is compiled for (__launch_bounds__; ptxas caps its registers
+// at 65536 / (256 * blocks)): the gradient variants with 8 channels a thread (2-d input) and those with dropout
+// through Philox carries (S % 8 != 0), 3 (double 2-d: 2), which they reach without spills (make cuda-check's table);
+// with a transcendental activation 2 (double: no bound).
+template <typename acc_t, class Op, int V, bool kDropout, bool kAligned8>
+constexpr int reduce_cl_min_blocks() {
+  if constexpr (!Op::kGrad || !(V == kUnit || (kDropout && !kAligned8))) return 1;
+  else if constexpr (Op::kTranscendental) return sizeof(acc_t) == 8 ? 1 : 2;  // the activation's math
+  else if constexpr (V == kUnit) return sizeof(acc_t) == 8 ? 2 : 3;
+  else return 3;
 }
 
 // Channel vectors as in apply.cuh's tile kernel: vector cv holds channels cv*V - shc .. +V-1 (those in [0, C)),
@@ -399,7 +467,7 @@ __global__ void __launch_bounds__(kThreads)
 // contiguous range of items (units along s), so a channel's consecutive units share the Philox block between
 // them (KeepCarry).
 template <typename scalar_t, typename acc_t, class Op, int V, int W, bool kDropout, bool kAligned8>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, reduce_cl_min_blocks<acc_t, Op, V, kDropout, kAligned8>())
     reduce_cl_kernel(const Op op, const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy, int64_t C,
                      int64_t S, int64_t SG, int64_t items, int64_t CV, int shc, Dropout<acc_t> drop,
                      acc_t* __restrict__ ws, unsigned* __restrict__ counters) {
@@ -415,16 +483,26 @@ __global__ void __launch_bounds__(kThreads)
   if constexpr (kDropout)
     if (drop.bits == nullptr) key = load_key(drop.key);
 
-  typename Op::Chan ch[V] = {};  // lanes outside [vlo, vhi) stay unused
+  // The per-channel constants: the gradient ops' in shared memory, one copy per channel of the block (read per
+  // element; 3 * V registers fewer), Stats' (empty) in registers. Lanes outside [vlo, vhi) stay unused.
+  typename Op::Chan ch[Op::kGrad ? 1 : V] = {};
+  BNFUSED_SHARED(typename Op::Chan, chs, Op::kGrad ? 32 * V : 1);
+  const int cb = threadIdx.x * V;  // this thread's first entry of chs
   Acc acc[V];
 #pragma unroll
   for (int v = 0; v < V; ++v) {
     acc[v] = Op::template identity<acc_t>();
-    if (v >= vlo && v < vhi) ch[v] = op.channel(c0 + v);
+    if constexpr (Op::kGrad) {
+      if (threadIdx.y == 0 && v >= vlo && v < vhi) chs[cb + v] = op.channel(c0 + v);
+    } else {
+      if (v >= vlo && v < vhi) ch[v] = op.channel(c0 + v);
+    }
   }
+  if constexpr (Op::kGrad) __syncthreads();
 
   if (active) {
-    [[maybe_unused]] KeepCarry carry[V];
+    [[maybe_unused]] KeepCarry carry[V == kUnit ? 1 : V];  // V == kUnit (2-d): row_carry alone
+    [[maybe_unused]] KeepCarry& row_carry = carry[0];
     const int64_t threads_y = static_cast<int64_t>(gridDim.y) * ty;
     const int64_t per = (items + threads_y - 1) / threads_y;
     const int64_t t_begin = (static_cast<int64_t>(blockIdx.y) * ty + threadIdx.y) * per;
@@ -435,7 +513,27 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t s0 = sg * kUnit;
       const int rows = static_cast<int>((S - s0) < kUnit ? (S - s0) : kUnit);
       const int64_t base = (n * S + s0) * C + c0;
-      if constexpr (Op::kGrad) {
+      if constexpr (Op::kGrad && V == kUnit) {
+        // 2-d input (S == 1): an item is one row, channels c0 + vlo .. c0 + vhi - 1 of sample n, the logical run
+        // n * C + c0 + vlo ...: its keep bits from one carry along the thread's rows (one Philox call a row, two
+        // where it starts in a block the carry lacks).
+        uint32_t keep = 0xFFu;
+        if constexpr (kDropout) {
+          if (drop.bits != nullptr)
+            keep = run_bits(drop.bits, base + vlo, vhi - vlo) << vlo;
+          else
+            keep = row_carry.run(key, static_cast<uint64_t>(base + vlo), vhi - vlo, drop.threshold) << vlo;
+        }
+        acc_t a[V], d[V];
+        load_vec<V, W>(x, base, vlo, vhi, a);
+        load_vec<V, W>(dy, base, vlo, vhi, d);
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          if (v < vlo || v >= vhi) continue;
+          const acc_t mult = kDropout ? (((keep >> v) & 1u) ? drop.scale : acc_t(0)) : acc_t(1);
+          op.add_element(acc[v], chs[cb + v], a[v], d[v], mult);
+        }
+      } else if constexpr (Op::kGrad) {
         // Streams row by row: keep bits first, then V channels of x and dy per row.
         uint32_t keep[V] = {};
         if constexpr (kDropout) {
@@ -457,7 +555,7 @@ __global__ void __launch_bounds__(kThreads)
             for (int v = 0; v < V; ++v) {
               if (v < vlo || v >= vhi) continue;
               const acc_t mult = kDropout ? (((keep[v] >> j) & 1u) ? drop.scale : acc_t(0)) : acc_t(1);
-              op.add_element(acc[v], ch[v], a[v], d[v], mult);
+              op.add_element(acc[v], chs[cb + v], a[v], d[v], mult);
             }
           }
         }
@@ -498,7 +596,7 @@ __global__ void __launch_bounds__(kThreads)
       if (gridDim.y == 1)
         op.finish(c0 + v, a);
       else
-        ws_store(ws, static_cast<int64_t>(gridDim.y) * C, static_cast<int64_t>(blockIdx.y) * C + c0 + v, a);
+        ws_store(ws, partial_stride(gridDim.y) * C, (c0 + v) * partial_stride(gridDim.y) + blockIdx.y, a);
     }
   }
   if (gridDim.y == 1) return;
@@ -523,7 +621,7 @@ struct ReducePlan {
   int shift = 0;  // the pointers' shared misalignment (elements): units / channel vectors are cut to align
   int64_t C = 0;
   int components = 0;
-  int64_t workspace_elems() const { return splits > 1 ? components * splits * C : 0; }
+  int64_t workspace_elems() const { return splits > 1 ? components * partial_stride(splits) * C : 0; }
   int64_t counter_elems() const { return splits > 1 ? grid.x : 0; }
 };
 
@@ -576,6 +674,14 @@ ReducePlan plan_reduction(const Geometry& g, const scalar_t* x_ptr, const scalar
                             ? std::max<int64_t>(2, strip_units(g.N * plan.SG * CV, plan.SG))
                             : 2;
     plan.splits = std::min<int64_t>(ceil_div(target, gx), ceil_div(plan.items, per * ty));
+    // The last block of a column merges its tx * V channels' partials, V * splits / ty per thread, after reducing
+    // items * r / (splits * ty) rows per thread (r = min(S, 8) rows an item): no more partials than rows, splits <=
+    // sqrt(items * r / V), unless that leaves fewer than 2 blocks per SM (sm_count() * 512 threads still cover the
+    // memory latency, as strip_units counts).
+    const int64_t V = channels_per_thread<scalar_t, Op>(g, plan.vec);
+    const int64_t rows = std::min<int64_t>(g.S, kUnit);
+    const int64_t balanced = static_cast<int64_t>(std::sqrt(static_cast<double>(plan.items * rows / V)));
+    plan.splits = std::min(plan.splits, std::max(balanced, ceil_div(2 * static_cast<int64_t>(sm_count()), gx)));
     plan.splits = std::clamp<int64_t>(plan.splits, 1, 65535);
     plan.grid = dim3(static_cast<unsigned>(gx), static_cast<unsigned>(plan.splits));
     plan.block = dim3(tx, ty);

@@ -12,6 +12,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <climits>
@@ -29,6 +30,7 @@
 #include <new>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -67,11 +69,65 @@ inline void count_access(bool is_vector, int elems) {
 }
 inline cudaError_t last_error = cudaSuccess;
 
+// The cost of the split reductions' last-block merge (reduce.cuh's hooks): the partials it reads (elements), the
+// 32-byte sectors its warps' loads touch (a load instruction of a warp: the distinct sectors of its lanes' addresses,
+// what the memory system moves; 1 element per sector when the lanes read a column, 8 (float) when they read a row),
+// and its longest chain: the most dependent merge steps (a partial combined into a lane's accumulator, a level of a
+// warp or block tree) one thread takes in one block, the merge's latency.
+inline std::atomic<uint64_t> merge_elems{0};
+inline std::atomic<uint64_t> merge_sectors{0};
+inline std::atomic<uint64_t> merge_chain{0};  // a maximum: reset it before the run it measures
+inline std::atomic<uint64_t> launch_id{0};
+struct MergeThread {
+  uint64_t launch = ~uint64_t(0);
+  unsigned bx = 0, by = 0, bz = 0;
+  uint64_t steps = 0;  // this thread's merge steps so far in this block
+};
+inline thread_local MergeThread tl_merge;
+inline std::mutex merge_mutex;
+inline std::map<std::tuple<uint64_t, unsigned, unsigned, unsigned, unsigned, uint64_t>, std::vector<uintptr_t>>
+    merge_loads;  // (launch, block, warp, which load) -> sectors, for the launch in flight
+inline MergeThread& merge_thread() {
+  MergeThread& m = tl_merge;
+  const uint64_t id = launch_id.load(std::memory_order_relaxed);
+  if (m.launch != id) m = MergeThread{id, ~0u, ~0u, ~0u, 0};
+  if (m.bx != blockIdx.x || m.by != blockIdx.y || m.bz != blockIdx.z) {
+    m.bx = blockIdx.x, m.by = blockIdx.y, m.bz = blockIdx.z;
+    m.steps = 0;
+  }
+  return m;
+}
+// A merge load of `bytes` at p, the load `at` of its warp (the kernel numbers them: lanes of a warp that run the same
+// load instruction pass the same number).
+inline void merge_load(const void* p, size_t bytes, int64_t at) {
+  MergeThread& m = merge_thread();
+  const unsigned tid = (threadIdx.z * blockDim.y + threadIdx.y) * blockDim.x + threadIdx.x;
+  const uintptr_t first = reinterpret_cast<uintptr_t>(p) >> 5, last = (reinterpret_cast<uintptr_t>(p) + bytes - 1) >> 5;
+  merge_elems.fetch_add(1, std::memory_order_relaxed);
+  std::lock_guard<std::mutex> lk(merge_mutex);
+  auto& sectors = merge_loads[{m.launch, m.bx, m.by, m.bz, tid >> 5, static_cast<uint64_t>(at)}];
+  for (uintptr_t s = first; s <= last; ++s)
+    if (std::find(sectors.begin(), sectors.end(), s) == sectors.end()) {
+      sectors.push_back(s);
+      merge_sectors.fetch_add(1, std::memory_order_relaxed);
+    }
+}
+inline void merge_steps(int n) {
+  MergeThread& m = merge_thread();
+  m.steps += static_cast<uint64_t>(n);
+  uint64_t seen = merge_chain.load(std::memory_order_relaxed);
+  while (m.steps > seen && !merge_chain.compare_exchange_weak(seen, m.steps, std::memory_order_relaxed)) {
+  }
+}
+
 inline int env_int(const char* name, int fallback) {
   const char* v = std::getenv(name);
   return v && *v ? std::atoi(v) : fallback;
 }
-inline int sm_count() { return env_int("CUDA_EMU_SMS", 2); }                        // what the launch heuristics see
+// What the launch heuristics see: device 0 has CUDA_EMU_SMS SMs (default 2), device 1 132 (an H100), so that one
+// run plans a few splits and many (cudaSetDevice).
+inline int current_device = 0;
+inline int sm_count(int dev) { return dev == 0 ? env_int("CUDA_EMU_SMS", 2) : 132; }
 inline int concurrent_blocks() { return env_int("CUDA_EMU_CONCURRENT_BLOCKS", 3); }  // blocks in flight
 inline std::chrono::seconds timeout() {
   static const std::chrono::seconds t(env_int("CUDA_EMU_TIMEOUT_S", 30));
@@ -449,6 +505,11 @@ inline void launch(void (*kernel)(P...), dim3 grid, dim3 block, cudaStream_t, st
     return;
   }
   ++launches;
+  {
+    std::lock_guard<std::mutex> lk(merge_mutex);
+    merge_loads.clear();
+    ++launch_id;
+  }
   Pool::get().run([=] { kernel(args...); }, grid, block);
 }
 
@@ -517,12 +578,17 @@ inline cudaError_t cudaGetLastError() {
   return e;
 }
 inline cudaError_t cudaGetDevice(int* dev) {
-  *dev = 0;
+  *dev = cuda_emu::current_device;
   return cudaSuccess;
 }
-inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
-  if (attr != cudaDevAttrMultiProcessorCount) return cudaErrorInvalidValue;
-  *value = cuda_emu::sm_count();
+inline cudaError_t cudaSetDevice(int dev) {
+  if (dev < 0 || dev > 1) return cudaErrorInvalidValue;
+  cuda_emu::current_device = dev;
+  return cudaSuccess;
+}
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int dev) {
+  if (attr != cudaDevAttrMultiProcessorCount || dev < 0 || dev > 1) return cudaErrorInvalidValue;
+  *value = cuda_emu::sm_count(dev);
   return cudaSuccess;
 }
 

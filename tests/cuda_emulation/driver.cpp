@@ -2,9 +2,11 @@
 // dtypes, dropout probabilities and base-pointer alignments, against the scalar reference of kernel_cases.h (the
 // shared math of csrc/bn_math.h, csrc/philox.h): masks and forward bit for bit, statistics and sums to a tolerance.
 // The BN + residual add + ReLU ops run on the same matrix (add_relu_cases.h).
-// Usage: driver [--quick] [--mixed] [--only OP] [--counts]; exits non-zero after 5 mismatches (reported on stderr);
-// --mixed runs only the cases whose buffers lie at different misalignments.
+// Usage: driver [--quick] [--mixed] [--only OP] [--counts] [--merge-cost]; exits non-zero after 5 mismatches
+// (reported on stderr); --mixed runs only the cases whose buffers lie at different misalignments.
 #include "kernel_cases.h"
+
+#include <chrono>
 
 namespace {
 
@@ -20,6 +22,67 @@ std::vector<Shape> shapes() {
   if (g_quick) return {{0, 3, {4}}, {7, 6, {}}, {33, 12, {}}, {3, 5, {11}}, {2, 3, {5, 5}}, {24, 3, {257}},
                        {2, 64, {2, 2}}, {2, 8, {4, 4}}};
   return all;
+}
+
+const char* layout_name(const Shape& sh, Layout layout) {
+  return layout == Layout::ChannelsFirst ? "NCHW" : (sh.spatial.empty() ? "2-d" : "channels_last");
+}
+
+std::string shape_name(const Shape& sh) {
+  std::string dims = "(" + std::to_string(sh.N) + ", " + std::to_string(sh.C);
+  for (auto d : sh.spatial) dims += ", " + std::to_string(d);
+  return dims + ")";
+}
+
+// The reductions planned for 132 SMs (emulated device 1), on shapes that split a channel over many blocks: the
+// whole block merging one channel's partials (NCHW (12800, 1, 64): 200 partials), and teams of 8 threads merging
+// the many channels of a column in rounds (2-d (6400, 64): 100 and 200 partials, channels_last (200, 128, 8, 8):
+// 100). Each must split at least 64 ways (a plan change must not turn the case into a few-split
+// one); every op that reduces, p = 0 for the statistics, 0.3 for the sums.
+template <typename scalar_t, typename acc_t>
+void run_many_splits() {
+  const std::vector<std::pair<Shape, Layout>> cases = {{{12800, 1, {64}}, Layout::ChannelsFirst},
+                                                       {{6400, 64, {}}, Layout::ChannelsLast},
+                                                       {{200, 128, {8, 8}}, Layout::ChannelsLast}};
+  const std::string only = g_only;
+  BNFUSED_CUDA_CHECK(cudaSetDevice(1));
+  for (const auto& [sh, layout] : cases)
+    for (const char* op : {"stats", "backward_reduce", "add_relu_backward_reduce"}) {
+      if (!only.empty() && only != op) continue;
+      g_only = op;
+      g_max_splits = 0;
+      run_case<scalar_t, acc_t>(Case{sh, layout, std::string(op) == "stats" ? 0.0 : 0.3, 0, true});
+      if (g_max_splits < 64)
+        die("the many-split case " + shape_name(sh) + " " + op + " split only " + std::to_string(g_max_splits) +
+            " ways");
+    }
+  g_only = only;
+  BNFUSED_CUDA_CHECK(cudaSetDevice(0));
+}
+
+// The activations (csrc/activation.h) other than ReLU, whose cases the main matrix runs: every one through forward,
+// backward_reduce and backward_input at p = 0.3 (0 for one shape), NCHW with S % 8 != 0, channels_last (the tile
+// and column kernels with their carries) and 2-d input; --quick: channels_last alone (activation_specs).
+
+template <typename scalar_t, typename acc_t>
+void run_activations() {
+  struct Row {
+    Shape sh;
+    Layout layout;
+    double p;
+  };
+  const std::vector<Row> rows =
+      g_quick ? std::vector<Row>{{{3, 8, {7, 7}}, Layout::ChannelsLast, 0.3}}
+              : std::vector<Row>{{{3, 5, {11}}, Layout::ChannelsFirst, 0.3},
+                                 {{3, 8, {7, 7}}, Layout::ChannelsLast, 0.3},
+                                 {{2, 8, {4, 4}}, Layout::ChannelsLast, 0.0},
+                                 {{33, 12, {}}, Layout::ChannelsLast, 0.3}};
+  for (const ActSpec& spec : activation_specs())
+    for (const Row& r : rows) {
+      Case c{r.sh, r.layout, r.p, 0, true};
+      c.act = spec;
+      dispatch_act(spec.kind, [&](auto kind) { run_case<scalar_t, acc_t, decltype(kind)::value>(c); });
+    }
 }
 
 template <typename scalar_t, typename acc_t>
@@ -66,6 +129,8 @@ void run_dtype() {
           }
         }
   }
+  if (!g_mixed_only) run_many_splits<scalar_t, acc_t>();
+  if (!g_mixed_only) run_activations<scalar_t, acc_t>();
 }
 
 // Launches the hardware rejects must fail at the launch check, not run.
@@ -172,16 +237,6 @@ StepCounts step_counts(const Shape& sh, Layout layout, const Offsets& at) {
   return r;
 }
 
-const char* layout_name(const Shape& sh, Layout layout) {
-  return layout == Layout::ChannelsFirst ? "NCHW" : (sh.spatial.empty() ? "2-d" : "channels_last");
-}
-
-std::string shape_name(const Shape& sh) {
-  std::string dims = "(" + std::to_string(sh.N) + ", " + std::to_string(sh.C);
-  for (auto d : sh.spatial) dims += ", " + std::to_string(d);
-  return dims + ")";
-}
-
 // Misaligned base pointers are peeled, not sent down the scalar path: with x, dy and out one element past a
 // 16-byte boundary, the elements moved by scalar accesses stay within the partial units at the edges -- per
 // pointer at most 2 x 7 per row of the kernel (the flat kernel: one row, the tensor; channels-first reductions:
@@ -265,22 +320,79 @@ void print_counts() {
   }
 }
 
+// The split reductions' last-block merge on shapes that split a lot (statistics and the backward sums, float32,
+// p = 0.3), planned for 132 SMs (an H100, emulated device 1): the grid, the partials per channel, and the merge's cost
+// from the emulation's counters (partials loaded, 32-byte sectors of those loads, the longest chain of dependent
+// steps of one thread).
+void print_merge_cost() {
+  BNFUSED_CUDA_CHECK(cudaSetDevice(1));
+  std::printf("split reductions' merge, planned for %d SMs (float32; loads: partials read by the merges, sectors: "
+              "32-byte sectors of those loads, chain: most dependent merge steps of one thread):\n", sm_count());
+  struct Row {
+    Shape sh;
+    Layout layout;
+  };
+  const Row rows[] = {{{256, 64, {56, 56}}, Layout::ChannelsLast}, {{256, 64, {56, 56}}, Layout::ChannelsFirst},
+                      {{6400, 1, {64}}, Layout::ChannelsFirst},    {{6400, 1, {64}}, Layout::ChannelsLast},
+                      {{65536, 256, {}}, Layout::ChannelsLast}};
+  for (const Row& r : rows) {
+    const int64_t N = r.sh.N, C = r.sh.C, S = r.sh.S(), numel = N * C * S;
+    const Geometry g{N, C, S, r.layout};
+    Buffer<float> x(numel, 0), dy(numel, 0);
+    for (int64_t i = 0; i < numel; ++i) {
+      x.ptr[i] = static_cast<float>((i * 2654435761u) % 1000) * 1e-3f;
+      dy.ptr[i] = static_cast<float>((i * 40503u) % 777) * 1e-3f - 0.3f;
+    }
+    std::vector<float> mean(C, 0.5f), rstd(C, 1.f), m(C), v(C), sg(C), sgx(C);
+    const ChannelParams<float> prm{mean.data(), rstd.data(), nullptr, nullptr};
+    const auto drop = make_dropout<float>(kKey, 0.3);
+    auto line = [&](const char* op, const ReducePlan& plan, const Counts& k, double seconds) {
+      std::printf("  %-36s %-16s grid (%u, %u) block (%u, %u)  partials/channel %" PRId64 "  loads %" PRIu64
+                  "  sectors %" PRIu64 "  chain %" PRIu64 "  (%.1f s)\n",
+                  (shape_name(r.sh) + " " + layout_name(r.sh, r.layout)).c_str(), op, plan.grid.x, plan.grid.y,
+                  plan.block.x, plan.block.y, plan.splits, k.merge_elems, k.merge_sectors, k.merge_chain, seconds);
+      std::fflush(stdout);
+    };
+    ReducePlan plan;
+    auto t0 = std::chrono::steady_clock::now();
+    Counts k = measure([&] {
+      const StatsOp<float> op{m.data(), v.data()};
+      plan = reduce<float, float>(op, g, x.ptr, static_cast<const float*>(nullptr),
+                                  static_cast<const Dropout<float>*>(nullptr));
+    });
+    line("stats", plan, k, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    t0 = std::chrono::steady_clock::now();
+    k = measure([&] {
+      const GradSumsOp<float> op{prm, sg.data(), sgx.data()};
+      plan = reduce<float, float>(op, g, x.ptr, dy.ptr, &drop);
+    });
+    line("backward_reduce", plan, k, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  BNFUSED_CUDA_CHECK(cudaSetDevice(0));
+}
+
 }  // namespace
 
 int run_all(int argc, char** argv) {
-  bool counts = false;
+  bool counts = false, merge_cost = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--quick")
       g_quick = true;
     else if (a == "--counts")
       counts = true;
+    else if (a == "--merge-cost")
+      merge_cost = true;
     else if (a == "--mixed")
       g_mixed_only = true;
     else if (a == "--only" && i + 1 < argc)
       g_only = argv[++i];
     else
-      die("unknown argument " + a + " (usage: driver [--quick] [--mixed] [--only OP] [--counts])");
+      die("unknown argument " + a + " (usage: driver [--quick] [--mixed] [--only OP] [--counts] [--merge-cost])");
+  }
+  if (merge_cost) {
+    print_merge_cost();
+    return 0;
   }
   if (counts) {
     print_counts();

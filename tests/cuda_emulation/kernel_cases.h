@@ -48,6 +48,7 @@ int g_failures = 0;
 long g_cases = 0;
 long g_scalar_checked = 0;  // op runs checked to take the scalar path (check_scalar_path)
 long g_split_reductions = 0;  // reductions whose channels were split over several blocks (the last-block merge)
+int64_t g_max_splits = 0;     // the most partials per channel of a reduction since it was last set to 0
 
 template <typename T>
 const char* type_name();
@@ -100,6 +101,7 @@ struct Case {
   bool affine;
   bool mixed = false;  // the buffers at `at` (different misalignments), not all at `misaligned`
   Offsets at = {};
+  ActSpec act = {};    // the activation (run_case's kAct; its alpha and beta here)
   Offsets offsets() const { return mixed ? at : Offsets::all(misaligned); }
   std::string name() const {
     char buf[240];
@@ -107,9 +109,11 @@ struct Case {
     for (auto d : shape.spatial) dims += "x" + std::to_string(d);
     const std::string mis = mixed ? at.name() : misaligned == 0 ? "" : misaligned == 1 ? " misaligned" :
                             " misaligned by " + std::to_string(misaligned);
-    std::snprintf(buf, sizeof buf, "%s %s p=%g%s%s", dims.c_str(),
+    const std::string act_name = act.kind == Act::ReLU ? "" : " act=" + std::to_string(static_cast<int>(act.kind)) +
+                                 "(" + std::to_string(act.alpha) + ", " + std::to_string(act.beta) + ")";
+    std::snprintf(buf, sizeof buf, "%s %s p=%g%s%s%s", dims.c_str(),
                   layout == Layout::ChannelsFirst ? "NCHW" : (shape.spatial.empty() ? "2d" : "channels_last"), p,
-                  mis.c_str(), affine ? "" : " no-affine");
+                  mis.c_str(), affine ? "" : " no-affine", act_name.c_str());
     return buf;
   }
 };
@@ -142,9 +146,9 @@ struct Rng {
 };
 
 // Device memory of n elements, `misaligned` elements past a 16-byte boundary: `ptr` for the kernels, `host` (also
-// buf[i]) for the driver. The emulation: one allocation of exactly n elements (ASan sees one past the end), host ==
-// ptr, upload() / download() do nothing. Real CUDA: cudaMalloc'd memory and a host copy; the driver uploads what it
-// filled before a launch and downloads what it checks after one.
+// buf[i]) for the driver. The emulation: one allocation of exactly n elements, 256-byte aligned as cudaMalloc's
+// (ASan sees one past the end), host == ptr, upload() / download() do nothing. Real CUDA: cudaMalloc'd memory and a
+// host copy; the driver uploads what it filled before a launch and downloads what it checks after one.
 template <typename T>
 struct Buffer {
   unsigned char* raw = nullptr;
@@ -155,7 +159,7 @@ struct Buffer {
     const size_t lead = static_cast<size_t>(misaligned) * sizeof(T);
     const size_t bytes = lead + n * sizeof(T) + (n == 0);
 #if defined(BNFUSED_CUDA_EMULATION)
-    raw = static_cast<unsigned char*>(::operator new(bytes, std::align_val_t(16)));
+    raw = static_cast<unsigned char*>(::operator new(bytes, std::align_val_t(256)));
     ptr = host = reinterpret_cast<T*>(raw + lead);
 #else
     BNFUSED_CUDA_CHECK(cudaMalloc(&raw, bytes));  // 256-byte aligned
@@ -167,7 +171,7 @@ struct Buffer {
                                 n(o.n) {}
   ~Buffer() {
 #if defined(BNFUSED_CUDA_EMULATION)
-    ::operator delete(raw, std::align_val_t(16));
+    ::operator delete(raw, std::align_val_t(256));
 #else
     if (raw) cudaFree(raw);
     ::operator delete(host);
@@ -259,6 +263,7 @@ Buffer<unsigned>& counters() {
 unsigned* counters_for(const ReducePlan& plan) {
   if (plan.counter_elems() > counters().n) die("too many reduction counters");
   if (plan.splits > 1) ++g_split_reductions;
+  g_max_splits = std::max(g_max_splits, plan.splits);
   return plan.counter_elems() ? counters().ptr : nullptr;
 }
 void check_counters_reset(const ReducePlan& plan) {
@@ -311,25 +316,33 @@ AccSums<acc_t> acc_sums(const std::vector<double>& sg_ref, const std::vector<dou
   return a;
 }
 
-// What a run of kernels did: launches, Philox calls, elements moved by vector and by scalar accesses (the
-// emulation's counters; all 0 under real CUDA).
+// What a run of kernels did: launches, Philox calls, elements moved by vector and by scalar accesses, and the
+// split reductions' merge: partials loaded, 32-byte sectors of those loads, the longest chain of dependent merge
+// steps of one thread (the emulation's counters; all 0 under real CUDA).
 struct Counts {
   uint64_t launches, philox, vec, scalar;
+  uint64_t merge_elems = 0, merge_sectors = 0, merge_chain = 0;
   static Counts now() {
 #if defined(BNFUSED_CUDA_EMULATION)
     return {cuda_emu::launches.load(), cuda_emu::philox_calls.load(), cuda_emu::vector_elems.load(),
-            cuda_emu::scalar_elems.load()};
+            cuda_emu::scalar_elems.load(), cuda_emu::merge_elems.load(), cuda_emu::merge_sectors.load(),
+            cuda_emu::merge_chain.load()};
 #else
     return {0, 0, 0, 0};
 #endif
   }
+  // merge_chain is a maximum (measure() resets it), the others differences.
   Counts operator-(const Counts& o) const {
-    return {launches - o.launches, philox - o.philox, vec - o.vec, scalar - o.scalar};
+    return {launches - o.launches, philox - o.philox, vec - o.vec, scalar - o.scalar,
+            merge_elems - o.merge_elems, merge_sectors - o.merge_sectors, merge_chain};
   }
 };
 
 template <typename F>
 Counts measure(F run) {
+#if defined(BNFUSED_CUDA_EMULATION)
+  cuda_emu::merge_chain = 0;
+#endif
   const Counts before = Counts::now();
   run();
   return Counts::now() - before;
@@ -362,13 +375,59 @@ int vector_bytes(const Geometry& g, bool elementwise) {
   return flat ? 16 : (sizeof(scalar_t) >= 8 ? 2 : 4) * static_cast<int>(sizeof(scalar_t));
 }
 
+// Outputs of the piecewise-linear activations are compared bit for bit; those of the transcendental ones (SiLU, GELU,
+// ELU, Mish: the GPU's expf / erff / tanhf are not the host's) to a tolerance of the storage type: relative to
+// |want| + 1, a few float32 ulps, or one ulp of the 16-bit types (a float result a few ulps off may round the other
+// way).
+template <Act kAct>
+constexpr bool act_exact() {
+  return !act_transcendental<kAct>();
+}
+template <typename scalar_t>
+double act_tolerance() {
+  if constexpr (std::is_same_v<scalar_t, double>) return 1e-12;
+  if constexpr (std::is_same_v<scalar_t, float>) return 1e-5;
+  if constexpr (std::is_same_v<scalar_t, half_t>) return 2e-3;
+  return 1.6e-2;
+}
+// The activations the drivers run besides ReLU (the main matrix's): every kind, Hardtanh as ReLU6 and as (-1, 0.5),
+// LeakyReLU 0.01, ELU 1.0 and 0.5.
+std::vector<ActSpec> activation_specs() {
+  return {{Act::Identity},  {Act::Hardtanh, 0.0, 6.0}, {Act::Hardtanh, -1.0, 0.5}, {Act::LeakyReLU, 0.01},
+          {Act::SiLU},      {Act::Hardswish},          {Act::GELU},                {Act::GELUTanh},
+          {Act::ELU, 1.0},  {Act::ELU, 0.5},           {Act::Mish}};
+}
+
+// The reference g of an element: act'(z) applied to dy * mult, z recomputed from x (the kernels' and the CPU's order).
+template <Act kAct, typename acc_t>
+acc_t grad_of(acc_t dy, acc_t x, ChannelAffine<acc_t> ab, acc_t mult, ActArgs<acc_t> act) {
+  const acc_t gm = dy * mult;
+  if constexpr (kAct == Act::Identity)
+    return gm;
+  else
+    return act_backward<kAct>(gm, bn_preact(x, ab), act);
+}
+
+template <Act kAct, typename scalar_t>
+bool same_output(scalar_t want, scalar_t got) {
+  if constexpr (act_exact<kAct>()) {
+    return same_bits(want, got);
+  } else {
+    if (same_bits(want, got)) return true;
+    const double w = to_double(want), v = to_double(got);
+    return std::fabs(w - v) <= act_tolerance<scalar_t>() * (std::fabs(w) + 1.0);
+  }
+}
+
 }  // namespace
 
 #include "add_relu_cases.h"  // the BN + residual add + ReLU ops (run_add_case), on the helpers above
 
 namespace {
 
-template <typename scalar_t, typename acc_t>
+// kAct: the activation of forward, backward_reduce and backward_input (its alpha and beta in cs.act); the statistics
+// and the block tail's ops (ReLU) run in the ReLU cases only.
+template <typename scalar_t, typename acc_t, Act kAct = Act::ReLU>
 void run_case(const Case& cs) {
   const Shape& sh = cs.shape;
   const int64_t N = sh.N, C = sh.C, S = sh.S(), numel = N * C * S;
@@ -380,6 +439,7 @@ void run_case(const Case& cs) {
   const PhiloxKey key{static_cast<uint64_t>(kKey[0]), static_cast<uint64_t>(kKey[1])};
   const acc_t scale = dropout_scale<acc_t>(cs.p);
   const uint32_t thr = threshold16(cs.p);
+  const ActArgs<acc_t> act = ActArgs<acc_t>::of(cs.act);
 
   const Offsets at = cs.offsets();
   Buffer<scalar_t> x(numel, at.x), dy(numel, at.dy), out(numel, at.out);
@@ -430,7 +490,8 @@ void run_case(const Case& cs) {
   auto selected = [&](const char* op) { return g_only.empty() || g_only == op; };
 
   // ---- stats (independent of p: run once per shape/layout/alignment; x alone, so never mixed) ----
-  if (selected("stats") && cs.p == 0.0 && N * S > 0 && !cs.mixed && (!cs.misaligned || sizeof(scalar_t) == 2)) {
+  if (selected("stats") && kAct == Act::ReLU && cs.p == 0.0 && N * S > 0 && !cs.mixed &&
+      (!cs.misaligned || sizeof(scalar_t) == 2)) {
     ++g_cases;
     // batch_stats and batch_stats_update in one launch: mean, var, rstd, and running statistics of the input's
     // dtype (all four storage dtypes), strided for misaligned cases.
@@ -506,8 +567,8 @@ void run_case(const Case& cs) {
   // ---- forward: bit for bit ----
   if (selected("forward") && numel > 0) {
     ++g_cases;
-    const Counts k =
-        measure([&] { run_forward<scalar_t, acc_t>(prm, x.ptr, out.ptr, g, dropout ? &drop : nullptr, stream); });
+    const Counts k = measure(
+        [&] { run_forward<scalar_t, acc_t, kAct>(prm, x.ptr, out.ptr, g, dropout ? &drop : nullptr, stream, act); });
     out.download();
     check_scalar_path("forward", cs, dt, k, differ(vector_bytes<scalar_t>(g, true), sizeof(scalar_t), {at.x, at.out}));
     for (int64_t n = 0; n < N; ++n)
@@ -515,8 +576,9 @@ void run_case(const Case& cs) {
         const auto ab = hprm.affine(c);
         for (int64_t s = 0; s < S; ++s) {
           const int64_t L = (n * C + c) * S + s, off = offset_of(sh, cs.layout, n, c, s);
-          const scalar_t want = static_cast<scalar_t>(forward_element(static_cast<acc_t>(x[off]), ab, mult_of(L)));
-          if (!same_bits(want, out[off])) {
+          const acc_t z = bn_preact(static_cast<acc_t>(x[off]), ab);
+          const scalar_t want = static_cast<scalar_t>(act_forward<kAct>(z, act) * mult_of(L));
+          if (!same_output<kAct>(want, out[off])) {
             char d[200];
             std::snprintf(d, sizeof d, "element (%" PRId64 ", %" PRId64 ", %" PRId64 "): %.9g, want %.9g", n, c, s,
                           to_double(out[off]), to_double(want));
@@ -536,8 +598,7 @@ void run_case(const Case& cs) {
     for (int64_t n = 0; n < N; ++n)
       for (int64_t s = 0; s < S; ++s) {
         const int64_t L = (n * C + c) * S + s;
-        const double gv =
-            grad_through_relu_dropout(static_cast<acc_t>(dyd[L]), bn_preact(static_cast<acc_t>(xd[L]), ab), mult_of(L));
+        const double gv = grad_of<kAct>(static_cast<acc_t>(dyd[L]), static_cast<acc_t>(xd[L]), ab, mult_of(L), act);
         const double gx = gv * (xd[L] - static_cast<double>(mean[c]));
         sg_ref[c] += gv;
         sgx_ref[c] += gx;
@@ -555,8 +616,9 @@ void run_case(const Case& cs) {
   if (selected("backward_reduce") && N * S > 0 && reduce_case) {
     ++g_cases;
     Buffer<acc_t> sum_g(C, 0), sum_gx(C, 0);
-    using Op = GradSumsOp<acc_t>;
-    const Op op{prm, sum_g.ptr, sum_gx.ptr};
+    using Gate = ActGate<acc_t, kAct>;
+    using Op = GradSumsOp<acc_t, Gate>;
+    const Op op{prm, sum_g.ptr, sum_gx.ptr, Gate{act}};
     ReducePlan plan;
     const Counts k = measure([&] { plan = reduce<scalar_t, acc_t>(op, g, x.ptr, dy.ptr, dropout ? &drop : nullptr); });
     sum_g.download();
@@ -597,8 +659,9 @@ void run_case(const Case& cs) {
     for (const bool batch_stats : {true, false}) {
       ++g_cases;
       const Counts k = measure([&] {
-        run_backward_input<scalar_t, acc_t>(prm, batch_stats ? sg.ptr : nullptr, batch_stats ? sgx.ptr : nullptr,
-                                            N * S, dy.ptr, x.ptr, out.ptr, g, dropout ? &drop : nullptr, stream);
+        run_backward_input<scalar_t, acc_t, kAct>(prm, batch_stats ? sg.ptr : nullptr,
+                                                  batch_stats ? sgx.ptr : nullptr, N * S, dy.ptr, x.ptr, out.ptr, g,
+                                                  dropout ? &drop : nullptr, stream, act);
       });
       out.download();
       check_scalar_path("backward_input", cs, dt, k,
@@ -610,10 +673,11 @@ void run_case(const Case& cs) {
           for (int64_t s = 0; s < S; ++s) {
             const int64_t L = (n * C + c) * S + s, off = offset_of(sh, cs.layout, n, c, s);
             const acc_t xv = static_cast<acc_t>(x[off]);
-            const acc_t gv = grad_through_relu_dropout(static_cast<acc_t>(dy[off]), bn_preact(xv, ab), mult_of(L));
+            const acc_t gv = grad_of<kAct>(static_cast<acc_t>(dy[off]), xv, ab, mult_of(L), act);
             const scalar_t want = static_cast<scalar_t>(batch_stats ? grad_input_element(gv, xv, coef)
                                                                     : grad_input_element_eval(gv, coef));
-            if (!same_dx(want, out[off], batch_stats && mg[c] == acc_t(0))) {
+            if (!(act_exact<kAct>() ? same_dx(want, out[off], batch_stats && mg[c] == acc_t(0))
+                                    : same_output<kAct>(want, out[off]))) {
               char d[200];
               std::snprintf(d, sizeof d, "%s element (%" PRId64 ", %" PRId64 ", %" PRId64 "): %.9g, want %.9g",
                             batch_stats ? "batch-stats" : "running-stats", n, c, s, to_double(out[off]),
@@ -627,7 +691,7 @@ void run_case(const Case& cs) {
     }
   }
 
-  run_add_case<scalar_t, acc_t>(cs, x, dy, prm, hprm);
+  if constexpr (kAct == Act::ReLU) run_add_case<scalar_t, acc_t>(cs, x, dy, prm, hprm);
 }
 
 // dropout_mask: bool output, any numel, aligned or not; bit for bit with the scalar Philox contract.
