@@ -26,20 +26,17 @@ from .activation import RELU, Activation, activation_of_module
 
 
 def _functional(kind: str, *params: str):
-    """Reads a functional activation's call: (input, *params with their defaults, ...) -> Activation."""
+    """Reads a call of a functional activation, f(input, *params, inplace) positionally or by keyword, as the
+    Activation it computes (TypeError for arguments it does not take or that are not constants)."""
     def read(input, *args, **kwargs) -> Activation:
-        names = list(params)
-        values = dict(zip(names, args))
-        for name, value in kwargs.items():
-            if name == "inplace" or name in values:
-                if name in values:
-                    raise TypeError(f"{name} given twice")
-                continue
-            if name not in names:
-                raise TypeError(f"unexpected argument {name}")
-            values[name] = value
-        if len(args) > len(names) + 1:  # the trailing positional inplace flag
+        if len(args) > len(params) + 1:  # + the trailing inplace flag
             raise TypeError("too many arguments")
+        values = dict(zip(params, args))
+        for name, value in kwargs.items():
+            if name != "inplace":
+                if name not in params or name in values:
+                    raise TypeError(f"argument {name}")
+                values[name] = value
         for value in values.values():
             if isinstance(value, bool) or not isinstance(value, (int, float, str)):
                 raise TypeError("a parameter that is not a constant")

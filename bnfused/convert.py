@@ -51,19 +51,6 @@ _TIMM_NORM_ACT = {("timm.layers.norm_act", "BatchNormAct2d"): False, ("timm.mode
                   ("timm.models.layers.norm_act", "SyncBatchNormAct"): True}
 
 
-# The activations the CUDA kernels compute (csrc/ops.cpp's CUDA backend: ReLU only so far). A site on a CUDA device
-# with another activation stays unfused: the fused module would raise NotImplementedError in its forward.
-_CUDA_ACTIVATIONS = frozenset({"relu"})
-
-
-def _backend_reason(bn: nn.Module, act: Activation) -> Optional[str]:
-    """Why bn's fused module could not compute act where bn's tensors are (None: it can)."""
-    tensors = [t for t in (*bn._parameters.values(), *bn._buffers.values()) if t is not None]
-    if any(t.device.type == "cuda" for t in tensors) and act.kind not in _CUDA_ACTIVATIONS:
-        return f"{act} on CUDA: bnfused's CUDA kernels fuse ReLU only so far"
-    return None
-
-
 def _timm_norm_act(module: nn.Module, sync: bool) -> bool:
     """Whether module is exactly timm's BatchNormAct2d (or, with sync, timm's SyncBatchNormAct)."""
     cls = type(module)
@@ -275,7 +262,7 @@ class _Converter:
                   "fused only when it is the identity")
         if self.places[id(bn)] != 1 or self.places[id(act_module)] != 1:
             reason = reason or "it is at more than one place in the model"
-        reason = (reason or _backend_reason(bn, act) or self.modes.unfollowed(bn)
+        reason = (reason or self.modes.unfollowed(bn)
                   or _output_hook_reason(bn, f"the {type(bn).__name__}")
                   or _output_hook_reason(act_module, "its activation", all_hooks=True)
                   or (drop is not None and _output_hook_reason(drop, "its drop layer", all_hooks=True)) or None)
@@ -306,7 +293,7 @@ class _Converter:
             drop = seq._modules[names[i + 2]] if i + 2 < len(names) else None
             # element-wise only (Dropout2d/3d drop whole channels), dropping exactly when the BN trains
             has_dropout = type(drop) is nn.Dropout and self.modes.follows(drop, bn)
-            reason = (_backend_reason(bn, act) or self.modes.unfollowed(bn)
+            reason = (self.modes.unfollowed(bn)
                       or _output_hook_reason(bn, "the BatchNorm")
                       or _output_hook_reason(nxt, f"the {type(nxt).__name__}", all_hooks=True)
                       or (_output_hook_reason(drop, "the Dropout", all_hooks=True) if has_dropout else None))
@@ -449,7 +436,7 @@ class _Converter:
         # a BN + add site's fused module also takes the residual: the BN's pre-hooks would see it, and the
         # Sequentials it ends are no longer called (their layers are)
         add = site.add_node is not None
-        return (_backend_reason(site.bn, site.act) or self.modes.unfollowed(site.bn)
+        return (self.modes.unfollowed(site.bn)
                 or _output_hook_reason(site.bn, "the BatchNorm", all_hooks=add)
                 or next((r for c in site.containers
                          if (r := _output_hook_reason(c, "the nn.Sequential it ends", add))), None)

@@ -449,13 +449,24 @@ def test_timm_conv_norm_act_in_a_block_tail(timm):
     assert fused_model.conv3.bn is original
 
 
-def test_activations_the_device_has_no_kernel_for_stay_unfused(device):
-    """The CUDA kernels fuse ReLU only so far: on CUDA a BN -> SiLU site is left, named, and the ReLU one fused."""
-    model = nn.Sequential(nn.BatchNorm2d(4), nn.SiLU(), nn.BatchNorm2d(4), nn.ReLU()).to(device)
-    _, report = bnfused.convert_with_report(model)
-    if device.type == "cuda":
-        assert [s.name for s in report.fused] == ["2"]
-        assert [(u.name, u.reason) for u in report.unfused] == [
-            ("0", "silu on CUDA: bnfused's CUDA kernels fuse ReLU only so far")]
-    else:
-        assert [(s.name, s.act) for s in report.fused] == [("0", "silu"), ("2", "relu")]
+@pytest.mark.parametrize("residual", [False, True], ids=["act", "tail"])
+def test_converted_model_on_the_device(device, residual):
+    """Every kernel backend fuses every activation (the CUDA block tail computes Hardtanh/ReLU6 by the composite
+    route): a converted float32 model with SiLU, LeakyReLU and a ReLU6 tail computes what the unconverted one does."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.SiLU(), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4),
+                          nn.LeakyReLU(0.2), Tail(nn.ReLU6()) if residual else nn.Identity())
+    model = randomized(model).float().to(device)
+    fused_model, report = convert(copy.deepcopy(model))
+    assert [s.act for s in report.fused] == ["silu", "leaky_relu(0.2)"] + (["relu6"] if residual else [])
+    x = torch.randn(2, 3, 9, 8, device=device)
+    for training in (True, False):
+        model.train(training), fused_model.train(training)
+        results = []
+        for m in (model, fused_model):
+            xi = x.clone().requires_grad_()
+            y = m(xi)
+            y.mul(torch.linspace(-1, 1, y.numel(), device=device).view_as(y)).sum().backward()
+            results.append((y, xi.grad))
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-4)
