@@ -20,8 +20,11 @@ namespace bnfused::cuda {
 // its bits one lane up the warp (peeled_keep), and lane 0 only generates the block below lane 1's unit (WarpSteps
 // with lead = 1: a warp step is 31 units), so a lane still makes one Philox call per step: an extra call in lane 0
 // alone would cost the whole warp a second one (SIMT), exactly as two calls per unit would.
+// Float64 with a transcendental activation asks for 1 block per SM: left to itself ptxas holds the double erf / exp
+// of 8 unrolled elements to 128 registers and spills 168-216 bytes (GELU, sm_90); with the bound, 182-216 registers
+// and no spill. Every other Op: no minimum (0), ptxas's own choice as before.
 template <typename scalar_t, typename acc_t, class Op, bool kDropout, bool kUniform>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, (sizeof(acc_t) == 8 && Op::kTranscendental) ? 1 : 0)
     apply_flat_kernel(const Op op, const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy,
                       scalar_t* __restrict__ out, int64_t numel, int64_t C, int64_t S, int sh, bool vec,
                       Dropout<acc_t> drop) {
