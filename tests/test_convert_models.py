@@ -81,23 +81,24 @@ def test_sites_fused_and_every_batchnorm_left_has_a_reason(key):
     assert list(model.state_dict()) == keys
 
 
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("key", MODELS)
-def test_outputs_and_gradients_match(key, training):
+def test_outputs_and_gradients_match(key):
+    """Training then eval (one conversion: convert() traces every model module, the costly part here)."""
     model = build(key)
     fused_model, _ = converted(copy.deepcopy(model))
-    model.train(training), fused_model.train(training)
-    x = torch.randn(*SHAPE, dtype=torch.float64)
-    y_ref, gx_ref, g_ref = run(model, x)
-    y, gx, g = run(fused_model, x)
-    torch.testing.assert_close(y, y_ref, **TOL)
-    torch.testing.assert_close(gx, gx_ref, **TOL)
-    assert g.keys() == g_ref.keys()
-    for name in g:
-        torch.testing.assert_close(g[name], g_ref[name], **TOL, msg=lambda m: f"{name}: {m}")
-    ref_state = model.state_dict()  # running statistics moved the same way
-    for name, value in fused_model.state_dict().items():
-        torch.testing.assert_close(value, ref_state[name], **TOL, msg=lambda m: f"{name}: {m}")
+    for training in (True, False):
+        model.train(training), fused_model.train(training)
+        x = torch.randn(*SHAPE, dtype=torch.float64)
+        y_ref, gx_ref, g_ref = run(model, x)
+        y, gx, g = run(fused_model, x)
+        torch.testing.assert_close(y, y_ref, **TOL)
+        torch.testing.assert_close(gx, gx_ref, **TOL)
+        assert g.keys() == g_ref.keys()
+        for name in g:
+            torch.testing.assert_close(g[name], g_ref[name], **TOL, msg=lambda m: f"{name} ({training=}): {m}")
+        ref_state = model.state_dict()  # running statistics moved the same way
+        for name, value in fused_model.state_dict().items():
+            torch.testing.assert_close(value, ref_state[name], **TOL, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("key", MODELS)
