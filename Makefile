@@ -37,6 +37,8 @@ build: $(ENV_STAMP)
 	$(SYSTEM_PY) -m venv --system-site-packages .venv
 	.venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install -q torch==2.13.0
 	.venv/bin/pip install -q numpy pytest pybind11 ninja setuptools wheel expecttest scikit-learn matplotlib onnx onnxscript onnxruntime
+	# real model code for the convert() tests (tests/real_models.py); --no-deps: never another torch
+	.venv/bin/pip install -q --no-deps torchvision==0.28.0 timm==1.0.31
 	touch $@
 
 # The suite against another torch release (the oldest one pyproject.toml admits before a release): a venv with

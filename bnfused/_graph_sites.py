@@ -1,15 +1,18 @@
-"""convert()'s internals: BN -> ReLU (-> Dropout) sites in one module's own forward code, found in its torch.fx trace
-(its child modules are leaves), and that trace rewritten without the ReLU/Dropout calls that the fused module now
-performs (_rewritten_forward.py installs it as the module's forward).
+"""convert()'s internals: BN -> activation (-> Dropout) sites in one module's own forward code, found in its torch.fx
+trace (its child modules are leaves), and that trace rewritten without the activation/Dropout calls that the fused
+module now performs (_rewritten_forward.py installs it as the module's forward).
 
 convert() uses this for the sites an nn.Sequential walk cannot see: attributes called in forward() code
-(DenseNet's norm1/relu1), F.relu / torch.relu / Tensor.relu(_) / F.dropout calls, a ReLU module called more than
-once (ResNet's self.relu), and a BN ending a child nn.Sequential whose caller applies the ReLU.
+(DenseNet's norm1/relu1), functional activations (F.relu, F.silu, F.leaky_relu(x, 0.2), Tensor.relu_, ...) and
+F.dropout calls, an activation module called more than once (ResNet's self.relu), and a BN ending a child
+nn.Sequential whose caller applies the activation.
 """
 from __future__ import annotations
 
 import inspect
 import operator
+import weakref
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -19,9 +22,55 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._rewritten_forward import bn_add_relu_site
+from .activation import RELU, Activation, activation_of_module
 
-_RELU_FUNCTIONS = (F.relu, F.relu_, torch.relu, torch.relu_)
-_RELU_METHODS = ("relu", "relu_")
+
+def _functional(kind: str, *params: str):
+    """Reads a call of a functional activation, f(input, *params, inplace) positionally or by keyword, as the
+    Activation it computes (TypeError for arguments it does not take or that are not constants)."""
+    def read(input, *args, **kwargs) -> Activation:
+        if len(args) > len(params) + 1:  # + the trailing inplace flag
+            raise TypeError("too many arguments")
+        values = dict(zip(params, args))
+        for name, value in kwargs.items():
+            if name != "inplace":
+                if name not in params or name in values:
+                    raise TypeError(f"argument {name}")
+                values[name] = value
+        for value in values.values():
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                raise TypeError("a parameter that is not a constant")
+        if kind == "hardtanh":
+            return Activation("hardtanh", float(values.get("min_val", -1.0)), float(values.get("max_val", 1.0)))
+        if kind == "leaky_relu":
+            return Activation("leaky_relu", float(values.get("negative_slope", 0.01)))
+        if kind == "elu":
+            return Activation("elu", float(values.get("alpha", 1.0)))
+        if kind == "gelu":
+            approximate = values.get("approximate", "none")
+            if approximate not in ("none", "tanh"):
+                raise TypeError(f"approximate={approximate!r}")
+            return Activation("gelu_tanh" if approximate == "tanh" else "gelu")
+        if kind == "relu6":
+            return Activation("hardtanh", 0.0, 6.0)
+        return Activation(kind)
+    return read
+
+
+# Functional activations as torch.fx records them (the in-place forms included: F.relu_ is torch.relu_,
+# F.hardtanh_ / F.leaky_relu_ / F.elu_ are torch._C._nn functions), each with how to read its parameters.
+_ACT_FUNCTIONS = {
+    F.relu: _functional("relu"), torch.relu: _functional("relu"), torch.relu_: _functional("relu"),
+    F.relu6: _functional("relu6"),
+    F.hardtanh: _functional("hardtanh", "min_val", "max_val"),
+    F.hardtanh_: _functional("hardtanh", "min_val", "max_val"),
+    F.leaky_relu: _functional("leaky_relu", "negative_slope"),
+    F.leaky_relu_: _functional("leaky_relu", "negative_slope"),
+    F.silu: _functional("silu"), F.hardswish: _functional("hardswish"), F.mish: _functional("mish"),
+    F.gelu: _functional("gelu", "approximate"),
+    F.elu: _functional("elu", "alpha"), F.elu_: _functional("elu", "alpha"),
+}
+_ACT_METHODS = {"relu": RELU, "relu_": RELU}
 _DROPOUT_SIGNATURE = inspect.signature(F.dropout)
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 _OPERATOR_NAMES = {operator.add: "+", operator.iadd: "+=", operator.mul: "*", operator.getitem: "[]"}
@@ -52,50 +101,105 @@ def is_plain_sequential(module: nn.Module) -> bool:
     return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
 
 
-def ending_batchnorm(module: nn.Module, bn_types: tuple) -> Optional[tuple[str, list[nn.Module]]]:
-    """(path of the BN below module, the nn.Sequential containers on the way) when module's output is a BN's
-    output: module is one of bn_types, or a plain nn.Sequential whose last layer is (recursively)."""
-    if type(module) in bn_types:
+_chains: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, Optional[list[str]]]]" = weakref.WeakKeyDictionary()
+
+
+def layer_chain(module: nn.Module) -> Optional[list[str]]:
+    """The submodules (paths) that module's forward calls one after the other, each once, on the previous one's
+    output, when that is all it does: a plain nn.Sequential's layers, or a module whose forward traces (in train and
+    in eval, its children leaves) to such a chain, as timm's ConvNormAct (conv -> bn). None otherwise. A site whose BN
+    ends it fuses the activation into the BN (the module's output then includes it) or, at an add, calls the chain's
+    layers in the rewritten caller."""
+    if is_plain_sequential(module):
+        return [name for name, m in module._modules.items() if m is not None] or None
+    cls = type(module)
+    if cls.forward is nn.Module.forward or cls.__module__.startswith("torch.") or not module._modules:
+        return None
+    key = (cls, tuple((name, id(m)) for name, m in module._modules.items()))
+    cached = _chains.get(module)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    chains, mode = [], module.training
+    try:
+        for training in (mode, not mode):
+            module.training = training
+            chains.append(_chain_of(trace(module)))
+    except Exception:  # noqa: BLE001 -- a forward torch.fx cannot trace is no chain
+        chains = [None]
+    finally:
+        module.training = mode
+    chain = chains[0] if all(c == chains[0] for c in chains) else None
+    _chains[module] = (key, chain)
+    return chain
+
+
+def _chain_of(graph: fx.Graph) -> Optional[list[str]]:
+    nodes = list(graph.nodes)
+    if len(nodes) < 3 or nodes[0].op != "placeholder" or nodes[-1].op != "output":
+        return None
+    previous, chain = nodes[0], []
+    for node in nodes[1:-1]:
+        if node.op != "call_module" or node.args != (previous,) or node.kwargs:
+            return None
+        chain.append(str(node.target))
+        previous = node
+    return chain if nodes[-1].args == (previous,) and len(set(chain)) == len(chain) else None
+
+
+def ending_batchnorm(module: nn.Module, is_bn) -> Optional[tuple[str, list[nn.Module]]]:
+    """(path of the BN below module, the containers on the way) when module's output is a BN's output: is_bn(module),
+    or module's layer_chain ends in such a module (recursively): a plain nn.Sequential, timm's ConvNormAct."""
+    if is_bn(module):
         return "", []
-    if is_plain_sequential(module) and len(module):
-        name, last = list(module._modules.items())[-1]
-        inner = ending_batchnorm(last, bn_types)
+    if not any(is_bn(m) for m in module.modules()):
+        return None  # nothing to find: no trace
+    chain = layer_chain(module)
+    if chain:
+        last = chain[-1]
+        inner = ending_batchnorm(module.get_submodule(last), is_bn)
         if inner is not None:
-            return (f"{name}.{inner[0]}" if inner[0] else name), [module] + inner[1]
+            return (f"{last}.{inner[0]}" if inner[0] else last), [module] + inner[1]
     return None
 
 
 @dataclass(eq=False)
 class Site:
-    """One BN -> ReLU (-> Dropout) chain in a traced forward."""
+    """One BN -> activation (-> Dropout) chain in a traced forward."""
     bn_node: fx.Node
     bn_path: str                 # relative to the traced module
     bn: nn.Module
-    containers: list[nn.Module]  # nn.Sequentials whose output is the BN's output (they now output the ReLU's)
-    relu_node: fx.Node
+    # modules whose output is the BN's output (nn.Sequentials, timm's ConvNormAct: layer_chain); they now output the
+    # activation's
+    containers: list[nn.Module]
+    act_node: fx.Node
+    act: Activation = RELU
     dropout_node: Optional[fx.Node] = None
     p: float = 0.0
-    # the modules (relative path -> module) whose calls are removed or replaced: the ReLU / Dropout modules
+    # the modules (relative path -> module) whose calls are removed or replaced: the activation / Dropout modules
     removed_modules: dict[str, nn.Module] = field(default_factory=dict)
-    # BN + residual -> ReLU: the add node and the residual operand (the fused module takes it as a second input)
+    # BN + residual -> activation: the add node and the residual operand (the fused module takes it as a second
+    # input)
     add_node: Optional[fx.Node] = None
     residual: Optional[fx.Node] = None
+    # calls of modules that are the identity in both modes (nn.Identity, a drop path of rate 0) between the BN and
+    # the activation or the add: kept in place before an activation, removed with the add
+    passed: list[fx.Node] = field(default_factory=list)
 
     def chain(self) -> list[str]:
         """The paths from the called module down to the BN: [node target, inner containers..., BN path]."""
         paths = [str(self.bn_node.target)]
         for container in self.containers:
-            paths.append(f"{paths[-1]}.{list(container._modules)[-1]}")
+            paths.append(f"{paths[-1]}.{layer_chain(container)[-1]}")
         return paths
 
     def drop_dropout(self) -> None:
-        """Fuse BN -> ReLU only, leaving the dropout call as it is."""
+        """Fuse BN -> activation only, leaving the dropout call as it is."""
         if self.dropout_node is not None and self.dropout_node.op == "call_module":
             del self.removed_modules[str(self.dropout_node.target)]
         self.dropout_node, self.p = None, 0.0
 
-    def relu_name(self) -> str:
-        return _describe(self.relu_node)
+    def act_name(self) -> str:
+        return _describe(self.act_node)
 
     def residual_name(self) -> Optional[str]:
         return None if self.residual is None else _describe(self.residual)
@@ -161,12 +265,38 @@ def _flat_nodes(node: fx.Node) -> list[fx.Node]:
     return found
 
 
-def _is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+def activation_of(node: fx.Node, modules: dict[str, nn.Module]) -> Optional[Activation]:
+    """The activation node applies to its first argument (None: not one bnfused fuses, or parameters that are not
+    constants): a module (activation_of_module), a functional with its arguments, or Tensor.relu(_)."""
     if node.op == "call_module":
-        return type(modules.get(node.target)) is nn.ReLU
+        return activation_of_module(modules.get(node.target))
     if node.op == "call_function":
-        return node.target in _RELU_FUNCTIONS and len(node.args) + len(node.kwargs) <= 2
-    return node.op == "call_method" and node.target in _RELU_METHODS and len(node.args) == 1
+        read = _ACT_FUNCTIONS.get(node.target) if isinstance(node.target, Hashable) else None
+        if read is None or not node.args:
+            return None
+        try:
+            return read(*node.args, **node.kwargs)
+        except (TypeError, ValueError):
+            return None
+    if node.op == "call_method" and len(node.args) == 1 and not node.kwargs:
+        return _ACT_METHODS.get(node.target)
+    return None
+
+
+# timm's stochastic-depth layers: the identity in both modes at rate 0 (timm.layers.drop).
+_TIMM_DROPS = {("timm.layers.drop", "DropPath"), ("timm.layers.drop", "DropBlock2d"),
+               ("timm.models.layers.drop", "DropPath"), ("timm.models.layers.drop", "DropBlock2d")}
+
+
+def is_pass_through(module: nn.Module) -> bool:
+    """Whether module returns its input in train and in eval mode: nn.Identity, timm's DropPath / DropBlock2d with
+    drop_prob 0, an nn.Dropout with p 0 (the same values)."""
+    cls = type(module)
+    if cls is nn.Identity:
+        return True
+    if cls is nn.Dropout:
+        return module.p == 0
+    return (cls.__module__, cls.__qualname__) in _TIMM_DROPS and getattr(module, "drop_prob", None) == 0
 
 
 def _dropout_p(node: fx.Node, modules: dict[str, nn.Module], bn: nn.Module, training: bool) -> Optional[float]:
@@ -254,51 +384,62 @@ def _input_written_before(bn_node: fx.Node, add: fx.Node, modules: dict[str, nn.
     return False
 
 
-def find_sites(graph: fx.Graph, root: nn.Module, bn_types: tuple, training: bool,
-               add_types: tuple = ()) -> tuple[list[Site], dict]:
-    """The BN -> ReLU (-> Dropout) sites of a traced forward (and BN + residual -> ReLU ones for BNs of add_types
-    that this forward calls directly), and, per BN path, why a BN is not a site (for the report)."""
+def find_sites(graph: fx.Graph, root: nn.Module, is_bn, training: bool,
+               is_add_bn=lambda m: False) -> tuple[list[Site], dict]:
+    """The BN -> activation (-> Dropout) sites of a traced forward (and BN + residual -> identity/ReLU/Hardtanh ones
+    for the BNs is_add_bn accepts), and, per BN path, why a BN is not a site (for the
+    report)."""
     modules = dict(root.named_modules())
     sites, reasons = [], {}
     for node in graph.nodes:
         if node.op != "call_module":
             continue
-        ending = ending_batchnorm(modules[node.target], bn_types)
+        ending = ending_batchnorm(modules[node.target], is_bn)
         if ending is None:
             continue
         bn_path = f"{node.target}.{ending[0]}" if ending[0] else str(node.target)
-        relu = _sole_user(node)
+        # identity layers on the way (timm's drop_block / drop_path at rate 0) are passed through
+        passed, out = [], node
+        while ((nxt := _sole_user(out)) is not None and nxt.op == "call_module" and len(nxt.args) == 1
+               and not nxt.kwargs and is_pass_through(modules[nxt.target])):
+            passed.append(nxt)
+            out = nxt
+        act_node = _sole_user(out)
         # A BN ending nn.Sequentials (RegNet's f, a CIFAR ResNet's residual_function) takes the add too: the rewrite
         # then calls the Sequentials' layers one by one, so that the fused module gets the residual.
-        add = (_residual_add(node) if type(modules[bn_path]) in add_types and len(node.args) == 1 and not node.kwargs
-               else None)
+        add = _residual_add(out) if is_add_bn(modules[bn_path]) and len(node.args) == 1 and not node.kwargs else None
         if add is not None and _input_written_before(node, add[0], modules):
             add = None
         if add is not None and any(s.add_node is add[0] for s in sites):
             add = None  # both operands are BN outputs: the first BN took the add
         if add is not None:
-            relu = _sole_user(add[0])
-        if relu is None or not _is_relu(relu, modules):
-            taker = next((s for s in sites if s.add_node is not None and s.add_node in node.users), None)
-            users = ", ".join(_describe(u) for u in node.users) or "nothing"
-            reasons[bn_path] = (f"it is the residual that the fused {taker.bn_path} adds" if taker else
-                                f"its output goes to {users}, not (only) to a ReLU")
+            act_node = _sole_user(add[0])
+        act = None if act_node is None else activation_of(act_node, modules)
+        if act is not None and add is not None and not act.has_gate_bits:
+            reasons[bn_path] = (f"BN + residual -> {act} ({_describe(act_node)}): the block tail is fused for "
+                                "identity, ReLU and Hardtanh/ReLU6 only")
             continue
-        site = Site(node, bn_path, modules[bn_path], ending[1], relu)
+        if act is None:
+            taker = next((s for s in sites if s.add_node is not None and s.add_node in out.users), None)
+            users = ", ".join(_describe(u) for u in out.users) or "nothing"
+            reasons[bn_path] = (f"it is the residual that the fused {taker.bn_path} adds" if taker else
+                                f"its output goes to {users}, not (only) to an activation bnfused fuses")
+            continue
+        site = Site(node, bn_path, modules[bn_path], ending[1], act_node, act, passed=passed)
         if add is not None:
             site.add_node, site.residual = add
-        drop = _sole_user(relu)
+        drop = _sole_user(act_node)
         if drop is not None:
             p = _dropout_p(drop, modules, site.bn, training)
             if p is not None:
                 site.dropout_node, site.p = drop, p
-        for n in (site.relu_node, site.dropout_node):
+        for n in (site.act_node, site.dropout_node):
             if n is not None and n.op == "call_module":
                 site.removed_modules[str(n.target)] = modules[n.target]
         sites.append(site)
     for site in sites:  # a residual BN found before the BN that takes its add: say so
         if site.residual is not None and site.residual.op == "call_module":
-            ending = ending_batchnorm(modules[site.residual.target], bn_types)
+            ending = ending_batchnorm(modules[site.residual.target], is_bn)
             path = None if ending is None else ".".join(p for p in (str(site.residual.target), ending[0]) if p)
             if path in reasons:
                 reasons[path] = f"it is the residual that the fused {site.bn_path} adds"
@@ -315,29 +456,31 @@ def calls_of(graph: fx.Graph) -> dict[str, int]:
 
 
 def remove_calls(graph: fx.Graph, sites: list[Site]) -> None:
-    """Drops each site's ReLU and Dropout nodes: their users take the BN (now fused) node's output. A BN + add
+    """Drops each site's activation and Dropout nodes: their users take the BN (now fused) node's output. A BN + add
     site's BN call moves to the add, taking the residual as its second input, and the add goes too."""
     # The residual may be an earlier site's output (h = relu(bn1(..)); relu(bn2(..) + h)): its node is gone
     # once that site is rewritten, so residuals are looked up here, by the node that replaced them.
     replaced: dict[fx.Node, fx.Node] = {}
     for site in sites:
-        fused = site.bn_node
+        fused = site.passed[-1] if site.passed else site.bn_node
         if site.add_node is not None:
             residual = replaced.get(site.residual, site.residual)
             x, chain = site.bn_node.args[0], site.chain()
             with graph.inserting_before(site.add_node):
                 for path, container in zip(chain, site.containers):  # the Sequentials' layers up to the BN
-                    for name in list(container._modules)[:-1]:
+                    for name in layer_chain(container)[:-1]:
                         x = graph.call_module(f"{path}.{name}", (x,))
                 fused = graph.call_function(bn_add_relu_site, (graph.get_attr(chain[-1]), x, residual))
             fused.meta = dict(site.bn_node.meta)
-        last = site.dropout_node or site.relu_node
+        last = site.dropout_node or site.act_node
         last.replace_all_uses_with(fused)
         replaced[last] = fused
-        for node in (site.dropout_node, site.relu_node, site.add_node):
+        for node in (site.dropout_node, site.act_node, site.add_node):
             if node is not None:
                 graph.erase_node(node)
-        if fused is not site.bn_node:
+        if site.add_node is not None:  # the BN call and the identity layers after it moved into the fused call
+            for node in reversed(site.passed):
+                graph.erase_node(node)
             graph.erase_node(site.bn_node)
     graph.lint()
 

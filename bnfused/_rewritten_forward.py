@@ -17,9 +17,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 
 def bn_add_relu_site(fused: nn.Module, input: torch.Tensor, residual: Any) -> torch.Tensor:
-    """A BN + residual -> ReLU (-> Dropout) site of a rewritten forward: ``fused(input, residual)`` for a
+    """A BN + residual -> activation (-> Dropout) site of a rewritten forward: ``fused(input, residual)`` for a
     residual of the input's shape and device (as in residual blocks; the fused modules promote another dtype).
-    The forward computed ``relu(bn(input) + residual)`` for any residual the add accepts, which convert() cannot
+    The forward computed ``act(bn(input) + residual)`` for any residual the add accepts, which convert() cannot
     tell from the code: one that broadcasts (a bias, an embedding of shape (N, C, 1, 1), a scalar) is computed
     unfused instead, nn.BatchNormXd's forward on the fused module's state (a synchronised module in synchronised
     training: its fused call with the residual broadcast to the input). The fused modules check the residual
@@ -38,7 +38,7 @@ def bn_add_relu_site(fused: nn.Module, input: torch.Tensor, residual: Any) -> to
                            f"({_what(residual)}) does not broadcast to the BatchNorm's output ({tuple(input.shape)}, "
                            f"{input.dtype}) keeping its dtype; SyncBatchNormAddReLU cannot compute it in "
                            "synchronised training")
-    out = torch.relu(_BatchNorm.forward(fused, input) + residual)  # nn.BatchNormXd's forward on the shared state
+    out = fused.activation(_BatchNorm.forward(fused, input) + residual)  # nn.BatchNormXd's forward, shared state
     return F.dropout(out, fused.p, fused.training) if fused.p > 0 else out
 
 

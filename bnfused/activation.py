@@ -167,6 +167,41 @@ _BY_CLASS: dict[type, Callable[[nn.Module], Activation]] = {
     nn.Mish: lambda m: Activation("mish"),
 }
 
+# timm's own activation modules that compute one of the functions above (timm.layers.activations and its
+# memory-efficient activations_me): matched by module and class name, so that timm need not be importable. Those
+# spelled as PyTorch's formula differently (Swish: x * sigmoid(x); HardSwish: x * relu6(x + 3) / 6) are the same
+# function; their gradients differ from PyTorch's only at HardSwish's kinks x = +-3 exactly.
+_TIMM_MODULES = ("timm.layers.activations", "timm.layers.activations_me", "timm.models.layers.activations",
+                 "timm.models.layers.activations_me")
+_TIMM_CLASSES: dict[str, Activation] = {
+    "Swish": Activation("silu"), "SwishMe": Activation("silu"), "Mish": Activation("mish"),
+    "MishMe": Activation("mish"), "HardSwish": Activation("hardswish"), "HardSwishMe": Activation("hardswish"),
+    "GELU": Activation("gelu"), "GELUTanh": Activation("gelu_tanh"),
+}
+
+
+def _read_module(module: nn.Module) -> Optional[Activation]:
+    """The Activation an activation module computes (None: not one bnfused fuses)."""
+    read = _BY_CLASS.get(type(module))
+    if read is not None:
+        return read(module)
+    cls = type(module)
+    if cls.__module__ in _TIMM_MODULES:
+        return _TIMM_CLASSES.get(cls.__qualname__)
+    return None
+
+
+def activation_of_module(module: nn.Module) -> Optional[Activation]:
+    """The Activation that ``module`` (exactly a torch.nn activation class, or one of timm's listed above)
+    computes, or None: what convert() fuses after a BatchNorm (nn.Identity is not an activation there)."""
+    if type(module) is nn.Identity:
+        return None
+    try:
+        return _read_module(module)
+    except ValueError:  # e.g. a Hardtanh with min_val >= max_val
+        return None
+
+
 # torch functionals (the default arguments; F.leaky_relu etc. with other arguments are given as a name + act_kwargs
 # or an nn instance).
 _BY_FUNCTION: dict[Any, str] = {
@@ -180,7 +215,8 @@ ActivationLike = Union[None, str, Activation, nn.Module, type, Callable[..., Any
 def resolve_activation(act: ActivationLike, act_kwargs: Optional[dict] = None) -> Activation:
     """The :class:`Activation` of ``act``: ``None`` (identity), a name (``"relu"``, ``"relu6"``, ``"hardtanh"``,
     ``"leaky_relu"``, ``"silu"``/``"swish"``, ``"hardswish"``/``"hard_swish"``, ``"gelu"``, ``"gelu_tanh"``,
-    ``"elu"``, ``"mish"``, ``"identity"``), a torch.nn activation class or instance, one of the functionals
+    ``"elu"``, ``"mish"``, ``"identity"``), a torch.nn activation class or instance (or one of timm's that
+    compute the same function: Swish, Mish, HardSwish, GELU, GELUTanh and their ``*Me`` forms), one of the functionals
     (``F.silu``, ...), or an :class:`Activation`. ``act_kwargs`` are the constructor arguments for a name or class
     (``resolve_activation("leaky_relu", dict(negative_slope=0.2))``). Raises ``ValueError`` for an activation
     bnfused does not fuse, ``TypeError`` for arguments it does not take."""
@@ -202,11 +238,12 @@ def resolve_activation(act: ActivationLike, act_kwargs: Optional[dict] = None) -
     if isinstance(act, nn.Module):
         if kwargs:
             raise TypeError("act_kwargs cannot be combined with an activation module instance")
-        read = _BY_CLASS.get(type(act))
-        if read is None:
+        found = _read_module(act)
+        if found is None:
             raise ValueError(f"unsupported activation module {type(act).__name__}; bnfused fuses "
-                             f"{', '.join(c.__name__ for c in _BY_CLASS)}")
-        return read(act)
+                             f"{', '.join(c.__name__ for c in _BY_CLASS)} (and timm's "
+                             f"{', '.join(_TIMM_CLASSES)})")
+        return found
     if isinstance(act, functools.partial) and act.func in _BY_FUNCTION:
         return _BY_NAME[_BY_FUNCTION[act.func]](*act.args, **{**act.keywords, **kwargs})
     if callable(act) and act in _BY_FUNCTION:

@@ -1,7 +1,8 @@
-"""convert(): swap BatchNormXd -> ReLU (-> Dropout) sites for the fused module (SyncBatchNormReLUDropout /
-SyncBatchNormAddReLU with sync=True / convert_sync), wherever the data flows that way: in nn.Sequential chains
-and in forward() code (found by torch.fx, see _graph_sites.py). The fused module shares the BN's Parameter and
-buffer objects; a report says what was fused and why the other BatchNorm layers were not."""
+"""convert(): swap BatchNormXd -> activation (-> Dropout) sites for the fused module (SyncBatchNormActDropout /
+SyncBatchNormAddAct with sync=True / convert_sync), wherever the data flows that way: in nn.Sequential chains
+(torchvision's Conv2dNormActivation), in forward() code (found by torch.fx, see _graph_sites.py) and in timm's
+BatchNormAct2d. The fused module shares the BN's Parameter and buffer objects; a report says what was fused and why
+the other BatchNorm layers were not."""
 from __future__ import annotations
 
 import itertools
@@ -12,10 +13,12 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _graph_sites, _rewritten_forward
+from .activation import RELU, Activation, activation_of_module
 from .modules import (BatchNormAddReLU1d, BatchNormAddReLU2d, BatchNormAddReLU3d, BatchNormReLUDropout1d,
-                      BatchNormReLUDropout2d, BatchNormReLUDropout3d)
+                      BatchNormReLUDropout2d, BatchNormReLUDropout3d, _BatchNormReLUDropout)
 from .sync import SyncBatchNormAddReLU, SyncBatchNormReLUDropout
 
 logger = logging.getLogger(__name__)
@@ -25,32 +28,59 @@ _FUSED_FOR = {
     nn.BatchNorm2d: BatchNormReLUDropout2d,
     nn.BatchNorm3d: BatchNormReLUDropout3d,
 }
-# Hooks that see a module's output or its gradients: after fusion a BN's output includes the ReLU, and a removed
-# ReLU/Dropout is not called at all, so a site with such hooks stays unfused.
+# Hooks that see a module's output or its gradients: after fusion a BN's output includes the activation, and a
+# removed activation/Dropout is not called at all, so a site with such hooks stays unfused.
 _OUTPUT_HOOKS = ("_forward_hooks", "_backward_hooks", "_backward_pre_hooks")
 # Hooks whose meaning survives on the fused module (same input, same state_dict): shared with it, so the user's
 # handles still remove them.
 _CARRIED_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_state_dict_hooks",
                   "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
-# What unconvert() reads back: set on the fused modules convert() makes (their ReLU / Dropout stay in the model, as
+# What unconvert() reads back: set on the fused modules convert() makes (their act / Dropout stay in the model, as
 # calls in a rewritten forward or held by nn.Identity stand-ins), and on those stand-ins (the module they replace).
 CONVERTED = "_bnfused_converted"
 REPLACED = "_bnfused_replaced"
+# On a fused module that took the place of a BatchNorm module with an activation of its own (timm's BatchNormAct2d):
+# that module, which unconvert() puts back (in __dict__, not a submodule).
+ORIGINAL = "_bnfused_original"
+
+# timm's BatchNorm + activation modules (timm.layers.norm_act): nn.BatchNorm2d / nn.SyncBatchNorm subclasses with the
+# same state_dict, whose forward is F.batch_norm -> self.drop -> self.act. Matched by module and class name, so that
+# timm need not be importable.
+_TIMM_NORM_ACT = {("timm.layers.norm_act", "BatchNormAct2d"): False, ("timm.models.layers.norm_act", "BatchNormAct2d"):
+                  False, ("timm.layers.norm_act", "SyncBatchNormAct"): True,
+                  ("timm.models.layers.norm_act", "SyncBatchNormAct"): True}
+
+
+def _timm_norm_act(module: nn.Module, sync: bool) -> bool:
+    """Whether module is exactly timm's BatchNormAct2d (or, with sync, timm's SyncBatchNormAct)."""
+    cls = type(module)
+    synced = _TIMM_NORM_ACT.get((cls.__module__, cls.__qualname__))
+    return synced is not None and (sync or not synced)
+
+
+def _bare_norm_act(module: nn.Module) -> bool:
+    """Whether a timm BatchNormAct2d has neither an activation nor a drop layer (apply_act=False): a plain BN, fused
+    with what follows it like one."""
+    act, drop = getattr(module, "act", None), getattr(module, "drop", None)
+    return (act is None or type(act) is nn.Identity) and (drop is None or _graph_sites.is_pass_through(drop))
 
 
 @dataclass(frozen=True)
 class FusedSite:
     """One fused chain: ``name`` is the BatchNorm's qualified name (the fused module's now), ``relu`` and
-    ``dropout`` what applied them ("layer1.0.relu", "F.relu", "Tensor.relu_"; dropout None when not fused),
-    ``rewritten`` the qualified name of the module whose forward() was rewritten ("" for the model itself), or
-    None when the swap was in place (the ReLU/Dropout modules became nn.Identity); ``residual`` the operand a
-    BN + add -> ReLU site adds (None for BN -> ReLU sites)."""
+    ``dropout`` what applied the activation and the dropout ("layer1.0.relu", "F.silu", "Tensor.relu_",
+    "blocks.0.bn1.act" for timm's BatchNormAct2d; dropout None when not fused), ``rewritten`` the qualified name of
+    the module whose forward() was rewritten ("" for the model itself), or None when the swap was in place (the
+    activation/Dropout modules became nn.Identity); ``residual`` the operand a BN + add -> activation site adds
+    (None for BN -> activation sites); ``act`` the activation fused (``str(bnfused.Activation)``: "relu",
+    "silu", "leaky_relu(0.1)", ...)."""
     name: str
     relu: str
     dropout: Optional[str] = None
     p: float = 0.0
     rewritten: Optional[str] = None
-    residual: Optional[str] = None  # BN + residual -> ReLU sites: what the residual operand was
+    residual: Optional[str] = None  # BN + residual -> activation sites: what the residual operand was
+    act: str = "relu"
 
 
 @dataclass(frozen=True)
@@ -76,6 +106,7 @@ class ConvertReport:
         lines = [f"bnfused.convert: fused {len(self.fused)} site(s), {len(self.unfused)} BatchNorm layer(s) unfused"
                  + (f"; forward() rewritten in {len(rewritten)} module(s)" if rewritten else "")]
         lines += [f"  fused   {s.name}" + (f" + {s.residual}" if s.residual else "") + f" -> {s.relu}"
+                  + ("" if s.act == "relu" else f" ({s.act})")
                   + (f" -> {s.dropout} (p={s.p:g})" if s.dropout else "")
                   + ("" if s.rewritten is None else f"  [forward of {s.rewritten or '<model>'} rewritten]")
                   for s in self.fused]
@@ -90,26 +121,33 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix and name else prefix or name
 
 
-# nn.BatchNormXd -> the fused BN + add + ReLU module of its dimension.
+# nn.BatchNormXd -> the fused BN + add + activation module of its dimension.
 _ADD_MODULES = {nn.BatchNorm1d: BatchNormAddReLU1d, nn.BatchNorm2d: BatchNormAddReLU2d,
                 nn.BatchNorm3d: BatchNormAddReLU3d}
 
 
-def _fused_for(bn: nn.modules.batchnorm._BatchNorm, p: float, sync: bool, process_group,
-               add: bool = False) -> nn.Module:
+def _plain_type(bn: _BatchNorm) -> type:
+    """The nn.BatchNormXd that bn is (timm's BatchNormAct2d: nn.BatchNorm2d)."""
+    return next((t for t in _FUSED_FOR if isinstance(bn, t)), type(bn))
+
+
+def _fused_for(bn: _BatchNorm, p: float, sync: bool, process_group, add: bool = False,
+               act: Activation = RELU) -> nn.Module:
     """The fused module taking bn's place, sharing its Parameter and buffer objects and the hooks that keep
     their meaning."""
     if add and sync:
-        fused = SyncBatchNormAddReLU.from_batchnorm(bn, p, process_group)
+        fused = SyncBatchNormAddReLU.from_batchnorm(bn, p, process_group, act=act)
     elif add:
-        fused = _ADD_MODULES[type(bn)].from_batchnorm(bn, p)
+        fused = _ADD_MODULES[_plain_type(bn)].from_batchnorm(bn, p, act=act)
     elif sync:
-        fused = SyncBatchNormReLUDropout.from_batchnorm(bn, p, process_group)
+        fused = SyncBatchNormReLUDropout.from_batchnorm(bn, p, process_group, act=act)
     else:
-        fused = _FUSED_FOR[type(bn)].from_batchnorm(bn, p)
+        fused = _FUSED_FOR[_plain_type(bn)].from_batchnorm(bn, p, act=act)
     for attr in _CARRIED_HOOKS:
         setattr(fused, attr, getattr(bn, attr))
     setattr(fused, CONVERTED, True)
+    if type(bn) not in (*_FUSED_FOR, nn.SyncBatchNorm):
+        fused.__dict__[ORIGINAL] = bn  # timm's BatchNormAct2d: unconvert() puts it back (not a submodule)
     return fused
 
 
@@ -132,7 +170,7 @@ class _Modes:
     is then restored), and once more with every BN replaced by its fused module, which such an override may
     not recognise. Without an override every module takes the model's mode, so only the current modes count."""
 
-    def __init__(self, model: nn.Module, bn_types: tuple, stand_in) -> None:
+    def __init__(self, model: nn.Module, is_bn, stand_in) -> None:
         self.flags: Optional[dict[int, tuple[bool, ...]]] = None
         self.stand_in_flags: dict[int, tuple[bool, ...]] = {}
         if all(type(m).train is nn.Module.train for m in model.modules()):
@@ -140,7 +178,7 @@ class _Modes:
         modules = list(model.modules())
         saved = [(m, m.training) for m in modules]
         places = [(parent, name, child) for parent in modules for name, child in parent._modules.items()
-                  if type(child) in bn_types]
+                  if is_bn(child)]
         stand_ins = {id(bn): stand_in(bn) for _, _, bn in places}
         flags = {id(m): [m.training] for m in modules}
         try:
@@ -194,11 +232,45 @@ class _Converter:
         self.bn_types = (*_FUSED_FOR, nn.SyncBatchNorm) if sync else tuple(_FUSED_FOR)
         self.report = ConvertReport()
         self.reasons: dict[str, str] = {}  # BN name -> why it is not fused
-        # How many places of the module tree hold each module object: a shared ReLU cannot become nn.Identity.
+        # How many places of the module tree hold each module object: a shared activation cannot become nn.Identity.
         self.places = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
-        # BN + residual -> ReLU sites: the fused add modules (SyncBatchNormAddReLU for every BN type with sync=True)
-        self.add_types = self.bn_types if sync else tuple(_ADD_MODULES)
-        self.modes = _Modes(model, self.bn_types, lambda bn: _fused_for(bn, 0.0, sync, process_group))
+        self.modes = _Modes(model, lambda m: type(m) in self.bn_types or _timm_norm_act(m, sync),
+                            lambda bn: _fused_for(bn, 0.0, sync, process_group))
+
+    def is_bn(self, module: nn.Module) -> bool:
+        """A BatchNorm layer fused with the activation after it: exactly nn.BatchNorm1d/2d/3d (nn.SyncBatchNorm with
+        sync), or timm's BatchNormAct2d without activation and drop layer (apply_act=False)."""
+        return type(module) in self.bn_types or (_timm_norm_act(module, self.sync) and _bare_norm_act(module))
+
+    # ------------------------------------------------------------ timm's BatchNormAct2d (in place)
+    def norm_act(self, bn: nn.Module, name: str) -> None:
+        """timm's BatchNormAct2d (F.batch_norm -> self.drop -> self.act, the state_dict of nn.BatchNorm2d) becomes the
+        fused module with its activation, when its drop layer is the identity (it runs before the activation)."""
+        act_module, drop = getattr(bn, "act", None), getattr(bn, "drop", None)  # SyncBatchNormAct: maybe absent
+        if _bare_norm_act(bn):
+            return  # a plain BN: the other passes fuse it with the activation after it, if any
+        act = None if act_module is None else activation_of_module(act_module)
+        if act is None:
+            self.reasons[name] = (f"timm {type(bn).__name__} without an activation, and with a drop layer "
+                                  f"({type(drop).__name__})" if act_module is None or type(act_module) is nn.Identity
+                                  else
+                                  f"timm {type(bn).__name__} with activation {type(act_module).__name__}, which "
+                                  "bnfused does not fuse")
+            return
+        reason = (None if drop is None or _graph_sites.is_pass_through(drop) else
+                  f"timm {type(bn).__name__}'s drop layer ({type(drop).__name__}) runs before its activation; "
+                  "fused only when it is the identity")
+        if self.places[id(bn)] != 1 or self.places[id(act_module)] != 1:
+            reason = reason or "it is at more than one place in the model"
+        reason = (reason or self.modes.unfollowed(bn)
+                  or _output_hook_reason(bn, f"the {type(bn).__name__}")
+                  or _output_hook_reason(act_module, "its activation", all_hooks=True)
+                  or (drop is not None and _output_hook_reason(drop, "its drop layer", all_hooks=True)) or None)
+        if reason or not name:
+            self.reasons[name] = reason or "it is the model itself"
+            return
+        _set_submodule(self.model, name, _fused_for(bn, 0.0, self.sync, self.process_group, act=act))
+        self.report.fused.append(FusedSite(name, _join(name, "act"), act=str(act)))
 
     # ------------------------------------------------------------ nn.Sequential chains (in place, no tracing)
     def sequential(self, seq: nn.Sequential, prefix: str) -> None:
@@ -207,13 +279,15 @@ class _Converter:
         while i < len(names):
             bn = seq._modules[names[i]]
             nxt = seq._modules[names[i + 1]] if i + 1 < len(names) else None
-            if type(bn) not in self.bn_types:
+            if not self.is_bn(bn):
                 i += 1
                 continue
             bn_name = _join(prefix, names[i])
-            if type(nxt) is not nn.ReLU:
+            act = None if nxt is None else activation_of_module(nxt)
+            if act is None:
                 if nxt is not None:
-                    self.reasons[bn_name] = f"followed by {type(nxt).__name__} in the nn.Sequential, not ReLU"
+                    self.reasons[bn_name] = (f"followed by {type(nxt).__name__} in the nn.Sequential, not an "
+                                             "activation bnfused fuses")
                 i += 1
                 continue
             drop = seq._modules[names[i + 2]] if i + 2 < len(names) else None
@@ -221,7 +295,7 @@ class _Converter:
             has_dropout = type(drop) is nn.Dropout and self.modes.follows(drop, bn)
             reason = (self.modes.unfollowed(bn)
                       or _output_hook_reason(bn, "the BatchNorm")
-                      or _output_hook_reason(nxt, "the ReLU", all_hooks=True)
+                      or _output_hook_reason(nxt, f"the {type(nxt).__name__}", all_hooks=True)
                       or (_output_hook_reason(drop, "the Dropout", all_hooks=True) if has_dropout else None))
             if reason:
                 self.reasons[bn_name] = reason
@@ -229,12 +303,13 @@ class _Converter:
                 continue
             p = drop.p if has_dropout else 0.0
             # Keep indices (and so state_dict keys) stable: the fused block takes BN's slot, the rest become Identity.
-            seq._modules[names[i]] = _fused_for(bn, p, self.sync, self.process_group)
+            seq._modules[names[i]] = _fused_for(bn, p, self.sync, self.process_group, act=act)
             seq._modules[names[i + 1]] = _identity_for(nxt)
             if has_dropout:
                 seq._modules[names[i + 2]] = _identity_for(drop)
             self.report.fused.append(FusedSite(bn_name, _join(prefix, names[i + 1]),
-                                               _join(prefix, names[i + 2]) if has_dropout else None, p))
+                                               _join(prefix, names[i + 2]) if has_dropout else None, p,
+                                               act=str(act)))
             i += 3 if has_dropout else 2
 
     # ------------------------------------------------------------ forward() code (torch.fx)
@@ -242,7 +317,7 @@ class _Converter:
         """Whether module's own forward could hold a site: it calls a BN child, or a Sequential ending in one."""
         if _graph_sites.is_plain_sequential(module) or type(module).forward is nn.Module.forward:
             return False
-        return any(_graph_sites.ending_batchnorm(c, self.bn_types) is not None
+        return any(_graph_sites.ending_batchnorm(c, self.is_bn) is not None
                    for c in _graph_sites.callable_children(module))
 
     def traced(self, module: nn.Module, prefix: str) -> Optional[dict[tuple[bool, frozenset], "fx.Graph"]]:
@@ -277,7 +352,7 @@ class _Converter:
         if graphs is None:
             return
         mode, main = module.training, (module.training, frozenset())
-        found = {key: _graph_sites.find_sites(g, module, self.bn_types, key[0], self.add_types)
+        found = {key: _graph_sites.find_sites(g, module, self.is_bn, key[0], self.is_bn)
                  for key, g in graphs.items()}
         sites, reasons = found[main]
         for path, why in reasons.items():
@@ -303,7 +378,7 @@ class _Converter:
             if reason:
                 self.reasons[name] = reason
                 continue
-            # In place when the ReLU/Dropout are modules called only here: they become nn.Identity, forward stays.
+            # In place when the act/Dropout are modules called only here: they become nn.Identity, forward stays.
             swappable = all(calls.get(path) == 1 and self.places[id(m)] == 1 for path, m in site.removed_modules.items())
             n_removed = 1 + (site.dropout_node is not None)
             in_place_ok = swappable and len(site.removed_modules) == n_removed and site.add_node is None
@@ -333,23 +408,23 @@ class _Converter:
                 _rewritten_forward.install_forward(module, src, imports)
         for site, rewritten in [(s, False) for s, _ in in_place] + [(s, True) for s, _ in rewrite]:
             _set_submodule(module, site.bn_path, _fused_for(site.bn, site.p, self.sync, self.process_group,
-                                                            add=site.add_node is not None))
+                                                            add=site.add_node is not None, act=site.act))
             if not rewritten:
                 for path, removed in site.removed_modules.items():
                     _set_submodule(module, path, _identity_for(removed))
-            relu, dropout = site.relu_name(), site.dropout_name()
-            if site.relu_node.op == "call_module":
-                relu = _join(prefix, relu)
+            act, dropout = site.act_name(), site.dropout_name()
+            if site.act_node.op == "call_module":
+                act = _join(prefix, act)
             if site.dropout_node is not None and site.dropout_node.op == "call_module":
                 dropout = _join(prefix, dropout)
-            self.report.fused.append(FusedSite(_join(prefix, site.bn_path), relu, dropout, site.p,
-                                               prefix if rewritten else None, site.residual_name()))
+            self.report.fused.append(FusedSite(_join(prefix, site.bn_path), act, dropout, site.p,
+                                               prefix if rewritten else None, site.residual_name(), str(site.act)))
 
     def _site_reason(self, module: nn.Module, site, twins: dict, calls: dict[str, int]) -> Optional[str]:
         """Why a site found in module's forward cannot be fused (None: it can)."""
         differs = next((key for key, t in twins.items() if t is None or (
-            t.relu_name(), t.dropout_name(), t.p, t.residual_name()) != (
-            site.relu_name(), site.dropout_name(), site.p, site.residual_name())), None)
+            t.act_name(), t.act, t.dropout_name(), t.p, t.residual_name()) != (
+            site.act_name(), site.act, site.dropout_name(), site.p, site.residual_name())), None)
         if differs is not None:
             return (f"{type(module).__name__}.forward applies a different chain " + (
                 f"when {', '.join(sorted(differs[1]))} is None" if differs[1] else "in train and in eval"))
@@ -366,7 +441,9 @@ class _Converter:
                 or next((r for c in site.containers
                          if (r := _output_hook_reason(c, "the nn.Sequential it ends", add))), None)
                 or next((r for m in site.removed_modules.values()
-                         if (r := _output_hook_reason(m, f"the {type(m).__name__}", True))), None))
+                         if (r := _output_hook_reason(m, f"the {type(m).__name__}", True))), None)
+                or next((r for n in site.passed if (r := _output_hook_reason(
+                    m := module.get_submodule(str(n.target)), f"the {type(m).__name__} after it", True))), None))
 
     @staticmethod
     def _dropout_owner(site, module: nn.Module) -> nn.Module:
@@ -378,6 +455,9 @@ class _Converter:
     def run(self) -> ConvertReport:
         named = list(self.model.named_modules())
         for name, child in named:
+            if _timm_norm_act(child, self.sync):
+                self.norm_act(child, name)
+        for name, child in named:
             if _graph_sites.is_plain_sequential(child):
                 self.sequential(child, name)
         for name, child in named:
@@ -385,30 +465,55 @@ class _Converter:
                 self.forward_code(child, name)
         fused = {s.name for s in self.report.fused}
         for name, m in self.model.named_modules():
-            if type(m) in self.bn_types and name not in fused:
-                self.report.unfused.append(UnfusedBatchNorm(
-                    name, self.reasons.get(name, "no ReLU follows it (in an nn.Sequential or in a forward())")))
+            if not isinstance(m, _BatchNorm) or isinstance(m, _BatchNormReLUDropout) or name in fused:
+                continue
+            reason = self.reasons.get(name)
+            if reason is None and (self.is_bn(m) or _timm_norm_act(m, self.sync)):
+                reason = "no activation follows it (in an nn.Sequential or in a forward())"
+            elif reason is None and type(m) is nn.SyncBatchNorm:
+                reason = "nn.SyncBatchNorm is fused by convert_sync (sync=True)"
+            elif reason is None:
+                also = ", nn.SyncBatchNorm" if self.sync else ""
+                reason = f"{type(m).__name__} is not nn.BatchNorm1d/2d/3d{also} (a subclass may compute something else)"
+            self.report.unfused.append(UnfusedBatchNorm(name, reason))
         return self.report
 
 
 def convert(module: nn.Module, sync: bool = False, process_group=None, *, report: bool = False) -> nn.Module:
-    """Swap every nn.BatchNormXd -> ReLU (-> element-wise Dropout) site of ``module`` for the fused module, in
-    place, and return ``module`` (``(module, ConvertReport)`` with ``report=True``).
+    """Swap every nn.BatchNormXd -> activation (-> element-wise Dropout) site of ``module`` for the fused module
+    (:class:`BatchNormActDropout2d` with that activation), in place, and return ``module`` (``(module,
+    ConvertReport)`` with ``report=True``).
 
-    Sites are found wherever the data flows that way, when the BN's output has no other user:
+    The activations are those bnfused fuses: modules of exactly nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU,
+    nn.SiLU, nn.Hardswish, nn.GELU (``approximate`` "none" or "tanh"), nn.ELU, nn.Mish (inplace or not), timm's
+    Swish, Mish, HardSwish, GELU and GELUTanh; in forward() code also F.relu(_), torch.relu(_), Tensor.relu(_),
+    F.relu6, F.hardtanh(_), F.leaky_relu(_), F.silu, F.hardswish, F.gelu, F.elu(_) and F.mish with constant
+    parameters (``F.leaky_relu(x, 0.2)``, ``F.gelu(x, approximate="tanh")``). A BN followed by no activation, or by
+    another one (Sigmoid, PReLU, ...), stays as it is. Sites are found wherever the data flows that way, when the
+    BN's output has no other user:
 
-    * in nn.Sequential chains (BN, nn.ReLU, optional nn.Dropout adjacent), without tracing;
+    * in nn.Sequential chains (BN, activation, optional nn.Dropout adjacent: torchvision's Conv2dNormActivation),
+      without tracing;
+    * in timm's BatchNormAct2d (an nn.BatchNorm2d subclass applying ``self.drop`` then ``self.act``): the module
+      itself, when its drop layer is the identity (nn.Identity, p = 0), since it runs before the activation;
+      unconvert() puts the very module back. One without activation (apply_act=False) is a plain BN;
     * in forward() code, by torch.fx tracing of each module that calls a BN child (children are leaves, so only that
       module's own code is traced; BNs kept in an nn.ModuleList / nn.ModuleDict count as children, a module made
-      in forward, as ``nn.ReLU(inplace=True)(x)``, is part of that code): ReLU as nn.ReLU (inplace or not),
-      F.relu, F.relu_, torch.relu(_), Tensor.relu(_); dropout as nn.Dropout or F.dropout(training=self.training);
-      BN + residual -> ReLU; the BN may end a child nn.Sequential whose caller applies the add or the ReLU (the
-      Sequential's own output then includes the ReLU; for an add, the rewritten forward calls its layers).
+      in forward, as ``nn.ReLU(inplace=True)(x)``, is part of that code): the activation as a module or a
+      functional call; dropout as nn.Dropout or F.dropout(training=self.training); BN + residual -> activation
+      for identity, ReLU and Hardtanh/ReLU6 (the block tail's kernels save their 0/1 gradient as one bit per
+      element; a tail with another activation is left, with the reason); the BN may end a child nn.Sequential, or
+      a child whose forward only chains its layers (timm's ConvNormAct: conv -> bn), whose caller applies the add
+      or the activation (the child's own output then includes the activation; for an add, the rewritten forward
+      calls its layers). Layers that are the identity in both modes
+      (nn.Identity, nn.Dropout(0), timm's DropPath / DropBlock2d at rate 0: timm's ResNet blocks' drop_block and
+      drop_path) may stand between the BN and its activation or add.
 
     The fused module takes the BN's place (same name, so state_dict keys stay and old checkpoints load) and shares
     its Parameter and buffer objects (an optimizer built before convert() keeps training them), its mode and its
-    forward pre-hooks and state_dict hooks. A ReLU/Dropout module called only at the site becomes nn.Identity.
-    Otherwise (functional calls, a ReLU module called more than once as in ResNet blocks) the calls are dropped
+    forward pre-hooks and state_dict hooks. An activation/Dropout module called only at the site becomes
+    nn.Identity. Otherwise (functional calls, a ReLU module called more than once as in ResNet blocks) the calls
+    are dropped
     from that module's forward: its class becomes a same-named subclass whose forward is the rewritten trace
     (isinstance holds; attributes, hooks, pickling and deepcopy are kept). A rewritten forward is the trace at
     convert() time: Python control flow on attributes (``if self.downsample is not None``) is fixed then; it reads
@@ -420,21 +525,25 @@ def convert(module: nn.Module, sync: bool = False, process_group=None, *, report
     broadcasts or promotes (a bias, an (N, C, 1, 1) embedding, another dtype) unfused, as the forward did.
 
     A site stays unfused, with its reason in the report, when a forward hook or backward hook is registered on
-    the BN (it would see the ReLU's output), on the ReLU/Dropout or on a Sequential the BN ends, when the BN is
+    the BN (it would see the activation's output), on the activation/Dropout or on a Sequential the BN ends, when
+    the BN is
     called from more than one place, or when a train() override sets the BN's mode in a way it would not set the
     fused module's (``isinstance(m, nn.BatchNorm2d)``: the fused modules are _BatchNorm subclasses; convert() calls
     ``model.train()`` and ``model.eval()`` once to see it, then restores every mode). A dropout is fused only when
     its mode is the BN's now and after model.train() / model.eval() (the fused module drops when it trains).
     convert() logs the report's summary (logger ``bnfused.convert``, INFO) and warns when it fused nothing.
 
-    Only exact nn.BatchNorm1d/2d/3d (and nn.SyncBatchNorm with ``sync=True``), nn.ReLU and nn.Dropout are
-    matched (not ReLU6, LeakyReLU, Dropout2d). With ``sync=True`` every site becomes a SyncBatchNormReLUDropout
-    (a SyncBatchNormAddReLU for BN + residual -> ReLU) over ``process_group`` (an nn.SyncBatchNorm's own group
-    when None; the world when that is None too), as nn.SyncBatchNorm.convert_sync_batchnorm does for the unfused
-    layer. BatchNorm layers left unfused stay as they are, so with ``sync=True`` a warning names the plain
-    nn.BatchNormXd among them: run ``nn.SyncBatchNorm.convert_sync_batchnorm(model)`` first to synchronise them
-    too. Not after: the fused modules are BatchNorm modules, and convert_sync_batchnorm would turn each back into
-    a plain nn.SyncBatchNorm, dropping its ReLU and dropout.
+    Only exact nn.BatchNorm1d/2d/3d and timm's BatchNormAct2d (and nn.SyncBatchNorm and timm's SyncBatchNormAct
+    with ``sync=True``) and nn.Dropout are matched (not Dropout2d); the report names every other BatchNorm module
+    (a subclass may compute something else). With ``sync=True`` every site becomes a SyncBatchNormActDropout
+    (a SyncBatchNormAddAct for BN + residual -> activation) with the site's activation over ``process_group`` (an
+    nn.SyncBatchNorm's own group when None; the world when that is None too), as
+    nn.SyncBatchNorm.convert_sync_batchnorm does for the unfused layer (which turns timm's BatchNormAct2d into a
+    plain nn.SyncBatchNorm without its activation: timm.layers.convert_sync_batchnorm keeps it). BatchNorm layers
+    left unfused stay as they are, so with ``sync=True`` a warning names the plain nn.BatchNormXd among them: run
+    ``nn.SyncBatchNorm.convert_sync_batchnorm(model)`` first to synchronise them too. Not after: the fused modules
+    are BatchNorm modules, and convert_sync_batchnorm would turn each back into a plain nn.SyncBatchNorm, dropping
+    its activation and dropout.
     """
     if report:
         warnings.warn("convert(..., report=True) is deprecated: use bnfused.convert_with_report(model, ...), which "
@@ -466,7 +575,7 @@ def _convert(module: nn.Module, sync: bool, process_group) -> tuple[nn.Module, C
     if not result.fused:
         why = (f"{len(result.unfused)} BatchNorm layer(s) left unfused, e.g. {result.unfused[0].name}: "
                f"{result.unfused[0].reason}" if result.unfused else "the model has no matching BatchNorm layer")
-        warnings.warn(f"bnfused.convert fused no BatchNorm -> ReLU site: {why} "
+        warnings.warn(f"bnfused.convert fused no BatchNorm -> activation site: {why} "
                       "(bnfused.convert_with_report lists them all)", stacklevel=3)
     if sync:
         plain = [u.name for u in result.unfused if type(module.get_submodule(u.name)) in _FUSED_FOR]
@@ -474,13 +583,14 @@ def _convert(module: nn.Module, sync: bool, process_group) -> tuple[nn.Module, C
             warnings.warn(f"bnfused.convert_sync left {len(plain)} nn.BatchNorm layer(s) unfused and not "
                           f"synchronised, e.g. {plain[0]}: run nn.SyncBatchNorm.convert_sync_batchnorm(model) before "
                           "convert_sync to synchronise them (after it, convert_sync_batchnorm would turn the fused "
-                          "modules back into plain SyncBatchNorm layers without their ReLU)", stacklevel=3)
+                          "modules back into plain SyncBatchNorm layers without their activation)", stacklevel=3)
     return module, result
 
 
 def convert_sync(module: nn.Module, process_group=None, *, report: bool = False) -> nn.Module:
     """convert(module, sync=True, process_group=process_group): sites of nn.BatchNormXd or nn.SyncBatchNorm ->
-    ReLU (-> Dropout) become SyncBatchNormReLUDropout, BN + residual -> ReLU sites SyncBatchNormAddReLU. Run
+    activation (-> Dropout) become SyncBatchNormActDropout with that activation (timm's BatchNormAct2d and
+    SyncBatchNormAct too), BN + residual -> ReLU/ReLU6/Hardtanh sites SyncBatchNormAddAct. Run
     ``nn.SyncBatchNorm.convert_sync_batchnorm`` before it (never after) to synchronise the BN layers it leaves.
     ``convert_with_report(module, sync=True, process_group=...)`` also returns the report."""
     if report:

@@ -1,9 +1,9 @@
 """fold_eval(): fold an eval-mode fused block into the conv/linear before it, like
 torch.nn.utils.fusion.fuse_conv_bn_eval.
 
-In eval mode a BatchNormReLUDropoutXd is relu(x * a + b) with per-channel constants a = weight * rstd_running and
+In eval mode a BatchNormActDropoutXd is act(x * a + b) with per-channel constants a = weight * rstd_running and
 b = bias - running_mean * a (dropout is the identity), so the affine part folds into the preceding layer's weight
-and bias and only the ReLU is left.
+and bias and only the activation is left.
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def _folded_parameters(layer: nn.Module, scale: torch.Tensor, shift: torch.Tenso
 def fold_eval(layer: nn.Module, block: _BatchNormReLUDropout) -> nn.Sequential:
     r"""Fold an eval-mode fused block into the Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear before it.
 
-    In eval mode the block is ``relu(x * a + b)`` with per-channel constants ``a = weight / sqrt(running_var +
+    In eval mode the block is ``act(x * a + b)`` with per-channel constants ``a = weight / sqrt(running_var +
     eps)`` and ``b = bias - running_mean * a`` (dropout is the identity), so the affine part folds into the
     layer's weight and bias, as ``torch.nn.utils.fusion.fuse_conv_bn_eval`` does for ``nn.BatchNormXd``. The
     folding is computed in float64 and stored in the layer's dtypes; ``layer`` and ``block`` are not modified.
@@ -59,12 +59,15 @@ def fold_eval(layer: nn.Module, block: _BatchNormReLUDropout) -> nn.Sequential:
     Args:
         layer: the eval-mode ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d`` or ``nn.Linear`` whose output feeds
             the block; its output channels must equal ``block.num_features``
-        block: an eval-mode :class:`BatchNormReLUDropout1d` / ``2d`` / ``3d`` (or SyncBatchNormReLUDropout) with
-            running statistics. Not a BatchNormAddReLU (its ReLU follows the residual add): fold that one's batch
-            norm with ``torch.nn.utils.fusion.fuse_conv_bn_eval`` and keep ``relu(out + residual)``.
+        block: an eval-mode :class:`BatchNormActDropout1d` / ``2d`` / ``3d`` (or SyncBatchNormActDropout) with
+            running statistics, any activation. Not a BatchNormAddAct (its activation follows the residual add):
+            fold that one's batch norm with ``torch.nn.utils.fusion.fuse_conv_bn_eval`` and keep
+            ``act(out + residual)``.
 
     Returns:
-        ``nn.Sequential(folded_layer, nn.ReLU())``, equal to ``block(layer(x))`` in eval mode.
+        ``nn.Sequential(folded_layer, act)``, ``act`` the torch.nn module of the block's activation
+        (``block.activation.module()``: ``nn.ReLU()``, ``nn.SiLU()``, ``nn.LeakyReLU(0.1)``, ...; ``nn.Identity()``
+        for identity), equal to ``block(layer(x))`` in eval mode.
 
     Raises ``TypeError`` for other module types and ``AssertionError``, as ``fuse_conv_bn_eval`` does, when either
     module is in training mode, the block has no running statistics (``track_running_stats=False``) or the
@@ -79,7 +82,7 @@ def fold_eval(layer: nn.Module, block: _BatchNormReLUDropout) -> nn.Sequential:
         >>> torch.allclose(folded(x), block(conv(x)), atol=1e-5)
         True
     """
-    if isinstance(block, _BatchNormAddReLU):  # relu(bn(x) + residual): the ReLU cannot follow the folded layer
+    if isinstance(block, _BatchNormAddReLU):  # act(bn(x) + residual): the act cannot follow the folded layer
         raise TypeError(f"fold_eval(): {type(block).__name__} adds a residual before its ReLU, so it does not fold "
                         "into nn.Sequential(layer, nn.ReLU()); fold its batch norm alone with "
                         "torch.nn.utils.fusion.fuse_conv_bn_eval(layer, block) (it is a BatchNorm module) and "
@@ -101,4 +104,4 @@ def fold_eval(layer: nn.Module, block: _BatchNormReLUDropout) -> nn.Sequential:
         if block.bias is not None:
             shift = shift + block.bias.double()
         folded.weight, folded.bias = _folded_parameters(layer, scale, shift)
-    return nn.Sequential(folded, nn.ReLU())
+    return nn.Sequential(folded, block.activation.module())

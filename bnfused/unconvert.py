@@ -4,23 +4,32 @@ bnfused). The nn modules share the fused modules' Parameter and buffer objects; 
 nn.Identity stand-ins, rewritten forwards) is put back as it was."""
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
-from .convert import _CARRIED_HOOKS, _OUTPUT_HOOKS, CONVERTED, REPLACED
+from .convert import _CARRIED_HOOKS, _OUTPUT_HOOKS, CONVERTED, ORIGINAL, REPLACED
 from .modules import _BatchNormAddReLU, _BatchNormReLUDropout
 from .sync import _SyncedBatchNorm
 
 
 def _batchnorm_for(fused: _BatchNormReLUDropout) -> _BatchNorm:
     """The nn.BatchNormXd (nn.SyncBatchNorm for the synced modules) with fused's configuration, mode, Parameter
-    and buffer objects, and the hooks that keep their meaning on it (forward pre-hooks, state_dict hooks)."""
+    and buffer objects, and the hooks that keep their meaning on it (forward pre-hooks, state_dict hooks); for a
+    module convert() made from a BatchNorm module with its own activation (timm's BatchNormAct2d), that module."""
     extra = {"bias": False} if fused.affine and fused._parameters.get("bias") is None else {}
     args = (fused.num_features, fused.eps, fused.momentum, fused.affine, fused.track_running_stats)
-    if isinstance(fused, _SyncedBatchNorm):
+    if ORIGINAL in fused.__dict__:
+        bn = fused.__dict__[ORIGINAL]
+        if isinstance(fused, _SyncedBatchNorm) and not isinstance(bn, nn.SyncBatchNorm):
+            # convert_sync replaced timm's BatchNormAct2d: the model keeps synchronising, as timm's SyncBatchNormAct
+            # (what timm.layers.convert_sync_batchnorm makes of it, with its act and drop layers)
+            bn = sys.modules[type(bn).__module__].convert_sync_batchnorm(bn, fused.process_group)
+        bn.eps, bn.momentum = fused.eps, fused.momentum
+    elif isinstance(fused, _SyncedBatchNorm):
         bn = nn.SyncBatchNorm(*args, process_group=fused.process_group, device="meta", **extra)
     else:
         bn = type(fused)._replaces(*args, device="meta", **extra)
@@ -42,18 +51,19 @@ def _replacement(module: nn.Module, name: str) -> Optional[nn.Module]:
     what = f"bnfused.unconvert: {type(module).__name__} {name or '(the model)'}"
     hook = next((kind for kind in _OUTPUT_HOOKS if getattr(module, kind)), None)
     if hook is not None:
-        raise RuntimeError(f"{what} has a {hook[1:-1].replace('_', ' ')}, which sees the ReLU's output: the "
+        raise RuntimeError(f"{what} has a {hook[1:-1].replace('_', ' ')}, which sees the activation's output: the "
                            "BatchNorm layer taking its place would give it another tensor; remove the hook first")
     if parametrize.is_parametrized(module):
         raise RuntimeError(f"{what} has parametrizations (torch.nn.utils.parametrize); remove them first")
     bn = _batchnorm_for(module)
     if module.__dict__.get(CONVERTED):
-        return bn  # its ReLU and Dropout are in the model as they were
+        return bn  # its activation and Dropout are in the model as they were
     if isinstance(module, _BatchNormAddReLU):
         raise RuntimeError(f"{what} was built directly, not by bnfused.convert(): torch.nn has no module that adds "
                            "a residual, and the code calling it passes one; replace it in that code by "
-                           "nn.BatchNorm, + and ReLU (or build the model unfused and convert() it)")
-    layers = [bn, nn.ReLU()] + ([nn.Dropout(module.p)] if module.p > 0 else [])
+                           "nn.BatchNorm, + and the activation (or build the model unfused and convert() it)")
+    act = [] if module.activation.kind == "identity" else [module.activation.module()]
+    layers = [bn, *act] + ([nn.Dropout(module.p)] if module.p > 0 else [])
     return nn.Sequential(*layers)
 
 
@@ -61,14 +71,16 @@ def unconvert(module: nn.Module) -> nn.Module:
     """Turn every bnfused module of ``module`` back into the torch.nn modules it stands for, in place, and return
     ``module`` (the replacement when ``module`` itself is a fused block).
 
-    * Sites made by :func:`convert`: the fused module becomes the ``nn.BatchNorm1d/2d/3d`` it replaced, and the
-      ReLU / Dropout modules that became ``nn.Identity`` are put back, so each site is again the original
-      BN -> ReLU (-> Dropout); a module whose forward convert() rewrote gets its own class back (the original
-      forward, whose ReLU / F.dropout calls and residual adds now run again).
-    * Fused modules built directly (``BatchNormReLUDropout2d(64, p=0.1)``): an ``nn.Sequential(nn.BatchNorm2d,
-      nn.ReLU(), nn.Dropout(0.1))`` (no Dropout when ``p=0``) takes their place, so their state_dict keys gain
-      the ``0.`` of the Sequential. A ``BatchNormAddReLUXd`` built directly has no such counterpart (the code
-      calling it passes the residual): ``RuntimeError``.
+    * Sites made by :func:`convert`: the fused module becomes the ``nn.BatchNorm1d/2d/3d`` it replaced (timm's
+      ``BatchNormAct2d``: that very module, with its activation), and the activation / Dropout modules that became
+      ``nn.Identity`` are put back, so each site is again the original BN -> activation (-> Dropout); a module
+      whose forward convert() rewrote gets its own class back (the original forward, whose activation /
+      F.dropout calls and residual adds now run again).
+    * Fused modules built directly (``BatchNormActDropout2d(64, p=0.1, act="silu")``): an
+      ``nn.Sequential(nn.BatchNorm2d, nn.SiLU(), nn.Dropout(0.1))`` (the torch.nn module of its activation,
+      ``Activation.module()``: none for identity; no Dropout when ``p=0``) takes their place, so their
+      state_dict keys gain the ``0.`` of the Sequential. A ``BatchNormAddActXd`` built directly has no such
+      counterpart (the code calling it passes the residual): ``RuntimeError``.
     * ``SyncBatchNormReLUDropout`` / ``SyncBatchNormAddReLU`` become ``nn.SyncBatchNorm`` over the same process
       group (also where :func:`convert_sync` replaced an ``nn.BatchNormXd``: the model keeps synchronising).
 

@@ -83,6 +83,15 @@ def test_quick_prints_progress_and_table(quick_run):
         assert row[1] in ("train fwd", "train fwd+bwd")
         assert re.fullmatch(TIMING_CELL, row[2]) and re.fullmatch(TIMING_CELL, row[3]), row
         assert re.fullmatch(r"[\d.]+x", row[4]), row
+    acts = _table_rows(stdout, "| activation | eager ms |")  # every activation's block, against the ReLU block's
+    assert [row[0] for row in acts[1:]] == ["relu", "relu6", "leaky_relu(0.01)", "silu", "hardswish", "gelu",
+                                             "gelu_tanh", "elu(1)", "mish", "identity"]
+    for row in acts[1:]:
+        assert re.fullmatch(r"[\d.]+x( \(below goal\))?", row[4]) and re.fullmatch(r"[\d.]+x.*", row[6]), row
+        assert re.fullmatch(r"[\d.]+ -> [\d.]+", row[7]), row  # saved MB, eager -> bnfused
+    real = _table_rows(stdout, "| model | BNs fused / all |")  # torchvision's own mobilenet_v2, when installed
+    if len(real) > 1:
+        assert real[1][0] == "tv_mobilenet_v2" and re.match(r"\d+ / 52", real[1][1]), real
     compiled = _table_rows(stdout, "| model | mode | eager ms |")
     assert [row[1] for row in compiled[1:]] == ["train p>0", "train p=0", "eval"]  # the quick suite's small CNN
     for row in compiled[1:]:

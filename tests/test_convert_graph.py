@@ -46,8 +46,10 @@ def test_fuses_every_bn_relu_site(name):
     model = build(name)
     fused_model, report = converted(model)
     sites = tv.count_sites(model)
-    assert report.num_fused == sites["bn_relu"] + sites["bn_add_relu"]  # never BN -> ReLU6
-    assert sum(isinstance(m, bnfused.BatchNormReLUDropout2d) for m in fused_model.modules()) == sites["bn_relu"]
+    assert report.num_fused == sites["bn_relu"] + sites["bn_relu6"] + sites["bn_add_relu"]
+    assert sum(isinstance(m, bnfused.BatchNormReLUDropout2d) for m in fused_model.modules()) == (
+        sites["bn_relu"] + sites["bn_relu6"])
+    assert sum(s.act == "relu6" for s in report.fused) == sites["bn_relu6"]
     # every BatchNorm left is accounted for, with a reason
     left = [n for n, m in fused_model.named_modules() if type(m) is nn.BatchNorm2d]
     assert sorted(u.name for u in report.unfused) == sorted(left)
@@ -60,7 +62,7 @@ def test_fuses_every_bn_relu_site(name):
 def test_full_size_site_counts():
     """The site table of the full-size models (structure only: no forward is run)."""
     expected = {"resnet18": 9 + 8, "resnet50": 33 + 16, "densenet121": 121, "vgg11_bn": 8,
-                "mobilenet_v2": 0}
+                "mobilenet_v2": 35}  # BN -> ReLU6 in its Conv2dNormActivation layers
     for name, fused in expected.items():
         torch.manual_seed(0)
         with warnings.catch_warnings():
@@ -209,12 +211,13 @@ def test_a_global_that_cannot_be_imported_leaves_the_module_unrewritten(monkeypa
     torch.testing.assert_close(fused_model(x), model(x))
 
 
-def test_nothing_to_fuse_warns_and_reports_relu6():
+def test_relu6_sites_fused_and_nothing_to_fuse_warns():
     model = build("mobilenet_v2")
-    with pytest.warns(UserWarning, match="fused no BatchNorm -> ReLU site.*ReLU6"):
-        _, report = bnfused.convert_with_report(model)
-    assert report.num_fused == 0 and len(report.unfused) == 52
-    assert sum("ReLU6" in u.reason for u in report.unfused) == 35
+    _, report = bnfused.convert_with_report(model)
+    assert report.num_fused == 35 and {s.act for s in report.fused} == {"relu6"} and len(report.unfused) == 17
+    assert all("not (only) to an activation" in u.reason for u in report.unfused)  # block outputs, residual adds
+    with pytest.warns(UserWarning, match="fused no BatchNorm -> activation site.*Sigmoid"):
+        bnfused.convert(nn.Sequential(nn.BatchNorm2d(3), nn.Sigmoid()))
     with pytest.warns(UserWarning, match="no matching BatchNorm"):
         bnfused.convert(nn.Linear(2, 2))
 
@@ -364,7 +367,7 @@ def test_forward_pre_hook_on_bn_is_carried_over():
     handle = model[1].register_forward_pre_hook(lambda mod, args: seen.append(type(mod).__name__))
     bnfused.convert(model)
     model(torch.randn(2, 3, 4, 4))
-    assert seen == ["BatchNormActDropout2d"]
+    assert seen == ["BatchNormActDropout2d"]  # BatchNormReLUDropout2d is the same class
     handle.remove()  # the user's handle still removes it
     model(torch.randn(2, 3, 4, 4))
     assert len(seen) == 1

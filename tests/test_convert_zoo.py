@@ -42,7 +42,8 @@ def test_zoo_fuses_every_site(name):
     fused_model, report = converted(model)
     sites = tv.count_sites(model)
     assert report.untraced == []
-    assert report.num_fused == sites["bn_relu"] + sites["bn_add_relu"] - tv.UNFUSABLE.get(name, 0), report.summary()
+    assert report.num_fused == (sites["bn_relu"] + sites["bn_relu6"] + sites["bn_add_relu"]
+                                - tv.UNFUSABLE.get(name, 0)), report.summary()
     assert sum(s.residual is not None for s in report.fused) == sites["bn_add_relu"], report.summary()
     left = [n for n, m in fused_model.named_modules() if type(m) in (nn.BatchNorm1d, nn.BatchNorm2d)]
     assert sorted(u.name for u in report.unfused) == sorted(left)

@@ -107,3 +107,27 @@ def test_fold_rejects_block_tail_and_points_to_fuse_conv_bn_eval(tail):
     folded = torch.nn.utils.fusion.fuse_conv_bn_eval(conv, block)
     x, residual = torch.randn(2, 3, 6, 6), torch.randn(2, 4, 4, 4)
     torch.testing.assert_close(torch.relu(folded(x) + residual), block(conv(x), residual), rtol=1e-5, atol=1e-5)
+
+
+# every activation bnfused fuses, as its torch.nn module after the folded layer (float64, CPU kernels)
+ACTIVATIONS = [("identity", None), ("relu", None), ("relu6", None), ("hardtanh", dict(min_val=-0.5, max_val=2.0)),
+               ("leaky_relu", dict(negative_slope=0.2)), ("silu", None), ("hardswish", None), ("gelu", None),
+               ("gelu_tanh", None), ("elu", dict(alpha=0.5)), ("mish", None)]
+
+
+@pytest.mark.parametrize("act,act_kwargs", ACTIVATIONS, ids=[a for a, _ in ACTIVATIONS])
+def test_fold_every_activation(act, act_kwargs):
+    layer = nn.Conv2d(4, 6, 3, dtype=torch.float64).eval()
+    block = bnfused.BatchNormActDropout2d(6, p=0.3, act=act, act_kwargs=act_kwargs, dtype=torch.float64).eval()
+    with torch.no_grad():
+        block.running_mean.uniform_(-1.0, 1.0)
+        block.running_var.uniform_(0.2, 3.0)
+        block.weight.uniform_(-2.0, 2.0)
+        block.bias.uniform_(-1.0, 1.0)
+    folded = bnfused.fold_eval(layer, block)
+    assert type(folded[1]) is type(block.activation.module())
+    if act != "identity":
+        assert bnfused.resolve_activation(folded[1]) == block.activation
+    x = torch.randn(3, 4, 7, 6, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), block(layer(x)), rtol=1e-12, atol=1e-12)

@@ -6,8 +6,7 @@ benchmarks run in seconds on a CPU; then pre-activation ResNets and patterns fro
 nn.ModuleLists, a U-Net, a shared nn.ReLU, frozen BN layers).
 
 torchvision itself is not a dependency: these copies keep the structure that bnfused.convert() has to handle.
-`count_sites` gives, per model, how many BN -> ReLU and BN + add -> ReLU sites the structure holds (and how many
-are BN -> ReLU6, which bnfused does not fuse).
+`count_sites` gives, per model, how many BN -> ReLU, BN -> ReLU6 and BN + add -> ReLU sites the structure holds.
 """
 
 from collections import OrderedDict
@@ -1469,7 +1468,7 @@ def assert_same_grads_and_state(fused_model: nn.Module, model: nn.Module, **tol)
 
 def count_sites(model: nn.Module) -> dict[str, int]:
     """Sites by structure, counted from the blocks (independently of bnfused.convert's graph matching):
-    bn_relu (BN -> ReLU), bn_add_relu (BN + residual -> ReLU), bn_relu6 (BN -> ReLU6: not fusable)."""
+    bn_relu (BN -> ReLU), bn_add_relu (BN + residual -> ReLU), bn_relu6 (BN -> ReLU6)."""
     counts = {"bn_relu": 0, "bn_add_relu": 0, "bn_relu6": 0}
     per_block = {BasicConv2d: 1,                    # bn -> F.relu(inplace=True)
                  _MNASInvertedResidual: 2,          # pointwise and depthwise BN -> ReLU (the linear one: none)
