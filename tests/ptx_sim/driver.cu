@@ -3,7 +3,7 @@
 // masks, forward outputs, pass bits and input gradients bit for bit, statistics and sums to a tolerance. A trimmed
 // matrix (the simulator runs ~1e4 warp instructions a second): every op, NCHW, channels_last and 2-d, aligned and
 // one element misaligned, reductions with one split and several (the last-block merge, run twice), each case at
-// most 64K elements; and every activation on one channels_last shape. One storage dtype per build (PTX_SIM_DTYPE:
+// most 64K elements; and the piecewise-linear activations on one channels_last shape. One storage dtype per build (PTX_SIM_DTYPE:
 // 0 float32, 1 float16, 2 bfloat16), so the simulator loads only that dtype's kernels. Built and run by ptx_check.sh; prints "ptx_sim: ..." lines, failures
 // as "FAIL ..." on stderr, and exits non-zero on a mismatch.
 #include "kernel_cases.h"
@@ -58,13 +58,21 @@ void run_matrix() {
                     std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), c.name().c_str());
       }
     }
-  // Every other activation (forward, backward_reduce, backward_input) on channels_last (3, 8, 7, 7), p = 0.3: the
-  // piecewise-linear ones bit for bit, the transcendental ones to kernel_cases.h's tolerance.
+  // The other piecewise-linear activations (forward, backward_reduce, backward_input) on channels_last (3, 8, 7, 7),
+  // p = 0.3, bit for bit. The transcendental ones are not even instantiated: their PTX (CUDA's expf / erff / tanhf
+  // code) holds copysign.f32, which the simulator's parser rejects (README.md); the emulation checks them.
   for (const ActSpec& spec : activation_specs()) {
+    bool ran = false;
     const auto t0 = std::chrono::steady_clock::now();
     Case c{{3, 8, {7, 7}}, Layout::ChannelsLast, 0.3, 0, true};
     c.act = spec;
-    dispatch_act(spec.kind, [&](auto kind) { run_case<scalar_t, acc_t, decltype(kind)::value>(c); });
+    dispatch_act(spec.kind, [&](auto kind) {
+      if constexpr (act_exact<decltype(kind)::value>()) {
+        run_case<scalar_t, acc_t, decltype(kind)::value>(c);
+        ran = true;
+      }
+    });
+    if (!ran) continue;
     std::printf("\nptx_sim: %.1f s %s\n",
                 std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), c.name().c_str());
   }
