@@ -12,8 +12,9 @@ STAGES=${EMU_STAGES:-plain tsan asan inject}
 COMMON=(-std=c++20 -g -ffp-contract=off -Wall -Wno-sign-compare -Wno-unknown-pragmas -DBNFUSED_CUDA_EMULATION
         -Itests/cuda_emulation -Icsrc -pthread)
 # The sanitizer builds: float32 and float16 kernels only (EMU_TWO_DTYPES), a trimmed matrix (--quick).
-declare -A FLAGS=([plain]="-O2" [tsan]="-O1 -DEMU_TWO_DTYPES -fsanitize=thread"
-                  [asan]="-O1 -DEMU_TWO_DTYPES -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer")
+# and of the activations one piecewise-linear and one transcendental kind (EMU_FEW_ACTIVATIONS).
+declare -A FLAGS=([plain]="-O2" [tsan]="-O1 -DEMU_TWO_DTYPES -DEMU_FEW_ACTIVATIONS -fsanitize=thread"
+                  [asan]="-O1 -DEMU_TWO_DTYPES -DEMU_FEW_ACTIVATIONS -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer")
 declare -A ARGS=([plain]="" [tsan]="--quick" [asan]="--quick")
 
 build() {

@@ -9,8 +9,9 @@ CXX=${CXX:-g++}
 OUT=.emu_check/inject
 rm -rf "$OUT"
 mkdir -p "$OUT"
-COMMON=(-std=c++20 -O0 -g -ffp-contract=off -w -DBNFUSED_CUDA_EMULATION -DEMU_FLOAT32_ONLY -Itests/cuda_emulation
-        -pthread)
+# EMU_RELU_ONLY: the planted bugs are in the kernels' indexing, which the ReLU cases reach (no activation compiled).
+COMMON=(-std=c++20 -O0 -g -ffp-contract=off -w -DBNFUSED_CUDA_EMULATION -DEMU_FLOAT32_ONLY -DEMU_RELU_ONLY
+        -Itests/cuda_emulation -pthread)
 declare -A SAN=([plain]="" [tsan]="-fsanitize=thread" [asan]="-fsanitize=address,undefined -fno-sanitize-recover=all")
 
 # name | file | exact text | replacement | build | driver arguments | expected report (grep -E)
