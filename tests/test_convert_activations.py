@@ -14,6 +14,7 @@ from torch import nn
 
 import bnfused
 import real_models
+from test_convert_zoo import check_same
 from bnfused import Activation
 
 TOL = dict(rtol=1e-10, atol=1e-10)
@@ -42,24 +43,6 @@ def randomized(model):
                 m.running_mean.normal_(0, 0.3)
                 m.running_var.uniform_(0.5, 1.5)
     return model.double()
-
-
-def check_same(model, fused_model, x, modes=(True, False)):
-    """Outputs and gradients (input, parameters) of the converted model are the original's, in each mode."""
-    for training in modes:
-        model.train(training), fused_model.train(training)
-        results = []
-        for m in (model, fused_model):
-            xi = x.clone().requires_grad_()
-            torch.manual_seed(3)
-            y = m(xi)
-            grads = torch.autograd.grad((y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum(),
-                                        [xi] + list(m.parameters()))
-            results.append((y, grads))
-        (y_ref, g_ref), (y, g) = results
-        torch.testing.assert_close(y, y_ref, **TOL)
-        for a, b in zip(g, g_ref):
-            torch.testing.assert_close(a, b, **TOL)
 
 
 def convert(model, **kwargs):
