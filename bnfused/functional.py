@@ -227,7 +227,7 @@ def _route(input: Tensor, p: float, residual: Optional[Tensor] = None, act: Acti
     if input.numel() == 0:
         return _EMPTY
     if residual is not None and (residual.dtype != input.dtype or not act.has_gate_bits
-                                 or (act is not RELU and act.kind != "relu" and input.is_cuda)):
+                                 or (act.kind != "relu" and input.is_cuda)):
         return _COMPOSITE  # the CUDA block tail's kernels compute ReLU only
     compiling = torch.compiler.is_compiling()
     if _onnx_exporting(compiling):

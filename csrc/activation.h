@@ -59,6 +59,14 @@ constexpr bool act_has_gate_bits() {
   return kAct == Act::Identity || kAct == Act::ReLU || kAct == Act::Hardtanh;
 }
 
+// Activations whose value or derivative takes exp / erf / tanh (SiLU, GELU, ELU, Mish); the others are piecewise
+// linear, with finite slopes. The CUDA kernels with a register budget give the transcendental ones more registers;
+// their results agree with torch's to rounding, the piecewise-linear ones bit for bit.
+template <Act kAct>
+constexpr bool act_transcendental() {
+  return kAct == Act::SiLU || kAct == Act::GELU || kAct == Act::GELUTanh || kAct == Act::ELU || kAct == Act::Mish;
+}
+
 // Calls f(std::integral_constant<Act, kind>{}) for a run-time kind (the caller checked 0 <= kind < kActCount).
 template <typename F>
 inline void dispatch_act(Act kind, F&& f) {

@@ -25,8 +25,7 @@ inline at::vec::Vectorized<acc> grad_vec(const at::vec::Vectorized<acc>& xv, con
   if (mult) gm = gm * cpu::load(mult + i, cnt);
   if constexpr (kAct == Act::Identity) return gm;
   const Vec g = cpu::act_backward_vec<kAct>(gm, at::vec::fmadd(xv, a, b), act);
-  if constexpr (kAct == Act::ReLU || kAct == Act::Hardtanh || kAct == Act::LeakyReLU || kAct == Act::Hardswish)
-    return g;  // finite slopes: 0 * slope = 0
+  if constexpr (!act_transcendental<kAct>()) return g;  // finite slopes: 0 * slope = 0
   return cnt == Vec::size() ? g : Vec::set(Vec(0), g, cnt);
 }
 

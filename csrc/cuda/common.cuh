@@ -126,13 +126,6 @@ inline int shared_misalignment(size_t bytes, const T* a, const T* b = nullptr, c
   return k == -2 ? 0 : k;
 }
 
-// Activations whose value or derivative takes exp / erf / tanh (SiLU, GELU, ELU, Mish): many more live registers per
-// element than the piecewise-linear ones, so the kernels with a register budget (__launch_bounds__) give them more.
-template <Act kAct>
-constexpr bool act_transcendental() {
-  return kAct == Act::SiLU || kAct == Act::GELU || kAct == Act::GELUTanh || kAct == Act::ELU || kAct == Act::Mish;
-}
-
 // Blocks for a grid-stride elementwise kernel over `items` work items (one per thread per step).
 inline unsigned apply_blocks(int64_t items) {
   const int64_t cap = static_cast<int64_t>(sm_count()) * (2048 / kThreads) * 4;
