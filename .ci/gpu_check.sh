@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
 # The GPU validation as one prepared call on a lent device machine (15 minutes of device time: this call, its
 # machine's start-up, and room for one rerun): build for sm_90, every op once against the CPU
-# (.ci/gpu_ops_smoke.py: masks, forward and pass bits bit for bit), the CUDA cases of the op/module/autograd/graph
-# tests, the smoke workload under compute-sanitizer's memcheck with PyTorch's caching allocator off
-# (PYTORCH_NO_CUDA_MEMORY_CACHING=1: an overrun inside a pooled block is otherwise unseen), then the quick
-# benchmark. The most informative stages first; each runs under its own timeout inside one budget (the stage limits
-# add up to it: 140 + 40 + 110 + 60 + 50 = 400 s), so a slow stage cannot eat the ones after it; the last lines
-# printed are a summary table (the device tool returns the output's tail).
+# (.ci/gpu_ops_smoke.py: masks, forward and pass bits bit for bit, every activation), the CUDA cases of the
+# op/module/autograd/activation/graph tests, then the smoke workload under compute-sanitizer's memcheck with
+# PyTorch's caching allocator off (PYTORCH_NO_CUDA_MEMORY_CACHING=1: an overrun inside a pooled block is otherwise
+# unseen). The most informative stages first; each runs under its own timeout inside one budget (the stage limits
+# add up to it: 200 + 30 + 110 + 60 = 400 s), so a slow stage cannot eat the ones after it; the last lines printed
+# are a summary table (the device tool returns the output's tail). The build takes most: every kernel is
+# instantiated per activation (nvcc -c of backward_input.cu alone, sm_90: 165 s of one core on the 2-core machine),
+# so the quick benchmark waits for a second call, which a warm machine runs without rebuilding.
 #
-#   device run: command=".ci/gpu_check.sh", timeout_s=430          # all stages, 400 s at most
-#   GPU_CHECK_STAGES="sanitize-more tests-compile" .ci/gpu_check.sh   # a second call, when time is left
+#   device run: command=".ci/gpu_check.sh", timeout_s=430          # the default stages, 400 s at most
+#   GPU_CHECK_STAGES="bench sanitize-more" .ci/gpu_check.sh      # a second call (warm machine), when time is left
 #
 # Logs go to $OUT (the device tool brings back at most 8 files: build, smoke, sanitize, tests, bench logs, the
 # summary and the benchmark's .md + .png), or .gpu_check/ where OUT is unset.
-# Env: GPU_CHECK_STAGES (default "build smoke tests memcheck bench"; also "sanitize-more": racecheck, initcheck,
-#      synccheck; "tests-compile"), GPU_CHECK_BUDGET_S (default 400),
+# Env: GPU_CHECK_STAGES (default "build smoke tests memcheck"; also "bench" (50 s), "sanitize-more": racecheck,
+#      initcheck, synccheck (3 x 75 s); "tests-compile" (300 s)), GPU_CHECK_BUDGET_S (default 400),
 #      PYTHON (default python3: on the device machine the venv that holds torch), MAX_JOBS (default 16),
 #      BNFUSED_CUDA_ARCHS (default 90), BENCH_ARGS (default --quick).
 set -uo pipefail
@@ -22,7 +24,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-.gpu_check}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-STAGES=${GPU_CHECK_STAGES:-build smoke tests memcheck bench}
+STAGES=${GPU_CHECK_STAGES:-build smoke tests memcheck}
 BUDGET=${GPU_CHECK_BUDGET_S:-400}
 export MAX_JOBS=${MAX_JOBS:-16} BNFUSED_CUDA_ARCHS=${BNFUSED_CUDA_ARCHS:-90} PYTHONUNBUFFERED=1
 SUMMARY=$OUT/summary.txt
@@ -62,13 +64,14 @@ torch.cuda.is_available())" 2>&1
 } | tee -a "$SUMMARY"
 
 if has build; then
-  stage build 140 "$OUT/build.log" "$PY" setup.py -q build_ext --inplace
+  stage build 200 "$OUT/build.log" "$PY" setup.py -q build_ext --inplace
   "$PY" -c "import bnfused; print('bnfused', bnfused.__version__, 'WITH_CUDA', bnfused.WITH_CUDA)" 2>&1 | tee -a "$SUMMARY"
 fi
 if has smoke; then
-  stage smoke 40 "$OUT/smoke.log" "$PY" .ci/gpu_ops_smoke.py
+  stage smoke 30 "$OUT/smoke.log" "$PY" .ci/gpu_ops_smoke.py
 fi
-# compute-sanitizer on the quick smoke run (3 shapes, float32, p = 0.3); --error-exitcode: a report fails the stage.
+# compute-sanitizer on the quick smoke run (3 shapes with ReLU, 4 activation cases, float32, p = 0.3);
+# --error-exitcode: a report fails the stage.
 # On a gVisor device machine compute-sanitizer refuses the device ("Device not supported"): after the first tool
 # says so, the others would only fail the same way, so they are skipped.
 sanitize() {
@@ -82,14 +85,15 @@ sanitize() {
     --tool "$tool" --error-exitcode 9 --print-limit 20 "$PY" .ci/gpu_ops_smoke.py --quick
 }
 if has tests; then
-  # The CUDA parametrisations of the op, functional, module, autograd, mask and CUDA-graph tests (compile tests are
-  # the slowest on a GPU: run them with GPU_CHECK_STAGES="tests-compile" when there is time).
+  # The CUDA parametrisations of the op, functional, module, autograd, activation, mask and CUDA-graph tests
+  # (compile tests are the slowest on a GPU: run them with GPU_CHECK_STAGES="tests-compile" when there is time;
+  # test_activations' 972 CUDA cases have none: small tensors against the float64 reference, 48 gradchecks).
   xdist=()
   "$PY" -c "import xdist" >/dev/null 2>&1 && xdist=(-n 8)
   stage tests 110 "$OUT/tests.log" "$PY" -m pytest -q -p no:cacheprovider "${xdist[@]}" --maxfail=30 -k cuda \
     tests/test_ops.py tests/test_functional.py tests/test_modules.py tests/test_add_relu.py tests/test_autograd.py \
-    tests/test_dropout_mask.py tests/test_keep_bits.py tests/test_bad_inputs.py tests/test_saved_memory.py \
-    tests/test_cuda_graphs.py tests/test_sync.py
+    tests/test_activations.py tests/test_dropout_mask.py tests/test_keep_bits.py tests/test_bad_inputs.py \
+    tests/test_saved_memory.py tests/test_cuda_graphs.py tests/test_sync.py
 fi
 if has memcheck; then
   sanitize memcheck 60
