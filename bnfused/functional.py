@@ -190,8 +190,7 @@ class Route(enum.Enum):
     EMPTY         the input has no elements                              torch.batch_norm's empty result, no kernel
     COMPOSITE     block tail with a residual of another dtype            F.batch_norm + promoted add + act + the
                   (autocast) or an activation whose derivative is        keyed mask (the fused tail's pass bits hold
-                  not 0 or 1 (SiLU, GELU, ...), or on CUDA any           a 0/1 gate only; the CUDA tail kernels
-                  activation but ReLU                                    compute ReLU only)
+                  not 0 or 1 (SiLU, GELU, ...)                           a 0/1 gate only)
     UNFUSED       torch.compile (not export) and no dropout              act(F.batch_norm(...) (+ residual)), which
                                                                          inductor fuses with its neighbours
                   torch.onnx.export (_onnx_exporting)                    the same, then F.dropout if p > 0: what
@@ -226,9 +225,8 @@ def _route(input: Tensor, p: float, residual: Optional[Tensor] = None, act: Acti
     Written for the eager CPU call, which small layers make thousands of times a step: each mode flag is read once."""
     if input.numel() == 0:
         return _EMPTY
-    if residual is not None and (residual.dtype != input.dtype or not act.has_gate_bits
-                                 or (act.kind != "relu" and input.is_cuda)):
-        return _COMPOSITE  # the CUDA block tail's kernels compute ReLU only
+    if residual is not None and (residual.dtype != input.dtype or not act.has_gate_bits):
+        return _COMPOSITE
     compiling = torch.compiler.is_compiling()
     if _onnx_exporting(compiling):
         return _UNFUSED

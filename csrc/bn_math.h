@@ -115,22 +115,6 @@ BNFUSED_HD acc_t bn_preact(acc_t x, ChannelAffine<acc_t> ab) {
   return BNFUSED_FMA(x, ab.a, ab.b);
 }
 
-// ReLU that propagates NaN like torch.relu.
-template <typename acc_t>
-BNFUSED_HD acc_t relu_nan(acc_t z) {
-  return (z < acc_t(0)) ? acc_t(0) : z;
-}
-
-template <typename acc_t>
-BNFUSED_HD acc_t forward_element(acc_t x, ChannelAffine<acc_t> ab, acc_t mult) {
-  return relu_nan(bn_preact(x, ab)) * mult;
-}
-
-template <typename acc_t>
-BNFUSED_HD acc_t grad_through_relu_dropout(acc_t dy, acc_t z, acc_t mult) {
-  return (z > acc_t(0)) ? dy * mult : acc_t(0);
-}
-
 // Per-channel coefficients of the input gradient.
 template <typename acc_t>
 struct BackwardCoef {

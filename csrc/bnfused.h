@@ -114,11 +114,12 @@ void backward_input_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Te
                          const at::Tensor& key, double p, const OptTensor& sum_g, const OptTensor& sum_g_xhat,
                          int64_t count, const ActSpec& act, at::Tensor& dx);
 void dropout_mask_cuda(const at::Tensor& key, double p, at::Tensor& keep);
-// BN + residual add + ReLU (cuda/add_relu.cu; ReLU only on CUDA so far): as add_relu_forward_cpu (pass_bits_out
-// may be null), and the two add-mode backward ops; backward_input writes dx and grad_residual = g.
+// BN + residual add + activation (cuda/add_relu.cu): as add_relu_forward_cpu (pass_bits_out may be null; act one
+// with gate bits), and the two add-mode backward ops; backward_input writes dx and grad_residual = g.
 void add_relu_forward_cuda(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& mean,
                            const at::Tensor& rstd, const OptTensor& weight, const OptTensor& bias,
-                           const at::Tensor& key, double p, at::Tensor& out, uint8_t* pass_bits_out);
+                           const at::Tensor& key, double p, const ActSpec& act, at::Tensor& out,
+                           uint8_t* pass_bits_out);
 std::tuple<at::Tensor, at::Tensor> add_relu_backward_reduce_cuda(const at::Tensor& dy, const at::Tensor& x,
                                                                  const at::Tensor& mean, const at::Tensor& rstd,
                                                                  const at::Tensor& pass_bits, double p);

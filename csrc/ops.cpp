@@ -231,11 +231,6 @@ struct CudaBackend {
                                                                double eps) {
     return batch_stats_update_cuda(x, running_mean, running_var, momentum, eps);
   }
-  // The block tail's CUDA kernels compute ReLU only so far (the three BN -> activation -> dropout ops take any).
-  static void relu_only(const ActSpec& act) {
-    TORCH_CHECK_NOT_IMPLEMENTED(act.kind == Act::ReLU, "bnfused: the CUDA block tail fuses ReLU only; activation "
-                                "code ", static_cast<int64_t>(act.kind), " runs on the CPU");
-  }
   static void forward(const KernelArgs& a, const at::Tensor& key, double p, const ActSpec& act, at::Tensor& out) {
     forward_cuda(a.x, a.mean, a.rstd, a.weight, a.bias, key, p, act, out);
   }
@@ -251,8 +246,7 @@ struct CudaBackend {
   static void dropout_mask(const at::Tensor& key, double p, at::Tensor& keep) { dropout_mask_cuda(key, p, keep); }
   static void add_relu_forward(const KernelArgs& a, const at::Tensor& r, const at::Tensor& key, double p,
                                const ActSpec& act, at::Tensor& out, uint8_t* pass_bits) {
-    relu_only(act);
-    add_relu_forward_cuda(a.x, r, a.mean, a.rstd, a.weight, a.bias, key, p, out, pass_bits);
+    add_relu_forward_cuda(a.x, r, a.mean, a.rstd, a.weight, a.bias, key, p, act, out, pass_bits);
   }
   static std::tuple<at::Tensor, at::Tensor> add_relu_backward_reduce(const at::Tensor& dy, const KernelArgs& a,
                                                                      const at::Tensor& pass_bits, double p) {

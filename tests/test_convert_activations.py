@@ -434,8 +434,8 @@ def test_timm_conv_norm_act_in_a_block_tail(timm):
 
 @pytest.mark.parametrize("residual", [False, True], ids=["act", "tail"])
 def test_converted_model_on_the_device(device, residual):
-    """Every kernel backend fuses every activation (the CUDA block tail computes Hardtanh/ReLU6 by the composite
-    route): a converted float32 model with SiLU, LeakyReLU and a ReLU6 tail computes what the unconverted one does."""
+    """Every kernel backend fuses every activation: a converted float32 model with SiLU, LeakyReLU and a ReLU6 tail
+    computes what the unconverted one does."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.SiLU(), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4),
                           nn.LeakyReLU(0.2), Tail(nn.ReLU6()) if residual else nn.Identity())

@@ -22,7 +22,7 @@ inline at::vec::Vectorized<acc> act_forward_vec(const at::vec::Vectorized<acc>& 
   if constexpr (kAct == Act::Identity) {
     return z;
   } else if constexpr (kAct == Act::ReLU) {
-    // One max(0, z) instruction that passes NaN and -0 like relu_nan and torch.relu (at::vec::maximum(z, 0) turns
+    // One max(0, z) instruction that passes NaN and -0 like act_forward<ReLU> and torch.relu (at::vec::maximum(z, 0) turns
     // -0 into +0 and costs two more instructions for its NaN check).
     return at::vec::clamp_min(z, Vec(0));
   } else if constexpr (kAct == Act::Hardtanh) {

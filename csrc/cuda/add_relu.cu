@@ -1,4 +1,5 @@
-// BN + residual add + ReLU (+ dropout) on CUDA: the forward with its pass bits, and the two add-mode backward ops
+// BN + residual add + activation (+ dropout) on CUDA: the forward with its pass bits (identity, ReLU, Hardtanh: the
+// kinds whose gradient gate the bits hold), and the two add-mode backward ops
 // (the sums of g = grad_out * pass / (1 - p) through reduce.cuh with the bits as the mask; dx and g in one
 // elementwise pass). The kernels and their torch-free drivers are in add_relu.cuh.
 #include <ATen/ops/zeros.h>
@@ -10,7 +11,8 @@ namespace bnfused {
 
 void add_relu_forward_cuda(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& mean,
                            const at::Tensor& rstd, const OptTensor& weight, const OptTensor& bias,
-                           const at::Tensor& key, double p, at::Tensor& out, uint8_t* pass_bits_out) {
+                           const at::Tensor& key, double p, const ActSpec& act, at::Tensor& out,
+                           uint8_t* pass_bits_out) {
   if (x.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
   const Geometry g = geometry_of(x);
@@ -19,10 +21,12 @@ void add_relu_forward_cuda(const at::Tensor& x, const at::Tensor& residual, cons
       at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(), "bnfused_add_relu_forward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         const auto drop = cuda::make_dropout<acc_t>(key_c.const_data_ptr<int64_t>(), p);
-        cuda::run_add_relu_forward<scalar_t, acc_t>(channel_params<acc_t>(mean, rstd, weight, bias),
-                                                    x.const_data_ptr<scalar_t>(), residual.const_data_ptr<scalar_t>(),
-                                                    out.mutable_data_ptr<scalar_t>(), pass_bits_out, g,
-                                                    p > 0.0 ? &drop : nullptr, cuda::current_stream());
+        dispatch_gate_act(act.kind, [&](auto kind) {
+          cuda::run_add_relu_forward<scalar_t, acc_t, decltype(kind)::value>(
+              channel_params<acc_t>(mean, rstd, weight, bias), x.const_data_ptr<scalar_t>(),
+              residual.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), pass_bits_out, g,
+              p > 0.0 ? &drop : nullptr, cuda::current_stream(), ActArgs<acc_t>::of(act));
+        });
       });
 }
 

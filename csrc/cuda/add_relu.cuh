@@ -1,5 +1,6 @@
-// BN + residual add + ReLU (+ dropout) kernels, torch-free: the forward y = relu(fma(x, a, b) + residual) * mult with
-// its pass bits [y > 0] (1 bit per element in memory order, as the CPU kernels pack them), and the backward with
+// BN + residual add + activation (+ dropout) kernels, torch-free: the forward y = act(fma(x, a, b) + residual) * mult
+// with its pass bits = keep AND act'(z) = 1 (1 bit per element in memory order, as the CPU kernels pack them; act one
+// of the kinds whose derivative is 0 or 1, act_has_gate_bits: identity, ReLU, Hardtanh), and the backward with
 // g = dy * pass * scale (the residual's gradient and the BN's upstream gradient) computed in registers from dy and
 // the bits in both passes: the sums as an Op of reduce.cuh with the bits as its mask, and one elementwise pass
 // writing g and dx. Host wrappers in add_relu.cu.
@@ -52,6 +53,15 @@ struct UnitWalk {
   }
 };
 
+// One element of the forward: y = act(z) * m, z = bn(x) + residual; returns the pass bit (kept and act' = 1).
+template <Act kAct, typename acc_t>
+__device__ __forceinline__ bool add_act_element(acc_t xv, acc_t rv, ChannelAffine<acc_t> ab, acc_t m,
+                                                ActArgs<acc_t> act, acc_t& y) {
+  const acc_t z = bn_preact(xv, ab) + rv;
+  y = act_forward<kAct>(z, act) * m;
+  return m != acc_t(0) && act_passes<kAct>(z, act);
+}
+
 // y and (pass_bits non-null) the pass bits of 8-element memory units; drop: mask (kDropout), per element by
 // logical index (kPerElementMask: channels_last with S > 1) or one Philox block per unit.
 //
@@ -64,12 +74,14 @@ struct UnitWalk {
 // nothing: WarpSteps with lead = 1, 31 units per warp step, its loads the neighbour warp's, mostly cache hits),
 // and the last unit also writes the last byte when that lies wholly in it. Its Philox block is the one lane 1's
 // keep bits take from below, as in the apply flat kernel, so a lane still makes one call per step.
-template <typename scalar_t, typename acc_t, bool kDropout, bool kPerElementMask>
-__global__ void __launch_bounds__(kThreads)
+// Blocks of kThreads per SM: 4 for float math (<= 64 registers, as the ReLU-only kernel needed unasked; the gate
+// kinds made ptxas take up to 75 for the same loop).
+template <typename scalar_t, typename acc_t, Act kAct, bool kDropout, bool kPerElementMask>
+__global__ void __launch_bounds__(kThreads, sizeof(acc_t) == 4 ? 4 : 0)
     add_relu_forward_kernel(const ChannelParams<acc_t> prm, const scalar_t* __restrict__ x,
                             const scalar_t* __restrict__ residual, scalar_t* __restrict__ out,
                             uint8_t* __restrict__ pass_bits, int64_t numel, int64_t C, int64_t S, bool channels_last,
-                            int sh, bool vec, Dropout<acc_t> drop) {
+                            int sh, bool vec, Dropout<acc_t> drop, ActArgs<acc_t> act) {
   constexpr bool kBlockMask = kDropout && !kPerElementMask;
   PhiloxKey key{0, 0};
   if constexpr (kDropout) key = load_key(drop.key);
@@ -103,10 +115,13 @@ __global__ void __launch_bounds__(kThreads)
         } else if constexpr (kDropout) {
           m = ((keep >> j) & 1u) ? drop.scale : acc_t(0);
         }
-        yv[j] = relu_nan(bn_preact(xv[j], prm.affine(walk.c)) + rv[j]) * m;
-        pass |= static_cast<uint32_t>(in && yv[j] > acc_t(0)) << j;
+        const bool passes = add_act_element<kAct>(xv[j], rv[j], prm.affine(walk.c), m, act, yv[j]);
+        pass |= static_cast<uint32_t>(passes) << j;
         if (in && j + 1 < u.hi) walk.next();
       }
+      // Only lanes [lo, hi) are the unit's. Masked here, not per lane in the loop: with `in && passes` there, ptxas
+      // 13.0 aborts on the identity kernel without dropout ("Register allocation failed with register count of 7").
+      pass &= (0xFFu >> (kUnit - u.hi)) & (0xFFu << u.lo);
       if (!ws.supplier()) u.store(out, yv);
     }
     if (!with_bits) continue;
@@ -131,12 +146,12 @@ __global__ void __launch_bounds__(kThreads)
 // of a row, whose partial 16-byte chunks take scalar accesses), and as in the flat kernel a row's byte k is written
 // whole by group k + 1 from its first sh bits and group k's last 8 - sh, handed one lane up the warp (items are
 // numbered group fastest, so group k is the item below; lane 0 only supplies it, WarpSteps with lead = 1).
-template <typename scalar_t, typename acc_t, bool kAligned8>
+template <typename scalar_t, typename acc_t, Act kAct, bool kAligned8>
 __global__ void __launch_bounds__(kThreads)
     add_relu_forward_tile_kernel(const ChannelParams<acc_t> prm, const scalar_t* __restrict__ x,
                                  const scalar_t* __restrict__ residual, scalar_t* __restrict__ out,
                                  uint8_t* __restrict__ pass_bits, int64_t C, int64_t S, int64_t SG, int64_t CG,
-                                 int64_t items, int sh, bool vec, Dropout<acc_t> drop) {
+                                 int64_t items, int sh, bool vec, Dropout<acc_t> drop, ActArgs<acc_t> act) {
   constexpr int kW = 16 / sizeof(scalar_t);  // elements per 16-byte access
   const PhiloxKey key = load_key(drop.key);
   const bool with_bits = pass_bits != nullptr;
@@ -186,8 +201,7 @@ __global__ void __launch_bounds__(kThreads)
           for (int v = 0; v < kUnit; ++v) {
             if (v < vlo || v >= vhi) continue;
             const acc_t m = ((keep[v] >> j) & 1u) ? drop.scale : acc_t(0);
-            yv[v] = relu_nan(bn_preact(xv[v], ab[v]) + rv[v]) * m;
-            byte |= static_cast<uint32_t>(yv[v] > acc_t(0)) << v;
+            byte |= static_cast<uint32_t>(add_act_element<kAct>(xv[v], rv[v], ab[v], m, act, yv[v])) << v;
           }
           if (!ws.supplier()) {
             if (vec)
@@ -212,7 +226,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// dx from g: the BN backward of BackwardInputOp without its ReLU gate; the sums are divided here, per channel, as
+// dx from g: the BN backward of BackwardInputOp without its activation gate; the sums are divided here, per channel, as
 // the CPU kernels do.
 template <typename acc_t, bool kBatchStats>
 struct AddBackwardInputOp {
@@ -272,10 +286,11 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---- host drivers (numel > 0) ----
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, Act kAct = Act::ReLU>
 void run_add_relu_forward(const ChannelParams<acc_t>& prm, const scalar_t* x, const scalar_t* residual,
                           scalar_t* out, uint8_t* pass_bits, const Geometry& g, const Dropout<acc_t>* drop,
-                          cudaStream_t stream) {
+                          cudaStream_t stream, const ActArgs<acc_t>& act = {}) {
+  static_assert(act_has_gate_bits<kAct>(), "the block tail's pass bits hold a 0/1 gradient gate only");
   const int64_t numel = g.N * g.C * g.S;
   const bool channels_last = g.layout == Layout::ChannelsLast;
   const int k = shared_misalignment(16, x, residual, out);
@@ -283,24 +298,24 @@ void run_add_relu_forward(const ChannelParams<acc_t>& prm, const scalar_t* x, co
   const Dropout<acc_t> d = drop ? *drop : Dropout<acc_t>{nullptr, 0u, acc_t(1)};
   auto run = [&](auto kernel) {
     launch(kernel, dim3(apply_blocks(ceil_div(numel + sh, kUnit))), dim3(kThreads), stream, prm, x, residual, out,
-           pass_bits, numel, g.C, g.S, channels_last, sh, k >= 0, d);
+           pass_bits, numel, g.C, g.S, channels_last, sh, k >= 0, d, act);
   };
   if (drop != nullptr && channels_last && g.S > 1 && g.C % kUnit == 0) {
     const int64_t SG = ceil_div(g.S, kUnit), CG = g.C / kUnit + (sh != 0 ? 1 : 0), items = g.N * SG * CG;
     auto run_tile = [&](auto kernel) {
       launch(kernel, dim3(apply_blocks(items)), dim3(kThreads), stream, prm, x, residual, out, pass_bits, g.C, g.S,
-             SG, CG, items, sh, k >= 0, d);
+             SG, CG, items, sh, k >= 0, d, act);
     };
     if (g.S % kUnit == 0)
-      run_tile(add_relu_forward_tile_kernel<scalar_t, acc_t, true>);
+      run_tile(add_relu_forward_tile_kernel<scalar_t, acc_t, kAct, true>);
     else
-      run_tile(add_relu_forward_tile_kernel<scalar_t, acc_t, false>);
+      run_tile(add_relu_forward_tile_kernel<scalar_t, acc_t, kAct, false>);
   } else if (drop == nullptr) {
-    run(add_relu_forward_kernel<scalar_t, acc_t, false, false>);
+    run(add_relu_forward_kernel<scalar_t, acc_t, kAct, false, false>);
   } else if (channels_last && g.S > 1) {
-    run(add_relu_forward_kernel<scalar_t, acc_t, true, true>);
+    run(add_relu_forward_kernel<scalar_t, acc_t, kAct, true, true>);
   } else {
-    run(add_relu_forward_kernel<scalar_t, acc_t, true, false>);
+    run(add_relu_forward_kernel<scalar_t, acc_t, kAct, true, false>);
   }
 }
 

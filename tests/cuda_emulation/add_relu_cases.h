@@ -1,4 +1,5 @@
-// The BN + residual add + ReLU (+ dropout) kernels (csrc/cuda/add_relu.cuh) in the emulation driver: the forward's
+// The BN + residual add + activation (+ dropout) kernels (csrc/cuda/add_relu.cuh; identity, ReLU, Hardtanh: the kinds
+// with gate bits) in the emulation driver: the forward's
 // output and pass bits, the residual's gradient g = dy * pass * scale and the input gradient bit for bit, the BN
 // backward sums to a tolerance, against a scalar reference from bn_math.h / philox.h (csrc/cpu/add_relu.cpp's
 // semantics). Included by kernel_cases.h after its helpers (Case, Buffer, Rng, mismatch, ...).
@@ -9,7 +10,7 @@ namespace {
 
 // Runs the add ops on one case; x, dy and the per-channel parameters are run_case's (prm.mean/rstd: the batch's;
 // prm the kernels' pointers, hprm the reference's).
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, Act kAct>
 void run_add_case(const Case& cs, const Buffer<scalar_t>& x, const Buffer<scalar_t>& dy,
                   const ChannelParams<acc_t>& prm, const ChannelParams<acc_t>& hprm) {
   const Shape& sh = cs.shape;
@@ -26,6 +27,7 @@ void run_add_case(const Case& cs, const Buffer<scalar_t>& x, const Buffer<scalar
   const acc_t scale = dropout_scale<acc_t>(cs.p);
   const uint32_t thr = threshold16(cs.p);
   const cudaStream_t stream = nullptr;
+  const ActArgs<acc_t> act = ActArgs<acc_t>::of(cs.act);
 
   // The residual (about as large as bn(x), so both signs of bn(x) + residual occur), and the reference forward:
   // y and the pass bits in memory order. Channel and logical index of memory element m: chan[m], logical[m].
@@ -47,10 +49,9 @@ void run_add_case(const Case& cs, const Buffer<scalar_t>& x, const Buffer<scalar
     res[m] = static_cast<scalar_t>(static_cast<acc_t>(0.8 * rng.normal()));
     const bool keep = !dropout || keep_element(key, static_cast<uint64_t>(logical[m]), thr);
     const acc_t mult = dropout ? (keep ? scale : acc_t(0)) : acc_t(1);
-    const acc_t y = relu_nan(bn_preact(static_cast<acc_t>(x[m]), hprm.affine(chan[m])) +
-                             static_cast<acc_t>(res[m])) * mult;
-    y_ref[m] = static_cast<scalar_t>(y);
-    if (y > acc_t(0)) bits_ref[m >> 3] |= static_cast<uint8_t>(1u << (m & 7));
+    const acc_t z = bn_preact(static_cast<acc_t>(x[m]), hprm.affine(chan[m])) + static_cast<acc_t>(res[m]);
+    y_ref[m] = static_cast<scalar_t>(act_forward<kAct>(z, act) * mult);
+    if (keep && act_passes<kAct>(z, act)) bits_ref[m >> 3] |= static_cast<uint8_t>(1u << (m & 7));
   }
   res.upload();
   auto where = [&](int64_t m) {
@@ -72,8 +73,8 @@ void run_add_case(const Case& cs, const Buffer<scalar_t>& x, const Buffer<scalar
       std::memset(bits.host, 0xA5, nbytes);  // every bit the kernel leaves alone shows up
       bits.upload();
       const Counts k = measure([&] {
-        run_add_relu_forward<scalar_t, acc_t>(prm, x.ptr, res.ptr, out.ptr, with_bits ? bits.ptr : nullptr, geo,
-                                              dropout ? &drop : nullptr, stream);
+        run_add_relu_forward<scalar_t, acc_t, kAct>(prm, x.ptr, res.ptr, out.ptr, with_bits ? bits.ptr : nullptr,
+                                                    geo, dropout ? &drop : nullptr, stream, act);
       });
       out.download();
       bits.download();

@@ -691,7 +691,7 @@ void run_case(const Case& cs) {
     }
   }
 
-  if constexpr (kAct == Act::ReLU) run_add_case<scalar_t, acc_t>(cs, x, dy, prm, hprm);
+  if constexpr (act_has_gate_bits<kAct>()) run_add_case<scalar_t, acc_t, kAct>(cs, x, dy, prm, hprm);
 }
 
 // dropout_mask: bool output, any numel, aligned or not; bit for bit with the scalar Philox contract.
