@@ -5,18 +5,19 @@
 # op/module/autograd/activation/graph tests, then the smoke workload under compute-sanitizer's memcheck with
 # PyTorch's caching allocator off (PYTORCH_NO_CUDA_MEMORY_CACHING=1: an overrun inside a pooled block is otherwise
 # unseen). The most informative stages first; each runs under its own timeout inside one budget (the stage limits
-# add up to it: 200 + 30 + 110 + 60 = 400 s), so a slow stage cannot eat the ones after it; the last lines printed
-# are a summary table (the device tool returns the output's tail). The build takes most: every kernel is
-# instantiated per activation (nvcc -c of backward_input.cu alone, sm_90: 165 s of one core on the 2-core machine),
-# so the quick benchmark waits for a second call, which a warm machine runs without rebuilding.
+# add up to it: 140 + 30 + 110 + 60 + 60 = 400 s), so a slow stage cannot eat the ones after it; the last lines
+# printed are a summary table (the device tool returns the output's tail). The build needs ninja (torch's fallback
+# compiles one file at a time: ~15 min); its longest file, backward_input_transcendental.cu, takes ~100 s of one
+# core (sm_90) on the 2-core CPU machine. The GPU machine may lack ninja: carry this machine's binary in .gpu_tools/.
 #
-#   device run: command=".ci/gpu_check.sh", timeout_s=430          # the default stages, 400 s at most
-#   GPU_CHECK_STAGES="bench sanitize-more" .ci/gpu_check.sh      # a second call (warm machine), when time is left
+#   mkdir -p .gpu_tools && cp .venv/bin/ninja .gpu_tools/   # once, here (.gpu_tools/ is gitignored)
+#   device run: command=".ci/gpu_check.sh", carry=[".gpu_tools"], timeout_s=430   # the default stages, <= 400 s
+#   GPU_CHECK_STAGES="sanitize-more tests-compile" .ci/gpu_check.sh   # a second call (warm machine), if time is left
 #
 # Logs go to $OUT (the device tool brings back at most 8 files: build, smoke, sanitize, tests, bench logs, the
 # summary and the benchmark's .md + .png), or .gpu_check/ where OUT is unset.
-# Env: GPU_CHECK_STAGES (default "build smoke tests memcheck"; also "bench" (50 s), "sanitize-more": racecheck,
-#      initcheck, synccheck (3 x 75 s); "tests-compile" (300 s)), GPU_CHECK_BUDGET_S (default 400),
+# Env: GPU_CHECK_STAGES (default "build smoke tests memcheck bench"; also "sanitize-more": racecheck, initcheck,
+#      synccheck (3 x 75 s); "tests-compile" (300 s)), GPU_CHECK_BUDGET_S (default 400),
 #      PYTHON (default python3: on the device machine the venv that holds torch), MAX_JOBS (default 16),
 #      BNFUSED_CUDA_ARCHS (default 90), BENCH_ARGS (default --quick).
 set -uo pipefail
@@ -24,9 +25,10 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-.gpu_check}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-STAGES=${GPU_CHECK_STAGES:-build smoke tests memcheck}
+STAGES=${GPU_CHECK_STAGES:-build smoke tests memcheck bench}
 BUDGET=${GPU_CHECK_BUDGET_S:-400}
 export MAX_JOBS=${MAX_JOBS:-16} BNFUSED_CUDA_ARCHS=${BNFUSED_CUDA_ARCHS:-90} PYTHONUNBUFFERED=1
+[ -x .gpu_tools/ninja ] && export PATH="$PWD/.gpu_tools:$PATH"
 SUMMARY=$OUT/summary.txt
 : >"$SUMMARY"
 
@@ -61,10 +63,11 @@ has() { [[ " $STAGES " == *" $1 "* ]]; }
 torch.cuda.is_available())" 2>&1
   nvcc --version 2>&1 | tail -1
   compute-sanitizer --version 2>&1 | head -1
+  echo "ninja $(ninja --version 2>/dev/null || echo 'NOT FOUND: the build compiles one file at a time')"
 } | tee -a "$SUMMARY"
 
 if has build; then
-  stage build 200 "$OUT/build.log" "$PY" setup.py -q build_ext --inplace
+  stage build 140 "$OUT/build.log" "$PY" setup.py -q build_ext --inplace
   "$PY" -c "import bnfused; print('bnfused', bnfused.__version__, 'WITH_CUDA', bnfused.WITH_CUDA)" 2>&1 | tee -a "$SUMMARY"
 fi
 if has smoke; then
@@ -107,7 +110,7 @@ if has sanitize-more; then
 fi
 if has bench; then
   # shellcheck disable=SC2086
-  stage bench 50 "$OUT/bench.log" "$PY" -m benchmarks --device cuda --out "$OUT" ${BENCH_ARGS:---quick}
+  stage bench 60 "$OUT/bench.log" "$PY" -m benchmarks --device cuda --out "$OUT" ${BENCH_ARGS:---quick}
 fi
 echo "---- summary ($SECONDS s) ----"
 cat "$SUMMARY"

@@ -84,6 +84,23 @@ inline void dispatch_act(Act kind, F&& f) {
   }
 }
 
+// The CUDA ops whose kernels are instantiated per kind are compiled in two parts, one file each (the transcendental
+// kinds in cuda/<op>_transcendental.cu), which halves the longest nvcc compile: dispatch_act_part<kTranscendental>
+// calls f for the kinds of its part only (others instantiate nothing; the caller picked the part with
+// act_is_transcendental).
+template <bool kTranscendental, typename F>
+inline void dispatch_act_part(Act kind, F&& f) {
+  dispatch_act(kind, [&](auto k) {
+    if constexpr (act_transcendental<decltype(k)::value>() == kTranscendental) f(k);
+  });
+}
+
+inline bool act_is_transcendental(Act kind) {
+  bool transcendental = false;
+  dispatch_act(kind, [&](auto k) { transcendental = act_transcendental<decltype(k)::value>(); });
+  return transcendental;
+}
+
 // As dispatch_act over the kinds with gate bits (the block tail); the caller checked the kind is one.
 template <typename F>
 inline void dispatch_gate_act(Act kind, F&& f) {

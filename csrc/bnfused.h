@@ -102,13 +102,17 @@ std::tuple<at::Tensor, at::Tensor> batch_stats_cuda(const at::Tensor& x);
 std::tuple<at::Tensor, at::Tensor> batch_stats_update_cuda(const at::Tensor& x, const OptTensor& running_mean,
                                                            const OptTensor& running_var, double momentum, double eps);
 // The three BN -> activation -> dropout ops take every activation (act, as the CPU ones; the kernels are templated
-// on its kind).
+// on its kind), each compiled in two parts: kTranscendental must be act_is_transcendental(act.kind)
+// (cuda/<op>.cu, cuda/<op>_transcendental.cu; activation.h's dispatch_act_part).
+template <bool kTranscendental>
 void forward_cuda(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd, const OptTensor& weight,
                   const OptTensor& bias, const at::Tensor& key, double p, const ActSpec& act, at::Tensor& out);
+template <bool kTranscendental>
 std::tuple<at::Tensor, at::Tensor> backward_reduce_cuda(const at::Tensor& dy, const at::Tensor& x,
                                                         const at::Tensor& mean, const at::Tensor& rstd,
                                                         const OptTensor& weight, const OptTensor& bias,
                                                         const at::Tensor& key, double p, const ActSpec& act);
+template <bool kTranscendental>
 void backward_input_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
                          const at::Tensor& rstd, const OptTensor& weight, const OptTensor& bias,
                          const at::Tensor& key, double p, const OptTensor& sum_g, const OptTensor& sum_g_xhat,

@@ -231,17 +231,29 @@ struct CudaBackend {
                                                                double eps) {
     return batch_stats_update_cuda(x, running_mean, running_var, momentum, eps);
   }
+  // f(std::bool_constant<transcendental>): the compiled part of an op that holds act's kernels (bnfused.h).
+  template <typename F>
+  static decltype(auto) with_part(const ActSpec& act, F&& f) {
+    return act_is_transcendental(act.kind) ? f(std::true_type{}) : f(std::false_type{});
+  }
   static void forward(const KernelArgs& a, const at::Tensor& key, double p, const ActSpec& act, at::Tensor& out) {
-    forward_cuda(a.x, a.mean, a.rstd, a.weight, a.bias, key, p, act, out);
+    with_part(act, [&](auto part) {
+      forward_cuda<part.value>(a.x, a.mean, a.rstd, a.weight, a.bias, key, p, act, out);
+    });
   }
   static std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& dy, const KernelArgs& a,
                                                             const at::Tensor& key, double p, const ActSpec& act,
                                                             const uint8_t*) {
-    return backward_reduce_cuda(dy, a.x, a.mean, a.rstd, a.weight, a.bias, key, p, act);
+    return with_part(act, [&](auto part) {
+      return backward_reduce_cuda<part.value>(dy, a.x, a.mean, a.rstd, a.weight, a.bias, key, p, act);
+    });
   }
   static void backward_input(const at::Tensor& dy, const KernelArgs& a, const at::Tensor& key, double p,
                              const ActSpec& act, const GradSums& s, at::Tensor& dx, const uint8_t*) {
-    backward_input_cuda(dy, a.x, a.mean, a.rstd, a.weight, a.bias, key, p, s.sum_g, s.sum_g_xhat, s.count, act, dx);
+    with_part(act, [&](auto part) {
+      backward_input_cuda<part.value>(dy, a.x, a.mean, a.rstd, a.weight, a.bias, key, p, s.sum_g, s.sum_g_xhat,
+                                      s.count, act, dx);
+    });
   }
   static void dropout_mask(const at::Tensor& key, double p, at::Tensor& keep) { dropout_mask_cuda(key, p, keep); }
   static void add_relu_forward(const KernelArgs& a, const at::Tensor& r, const at::Tensor& key, double p,

@@ -1,10 +1,12 @@
 // backward_reduce on CUDA: per-channel sum_g and sum_g_xhat, g = act'(z) * grad_out * mult, with the dropout mask
-// regenerated from the key and z recomputed from x exactly as in the forward (GradSumsOp with an ActGate, reduce.cuh).
+// regenerated from the key and z recomputed from x exactly as in the forward (GradSumsOp with an ActGate, reduce.cuh);
+// the piecewise-linear activations here, the transcendental ones through backward_reduce_transcendental.cu.
 #include "host.cuh"
 #include "reduce.cuh"
 
 namespace bnfused {
 
+template <bool kTranscendental>
 std::tuple<at::Tensor, at::Tensor> backward_reduce_cuda(const at::Tensor& dy, const at::Tensor& x,
                                                         const at::Tensor& mean, const at::Tensor& rstd,
                                                         const OptTensor& weight, const OptTensor& bias,
@@ -26,7 +28,7 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_cuda(const at::Tensor& dy, co
       at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(), "bnfused_backward_reduce_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         const auto drop = cuda::make_dropout<acc_t>(key_c.const_data_ptr<int64_t>(), p);
-        dispatch_act(act.kind, [&](auto kind) {
+        dispatch_act_part<kTranscendental>(act.kind, [&](auto kind) {
           using Gate = cuda::ActGate<acc_t, decltype(kind)::value>;
           const cuda::GradSumsOp<acc_t, Gate> op{channel_params<acc_t>(mean, rstd, weight, bias),
                                                  sum_g.mutable_data_ptr<acc_t>(), sum_g_xhat.mutable_data_ptr<acc_t>(),
@@ -37,5 +39,9 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_cuda(const at::Tensor& dy, co
       });
   return {sum_g, sum_g_xhat};
 }
+
+template std::tuple<at::Tensor, at::Tensor> backward_reduce_cuda<cuda::kTranscendentalPart>(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
+    const OptTensor& weight, const OptTensor& bias, const at::Tensor& key, double p, const ActSpec& act);
 
 }  // namespace bnfused

@@ -19,6 +19,14 @@
 
 namespace bnfused::cuda {
 
+// The part of a split op (bnfused.h: forward_cuda & co.) this translation unit compiles: <op>_transcendental.cu
+// defines BNFUSED_CUDA_TRANSCENDENTAL_PART and includes <op>.cu.
+#ifdef BNFUSED_CUDA_TRANSCENDENTAL_PART
+constexpr bool kTranscendentalPart = true;
+#else
+constexpr bool kTranscendentalPart = false;
+#endif
+
 template <typename acc_t>
 inline const acc_t* opt_ptr(const OptTensor& t) {
   return (t.has_value() && t->defined()) ? t->const_data_ptr<acc_t>() : nullptr;
