@@ -91,9 +91,11 @@ if has tests; then
   # The CUDA parametrisations of the op, functional, module, autograd, activation, mask and CUDA-graph tests
   # (compile tests are the slowest on a GPU: run them with GPU_CHECK_STAGES="tests-compile" when there is time;
   # test_activations' 972 CUDA cases have none: small tensors against the float64 reference, 48 gradchecks).
+  # -v: a line per test as it ends, so a stage cut by its timeout still shows which tests ran and failed.
   xdist=()
   "$PY" -c "import xdist" >/dev/null 2>&1 && xdist=(-n 8)
-  stage tests 110 "$OUT/tests.log" "$PY" -m pytest -q -p no:cacheprovider "${xdist[@]}" --maxfail=30 -k cuda \
+  stage tests 110 "$OUT/tests.log" "$PY" -m pytest -v --tb=short -p no:cacheprovider "${xdist[@]}" --maxfail=30 \
+    -k cuda \
     tests/test_ops.py tests/test_functional.py tests/test_modules.py tests/test_add_relu.py tests/test_autograd.py \
     tests/test_activations.py tests/test_dropout_mask.py tests/test_keep_bits.py tests/test_bad_inputs.py \
     tests/test_saved_memory.py tests/test_cuda_graphs.py tests/test_sync.py
