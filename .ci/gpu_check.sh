@@ -8,9 +8,10 @@
 # add up to it: 140 + 30 + 110 + 60 + 60 = 400 s), so a slow stage cannot eat the ones after it; the last lines
 # printed are a summary table (the device tool returns the output's tail). The build needs ninja (torch's fallback
 # compiles one file at a time: ~15 min); its longest file, backward_input_transcendental.cu, takes ~100 s of one
-# core (sm_90) on the 2-core CPU machine. The GPU machine may lack ninja: carry this machine's binary in .gpu_tools/.
+# core (sm_90) on the 2-core CPU machine. What the device machine may lack (ninja, pytest-xdist) comes from
+# .gpu_tools/, which .ci/gpu_tools.sh fills here and the device tool carries:
 #
-#   mkdir -p .gpu_tools && cp .venv/bin/ninja .gpu_tools/   # once, here (.gpu_tools/ is gitignored)
+#   .ci/gpu_tools.sh                                          # once, here
 #   device run: command=".ci/gpu_check.sh", carry=[".gpu_tools"], timeout_s=430   # the default stages, <= 400 s
 #   GPU_CHECK_STAGES="sanitize-more tests-compile" .ci/gpu_check.sh   # a second call (warm machine), if time is left
 #
@@ -28,7 +29,10 @@ PY=${PYTHON:-python3}
 STAGES=${GPU_CHECK_STAGES:-build smoke tests memcheck bench}
 BUDGET=${GPU_CHECK_BUDGET_S:-400}
 export MAX_JOBS=${MAX_JOBS:-16} BNFUSED_CUDA_ARCHS=${BNFUSED_CUDA_ARCHS:-90} PYTHONUNBUFFERED=1
-[ -x .gpu_tools/ninja ] && export PATH="$PWD/.gpu_tools:$PATH"
+if ! command -v ninja >/dev/null 2>&1 && [ -x .gpu_tools/ninja ]; then export PATH="$PWD/.gpu_tools:$PATH"; fi
+if ! "$PY" -c "import xdist" >/dev/null 2>&1 && [ -d .gpu_tools/py ]; then
+  export PYTHONPATH="$PWD/.gpu_tools/py${PYTHONPATH:+:$PYTHONPATH}"
+fi
 SUMMARY=$OUT/summary.txt
 : >"$SUMMARY"
 
@@ -64,6 +68,8 @@ torch.cuda.is_available())" 2>&1
   nvcc --version 2>&1 | tail -1
   compute-sanitizer --version 2>&1 | head -1
   echo "ninja $(ninja --version 2>/dev/null || echo 'NOT FOUND: the build compiles one file at a time')"
+  "$PY" -c "import xdist; print('pytest-xdist', xdist.__version__)" 2>/dev/null || echo "pytest-xdist NOT FOUND: \
+the CUDA tests run on one worker"
 } | tee -a "$SUMMARY"
 
 if has build; then
@@ -94,8 +100,9 @@ if has tests; then
   # -v: a line per test as it ends, so a stage cut by its timeout still shows which tests ran and failed.
   xdist=()
   "$PY" -c "import xdist" >/dev/null 2>&1 && xdist=(-n 8)
-  stage tests 110 "$OUT/tests.log" "$PY" -m pytest -v --tb=short -p no:cacheprovider "${xdist[@]}" --maxfail=30 \
-    -k cuda \
+  # OMP_NUM_THREADS: 8 workers share the machine's 16 cores (CPU twins of the checks run on them too).
+  stage tests 110 "$OUT/tests.log" env OMP_NUM_THREADS=2 "$PY" -m pytest -v --tb=short -p no:cacheprovider \
+    "${xdist[@]}" --maxfail=30 -k cuda \
     tests/test_ops.py tests/test_functional.py tests/test_modules.py tests/test_add_relu.py tests/test_autograd.py \
     tests/test_activations.py tests/test_dropout_mask.py tests/test_keep_bits.py tests/test_bad_inputs.py \
     tests/test_saved_memory.py tests/test_cuda_graphs.py tests/test_sync.py
