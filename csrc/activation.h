@@ -1,6 +1,7 @@
 // The activations of BatchNorm -> activation -> dropout: one table of PyTorch's formulas and derivatives, shared by
 // the CUDA kernels (and their CPU emulation) as scalar __host__ __device__ code. The CPU kernels evaluate the same
-// formulas on at::vec vectors (cpu/activation_vec.h), operation for operation, so both backends round alike.
+// formulas on at::vec vectors (cpu/activation_vec.h), operation for operation (SiLU's exp there is ATen's faster
+// exp_u20), so the piecewise-linear kinds round alike on both backends.
 //
 // Every forward and derivative is the one ATen's CPU kernels compute (aten/src/ATen/native/cpu/Activation.cpp),
 // including the gradient at the kinks and at NaN (where ATen's scalar and vector loops disagree, its vector loop,

@@ -1,5 +1,8 @@
 // The activations of activation.h on at::vec vectors: the same formulas, operation for operation, with ATen's
-// vectorised math (exp, erf, tanh, expm1, log1p from Sleef on AVX2, as torch's own CPU activation kernels).
+// vectorised math (exp, erf, tanh, expm1, log1p from Sleef on AVX2, as torch's own CPU activation kernels), but for
+// SiLU's exp: exp_u20 (<= 20 ulp, ATen's softmax exp; double keeps exp), which takes SiLU's fused block from 2.3x
+// to 1.6x the ReLU block's time (64x64x56x56 float32, train fwd+bwd, 2 threads) at up to ~3e-7 relative from
+// torch.nn.functional.silu.
 #pragma once
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -30,7 +33,7 @@ inline at::vec::Vectorized<acc> act_forward_vec(const at::vec::Vectorized<acc>& 
   } else if constexpr (kAct == Act::LeakyReLU) {
     return Vec::blendv(z * p.alpha, z, z > Vec(0));
   } else if constexpr (kAct == Act::SiLU) {
-    return z / (Vec(1) + z.neg().exp());
+    return z / (Vec(1) + z.neg().exp_u20());
   } else if constexpr (kAct == Act::Hardswish) {
     return z * at::vec::minimum(at::vec::maximum(z + Vec(3), Vec(0)), Vec(6)) / Vec(6);
   } else if constexpr (kAct == Act::GELU) {
@@ -60,7 +63,7 @@ inline at::vec::Vectorized<acc> act_backward_vec(const at::vec::Vectorized<acc>&
   } else if constexpr (kAct == Act::LeakyReLU) {
     return Vec::blendv(g * p.alpha, g, z > zero);
   } else if constexpr (kAct == Act::SiLU) {
-    const Vec sig = one / (one + z.neg().exp());
+    const Vec sig = one / (one + z.neg().exp_u20());
     return g * sig * (one + z * (one - sig));
   } else if constexpr (kAct == Act::Hardswish) {
     return Vec::blendv(Vec::blendv(g * (z / Vec(3) + Vec(0.5)), g, z >= Vec(3)), zero, z <= Vec(-3));
