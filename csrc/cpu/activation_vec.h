@@ -25,8 +25,8 @@ inline at::vec::Vectorized<acc> act_forward_vec(const at::vec::Vectorized<acc>& 
   if constexpr (kAct == Act::Identity) {
     return z;
   } else if constexpr (kAct == Act::ReLU) {
-    // One max(0, z) instruction that passes NaN and -0 like act_forward<ReLU> and torch.relu (at::vec::maximum(z, 0) turns
-    // -0 into +0 and costs two more instructions for its NaN check).
+    // One max(0, z) instruction that passes NaN and -0 like act_forward<ReLU> and torch.relu (at::vec::maximum(z, 0)
+    // turns -0 into +0 and costs two more instructions for its NaN check).
     return at::vec::clamp_min(z, Vec(0));
   } else if constexpr (kAct == Act::Hardtanh) {
     return at::vec::clamp(z, p.alpha, p.beta);  // NaN passes, as torch.clamp

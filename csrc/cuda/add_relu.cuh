@@ -74,8 +74,8 @@ __device__ __forceinline__ bool add_act_element(acc_t xv, acc_t rv, ChannelAffin
 // nothing: WarpSteps with lead = 1, 31 units per warp step, its loads the neighbour warp's, mostly cache hits),
 // and the last unit also writes the last byte when that lies wholly in it. Its Philox block is the one lane 1's
 // keep bits take from below, as in the apply flat kernel, so a lane still makes one call per step.
-// Blocks of kThreads per SM: 4 for float math (<= 64 registers, as the ReLU-only kernel needed unasked; the gate
-// kinds made ptxas take up to 75 for the same loop).
+// Blocks of kThreads per SM: 4 for float math (<= 64 registers; unbounded, ptxas takes up to 75 for the gate kinds'
+// loop, 3 blocks).
 template <typename scalar_t, typename acc_t, Act kAct, bool kDropout, bool kPerElementMask>
 __global__ void __launch_bounds__(kThreads, sizeof(acc_t) == 4 ? 4 : 0)
     add_relu_forward_kernel(const ChannelParams<acc_t> prm, const scalar_t* __restrict__ x,

@@ -1,8 +1,8 @@
-// The BN + residual add + activation (+ dropout) kernels (csrc/cuda/add_relu.cuh; identity, ReLU, Hardtanh: the kinds
-// with gate bits) in the emulation driver: the forward's
-// output and pass bits, the residual's gradient g = dy * pass * scale and the input gradient bit for bit, the BN
-// backward sums to a tolerance, against a scalar reference from bn_math.h / philox.h (csrc/cpu/add_relu.cpp's
-// semantics). Included by kernel_cases.h after its helpers (Case, Buffer, Rng, mismatch, ...).
+// The BN + residual add + activation (+ dropout) kernels (csrc/cuda/add_relu.cuh; identity, ReLU, Hardtanh: the
+// kinds with gate bits) in the emulation driver: the forward's output and pass bits, the residual's gradient
+// g = dy * pass * scale and the input gradient bit for bit, the BN backward sums to a tolerance, against a scalar
+// reference from activation.h / bn_math.h / philox.h (csrc/cpu/add_relu.cpp's semantics). Included by
+// kernel_cases.h after its helpers (Case, Buffer, Rng, mismatch, ...).
 #pragma once
 #include "cuda/add_relu.cuh"
 

@@ -3,9 +3,10 @@
 // masks, forward outputs, pass bits and input gradients bit for bit, statistics and sums to a tolerance. A trimmed
 // matrix (the simulator runs ~1e4 warp instructions a second): every op, NCHW, channels_last and 2-d, aligned and
 // one element misaligned, reductions with one split and several (the last-block merge, run twice), each case at
-// most 64K elements; and the piecewise-linear activations on one channels_last shape. One storage dtype per build (PTX_SIM_DTYPE:
-// 0 float32, 1 float16, 2 bfloat16), so the simulator loads only that dtype's kernels. Built and run by ptx_check.sh; prints "ptx_sim: ..." lines, failures
-// as "FAIL ..." on stderr, and exits non-zero on a mismatch.
+// most 64K elements; and the piecewise-linear activations on one channels_last shape (the block tail's gate kinds
+// included). One storage dtype per build (PTX_SIM_DTYPE: 0 float32, 1 float16, 2 bfloat16), so the simulator loads
+// only that dtype's kernels. Built and run by ptx_check.sh; prints "ptx_sim: ..." lines, failures as "FAIL ..." on
+// stderr, and exits non-zero on a mismatch.
 #include "kernel_cases.h"
 
 #include <chrono>
